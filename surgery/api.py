@@ -1,0 +1,63 @@
+"""The library functions the CLI, the tests and plugins all call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import open_checkpoint, resolve_ref
+from .compile import Program, compile_plan
+from .engine import Result, execute
+from .errors import OutputError, SurgeryError
+from .plan import Plan, load_plan
+from .report import Report, source_summary
+
+__all__ = ["load_plan", "validate", "apply", "inspect_model", "compile_plan"]
+
+
+def _as_plan(plan: Plan | str | Path) -> Plan:
+    return plan if isinstance(plan, Plan) else load_plan(plan)
+
+
+def validate(plan: Plan | str | Path, *, allow_pickle: bool = False) -> Report:
+    """Check a plan against its models' configs and headers; read no tensor data.
+
+    Never raises for a bad plan: the report says `valid: False` with every problem located."""
+    source = str(plan.source if isinstance(plan, Plan) else plan)
+    try:
+        p = _as_plan(plan)
+        program = compile_plan(p, allow_pickle=allow_pickle)
+    except SurgeryError as e:
+        return Report(source, False, e.problems)
+    return Report(source, True, warnings=program.warnings, program=program)
+
+
+def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,
+          allow_pickle: bool = False, workers: int | None = None) -> Result:
+    """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`)."""
+    p = _as_plan(plan)
+    if out is None:
+        if p.body.output.path is None:
+            raise OutputError("no output folder given", where=p.where("output"),
+                              fix="pass -o OUT on the command line or set `output: {path: ...}` in the plan")
+        out = p.body.output.path
+        out = Path(out) if Path(out).is_absolute() else p.base_dir / out
+    program = compile_plan(p, allow_pickle=allow_pickle)
+    return execute(program, out, force=force, progress=progress, workers=workers)
+
+
+def inspect_model(ref: str | Path, *, allow_pickle: bool = False) -> dict:
+    """Family, layers, parameters, dtypes, shards and tied embeddings of one checkpoint."""
+    path = resolve_ref(str(ref), Path.cwd())
+    ck = open_checkpoint("model", str(ref), path, allow_pickle=allow_pickle)
+    dtypes: dict[str, int] = {}
+    for t in ck.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+    info = source_summary(ck)
+    info.update({"dtypes": dtypes, "tensors": len(ck.tensors), "non_layer_tensors": ck.non_layer,
+                 "layer_tensors": sorted(ck.layers[0]) if ck.layers else [],
+                 "output_projections": [s for s in sorted(ck.layers[0]) if ck.family.is_output_projection(s)] if ck.layers else [],
+                 "layer_prefix": ck.family.layer_prefix, "family_notes": ck.family.notes})
+    return info
+
+
+__all__ += ["Program", "Result", "Report"]

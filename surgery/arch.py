@@ -1,0 +1,178 @@
+"""Architecture knowledge, kept as data.
+
+Each model family is one JSON file in `surgery/architectures/` (plugins may register more):
+where its layers live in tensor names, which tensors are a block's output projections (what
+`init: identity` zeroes), which are norms (kept by `init: zero` and `init: random`), which config
+key counts layers and which config fields are per-layer and must follow the layer map.
+Surgery operations never branch on the model family; they ask a `Family`.
+
+An unknown family falls back to detecting `prefix.{i}.suffix` from the tensor names, and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+from .errors import SurgeryError
+
+# Output projections of blocks in families surgery has no entry for: a guess, reported as such.
+_GUESS_OUTPUT_PROJECTIONS = (
+    r"(.*\.)?(o_proj|out_proj|c_proj|down_proj|dense_4h_to_h|fc2|w2|wo)\.(weight|bias)",
+    r"(self_)?attention\.dense\.(weight|bias)",
+    r"mlp\.experts\.down_proj",
+)
+_GUESS_NORMS = (r"(.*\.)?[^.]*(norm|ln)[^.]*\..*",)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    layer_prefix: str
+    num_layers_key: str
+    embeddings: tuple[str, ...]
+    lm_head: str
+    output_projections: tuple[str, ...]
+    norms: tuple[str, ...]
+    per_layer_config: tuple[str, ...] = ()
+    layer_threshold_config: tuple[str, ...] = ()
+    position_dependent_config: tuple[str, ...] = ()
+    notes: str = ""
+    guessed: bool = False  # True for the fallback built from tensor names
+    _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_out_re", re.compile("|".join(f"(?:{p})" for p in self.output_projections) or "(?!)"))
+        object.__setattr__(self, "_norm_re", re.compile("|".join(f"(?:{p})" for p in self.norms) or "(?!)"))
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str) -> "Family":
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_") and f != "guessed"}
+        unknown = set(d) - known
+        if unknown:
+            raise SurgeryError(f"unknown keys {sorted(unknown)} in architecture entry", where=origin,
+                               fix=f"valid keys: {sorted(known)}")
+        missing = {"name", "model_types", "layer_prefix", "num_layers_key", "embeddings", "lm_head",
+                   "output_projections", "norms"} - set(d)
+        if missing:
+            raise SurgeryError(f"architecture entry lacks {sorted(missing)}", where=origin)
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return cls(**{**d, **tuples})
+
+    # -- tensor names ------------------------------------------------------------------------
+    def split(self, name: str) -> tuple[int, str] | None:
+        """`model.layers.3.mlp.down_proj.weight` -> (3, "mlp.down_proj.weight"); None for non-layer tensors."""
+        if not name.startswith(self.layer_prefix):
+            return None
+        rest = name[len(self.layer_prefix):]
+        idx, dot, suffix = rest.partition(".")
+        if not dot or not idx.isdigit():
+            return None
+        return int(idx), suffix
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{index}.{suffix}"
+
+    def is_output_projection(self, suffix: str) -> bool:
+        return self._out_re.fullmatch(suffix) is not None
+
+    def is_norm(self, suffix: str) -> bool:
+        return self._norm_re.fullmatch(suffix) is not None
+
+    def num_layers(self, config: dict) -> int | None:
+        for key in (self.num_layers_key, "num_hidden_layers", "n_layer", "num_layers"):
+            v = config.get(key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+        return None
+
+
+_REGISTRY: dict[str, Family] = {}
+_BY_MODEL_TYPE: dict[str, Family] = {}
+_ORIGIN: dict[str, str] = {}
+_BUILTINS_LOADED = False
+
+
+def register_family(family: Family, origin: str = "surgery") -> None:
+    """Add a family. Names and model types must be new: a clash is an error naming both owners."""
+    if family.name in _REGISTRY:
+        raise SurgeryError(f"architecture {family.name!r} from {origin} is already registered by {_ORIGIN[family.name]}",
+                           fix="give the entry another name")
+    for mt in family.model_types:
+        if mt in _BY_MODEL_TYPE:
+            other = _BY_MODEL_TYPE[mt].name
+            raise SurgeryError(f"model_type {mt!r} of architecture {family.name!r} ({origin}) is already claimed by "
+                               f"{other!r} ({_ORIGIN[other]})")
+    _REGISTRY[family.name] = family
+    _ORIGIN[family.name] = origin
+    for mt in family.model_types:
+        _BY_MODEL_TYPE[mt] = family
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    folder = resources.files("surgery") / "architectures"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".json"):
+            register_family(Family.from_dict(json.loads(entry.read_text()), f"surgery/architectures/{entry.name}"))
+
+
+def families() -> dict[str, Family]:
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def family_origin(name: str) -> str:
+    _load_builtins()
+    return _ORIGIN[name]
+
+
+def detect_family(config: dict, tensor_names: list[str], where: str) -> Family:
+    """The family of a checkpoint: by `model_type`, else guessed from tensor names."""
+    _load_builtins()
+    mt = config.get("model_type")
+    if mt in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[mt]
+    return _guess_family(config, tensor_names, where)
+
+
+_LAYER_RE = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+
+
+def _guess_family(config: dict, tensor_names: list[str], where: str) -> Family:
+    counts: dict[str, set[int]] = {}
+    for name in tensor_names:
+        m = _LAYER_RE.match(name)
+        if m:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not counts:
+        raise SurgeryError(f"unknown model_type {config.get('model_type')!r} and no tensor names of the form "
+                           "'prefix.{i}.suffix', so the layers cannot be found", where=where,
+                           fix=f"known model types: {sorted(_BY_MODEL_TYPE)}; or register an architecture entry")
+    # The layer stack is the prefix with the most distinct indices (ties: the shortest prefix).
+    prefix = max(counts, key=lambda p: (len(counts[p]), -len(p)))
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), "num_hidden_layers")
+    lm_head = next((n for n in tensor_names if n in ("lm_head.weight", "embed_out.weight")), "lm_head.weight")
+    embeddings = tuple(n for n in tensor_names if re.search(r"(embed_tokens|wte|embed_in|word_embeddings)\.weight$", n))
+    per_layer = tuple(k for k, v in config.items() if isinstance(v, list) and len(v) == len(counts[prefix]) and k != "architectures")
+    return Family(
+        name=f"unknown:{config.get('model_type', '?')}",
+        model_types=(),
+        layer_prefix=prefix,
+        num_layers_key=key,
+        embeddings=embeddings,
+        lm_head=lm_head,
+        output_projections=_GUESS_OUTPUT_PROJECTIONS,
+        norms=_GUESS_NORMS,
+        per_layer_config=per_layer,
+        guessed=True,
+        notes=f"layers detected from tensor names as '{prefix}{{i}}.'; output projections and norms guessed by name",
+    )

@@ -1,0 +1,363 @@
+"""Source checkpoints as catalogs: config, family, and every tensor's file, dtype, shape and byte range.
+
+Only `config.json`, the index and the safetensors headers are read here, never tensor data, so
+`validate` is cheap and a corrupt file is found before anything is written. Headers are checked
+like a hostile input: bounded length, valid JSON, known dtypes, byte ranges that match
+dtype x shape, lie inside the file and do not overlap. Pickled checkpoints are refused unless the
+caller opts in, and then read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .arch import Family, detect_family
+from .errors import CheckpointError, Problem
+
+MAX_HEADER = 100 * 1024 * 1024
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# names users write in plans -> safetensors code
+DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+               "fp32": "F32", "fp16": "F16", "bf16": "BF16", "half": "F16", "float": "F32"}
+
+SMALL_FILES = re.compile(
+    r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json|generation_config\.json"
+    r"|chat_template.*|preprocessor_config\.json|.*\.tiktoken|spiece\.model|sentencepiece.*\.model)$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def dtype_name(code: str) -> str:
+    return DTYPES[code][0]
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code][1]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+    in_memory: Any = field(default=None, compare=False, hash=False, repr=False)  # a tensor, for pickles only
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    ref: str
+    path: Path
+    config: dict
+    family: Family
+    num_layers: int
+    tensors: dict[str, TensorInfo]
+    layers: list[dict[str, str]]  # layer index -> {suffix: tensor name}
+    non_layer: list[str]
+    header_hashes: dict[str, str]
+    pickled: bool = False
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def dtype(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            if t.dtype in FLOAT_CODES:
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+        return max(counts, key=counts.get) if counts else "F32"
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors headers
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
+    """Parse and check one safetensors file's header. Returns its tensors and the raw header."""
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"file is {size} bytes, too short for a safetensors header", where=where)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"header claims {n} bytes; the limit is {MAX_HEADER} (corrupt or hostile file)", where=where)
+            if 8 + n > size:
+                raise CheckpointError(f"header claims {n} bytes but the file has only {size - 8} after the length",
+                                      where=where, fix="the file is truncated or not safetensors; download it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror}", where=where) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"header is not valid JSON ({e})", where=where,
+                              fix="the file is corrupt; download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("header is not a JSON object", where=where)
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[Problem] = []
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tw = f"{where}: tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            problems.append(Problem(tw, "entry must have exactly dtype, shape and data_offsets"))
+            continue
+        code, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in DTYPES:
+            problems.append(Problem(tw, f"unknown dtype {code!r}", f"valid dtypes: {', '.join(DTYPES)}"))
+            continue
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)):
+            problems.append(Problem(tw, f"invalid shape {shape!r} (must be a list of non-negative integers)"))
+            continue
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+            problems.append(Problem(tw, f"invalid data_offsets {offs!r}"))
+            continue
+        want = math.prod(shape) * itemsize(code)
+        if offs[1] - offs[0] != want:
+            problems.append(Problem(tw, f"byte length {offs[1] - offs[0]} does not match dtype {code} x shape {shape} = {want}"))
+            continue
+        if offs[1] > data_len:
+            problems.append(Problem(tw, f"data ends at byte {offs[1]} but the data section has {data_len} bytes",
+                                    "the file is truncated; download it again"))
+            continue
+        spans.append((offs[0], offs[1], name))
+        tensors[name] = TensorInfo(name, code, tuple(shape), path, data_start + offs[0], want)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            problems.append(Problem(f"{where}: tensor {n1!r}", f"bytes [{b1}, {e1}) overlap tensor {n0!r} [{b0}, {e0})"))
+    if problems:
+        raise CheckpointError(problems)
+    return tensors, raw
+
+
+# --------------------------------------------------------------------------------------------
+# folders and refs
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where: str | None = None) -> Path:
+    """A model ref is a local folder (relative to the plan's folder) or a hub id (`org/name`)."""
+    p = Path(ref).expanduser()
+    local = p if p.is_absolute() else base_dir / p
+    if local.is_dir():
+        return local.resolve()
+    looks_local = ref.startswith((".", "/", "~")) or local.exists() or not _HUB_ID.match(ref)
+    if looks_local:
+        if local.exists():
+            raise CheckpointError(f"model {ref!r} is a file, not a folder ({local})", where=where,
+                                  fix="point the model at the checkpoint's folder (the one with config.json)")
+        raise CheckpointError(f"model folder not found: {ref!r} (looked in {local.resolve()})", where=where,
+                              fix="check the path; relative paths are relative to the plan file's folder")
+    return _hub_snapshot(ref, revision, where)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise CheckpointError(f"hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set", where=where,
+                              fix="download it first (huggingface-cli download) or give a local folder")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot fetch hub model {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
+                              fix="check the repo id and your network/token, or give a local folder") from None
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """`folder/name` if it stays inside `folder` (no '..', absolute paths or symlinks leading out)."""
+    if not name or os.path.isabs(name) or "\\" in name:
+        return None
+    target = (folder / name).resolve()
+    try:
+        target.relative_to(folder.resolve())
+    except ValueError:
+        return None
+    return target
+
+
+def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = False) -> Checkpoint:
+    where = f"model {name!r} ({path})"
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{where} has no config.json", fix="point the model at a HuggingFace checkpoint folder")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"config.json is not valid JSON ({e})", where=str(cfg_path)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json is not a JSON object", where=str(cfg_path))
+
+    tensors, hashes, pickled = _read_weights(path, where, allow_pickle)
+    family = detect_family(config, list(tensors), where)
+    n_cfg = family.num_layers(config)
+    layers: dict[int, dict[str, str]] = {}
+    non_layer: list[str] = []
+    for tname in tensors:
+        s = family.split(tname)
+        if s is None:
+            non_layer.append(tname)
+        else:
+            layers.setdefault(s[0], {})[s[1]] = tname
+    found = sorted(layers)
+    if n_cfg is None:
+        raise CheckpointError(f"config.json has no layer count ({family.num_layers_key})", where=str(cfg_path),
+                              fix=f"the tensors hold {len(found)} layers; set {family.num_layers_key}: {len(found)}")
+    if found != list(range(n_cfg)):
+        raise CheckpointError(
+            f"config.json says {family.num_layers_key} = {n_cfg} but the tensors hold layers "
+            f"{_ranges(found) or 'none'} under '{family.layer_prefix}'", where=where,
+            fix="the config and the weights disagree: fix config.json or use the matching weights")
+    return Checkpoint(name=name, ref=ref, path=path, config=config, family=family, num_layers=n_cfg,
+                      tensors=tensors, layers=[layers[i] for i in range(n_cfg)], non_layer=non_layer,
+                      header_hashes=hashes, pickled=pickled)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}" if i == j else f"{xs[i]}..{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _read_weights(path: Path, where: str, allow_pickle: bool):
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        files = _files_from_index(path, index)
+    elif single.is_file():
+        files = {"model.safetensors": None}
+    else:
+        st = sorted(p.name for p in path.glob("*.safetensors"))
+        if st:
+            files = {n: None for n in st}
+        else:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if not pickles:
+                raise CheckpointError(f"{where} has no weights (no *.safetensors, no index)")
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{where} has only pickled weights ({', '.join(pickles)}); pickles can run code when loaded and are refused",
+                    fix="convert the checkpoint to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)")
+            return _read_pickles(path, pickles, where) + (True,)
+    tensors: dict[str, TensorInfo] = {}
+    hashes: dict[str, str] = {}
+    problems: list[Problem] = []
+    for fname, expected in files.items():
+        fpath = _inside(path, fname)
+        if fpath is None:
+            raise CheckpointError(f"index names a file outside the model folder: {fname!r}", where=str(index),
+                                  fix="a weight_map may only name files in the model's own folder")
+        if not fpath.is_file():
+            raise CheckpointError(f"index names {fname!r}, which is missing", where=str(index),
+                                  fix="the download is incomplete; fetch the missing shard")
+        found, raw = read_safetensors_header(fpath)
+        hashes[fname] = hashlib.sha256(raw).hexdigest()
+        for tname, info in found.items():
+            if expected is not None and tname not in expected:
+                continue  # present in the file but not indexed: transformers ignores it too
+            if tname in tensors:
+                problems.append(Problem(f"{fpath}: tensor {tname!r}", f"also in {tensors[tname].file.name}"))
+            tensors[tname] = info
+        if expected is not None:
+            for tname in sorted(expected - set(found)):
+                problems.append(Problem(str(index), f"says tensor {tname!r} is in {fname}, but that file's header lacks it"))
+    if problems:
+        raise CheckpointError(problems)
+    return tensors, hashes, False
+
+
+def _files_from_index(path: Path, index: Path) -> dict[str, set[str]]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        wm = data["weight_map"]
+        assert isinstance(wm, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        raise CheckpointError("not a valid index (needs a JSON object with a 'weight_map' object)", where=str(index)) from None
+    files: dict[str, set[str]] = {}
+    for tname, fname in wm.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"weight_map entry for {tname!r} is not a file name", where=str(index))
+        files.setdefault(fname, set()).add(tname)
+    return files
+
+
+def _read_pickles(path: Path, names: list[str], where: str):
+    import torch
+
+    tensors: dict[str, TensorInfo] = {}
+    for n in names:
+        fpath = path / n
+        try:
+            sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad or unsafe pickle
+            raise CheckpointError(f"cannot load with weights_only=True: {type(e).__name__}: {str(e).splitlines()[0]}",
+                                  where=str(fpath), fix="convert the checkpoint to safetensors with trusted tooling") from None
+        if not isinstance(sd, dict):
+            raise CheckpointError("pickle does not hold a state dict", where=str(fpath))
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            code = next((c for c, (tn, _) in DTYPES.items() if getattr(torch, tn, None) == v.dtype), None)
+            if code is None:
+                raise CheckpointError(f"tensor {k!r} has unsupported dtype {v.dtype}", where=str(fpath))
+            v = v.contiguous()
+            tensors[k] = TensorInfo(k, code, tuple(v.shape), fpath, -1, v.numel() * v.element_size(), in_memory=v)
+    return tensors, {n: "pickle" for n in names}
+
+
+def small_files(path: Path) -> list[Path]:
+    """Tokenizer files, generation config and similar that travel with the output."""
+    return sorted(p for p in path.iterdir() if p.is_file() and SMALL_FILES.match(p.name))

@@ -1,0 +1,153 @@
+"""`surgery` command line: a thin layer over `surgery.api`.
+
+User errors (`SurgeryError`) are printed without a traceback, with their location and fix, and the
+command exits with status 1. `SURGERY_DEBUG=1` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+EPILOG_APPLY = """\b
+Examples:
+  surgery apply examples/llama-pro.yaml -o ./llama-pro-out
+  surgery apply plan.yaml --force        # replace an existing output
+"""
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from .errors import SurgeryError
+
+        try:
+            return fn(*a, **kw)
+        except SurgeryError as e:
+            if os.environ.get("SURGERY_DEBUG"):
+                raise
+            click.echo(f"error: {e}".replace("\n", "\n  "), err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was completed (partial files were removed)", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="surgery")
+def main():
+    """Checkpoint surgery and model growth for HuggingFace transformer checkpoints.
+
+    \b
+    Write a YAML plan, check it, apply it:
+      surgery validate plan.yaml     what would be written (reads headers only)
+      surgery apply plan.yaml -o out a complete, loadable checkpoint in ./out
+      surgery inspect ./model        family, layers, params, dtypes of a checkpoint
+      surgery demo                   the whole flow on a tiny bundled model, offline
+
+    \b
+    A plan (see README.md for every operation):
+      models: {base: ./llama-2-7b}
+      steps:
+        - take: {model: base}                              # all 32 layers
+        - expand: {groups: 8, per_group: 1, init: identity} # LLaMA Pro: 40 layers, same function
+      output: {dtype: bfloat16, shard_size: 5GB}
+    """
+
+
+@main.command(epilog=EPILOG_APPLY)
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides the plan's output.path).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default: min(4, CPUs)).")
+@_user_errors
+def apply(plan, out, force, quiet, allow_pickle, workers):
+    """Apply PLAN and write the new checkpoint.
+
+    The output is built in a hidden side folder and renamed into place when complete, with
+    config.json, tokenizer files, a model card (README.md) and surgery.json (the plan, the
+    sources and the layer map; which layers are new, for `surgery train`)."""
+    from .api import apply as do_apply
+    from .report import human_bytes
+
+    res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers)
+    if not quiet:
+        rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
+        click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
+                   f"in {len(res.shards)} shard(s), {res.seconds:.2f} s ({rate:.2f} GB/s)"
+                   + (f"; new layers {res.new_layers}" if res.new_layers else ""))
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--tensors", is_flag=True, help="Also list every output tensor with its recipe (text format).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickled checkpoints (headers are read with weights_only=True).")
+def validate(plan, fmt, tensors, allow_pickle):
+    """Check PLAN without reading any weights and show what `apply` would write.
+
+    Prints the layer map (output layer <- source model[layer], how it is made), parameter
+    count, bytes read and written, and config changes. Exit status 0 when valid, 1 when not."""
+    from .api import validate as do_validate
+
+    report = do_validate(plan, allow_pickle=allow_pickle)
+    if fmt == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(report.text(tensors=tensors), err=not report.valid)
+    sys.exit(0 if report.valid else 1)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--allow-pickle", is_flag=True)
+@_user_errors
+def inspect(model, fmt, allow_pickle):
+    """Describe MODEL (a folder or hub id): family, layers, parameters, dtypes, shards, tied embeddings."""
+    from .api import inspect_model
+    from .report import human_bytes, human_count
+
+    info = inspect_model(model, allow_pickle=allow_pickle)
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}")
+    click.echo(f"  family: {info['family']} (model_type {info['model_type']}){'  [guessed from tensor names]' if info['family_guessed'] else ''}")
+    click.echo(f"  layers: {info['num_layers']} under '{info['layer_prefix']}{{i}}.'")
+    click.echo(f"  parameters: {human_count(info['parameters'])} ({info['parameters']:,}), {human_bytes(info['bytes'])}")
+    click.echo("  dtypes: " + ", ".join(f"{k} {human_count(v)}" for k, v in info["dtypes"].items()))
+    click.echo(f"  files: {', '.join(info['files'])}")
+    click.echo(f"  tied embeddings: {'yes' if info['tied_embeddings'] else 'no'}")
+    click.echo(f"  per-layer tensors: {', '.join(info['layer_tensors'])}")
+    click.echo(f"  output projections (zeroed by init: identity): {', '.join(info['output_projections']) or 'none known'}")
+
+
+@main.command()
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("surgery-demo"), show_default=True,
+              help="Where the tiny model, plans and outputs go.")
+@click.option("--force", is_flag=True, help="Replace an existing demo folder.")
+@_user_errors
+def demo(folder, force):
+    """Run the whole flow offline on a tiny Llama built on the spot.
+
+    Builds a 4-layer model, validates and applies a LLaMA Pro identity expansion (4 -> 6
+    layers), a SOLAR depth up-scale and a Gstack, loads each result with transformers, and
+    checks that the identity expansion computes exactly what the original did."""
+    from .demo import run_demo
+
+    run_demo(folder, force=force, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+"""Plan + checkpoint catalogs -> Program. Reads headers and configs only, never tensor data.
+
+The program holds everything `apply` will do: the layer map (output layer <- source layers and
+how it was made), every output tensor's name, dtype, shape and recipe, the output config and the
+shard layout. `validate` prints it; the engine executes it. Steps are small functions over the
+layer stack registered in `OPS`, so a new operation is one function and one schema class.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from .arch import Family
+from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_checkpoint, resolve_ref, small_files
+from .errors import PlanError, Problem, SurgeryError
+from .plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
+from .recipes import Cast, Linear, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer stack
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One output layer: where its tensors come from and how they are made."""
+
+    sources: tuple[tuple[str, int], ...]  # (model, layer); several for a merge
+    step: str  # the op that put it here
+    where: str  # plan file:line of that step
+    merge: Optional[Merge] = None
+    t: float = 0.0  # position inside the merge, for gradients (mergekit: idx / (n - 1), 1 for one layer)
+    init: str = "copy"  # copy | identity | zero | random
+    std: Optional[float] = None
+    seed: int = 0
+    scales: tuple[tuple[Optional[str], float], ...] = ()
+
+    @property
+    def new(self) -> bool:
+        return self.init in ("identity", "zero", "random")
+
+    def source_text(self) -> str:
+        srcs = ", ".join(f"{m}[{i}]" for m, i in self.sources)
+        if self.merge is not None:
+            return f"{self.merge.method}({srcs}) @ t={self.t:.3g}"
+        return srcs
+
+    def how(self) -> str:
+        text = {"copy": "copy", "identity": "identity (output projections zeroed)", "zero": "zero (norms kept)",
+                "random": f"random (std {self.std:g}, seed {self.seed})" if self.std else "random"}[self.init]
+        if self.merge is not None and self.init == "copy":
+            text = "merge"
+        text += f" [{self.step}]"
+        if self.scales:
+            text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
+        return text
+
+
+@dataclass
+class Ctx:
+    plan: Plan
+    ckpts: dict[str, Checkpoint]
+    index: int
+    step: Step
+    default_std: float
+
+    @property
+    def where(self) -> str:
+        return self.plan.step_where(self.index)
+
+    def at(self, *key) -> str:
+        return self.plan.doc.where(("steps", self.index, self.step.op) + key)
+
+    def fail(self, what: str, fix: str | None = None, key: tuple = ()) -> SurgeryError:
+        return PlanError(Problem(self.at(*key) if key else self.where, what, fix))
+
+    def stack_range(self, rng, n: int, key=("layers",)) -> tuple[int, int]:
+        if rng is None:
+            return 0, n
+        a, b = rng
+        if b > n:
+            raise self.fail(f"layer range [{a}, {b}) is past the end of the current stack, which has {n} layers",
+                            f"use a range within [0, {n}]", key)
+        return a, b
+
+
+OpFn = Callable[[Step, list[LayerSpec], Ctx], list[LayerSpec]]
+OPS: dict[str, OpFn] = {}
+
+
+def op(name: str):
+    def deco(fn: OpFn) -> OpFn:
+        if name in OPS:
+            raise SurgeryError(f"operation {name!r} is already implemented by {OPS[name].__module__}")
+        OPS[name] = fn
+        return fn
+    return deco
+
+
+def _need_stack(stack, ctx: Ctx):
+    if not stack:
+        raise ctx.fail(f"`{ctx.step.op}` works on the layers built so far, and there are none yet",
+                       "start the steps with `take` or `merge`")
+
+
+@op("take")
+def _take(s: Take, stack, ctx: Ctx):
+    ck = ctx.ckpts[s.model]
+    a, b = s.layers or (0, ck.num_layers)
+    if b > ck.num_layers:
+        raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {s.model!r}, which has {ck.num_layers} layers",
+                       f"use a range within [0, {ck.num_layers}]", ("layers",))
+    return stack + [LayerSpec(((s.model, i),), "take", ctx.where) for i in range(a, b)]
+
+
+@op("stack")
+def _stack(s: Stack, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    a, b = ctx.stack_range(s.layers, len(stack))
+    total = len(stack) + (b - a) * (s.times - 1)
+    if total > MAX_LAYERS:
+        raise ctx.fail(f"stacking gives {total} layers, over the limit of {MAX_LAYERS}", key=("times",))
+    block = stack[a:b]
+    repeats = [replace(x, step="stack", where=ctx.where) for _ in range(s.times - 1) for x in block]
+    return stack[:b] + repeats + stack[b:]
+
+
+@op("dus")
+def _dus(s: Dus, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    n = len(stack)
+    if s.trim is not None:
+        m = s.trim
+        if m >= n:
+            raise ctx.fail(f"trim {m} leaves nothing: the stack has {n} layers", f"use 1 <= trim <= {n - 1}", ("trim",))
+    else:
+        m = n - s.layers // 2
+        if not 1 <= m <= n - 1:
+            raise ctx.fail(f"cannot reach {s.layers} layers from {n}: depth up-scaling gives s = 2 * (n - m) with "
+                           f"1 <= m < n, so s is even and 2 <= s <= {2 * (n - 1)}", key=("layers",))
+    return stack[: n - m] + [replace(x, step="dus", where=ctx.where) for x in stack[m:]]
+
+
+@op("expand")
+def _expand(s: Expand, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    n = len(stack)
+    if n % s.groups:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ctx.fail(f"{n} layers cannot be split into {s.groups} equal groups",
+                       f"valid groups for {n} layers: {', '.join(map(str, divisors))}", ("groups",))
+    if n + s.groups * s.per_group > MAX_LAYERS:
+        raise ctx.fail(f"expanding gives more than {MAX_LAYERS} layers")
+    size = n // s.groups
+    std = (s.std or ctx.default_std) if s.init == "random" else None
+    out: list[LayerSpec] = []
+    for g in range(s.groups):
+        block = stack[g * size:(g + 1) * size]
+        out += block
+        top = block[-1]
+        out += [replace(top, init=s.init, std=std, seed=s.seed, step="expand", where=ctx.where)] * s.per_group
+    return out
+
+
+@op("drop")
+def _drop(s: Drop, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    a, b = ctx.stack_range(s.layers, len(stack))
+    out = stack[:a] + stack[b:]
+    if not out:
+        raise ctx.fail(f"dropping [{a}, {b}) removes every layer", key=("layers",))
+    return out
+
+
+@op("scale")
+def _scale(s: ScaleStep, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    a, b = ctx.stack_range(s.layers, len(stack))
+    return stack[:a] + [replace(x, scales=x.scales + ((s.filter, s.factor),)) for x in stack[a:b]] + stack[b:]
+
+
+@op("merge")
+def _merge(s: Merge, stack, ctx: Ctx):
+    ranges = []
+    for j, src in enumerate(s.sources):
+        ck = ctx.ckpts[src.model]
+        key = ("models", j, "layers") if src.layers is not None else ("layers",)
+        a, b = src.layers or s.layers or (0, ck.num_layers)
+        if b > ck.num_layers:
+            raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {src.model!r}, which has {ck.num_layers} layers",
+                           f"use a range within [0, {ck.num_layers}]", key)
+        ranges.append((a, b))
+    lengths = {b - a for a, b in ranges}
+    if len(lengths) != 1:
+        desc = ", ".join(f"{src.model} [{a}, {b})" for src, (a, b) in zip(s.sources, ranges))
+        raise ctx.fail(f"merged ranges have different lengths: {desc}", "every model in a merge contributes the same number of layers")
+    n = lengths.pop()
+    out = []
+    for idx in range(n):
+        t = idx / (n - 1) if n > 1 else 1.0
+        out.append(LayerSpec(tuple((src.model, a + idx) for src, (a, _) in zip(s.sources, ranges)),
+                             "merge", ctx.where, merge=s, t=t))
+    return stack + out
+
+
+def gradient_at(v, t: float) -> float:
+    """A scalar, or a list interpolated at t in [0, 1] (mergekit's `evaluate_setting`)."""
+    if not isinstance(v, tuple):
+        return float(v)
+    if len(v) == 1:
+        return float(v[0])
+    scaled = t * (len(v) - 1)
+    i0 = int(scaled)
+    i1 = min(len(v) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * v[i0] + frac * v[i1]
+
+
+def merge_params(m: Merge, tensor_name: str, t: float) -> tuple[float, ...]:
+    """slerp: (t,); linear: one weight per model. The first override whose filter is a substring
+    of the output tensor name wins; else the step's own values."""
+    chosen = next((o for o in m.overrides if o.filter in tensor_name), None)
+    if m.method == "slerp":
+        return (gradient_at(chosen.t if chosen and chosen.t is not None else m.t, t),)
+    ws = chosen.weights if chosen and chosen.weights is not None else m.weights
+    if ws is None:
+        ws = (1.0,) * len(m.models)
+    return tuple(gradient_at(w, t) for w in ws)
+
+
+# ---------------------------------------------------------------------------------------------
+# the program
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    recipe: Recipe
+
+    @property
+    def nbytes(self) -> int:
+        return self.recipe.nbytes
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    tensors: tuple[OutTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Program:
+    plan: Plan
+    ckpts: dict[str, Checkpoint]
+    family: Family
+    config_model: str
+    tokenizer_model: str
+    stack: list[LayerSpec]
+    tensors: list[OutTensor]
+    shards: list[Shard]
+    config: dict
+    config_changes: list[str]
+    dtype: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.stack)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.recipe.numel for t in self.tensors)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of source tensor data the program reads (each source tensor counted once)."""
+        seen = {}
+        for t in self.tensors:
+            for i in t.recipe.inputs():
+                seen[(i.file, i.name)] = i.nbytes
+        return sum(seen.values())
+
+    @property
+    def new_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.stack) if s.new]
+
+    def small_files(self) -> list[Path]:
+        return small_files(self.ckpts[self.tokenizer_model].path)
+
+    def layer_map(self) -> list[dict]:
+        return [{"layer": i, "source": s.source_text(), "how": s.how(), "new": s.new,
+                 "sources": [list(x) for x in s.sources], "made": s.init if s.merge is None or s.init != "copy" else "merge",
+                 "step": s.step, "where": s.where} for i, s in enumerate(self.stack)]
+
+
+def open_models(plan: Plan, *, allow_pickle: bool = False) -> dict[str, Checkpoint]:
+    """Resolve and open every model the plan names; all failures are reported together."""
+    ckpts: dict[str, Checkpoint] = {}
+    problems: list[Problem] = []
+    for name in plan.body.models:
+        ref = plan.model_ref(name)
+        try:
+            path = resolve_ref(ref.path, plan.base_dir, revision=ref.revision, where=plan.where("models", name))
+            ckpts[name] = open_checkpoint(name, ref.path, path, allow_pickle=allow_pickle)
+        except SurgeryError as e:
+            problems += e.problems
+    if problems:
+        raise SurgeryError(problems)
+    return ckpts
+
+
+def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Checkpoint] | None = None) -> Program:
+    ckpts = ckpts if ckpts is not None else open_models(plan, allow_pickle=allow_pickle)
+    first = plan.steps[0]
+    first_model = first.model if isinstance(first, Take) else first.sources[0].model if isinstance(first, Merge) else None
+    if first_model is None:
+        raise PlanError(Problem(plan.step_where(0), f"the first step is `{first.op}`, which needs layers to work on",
+                                "start with `take` or `merge`"))
+    config_model = plan.body.non_layer or first_model
+    base = ckpts[config_model]
+    default_std = float(base.config.get("initializer_range", 0.02) or 0.02)
+
+    stack: list[LayerSpec] = []
+    for i, step in enumerate(plan.steps):
+        stack = OPS[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
+
+    family = base.family
+    warnings: list[str] = []
+    if family.guessed:
+        warnings.append(f"model {config_model!r}: unknown family; {family.notes}")
+    out_code = DTYPE_NAMES[plan.body.output.dtype] if plan.body.output.dtype else base.dtype
+
+    tensors: list[OutTensor] = []
+    pre, post = _non_layer(plan, ckpts, base, first, out_code, warnings)
+    tensors += pre
+    problems: list[Problem] = []
+    for j, spec in enumerate(stack):
+        try:
+            tensors += _layer_tensors(j, spec, ckpts, family, base, out_code, warnings)
+        except SurgeryError as e:
+            problems += e.problems
+    if problems:
+        raise SurgeryError(problems)
+    tensors += post
+    if any(s.init == "identity" for s in stack) and family.guessed:
+        warnings.append("identity blocks in a family surgery does not know: output projections were guessed by name; "
+                        "check the layer map, or register an architecture entry")
+    config, changes = _output_config(base, ckpts, stack, family, out_code, warnings)
+    shards = _schedule(tensors, plan.body.output.shard_size)
+    tok = plan.body.tokenizer or config_model
+    return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings)
+
+
+def _cast(r: Recipe, code: str) -> Recipe:
+    if r.dtype != code and r.dtype in FLOAT_CODES:
+        return Cast(r, code)
+    return r
+
+
+def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str) -> Recipe:
+    reads = [Read(ckpts[model].tensors[n], model) for model, n in names]
+    shapes = {r.shape for r in reads}
+    if len(shapes) != 1:
+        desc = ", ".join(f"{model}:{n} {list(r.shape)}" for (model, n), r in zip(names, reads))
+        raise PlanError(Problem(where, f"cannot merge tensors of different shapes for {out_name}: {desc}",
+                                "merge models of the same architecture and size"))
+    for (model, n), r in zip(names, reads):
+        if r.dtype not in FLOAT_CODES:
+            raise PlanError(Problem(where, f"cannot merge {model}:{n}: dtype {r.dtype} is not floating point"))
+    params = merge_params(m, out_name, t)
+    if m.method == "slerp":
+        return Slerp(reads[0], reads[1], params[0])
+    return Linear(tuple(reads), params, m.normalize)
+
+
+def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
+    family = base.family
+    merge = first if isinstance(first, Merge) and plan.body.non_layer is None else None
+    skip = {family.lm_head} if base.tied else set()
+    pre, post = [], []
+    for name in base.non_layer:
+        if name in skip:
+            continue
+        if merge is not None:
+            missing = [s.model for s in merge.sources if name not in ckpts[s.model].tensors]
+            if missing:
+                raise PlanError(Problem(plan.step_where(0), f"cannot merge {name}: models {missing} do not have it"))
+            r = _merged(merge, [(s.model, name) for s in merge.sources], ckpts, name, 0.0, plan.step_where(0))
+        else:
+            r = Read(base.tensors[name], base.name)
+        ot = OutTensor(name, _cast(r, out_code))
+        is_pre = name in family.embeddings or any(k in name for k in ("embed", "wte", "wpe"))
+        (pre if is_pre and name != family.lm_head else post).append(ot)
+    return pre, post
+
+
+def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings) -> list[OutTensor]:
+    m0, l0 = spec.sources[0]
+    src_layer = ckpts[m0].layers[l0]
+    ref_layer = base.layers[0]
+    if set(src_layer) != set(ref_layer):
+        extra = sorted(set(src_layer) ^ set(ref_layer))[:4]
+        raise PlanError(Problem(spec.where, f"layer {l0} of {m0!r} does not have the tensors of {base.name!r}'s layers "
+                                f"(differs in {extra})", "all layers in one output must come from the same architecture"))
+    out: list[OutTensor] = []
+    zeroed = 0
+    for suffix, name in src_layer.items():
+        out_name = family.layer_name(j, suffix)
+        if spec.merge is not None:
+            names = []
+            for m, li in spec.sources:
+                n = ckpts[m].layers[li].get(suffix)
+                if n is None:
+                    raise PlanError(Problem(spec.where, f"cannot merge {out_name}: {m}[{li}] has no tensor '{suffix}'"))
+                names.append((m, n))
+            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where)
+        else:
+            r = Read(ckpts[m0].tensors[name], m0)
+        if r.shape != ckpts[base.name].tensors[ref_layer[suffix]].shape:
+            raise PlanError(Problem(spec.where, f"{m0}:{name} has shape {list(r.shape)} but the output's layers "
+                                    f"({base.name!r}) need {list(base.tensors[ref_layer[suffix]].shape)}",
+                                    "all layers in one output must come from models of the same size"))
+        if spec.init == "identity" and family.is_output_projection(suffix):
+            r, zeroed = Zeros(r.shape, r.dtype), zeroed + 1
+        elif spec.init == "zero" and not family.is_norm(suffix):
+            r = Zeros(r.shape, r.dtype)
+        elif spec.init == "random" and not family.is_norm(suffix):
+            r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
+        for filt, k in spec.scales:
+            if filt is None or filt in out_name:
+                r = Scale(r, k)
+        out.append(OutTensor(out_name, _cast(r, out_code)))
+    if spec.init == "identity" and not zeroed:
+        raise PlanError(Problem(spec.where, f"identity init: no output projections found in layer {l0} of {m0!r} "
+                                f"(family {family.name}); the copy would not be function-preserving",
+                                "use init: copy, or register an architecture entry naming the output projections"))
+    return out
+
+
+def _output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Family, out_code: str, warnings):
+    cfg = copy.deepcopy(base.config)
+    n_old, n_new = base.num_layers, len(stack)
+    changes = []
+    for key in {family.num_layers_key} | ({"num_hidden_layers"} & set(cfg)):
+        if cfg.get(key) != n_new:
+            changes.append(f"{key}: {cfg.get(key)} -> {n_new}")
+        cfg[key] = n_new
+    declared = set(family.per_layer_config)
+    detected = {k for k, v in cfg.items() if isinstance(v, list) and len(v) == n_old and k not in declared
+                and k != "architectures" and n_old > 1}
+    for key in sorted(declared | detected):
+        if not isinstance(cfg.get(key), list):
+            continue
+        if len(cfg[key]) != n_old:
+            warnings.append(f"config {key} has {len(cfg[key])} entries for {n_old} layers; left as it is")
+            continue
+        new = []
+        for spec in stack:
+            m, li = spec.sources[0]
+            lst = ckpts[m].config.get(key)
+            new.append(lst[li] if isinstance(lst, list) and len(lst) == ckpts[m].num_layers else cfg[key][min(li, n_old - 1)])
+        cfg[key] = new
+        changes.append(f"{key}: {n_old} entries -> {n_new}, following the layer map")
+        if key in detected:
+            warnings.append(f"config {key!r} has one entry per layer, so it was remapped with the layers (not declared for family {family.name})")
+    for key in family.layer_threshold_config:
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            continue
+        below = [spec.sources[0][1] < v for spec in stack]
+        if all(below):
+            new_v = v if v >= n_new else n_new  # every layer stays below the threshold
+        else:
+            new_v = below.index(False)
+            if any(below[new_v:]):
+                warnings.append(f"config {key}={v}: after surgery the layers below it are no longer a prefix; set to {new_v}")
+        if new_v != v:
+            changes.append(f"{key}: {v} -> {new_v}")
+        cfg[key] = new_v
+    for key in family.position_dependent_config:
+        if cfg.get(key):
+            warnings.append(f"config {key} is set: layers behave differently at different depths, so moved copies are not exact copies of their function")
+    tname = dtype_name(out_code)
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg and cfg[key] != tname:
+            changes.append(f"{key}: {cfg[key]} -> {tname}")
+            cfg[key] = tname
+    if "dtype" not in cfg and "torch_dtype" not in cfg:
+        cfg["dtype"] = tname
+    return cfg, changes
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _schedule(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    return [Shard(shard_name(i, n), tuple(g)) for i, g in enumerate(groups)]

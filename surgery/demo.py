@@ -1,0 +1,78 @@
+"""`surgery demo`: the main job on the embedded default model, offline, in seconds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+
+PLANS = {
+    "llama-pro.yaml": """\
+# LLaMA Pro: after each group of 2 blocks, insert a copy of the group's top block whose
+# attention and MLP output projections are zero. 4 -> 6 layers, and the same function.
+models: {base: ./tiny-llama}
+steps:
+  - take: {model: base}
+  - expand: {groups: 2, per_group: 1, init: identity}
+output: {path: ./out-llama-pro}
+""",
+    "solar-dus.yaml": """\
+# SOLAR depth up-scaling: two copies of the stack, m layers trimmed at the seam: s = 2 * (n - m).
+models: {base: ./tiny-llama}
+steps:
+  - take: {model: base}
+  - dus: {trim: 1}          # [0, 3) + [1, 4): 6 layers
+output: {path: ./out-solar-dus}
+""",
+    "gstack.yaml": """\
+# Gstack (G_direct): the whole stack repeated g = 4 times: 0..3, 0..3, 0..3, 0..3.
+models: {base: ./tiny-llama}
+steps:
+  - take: {model: base}
+  - stack: {times: 4}
+output: {path: ./out-gstack, dtype: bfloat16}
+""",
+}
+
+
+def run_demo(folder: Path, *, force: bool = False, echo=print) -> dict:
+    try:
+        from .tiny import build_tiny, logits
+    except ImportError:  # pragma: no cover - the message is the point
+        raise OutputError("the demo builds its model with transformers, which is not installed",
+                          fix="pip install 'surgery[models]'") from None
+    from .api import apply, validate
+
+    folder = Path(folder)
+    if folder.exists():
+        if not force:
+            raise OutputError(f"demo folder {folder} already exists", fix="pass --force to replace it, or --dir elsewhere")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    echo(f"building a tiny Llama (4 layers, hidden 32) in {folder / 'tiny-llama'}")
+    build_tiny("llama", folder / "tiny-llama", seed=0)
+    results = {}
+    for name, text in PLANS.items():
+        plan = folder / name
+        plan.write_text(text)
+        echo(f"\n$ surgery validate {plan}")
+        report = validate(plan)
+        echo(report.text())
+        assert report.valid, report.text()
+        res = apply(plan, progress=False)
+        echo(f"$ surgery apply {plan}\nwrote {res.path} ({res.num_layers} layers, {res.bytes_written:,} bytes)")
+        results[name] = res
+    base = logits(folder / "tiny-llama")
+    for name, res in results.items():
+        out = logits(res.path)
+        if name == "llama-pro.yaml":
+            diff = float((out - base).abs().max())
+            echo(f"\n{res.path.name}: loads with transformers; max |logit difference| vs the original = {diff:.3g}"
+                 f" ({'function preserved' if diff <= 1e-6 else 'NOT preserved'})")
+            if diff > 1e-6:
+                raise AssertionError(f"identity expansion changed the logits by {diff}")
+        else:
+            echo(f"{res.path.name}: loads with transformers, logits {tuple(out.shape)}")
+    echo(f"\ndone: plans, outputs (each with README.md and surgery.json) are in {folder}")
+    return results

@@ -1,0 +1,402 @@
+"""The streaming engine: executes a Program into a checkpoint folder.
+
+- Every output tensor's name, dtype, shape and byte offset is known before any byte is read, so
+  each shard's header is written first and tensors are written at their final offsets
+  (`pwrite`), by a small pool of threads, in any order.
+- A tensor whose recipe is a plain copy with the same dtype is copied as raw bytes
+  (`os.copy_file_range`, in the kernel where the filesystem allows; `pread`/`pwrite` otherwise),
+  never decoded by torch. Any other recipe is evaluated in fixed-size chunks of elements, so
+  memory is bounded by (workers x chunk), never by tensor, shard or model size.
+- The output is built in a hidden side folder next to the destination; shards are written as
+  `*.tmp` and renamed when whole; the index and `surgery.json` are written last; then the side
+  folder is renamed into place in one step. An interrupted run never leaves a folder that looks
+  complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import TensorInfo, dtype_name, itemsize
+from .compile import OutTensor, Program, Shard
+from .errors import OutputError
+from .recipes import Cast, Linear, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+
+CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB of fp32 per intermediate
+COPY_CHUNK = 64 << 20
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+
+
+@dataclass
+class Result:
+    path: Path
+    num_layers: int
+    num_params: int
+    bytes_written: int
+    shards: list[str]
+    seconds: float
+    new_layers: list[int]
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    return getattr(torch, dtype_name(code))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and evaluating recipes in chunks
+
+class Sources:
+    """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, t: TensorInfo, e0: int, e1: int) -> torch.Tensor:
+        dt = torch_dtype(t.dtype)
+        if t.in_memory is not None:
+            return t.in_memory.reshape(-1)[e0:e1]
+        isz = itemsize(t.dtype)
+        buf = bytearray((e1 - e0) * isz)
+        view = memoryview(buf)
+        fd, pos, done = self.fd(t.file), t.offset + e0 * isz, 0
+        while done < len(buf):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n == 0:
+                raise OutputError(f"unexpected end of file reading tensor {t.name!r} (the file changed or is truncated)",
+                                  where=str(t.file))
+            done += n
+        return torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+
+
+class Evaluator:
+    def __init__(self, sources: Sources):
+        self.src = sources
+        self._slerp: dict[Slerp, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def chunk(self, r: Recipe, e0: int, e1: int) -> torch.Tensor:
+        """Elements [e0, e1) of the flattened output of `r`, in r's dtype."""
+        if isinstance(r, Read):
+            return self.src.read(r.src, e0, e1)
+        if isinstance(r, Zeros):
+            return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype))
+        if isinstance(r, Cast):
+            return self.chunk(r.inner, e0, e1).to(torch_dtype(r.dtype))
+        if isinstance(r, Scale):
+            return self.chunk(r.inner, e0, e1) * r.factor
+        if isinstance(r, Linear):
+            first = torch_dtype(r.terms[0].dtype)
+            cd = torch.float64 if first == torch.float64 else torch.float32
+            w = torch.tensor(r.weights, dtype=cd)
+            acc = torch.zeros(e1 - e0, dtype=cd)
+            for term, wi in zip(r.terms, w.unbind(0)):
+                acc.addcmul_(self.chunk(term, e0, e1), wi.reshape(1))
+            if r.normalize:
+                acc.div_(w.sum())
+            return acc.to(first)
+        if isinstance(r, Slerp):
+            coef_a, coef_b = self._slerp_coefs(r)
+            cd = coef_a.dtype
+            x = self.chunk(r.a, e0, e1).to(cd)
+            y = self.chunk(r.b, e0, e1).to(cd)
+            return (coef_a * x + coef_b * y).to(torch_dtype(r.dtype))
+        if isinstance(r, RandomNormal):
+            return self._random(r, e0, e1)
+        raise AssertionError(f"no evaluator for {type(r).__name__}")
+
+    def _slerp_coefs(self, r: Slerp):
+        if r in self._slerp:
+            return self._slerp[r]
+        # Pass 1: whole-tensor statistics in float64, chunk by chunk.
+        ssa = ssb = sab = 0.0
+        n = r.numel
+        for e0 in range(0, n, CHUNK_ELEMENTS):
+            e1 = min(n, e0 + CHUNK_ELEMENTS)
+            x = self.chunk(r.a, e0, e1).to(torch.float64)
+            y = self.chunk(r.b, e0, e1).to(torch.float64)
+            ssa += float(torch.dot(x, x))
+            ssb += float(torch.dot(y, y))
+            sab += float(torch.dot(x, y))
+        na, nb = ssa ** 0.5, ssb ** 0.5
+        na = na if na > SLERP_EPS else 1.0
+        nb = nb if nb > SLERP_EPS else 1.0
+        # Coefficients as mergekit 0.1.5 computes them: float32 (float64 for float64 inputs).
+        cd = torch.float64 if r.a.dtype == "F64" else torch.float32
+        dot = torch.tensor(sab / (na * nb), dtype=cd).clamp(-1, 1)
+        t = torch.tensor(r.t, dtype=cd)
+        linear = dot.abs() > SLERP_DOT_THRESHOLD
+        theta = torch.acos(torch.where(linear, torch.zeros((), dtype=cd), dot))
+        sin_theta = torch.sin(theta)
+        coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+        self._slerp[r] = (coef_a, coef_b)
+        return coef_a, coef_b
+
+    def _random(self, r: RandomNormal, e0: int, e1: int) -> torch.Tensor:
+        B = RandomNormal.BLOCK
+        parts = []
+        for b in range(e0 // B, (e1 - 1) // B + 1):
+            lo, hi = b * B, min(r.numel, (b + 1) * B)
+            g = torch.Generator().manual_seed(r.block_seed(b))
+            block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
+            parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
+        return torch.cat(parts).to(torch_dtype(r.dtype))
+
+    def forget(self, r: Recipe):
+        self._slerp.pop(r, None) if isinstance(r, Slerp) else None
+        for attr in ("inner", "a", "b"):
+            if hasattr(r, attr):
+                self.forget(getattr(r, attr))
+        for t in getattr(r, "terms", ()):
+            self.forget(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def _pwrite_all(fd: int, data, pos: int, where: str):
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], pos + done)
+        except OSError as e:
+            raise _write_error(e, where, len(view) - done) from None
+
+
+def _write_error(e: OSError, where: str, need: int) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"out of space writing ({os.strerror(e.errno)}); at least {need} more bytes were needed for this tensor",
+                           where=where, fix="free disk space or choose an output folder on a larger disk; the partial output was removed")
+    return OutputError(f"write failed: {e.strerror or e}", where=where)
+
+
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+
+
+def _raw_copy(src_fd: int, src_off: int, nbytes: int, dst_fd: int, dst_off: int, where: str):
+    global _copy_file_range_ok
+    done = 0
+    while done < nbytes and _copy_file_range_ok:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, nbytes - done), src_off + done, dst_off + done)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF):
+                _copy_file_range_ok = False
+                break
+            raise _write_error(e, where, nbytes - done) from None
+        if n == 0:
+            raise OutputError("unexpected end of a source file during copy", where=where)
+        done += n
+    while done < nbytes:
+        data = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), src_off + done)
+        if not data:
+            raise OutputError("unexpected end of a source file during copy", where=where)
+        _pwrite_all(dst_fd, data, dst_off + done, where)
+        done += len(data)
+
+
+def shard_header(shard: Shard, metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """The safetensors header (8-byte length + JSON, padded to 8) and each tensor's data offset."""
+    header: dict = {"__metadata__": metadata}
+    offsets, pos = [], 0
+    for t in shard.tensors:
+        header[t.name] = {"dtype": t.recipe.dtype, "shape": list(t.recipe.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets.append(pos)
+        pos += t.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb, offsets
+
+
+class Progress:
+    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
+        self.bar = None
+        self.lock = threading.Lock()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply",
+                            file=sys.stderr, dynamic_ncols=True, postfix=f"0/{total_tensors} tensors")
+        self.tensors, self.total_tensors = 0, total_tensors
+
+    def add(self, nbytes: int, tensor_done: bool = False):
+        if self.bar is None:
+            return
+        with self.lock:
+            self.bar.update(nbytes)
+            if tensor_done:
+                self.tensors += 1
+                self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
+    r = t.recipe
+    if isinstance(r, Read) and r.src.in_memory is None:
+        _raw_copy(srcs.fd(r.src.file), r.src.offset, r.src.nbytes, fd, pos, where)
+        progress.add(r.nbytes, True)
+        return
+    ev = Evaluator(srcs)
+    isz = itemsize(r.dtype)
+    n = r.numel
+    for e0 in range(0, n, CHUNK_ELEMENTS):
+        e1 = min(n, e0 + CHUNK_ELEMENTS)
+        x = ev.chunk(r, e0, e1).contiguous()
+        assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
+        _pwrite_all(fd, x.view(torch.uint8).numpy(), pos + e0 * isz, where)
+        progress.add((e1 - e0) * isz, e1 == n)
+    if n == 0:
+        progress.add(0, True)
+
+
+def write_shard(shard: Shard, folder: Path, srcs: Sources, pool: ThreadPoolExecutor, progress: Progress) -> dict:
+    head, offsets = shard_header(shard, {"format": "pt", "producer": f"surgery {__version__}"})
+    tmp = folder / (shard.name + ".tmp")
+    where = str(folder / shard.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        total = len(head) + shard.nbytes
+        try:
+            os.ftruncate(fd, total)  # sized up front: holes are filled by pwrite in any order
+        except OSError as e:
+            raise _write_error(e, where, total) from None
+        _pwrite_all(fd, head, 0, where)
+        base = len(head)
+        futures = [pool.submit(_write_tensor, t, fd, base + off, srcs, progress, where) for t, off in zip(shard.tensors, offsets)]
+        for f in futures:
+            f.result()
+        _check_allocated(fd, total, where)
+    finally:
+        os.close(fd)
+    os.replace(tmp, folder / shard.name)
+    return {"name": shard.name, "bytes": total, "tensors": len(shard.tensors),
+            "header_sha256": hashlib.sha256(head[8:]).hexdigest()}
+
+
+def _check_allocated(fd: int, total: int, where: str):
+    if os.fstat(fd).st_size != total:
+        raise OutputError(f"shard has {os.fstat(fd).st_size} bytes, expected {total}", where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole output
+
+def _refuse_bad_output(program: Program, out: Path, force: bool):
+    out_r = out.resolve()
+    for ck in program.ckpts.values():
+        src = ck.path.resolve()
+        if out_r == src or src in out_r.parents:
+            raise OutputError(f"the output folder {out} is inside (or is) the folder of source model {ck.name!r} ({src})",
+                              fix="write the output somewhere else; surgery never writes into a source model")
+        if out_r in src.parents and force:
+            raise OutputError(f"--force would replace {out}, which contains source model {ck.name!r}",
+                              fix="choose another output folder")
+    if out.exists() and not force:
+        raise OutputError(f"output folder {out} already exists", fix="pass --force to replace it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder", fix="choose another output path")
+
+
+def _check_space(folder: Path, need: int):
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(f"the output needs {need:,} bytes but only {free:,} are free", where=str(folder),
+                          fix="free disk space or choose an output folder on a larger disk")
+
+
+def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
+            workers: int | None = None) -> Result:
+    import time
+
+    t0 = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    _refuse_bad_output(program, out, force)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _check_space(parent, program.bytes_out + (1 << 20))
+    staging = parent / f".{out.name}.surgery-partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # a previous run of ours was interrupted; it never looked complete
+    staging.mkdir()
+    workers = workers or min(4, os.cpu_count() or 1)
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = Progress(program.bytes_out, len(program.tensors), show)
+    srcs = Sources()
+    ok = False
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:
+            shard_info = [write_shard(s, staging, srcs, pool, bar) for s in program.shards]
+        bar.close()
+        _write_metadata(program, staging, shard_info)
+        if out.exists():
+            trash = parent / f".{out.name}.surgery-old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(out, trash)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+        ok = True
+    finally:
+        bar.close()
+        srcs.close()
+        if not ok:
+            shutil.rmtree(staging, ignore_errors=True)
+    return Result(out, program.num_layers, program.num_params, program.bytes_out, [s.name for s in program.shards],
+                  time.perf_counter() - t0, program.new_layers)
+
+
+def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
+    from .card import model_card
+    from .report import provenance
+
+    for f in program.small_files():
+        shutil.copy2(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(model_card(program))
+    weight_map = {t.name: s.name for s in program.shards for t in s.tensors}
+    index = {"metadata": {"total_size": program.bytes_out, "total_parameters": program.num_params},
+             "weight_map": weight_map}
+    # Written last: an index (and surgery.json) exist only in a complete output.
+    _atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    prov = provenance(program, shard_info)
+    prov["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _atomic_write(folder / "surgery.json", json.dumps(prov, indent=2) + "\n")
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,423 @@
+"""The plan language: a strict schema over YAML, with every error located at plan file:line.
+
+A plan names its models and builds the output layer stack with ordered steps. Each step is a
+one-key mapping `{op: {...}}`; the ops and their schemas live in a small registry (`STEP_TYPES`)
+that plugins extend. Unknown keys, ops and model names are errors listing the valid choices;
+all problems in a plan are reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .checkpoint import DTYPE_NAMES
+from .errors import PlanError, Problem
+from .yamlio import Located, load_yaml_file, load_yaml_text
+
+MAX_LAYERS = 10_000  # no real model comes near; bounds `times`, ranges and the work a plan can ask for
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+Range = tuple[int, int]
+Gradient = Union[float, tuple[float, ...]]
+
+
+def check_range(v: Optional[Range]) -> Optional[Range]:
+    if v is None:
+        return v
+    a, b = v
+    if a < 0 or b < 0:
+        raise ValueError(f"layer range [{a}, {b}] has a negative bound; ranges are [start, end) with 0 <= start < end")
+    if b <= a:
+        raise ValueError(f"layer range [{a}, {b}] is empty; ranges are half-open [start, end), so end must exceed start")
+    if b > MAX_LAYERS:
+        raise ValueError(f"layer range end {b} exceeds the limit of {MAX_LAYERS} layers")
+    return v
+
+
+def check_gradient(v: Gradient) -> Gradient:
+    if isinstance(v, tuple) and not v:
+        raise ValueError("a gradient list needs at least one value")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+class Step(Strict):
+    op: ClassVar[str]
+    summary: ClassVar[str]
+
+
+class Take(Step):
+    op: ClassVar[str] = "take"
+    summary: ClassVar[str] = "append layers [start, end) of a model (all of them when no range)"
+    model: str
+    layers: Optional[Range] = None
+    _r = field_validator("layers")(check_range)
+
+
+class Stack(Step):
+    op: ClassVar[str] = "stack"
+    summary: ClassVar[str] = "repeat the current stack (or a range of it) `times` times: Gstack's G_direct"
+    times: int = Field(ge=2, le=64)
+    layers: Optional[Range] = None
+    _r = field_validator("layers")(check_range)
+
+
+class Dus(Step):
+    op: ClassVar[str] = "dus"
+    summary: ClassVar[str] = "SOLAR depth up-scaling: [0, n-m) + [m, n), from `trim: m` or target `layers: s`"
+    trim: Optional[int] = Field(default=None, ge=1)
+    layers: Optional[int] = Field(default=None, ge=2)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.trim is None) == (self.layers is None):
+            raise ValueError("give exactly one of `trim: m` (layers removed at the seam) or `layers: s` (target depth)")
+        if self.layers is not None and self.layers % 2:
+            raise ValueError(f"`layers: {self.layers}` is odd; depth up-scaling gives s = 2 * (n - m), always even")
+        return self
+
+
+class Expand(Step):
+    op: ClassVar[str] = "expand"
+    summary: ClassVar[str] = "LLaMA Pro: after each of `groups` groups insert `per_group` copies of its top block"
+    groups: int = Field(ge=1, le=MAX_LAYERS)
+    per_group: int = Field(default=1, ge=1, le=64)
+    init: Literal["identity", "copy", "zero", "random"] = "identity"
+    std: Optional[float] = Field(default=None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _std(self):
+        if self.std is not None and self.init != "random":
+            raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
+        return self
+
+
+class Drop(Step):
+    op: ClassVar[str] = "drop"
+    summary: ClassVar[str] = "remove layers [start, end) of the current stack"
+    layers: Range
+    _r = field_validator("layers")(check_range)
+
+
+class MergeSource(Strict):
+    model: str
+    layers: Optional[Range] = None
+    _r = field_validator("layers")(check_range)
+
+
+class Override(Strict):
+    filter: str = Field(min_length=1)
+    t: Optional[Gradient] = None
+    weights: Optional[tuple[Gradient, ...]] = None
+    _g = field_validator("t")(lambda v: v if v is None else check_gradient(v))
+
+
+class Merge(Step):
+    op: ClassVar[str] = "merge"
+    summary: ClassVar[str] = "append layer-wise merges: slerp of two models (t) or linear (weights)"
+    method: Literal["slerp", "linear"]
+    models: tuple[Union[str, MergeSource], ...] = Field(min_length=1)
+    layers: Optional[Range] = None
+    t: Optional[Gradient] = None
+    weights: Optional[tuple[Gradient, ...]] = None
+    normalize: bool = True
+    overrides: tuple[Override, ...] = ()
+    _r = field_validator("layers")(check_range)
+    _g = field_validator("t")(lambda v: v if v is None else check_gradient(v))
+
+    @model_validator(mode="after")
+    def _params(self):
+        n = len(self.models)
+        if self.method == "slerp":
+            if n != 2:
+                raise ValueError(f"slerp merges exactly two models (the first is the base, t = 0); got {n}")
+            if self.t is None:
+                raise ValueError("slerp needs `t` (a number, or a gradient list over the merged layers)")
+            if self.weights is not None or any(o.weights is not None for o in self.overrides):
+                raise ValueError("slerp takes `t`, not `weights`")
+        else:
+            if self.t is not None or any(o.t is not None for o in self.overrides):
+                raise ValueError("linear takes `weights` (one per model), not `t`")
+            if self.weights is not None and len(self.weights) != n:
+                raise ValueError(f"`weights` has {len(self.weights)} entries for {n} models; give one per model")
+            for o in self.overrides:
+                if o.weights is not None and len(o.weights) != n:
+                    raise ValueError(f"override {o.filter!r}: `weights` has {len(o.weights)} entries for {n} models")
+        for o in self.overrides:
+            if o.t is None and o.weights is None:
+                raise ValueError(f"override {o.filter!r} sets nothing; give `t` (slerp) or `weights` (linear)")
+        return self
+
+    @property
+    def sources(self) -> tuple[MergeSource, ...]:
+        return tuple(MergeSource(model=m) if isinstance(m, str) else m for m in self.models)
+
+
+class ScaleStep(Step):
+    op: ClassVar[str] = "scale"
+    summary: ClassVar[str] = "multiply tensors (by name filter) of a layer range of the current stack"
+    factor: float
+    layers: Optional[Range] = None
+    filter: Optional[str] = None
+    _r = field_validator("layers")(check_range)
+
+
+STEP_TYPES: dict[str, type[Step]] = {s.op: s for s in (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep)}
+
+
+def register_step(cls: type[Step]) -> None:
+    if cls.op in STEP_TYPES:
+        raise PlanError(f"plan step {cls.op!r} is already defined by {STEP_TYPES[cls.op].__module__}",
+                        fix="give the new step another name")
+    STEP_TYPES[cls.op] = cls
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    else:
+        m = _SIZE.match(str(v))
+        if not m:
+            raise ValueError(f"{v!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if n < 1024:
+        raise ValueError(f"shard size {n} bytes is too small (at least 1KB)")
+    return n
+
+
+class ModelRef(Strict):
+    path: str
+    revision: Optional[str] = None
+
+
+class Output(Strict):
+    dtype: Optional[str] = None
+    shard_size: int = 5 * 10**9
+    path: Optional[str] = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; valid: {', '.join(DTYPE_NAMES)}")
+        return v
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+
+class PlanBody(Strict):
+    name: Optional[str] = None
+    models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
+    steps: tuple[Any, ...] = Field(min_length=1)
+    non_layer: Optional[str] = None
+    tokenizer: Optional[str] = None
+    output: Output = Output()
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v):
+        for k in v:
+            if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", k):
+                raise ValueError(f"model name {k!r} must start with a letter or '_' and use letters, digits, '_', '.', '-'")
+        return v
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated plan: its body, its steps, and where everything came from."""
+
+    body: PlanBody
+    steps: tuple[Step, ...]
+    doc: Located = field(compare=False, repr=False)
+    base_dir: Path = field(compare=False)
+
+    @property
+    def source(self) -> str:
+        return self.doc.source
+
+    def where(self, *path) -> str:
+        return self.doc.where(tuple(path))
+
+    def step_where(self, i: int) -> str:
+        return self.doc.where(("steps", i))
+
+    def model_ref(self, name: str) -> ModelRef:
+        r = self.body.models[name]
+        return ModelRef(path=r) if isinstance(r, str) else r
+
+    @property
+    def raw(self) -> Any:
+        return self.doc.data
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file. Raises `PlanError` listing every problem with its file:line."""
+    path = Path(path)
+    doc = load_yaml_file(path)
+    return plan_from_doc(doc, path.resolve().parent)
+
+
+def plan_from_text(text: str, base_dir: str | Path = ".", source: str = "<plan>") -> Plan:
+    return plan_from_doc(load_yaml_text(text, source), Path(base_dir).resolve())
+
+
+def plan_from_doc(doc: Located, base_dir: Path) -> Plan:
+    data = doc.data
+    if not isinstance(data, dict):
+        raise PlanError("a plan is a YAML mapping with `models:` and `steps:`", where=doc.where(),
+                        fix="see `surgery schema` or the README's plan reference")
+    problems: list[Problem] = []
+    try:
+        body = PlanBody.model_validate(data)
+    except ValidationError as e:
+        problems += _problems(e, doc, (), PlanBody, data)
+        body = None
+    steps: list[Step] = []
+    raw_steps = data.get("steps")
+    if isinstance(raw_steps, list):
+        for i, raw in enumerate(raw_steps):
+            step = _parse_step(raw, i, doc, problems)
+            if step is not None:
+                steps.append(step)
+    if body is not None:
+        names = list(body.models)
+        for i, s in enumerate(steps):
+            for key, model in _model_mentions(s):
+                if model not in body.models:
+                    problems.append(Problem(doc.where(("steps", i, s.op) + key), f"unknown model {model!r}",
+                                            f"models in this plan: {', '.join(names)}"))
+        for key in ("non_layer", "tokenizer"):
+            v = getattr(body, key)
+            if v is not None and v not in body.models:
+                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {', '.join(names)}"))
+    if problems:
+        raise PlanError(problems)
+    return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir)
+
+
+def _model_mentions(s: Step):
+    if isinstance(s, Take):
+        yield ("model",), s.model
+    elif isinstance(s, Merge):
+        for j, m in enumerate(s.models):
+            yield (("models", j) if isinstance(m, str) else ("models", j, "model")), (m if isinstance(m, str) else m.model)
+
+
+def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem]) -> Step | None:
+    where = doc.where(("steps", i))
+    ops = ", ".join(STEP_TYPES)
+    if not isinstance(raw, dict) or len(raw) != 1:
+        got = f"keys {list(raw)}" if isinstance(raw, dict) else type(raw).__name__
+        problems.append(Problem(where, f"a step is a mapping with exactly one operation, got {got}",
+                                f"write e.g. `- take: {{model: base}}`; operations: {ops}"))
+        return None
+    (op, body), = raw.items()
+    cls = STEP_TYPES.get(op)
+    if cls is None:
+        problems.append(Problem(doc.where(("steps", i, op)), f"unknown operation {op!r}", f"valid operations: {ops}"))
+        return None
+    if body is None:
+        body = {}
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        problems += _problems(e, doc, ("steps", i, op), cls, body)
+        return None
+
+
+def _problems(err: ValidationError, doc: Located, prefix: tuple, model: type[BaseModel], data: Any) -> list[Problem]:
+    """Turn pydantic's errors into located problems with fixes; union alternatives are merged."""
+    grouped: dict[tuple, list[str]] = {}
+    fixes: dict[tuple, str | None] = {}
+    for e in err.errors(include_url=False):
+        path = _real_path(data, e["loc"])
+        full = prefix + path
+        if prefix == () and path[:1] == ("steps",) and len(path) > 2:
+            continue  # step bodies are checked one by one with their own schema
+        typ, msg = e["type"], e["msg"]
+        fix = None
+        if typ == "extra_forbidden":
+            key = e["loc"][-1]
+            owner = _owner(model, e["loc"][:-1])
+            valid = sorted(owner.model_fields) if owner else []
+            msg = f"unknown key {key!r}"
+            fix = f"valid keys here: {', '.join(valid)}" if valid else None
+        elif typ == "missing":
+            msg = f"missing required key {e['loc'][-1]!r}"
+        elif typ in ("value_error", "assertion_error"):
+            msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        elif typ == "literal_error":
+            msg = f"{e['input']!r} is not allowed: {msg.lower()}"
+        else:
+            msg = f"{msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else msg
+        grouped.setdefault(full, [])
+        if msg not in grouped[full]:
+            grouped[full].append(msg)
+        fixes.setdefault(full, fix)
+    return [Problem(doc.where(p), " or ".join(m) if len(m) < 4 else m[0], fixes[p]) for p, m in grouped.items()]
+
+
+def _real_path(data: Any, loc: tuple) -> tuple:
+    """The prefix of pydantic's `loc` that indexes real data (drops union branch labels)."""
+    out, cur = [], data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and part not in cur and not out[-1:] == [part]:
+            out.append(part)  # a missing or unknown key: still name it
+            break
+        else:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _owner(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (for listing valid keys)."""
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+        f = cur.model_fields.get(part) if isinstance(part, str) else None
+        if f is None:
+            # a union branch label or a list index: search the annotation for a model
+            continue
+        cur = _first_model(f.annotation)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _first_model(ann: Any):
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in typing.get_args(ann):
+        m = _first_model(a)
+        if m is not None:
+            return m
+    return ann

@@ -1,0 +1,179 @@
+"""Recipes: how each output tensor is made. Immutable, hashable, and free of tensor data.
+
+The compiler turns a plan into one recipe per output tensor; the engine evaluates them. Every
+recipe is elementwise over the flattened tensor except `Slerp`, whose two whole-tensor
+statistics (norms and dot product) the engine gathers in a first chunked pass; so any output
+tensor can be produced in fixed-size chunks and memory never depends on the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+from .checkpoint import TensorInfo
+
+
+@dataclass(frozen=True)
+class Recipe:
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)  # type: ignore[attr-defined]
+
+    @property
+    def nbytes(self) -> int:
+        from .checkpoint import itemsize
+
+        return self.numel * itemsize(self.dtype)  # type: ignore[attr-defined]
+
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class Read(Recipe):
+    """A source tensor as it is. With an unchanged dtype the engine copies its bytes raw."""
+
+    src: TensorInfo
+    model: str
+
+    @property
+    def dtype(self) -> str:
+        return self.src.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+    def inputs(self):
+        return (self.src,)
+
+    def describe(self) -> str:
+        return f"copy {self.model}:{self.src.name}"
+
+
+@dataclass(frozen=True)
+class Zeros(Recipe):
+    shape: tuple[int, ...]
+    dtype: str
+
+    def describe(self) -> str:
+        return "zeros"
+
+
+@dataclass(frozen=True)
+class Cast(Recipe):
+    inner: Recipe
+    dtype: str
+
+    @property
+    def shape(self):
+        return self.inner.shape
+
+    def inputs(self):
+        return self.inner.inputs()
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} as {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Scale(Recipe):
+    inner: Recipe
+    factor: float
+
+    @property
+    def shape(self):
+        return self.inner.shape
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def inputs(self):
+        return self.inner.inputs()
+
+    def describe(self) -> str:
+        return f"{self.factor:g} x ({self.inner.describe()})"
+
+
+@dataclass(frozen=True)
+class Linear(Recipe):
+    """sum_i w_i x_i (divided by sum_i w_i when normalize), accumulated in float32 (float64 for
+    float64 inputs) in input order, stored in the first input's dtype: mergekit 0.1.5's formula."""
+
+    terms: tuple[Recipe, ...]
+    weights: tuple[float, ...]
+    normalize: bool
+
+    @property
+    def shape(self):
+        return self.terms[0].shape
+
+    @property
+    def dtype(self):
+        return self.terms[0].dtype
+
+    def inputs(self):
+        return tuple(i for t in self.terms for i in t.inputs())
+
+    def describe(self) -> str:
+        parts = " + ".join(f"{w:g}*{t.describe().removeprefix('copy ')}" for w, t in zip(self.weights, self.terms))
+        return f"linear({parts}{', normalized' if self.normalize else ''})"
+
+
+@dataclass(frozen=True)
+class Slerp(Recipe):
+    """Spherical interpolation from `a` (t=0) to `b` (t=1) with whole-tensor normalisation; plain
+    lerp when |cos| > 0.9995; a norm <= 1e-8 is taken as 1. Stored in `a`'s dtype (mergekit 0.1.5)."""
+
+    a: Recipe
+    b: Recipe
+    t: float
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+    def inputs(self):
+        return self.a.inputs() + self.b.inputs()
+
+    def describe(self) -> str:
+        return f"slerp({self.a.describe().removeprefix('copy ')}, {self.b.describe().removeprefix('copy ')}, t={self.t:g})"
+
+
+@dataclass(frozen=True)
+class RandomNormal(Recipe):
+    """N(0, std) from a seed and the output tensor's name, generated in fixed blocks of
+    `BLOCK` elements so the values do not depend on how the engine chunks its work."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    std: float
+    seed: int
+    key: str
+
+    BLOCK = 1 << 20
+
+    def block_seed(self, block: int) -> int:
+        h = hashlib.sha256(f"{self.seed}:{self.key}:{block}".encode()).digest()
+        return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+    def describe(self) -> str:
+        return f"normal(0, {self.std:g}), seed {self.seed}"
+
+
+def leaves(r: Recipe) -> list[Recipe]:
+    """Every recipe inside `r`, `r` included (for walking and tests)."""
+    out = [r]
+    for attr in ("inner", "a", "b"):
+        if hasattr(r, attr):
+            out += leaves(getattr(r, attr))
+    for t in getattr(r, "terms", ()):
+        out += leaves(t)
+    return out
