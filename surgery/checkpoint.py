@@ -198,15 +198,18 @@ def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*", "*.jinja"]
+    # read at call time (huggingface-hub reads HF_HUB_CACHE once, at its import)
+    cache = os.environ.get("HF_HUB_CACHE") or None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True,
+                                      cache_dir=cache))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise CheckpointError(f"hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set", where=where,
                               fix="download it first (huggingface-cli download) or give a local folder")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot fetch hub model {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
                               fix="check the repo id and your network/token, or give a local folder") from None

@@ -296,26 +296,34 @@ def plan_from_doc(doc: Located, base_dir: Path) -> Plan:
         problems += _problems(e, doc, (), PlanBody, data)
         body = None
     steps: list[Step] = []
+    s_index: dict[int, int] = {}
     raw_steps = data.get("steps")
     if isinstance(raw_steps, list):
         for i, raw in enumerate(raw_steps):
             step = _parse_step(raw, i, doc, problems)
             if step is not None:
                 steps.append(step)
-    if body is not None:
-        names = list(body.models)
-        for i, s in enumerate(steps):
+                s_index[id(step)] = i
+    declared = data.get("models")
+    if isinstance(declared, dict) and declared:
+        names = ", ".join(map(str, declared))
+        for s in steps:
             for key, model in _model_mentions(s):
-                if model not in body.models:
-                    problems.append(Problem(doc.where(("steps", i, s.op) + key), f"unknown model {model!r}",
-                                            f"models in this plan: {', '.join(names)}"))
+                if model not in declared:
+                    problems.append(Problem(doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}",
+                                            f"models in this plan: {names}"))
         for key in ("non_layer", "tokenizer"):
-            v = getattr(body, key)
-            if v is not None and v not in body.models:
-                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {', '.join(names)}"))
+            v = data.get(key)
+            if isinstance(v, str) and v not in declared:
+                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"))
     if problems:
-        raise PlanError(problems)
+        raise PlanError(sorted(problems, key=_line_of))
     return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir)
+
+
+def _line_of(p: Problem) -> int:
+    tail = (p.where or "").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _model_mentions(s: Step):
@@ -369,10 +377,14 @@ def _problems(err: ValidationError, doc: Located, prefix: tuple, model: type[Bas
             msg = f"missing required key {e['loc'][-1]!r}"
         elif typ in ("value_error", "assertion_error"):
             msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        elif typ == "literal_error":
-            msg = f"{e['input']!r} is not allowed: {msg.lower()}"
         else:
-            msg = f"{msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else msg
+            if typ == "literal_error":
+                msg = f"{e['input']!r} is not allowed: {msg.lower()}"
+            else:
+                msg = msg[0].lower() + msg[1:]
+                msg = f"{msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else msg
+            key = next((p for p in reversed(path) if isinstance(p, str)), None)
+            msg = f"`{key}`: {msg}" if key and key != (prefix[-1] if prefix else None) else msg
         grouped.setdefault(full, [])
         if msg not in grouped[full]:
             grouped[full].append(msg)

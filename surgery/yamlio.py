@@ -54,7 +54,10 @@ def load_yaml_text(text: str, source: str) -> Located:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise PlanError(f"not valid YAML: {e.problem or e.context}", where=where,
+        what = f"not valid YAML: {e.problem or e.context}"
+        if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            what += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise PlanError(what, where=where,
                         fix="check indentation and quoting near this line") from None
     except yaml.YAMLError as e:
         raise PlanError(f"not valid YAML: {e}", where=source) from None
@@ -88,6 +91,9 @@ def load_yaml_file(path: str | Path) -> Located:
     return load_yaml_text(text, str(path))
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 class _Builder:
     def __init__(self, loader: yaml.SafeLoader, doc: Located):
         self.loader = loader
@@ -104,6 +110,9 @@ class _Builder:
                             where=self._where(node), fix="write the plan out without YAML aliases")
         if depth > MAX_DEPTH:
             raise PlanError(f"nesting deeper than {MAX_DEPTH} levels", where=self._where(node))
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+            raise PlanError(f"unsupported YAML value: tag {node.tag!r}", where=self._where(node),
+                            fix="plans use plain YAML: strings, numbers, lists and mappings")
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)  # resolves `<<:` merge keys, safely
             out: dict = {}
