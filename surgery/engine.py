@@ -27,14 +27,19 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .checkpoint import TensorInfo, dtype_name, itemsize
 from .compile import OutTensor, Program, Shard
 from .errors import OutputError
 from .recipes import Cast, Linear, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only when a recipe needs computing: copy-only plans (slicing, stacking,
+# depth up-scaling) never pay its import time.
 
 CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB of fp32 per intermediate
 COPY_CHUNK = 64 << 20
@@ -53,7 +58,9 @@ class Result:
     new_layers: list[int]
 
 
-def torch_dtype(code: str) -> torch.dtype:
+def torch_dtype(code: str) -> "torch.dtype":
+    import torch
+
     return getattr(torch, dtype_name(code))
 
 
@@ -79,7 +86,9 @@ class Sources:
             os.close(fd)
         self._fds.clear()
 
-    def read(self, t: TensorInfo, e0: int, e1: int) -> torch.Tensor:
+    def read(self, t: TensorInfo, e0: int, e1: int) -> "torch.Tensor":
+        import torch
+
         dt = torch_dtype(t.dtype)
         if t.in_memory is not None:
             return t.in_memory.reshape(-1)[e0:e1]
@@ -97,12 +106,16 @@ class Sources:
 
 
 class Evaluator:
+    """Evaluates recipes chunk by chunk (elements [e0, e1) of the flattened tensor)."""
+
     def __init__(self, sources: Sources):
         self.src = sources
-        self._slerp: dict[Slerp, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slerp: dict = {}  # Slerp -> (coef_a, coef_b)
 
-    def chunk(self, r: Recipe, e0: int, e1: int) -> torch.Tensor:
+    def chunk(self, r: Recipe, e0: int, e1: int) -> "torch.Tensor":
         """Elements [e0, e1) of the flattened output of `r`, in r's dtype."""
+        import torch
+
         if isinstance(r, Read):
             return self.src.read(r.src, e0, e1)
         if isinstance(r, Zeros):
@@ -132,6 +145,8 @@ class Evaluator:
         raise AssertionError(f"no evaluator for {type(r).__name__}")
 
     def _slerp_coefs(self, r: Slerp):
+        import torch
+
         if r in self._slerp:
             return self._slerp[r]
         # Pass 1: whole-tensor statistics in float64, chunk by chunk.
@@ -159,7 +174,9 @@ class Evaluator:
         self._slerp[r] = (coef_a, coef_b)
         return coef_a, coef_b
 
-    def _random(self, r: RandomNormal, e0: int, e1: int) -> torch.Tensor:
+    def _random(self, r: RandomNormal, e0: int, e1: int) -> "torch.Tensor":
+        import torch
+
         B = RandomNormal.BLOCK
         parts = []
         for b in range(e0 // B, (e1 - 1) // B + 1):
@@ -168,14 +185,6 @@ class Evaluator:
             block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
             parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
         return torch.cat(parts).to(torch_dtype(r.dtype))
-
-    def forget(self, r: Recipe):
-        self._slerp.pop(r, None) if isinstance(r, Slerp) else None
-        for attr in ("inner", "a", "b"):
-            if hasattr(r, attr):
-                self.forget(getattr(r, attr))
-        for t in getattr(r, "terms", ()):
-            self.forget(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,12 +270,40 @@ class Progress:
             self.bar.close()
 
 
+def _is_raw(t: OutTensor) -> bool:
+    return isinstance(t.recipe, Read) and t.recipe.src.in_memory is None
+
+
+def copy_pieces(tensors: list[tuple[OutTensor, int]], piece: int = COPY_CHUNK) -> list[tuple[Path, int, int, int, int]]:
+    """Raw-copy work for (tensor, output offset) pairs, in output order: runs of tensors that are
+    byte-contiguous in the same source file become one range, then ranges are cut into pieces of
+    at most `piece` bytes, so a few threads share the work evenly whatever the tensor sizes.
+    Each piece: (source file, source offset, bytes, output offset, tensors finished by it)."""
+    runs: list[list] = []  # [file, src_off, nbytes, dst_off, ntensors]
+    for t, dst in tensors:
+        s = t.recipe.src
+        last = runs[-1] if runs else None
+        if last and last[0] == s.file and last[1] + last[2] == s.offset and last[3] + last[2] == dst:
+            last[2] += s.nbytes
+            last[4] += 1
+        else:
+            runs.append([s.file, s.offset, s.nbytes, dst, 1])
+    pieces = []
+    for f, so, n, do, k in runs:
+        starts = list(range(0, n, piece)) or [0]
+        for i, a in enumerate(starts):
+            pieces.append((f, so + a, min(piece, n - a), do + a, k if i == len(starts) - 1 else 0))
+    return pieces
+
+
+def _copy_piece(p, fd: int, srcs: Sources, progress: Progress, where: str):
+    f, so, n, do, done = p
+    _raw_copy(srcs.fd(f), so, n, fd, do, where)
+    progress.add(n, done)
+
+
 def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
     r = t.recipe
-    if isinstance(r, Read) and r.src.in_memory is None:
-        _raw_copy(srcs.fd(r.src.file), r.src.offset, r.src.nbytes, fd, pos, where)
-        progress.add(r.nbytes, True)
-        return
     ev = Evaluator(srcs)
     isz = itemsize(r.dtype)
     n = r.numel
@@ -274,7 +311,7 @@ def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Prog
         e1 = min(n, e0 + CHUNK_ELEMENTS)
         x = ev.chunk(r, e0, e1).contiguous()
         assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
-        _pwrite_all(fd, x.view(torch.uint8).numpy(), pos + e0 * isz, where)
+        _pwrite_all(fd, x.view(-1).view(torch_dtype("U8")).numpy(), pos + e0 * isz, where)
         progress.add((e1 - e0) * isz, e1 == n)
     if n == 0:
         progress.add(0, True)
@@ -293,7 +330,11 @@ def write_shard(shard: Shard, folder: Path, srcs: Sources, pool: ThreadPoolExecu
             raise _write_error(e, where, total) from None
         _pwrite_all(fd, head, 0, where)
         base = len(head)
-        futures = [pool.submit(_write_tensor, t, fd, base + off, srcs, progress, where) for t, off in zip(shard.tensors, offsets)]
+        placed = [(t, base + off) for t, off in zip(shard.tensors, offsets)]
+        # computed tensors first (they take longest), then the raw copies in coalesced pieces
+        futures = [pool.submit(_write_tensor, t, fd, pos, srcs, progress, where) for t, pos in placed if not _is_raw(t)]
+        futures += [pool.submit(_copy_piece, p, fd, srcs, progress, where)
+                    for p in copy_pieces([(t, pos) for t, pos in placed if _is_raw(t)])]
         for f in futures:
             f.result()
         _check_allocated(fd, total, where)
