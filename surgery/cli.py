@@ -69,7 +69,7 @@ def main():
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default: min(4, CPUs)).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU).")
 @_user_errors
 def apply(plan, out, force, quiet, allow_pickle, workers):
     """Apply PLAN and write the new checkpoint.

@@ -70,9 +70,10 @@ def torch_dtype(code: str) -> "torch.dtype":
 class Sources:
     """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
 
-    def __init__(self):
+    def __init__(self, compute_slots: int = 2):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.compute_slots = threading.BoundedSemaphore(compute_slots)
 
     def fd(self, path: Path) -> int:
         with self._lock:
@@ -303,6 +304,11 @@ def _copy_piece(p, fd: int, srcs: Sources, progress: Progress, where: str):
 
 
 def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
+    with srcs.compute_slots:  # computing tensors at once is bounded by cores; copies are not
+        _compute_tensor(t, fd, pos, srcs, progress, where)
+
+
+def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
     r = t.recipe
     ev = Evaluator(srcs)
     isz = itemsize(r.dtype)
@@ -390,10 +396,14 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     if staging.exists():
         shutil.rmtree(staging)  # a previous run of ours was interrupted; it never looked complete
     staging.mkdir()
-    workers = workers or min(4, os.cpu_count() or 1)
+    # Copies are bound by I/O latency, not cores: 8 threads (measured: 1 thread is 3x slower than
+    # 2, and 8 beat 4 by ~10% on a 2-core machine writing 24 GB). Computed tensors take at most
+    # one slot per core, so memory stays bounded by cores x chunk.
+    cpus = os.cpu_count() or 1
+    workers = workers or 8
     show = progress if progress is not None else sys.stderr.isatty()
     bar = Progress(program.bytes_out, len(program.tensors), show)
-    srcs = Sources()
+    srcs = Sources(compute_slots=max(1, min(workers, cpus)))
     ok = False
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:
