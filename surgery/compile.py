@@ -18,7 +18,9 @@ from .arch import Family
 from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_checkpoint, resolve_ref, small_files
 from .errors import PlanError, Problem, SurgeryError
 from .plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
-from .recipes import Cast, Linear, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+from .methods import get_method
+from .recipes import Cast, RandomNormal, Read, Recipe, Scale, Zeros
+from .settings import Cond, conditions_of, resolve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,6 +39,7 @@ class LayerSpec:
     std: Optional[float] = None
     seed: int = 0
     scales: tuple[tuple[Optional[str], float], ...] = ()
+    take_scale: tuple = ()  # conditions of a take's `scale` setting (mergekit passthrough), at position t
 
     @property
     def new(self) -> bool:
@@ -113,7 +116,10 @@ def _take(s: Take, stack, ctx: Ctx):
     if b > ck.num_layers:
         raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {s.model!r}, which has {ck.num_layers} layers",
                        f"use a range within [0, {ck.num_layers}]", ("layers",))
-    return stack + [LayerSpec(((s.model, i),), "take", ctx.where) for i in range(a, b)]
+    n = b - a
+    scale = conditions_of(s.scale)
+    return stack + [LayerSpec(((s.model, i),), "take", ctx.where, t=(k / (n - 1) if n > 1 else 1.0), take_scale=scale)
+                    for k, i in enumerate(range(a, b))]
 
 
 @op("stack")
@@ -206,29 +212,24 @@ def _merge(s: Merge, stack, ctx: Ctx):
     return stack + out
 
 
-def gradient_at(v, t: float) -> float:
-    """A scalar, or a list interpolated at t in [0, 1] (mergekit's `evaluate_setting`)."""
-    if not isinstance(v, tuple):
-        return float(v)
-    if len(v) == 1:
-        return float(v[0])
-    scaled = t * (len(v) - 1)
-    i0 = int(scaled)
-    i1 = min(len(v) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * v[i0] + frac * v[i1]
-
-
-def merge_params(m: Merge, tensor_name: str, t: float) -> tuple[float, ...]:
-    """slerp: (t,); linear: one weight per model. The first override whose filter is a substring
-    of the output tensor name wins; else the step's own values."""
-    chosen = next((o for o in m.overrides if o.filter in tensor_name), None)
-    if m.method == "slerp":
-        return (gradient_at(chosen.t if chosen and chosen.t is not None else m.t, t),)
-    ws = chosen.weights if chosen and chosen.weights is not None else m.weights
-    if ws is None:
-        ws = (1.0,) * len(m.models)
-    return tuple(gradient_at(w, t) for w in ws)
+def merge_conditions(m: Merge) -> tuple[dict[str, tuple], list[dict[str, tuple]]]:
+    """The merge's parameters as condition lists, most specific first: (shared, per source).
+    `t`, `weights`, `normalize` and `overrides` are sugar for `parameters`."""
+    shared: dict[str, tuple] = {}
+    for name, v in m.parameters.items():
+        shared[name] = conditions_of(v)
+    if m.t is not None or any(o.t is not None for o in m.overrides):
+        shared["t"] = tuple(Cond(o.filter, o.t) for o in m.overrides if o.t is not None) + conditions_of(m.t)
+    if m.normalize is not None:
+        shared["normalize"] = conditions_of(m.normalize)
+    per_source = []
+    for i, src in enumerate(m.sources):
+        conds = {name: conditions_of(v) for name, v in src.parameters.items()}
+        if i < len(m.models) and (m.weights is not None or any(o.weights is not None for o in m.overrides)):
+            w = tuple(Cond(o.filter, o.weights[i]) for o in m.overrides if o.weights is not None)
+            conds["weight"] = conds.get("weight", ()) + w + (conditions_of(m.weights[i]) if m.weights is not None else ())
+        per_source.append(conds)
+    return shared, per_source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +347,8 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     problems: list[Problem] = []
     for j, spec in enumerate(stack):
         try:
-            tensors += _layer_tensors(j, spec, ckpts, family, base, out_code, warnings)
+            tensors += _layer_tensors(j, spec, ckpts, family, base, out_code, warnings,
+                                      DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None)
         except SurgeryError as e:
             problems += e.problems
     if problems:
@@ -367,8 +369,10 @@ def _cast(r: Recipe, code: str) -> Recipe:
     return r
 
 
-def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str) -> Recipe:
-    reads = [Read(ckpts[model].tensors[n], model) for model, n in names]
+def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str,
+            input_dtype: str | None) -> Recipe:
+    """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order."""
+    reads = [_read(ckpts, model, n, input_dtype) for model, n in names]
     shapes = {r.shape for r in reads}
     if len(shapes) != 1:
         desc = ", ".join(f"{model}:{n} {list(r.shape)}" for (model, n), r in zip(names, reads))
@@ -377,15 +381,50 @@ def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: flo
     for (model, n), r in zip(names, reads):
         if r.dtype not in FLOAT_CODES:
             raise PlanError(Problem(where, f"cannot merge {model}:{n}: dtype {r.dtype} is not floating point"))
-    params = merge_params(m, out_name, t)
-    if m.method == "slerp":
-        return Slerp(reads[0], reads[1], params[0])
-    return Linear(tuple(reads), params, m.normalize)
+    spec = get_method(m.method, where)
+    shared_c, per_c = merge_conditions(m)
+    base = m.base_model
+    models = [model for model, _ in names]
+    base_index = models.index(base) if base is not None else None
+
+    def value(p, conds, name):
+        v = resolve(conds, name, t, None)
+        if v is None:
+            if p.required:
+                raise PlanError(Problem(where, f"{m.method} needs parameter {p.name!r} for {name}",
+                                        f"set `{p.name}` on the merge (or per model)"))
+            return p.default
+        return v
+
+    shared = {p.name: value(p, shared_c.get(p.name, ()), out_name) for p in spec.shared}
+    per_input = []
+    for i, (model, n) in enumerate(names):
+        per_input.append({p.name: value(p, per_c[i].get(p.name, ()) + shared_c.get(p.name, ()), n)
+                          for p in spec.per_input if p.scope == "input" or i != base_index})
+    return spec.build(reads, base_index, shared, per_input) if spec.build else _external(m, spec, reads, models, base_index,
+                                                                                         shared, per_input, out_name)
+
+
+def _external(m: Merge, spec, reads, models, base_index, shared, per_input, out_name) -> Recipe:
+    from .recipes import External
+
+    dtype = reads[0].dtype
+    return External(m.method, tuple(reads), tuple(models), base_index, tuple(sorted(shared.items())),
+                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, dtype)
+
+
+def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
+    r: Recipe = Read(ckpts[model].tensors[name], model)
+    return _cast(r, input_dtype) if input_dtype else r
 
 
 def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
+    """Embeddings, final norm, lm_head: from `non_layer`'s model; or, when the plan names none,
+    made like the first step's layers (merged at the gradient's start, or scaled), as mergekit does."""
     family = base.family
+    in_dt = DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None
     merge = first if isinstance(first, Merge) and plan.body.non_layer is None else None
+    scale = conditions_of(first.scale) if isinstance(first, Take) and plan.body.non_layer is None else ()
     skip = {family.lm_head} if base.tied else set()
     pre, post = [], []
     for name in base.non_layer:
@@ -395,16 +434,22 @@ def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
             missing = [s.model for s in merge.sources if name not in ckpts[s.model].tensors]
             if missing:
                 raise PlanError(Problem(plan.step_where(0), f"cannot merge {name}: models {missing} do not have it"))
-            r = _merged(merge, [(s.model, name) for s in merge.sources], ckpts, name, 0.0, plan.step_where(0))
+            r = _merged(merge, [(s.model, name) for s in merge.sources], ckpts, name, 0.0, plan.step_where(0), in_dt)
         else:
-            r = Read(base.tensors[name], base.name)
+            r = _scaled(_read(ckpts, base.name, name, in_dt), scale, name, 0.0)
         ot = OutTensor(name, _cast(r, out_code))
         is_pre = name in family.embeddings or any(k in name for k in ("embed", "wte", "wpe"))
         (pre if is_pre and name != family.lm_head else post).append(ot)
     return pre, post
 
 
-def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings) -> list[OutTensor]:
+def _scaled(r: Recipe, conds: tuple, name: str, t: float) -> Recipe:
+    v = resolve(conds, name, t) if conds else None
+    return r if v is None else Scale(r, float(v))
+
+
+def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
+                   in_dt: str | None = None) -> list[OutTensor]:
     m0, l0 = spec.sources[0]
     src_layer = ckpts[m0].layers[l0]
     ref_layer = base.layers[0]
@@ -423,9 +468,9 @@ def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpo
                 if n is None:
                     raise PlanError(Problem(spec.where, f"cannot merge {out_name}: {m}[{li}] has no tensor '{suffix}'"))
                 names.append((m, n))
-            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where)
+            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where, in_dt)
         else:
-            r = Read(ckpts[m0].tensors[name], m0)
+            r = _scaled(_read(ckpts, m0, name, in_dt), spec.take_scale, name, spec.t)
         if r.shape != ckpts[base.name].tensors[ref_layer[suffix]].shape:
             raise PlanError(Problem(spec.where, f"{m0}:{name} has shape {list(r.shape)} but the output's layers "
                                     f"({base.name!r}) need {list(base.tensors[ref_layer[suffix]].shape)}",

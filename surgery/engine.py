@@ -33,7 +33,7 @@ from . import __version__
 from .checkpoint import TensorInfo, dtype_name, itemsize
 from .compile import OutTensor, Program, Shard
 from .errors import OutputError
-from .recipes import Cast, Linear, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+from .recipes import Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
 
 if TYPE_CHECKING:
     import torch
@@ -145,6 +145,24 @@ class Evaluator:
             return self._random(r, e0, e1)
         raise AssertionError(f"no evaluator for {type(r).__name__}")
 
+    def full(self, r: Recipe) -> "torch.Tensor":
+        """The whole output of `r`, shaped: for recipes that need whole input tensors."""
+        if not r.needs_whole():
+            return self.chunk(r, 0, r.numel).reshape(r.shape)
+        if isinstance(r, Cast):
+            return self.full(r.inner).to(torch_dtype(r.dtype))
+        if isinstance(r, Scale):
+            return self.full(r.inner) * r.factor
+        if isinstance(r, Nuslerp):
+            return _nuslerp(r, self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None)
+        if isinstance(r, External):
+            from .plugins import external_kernel
+
+            kernel = external_kernel(r.method)
+            out = kernel([self.full(t) for t in r.terms], r)
+            return out.to(torch_dtype(r.dtype))
+        raise AssertionError(f"no whole-tensor evaluator for {type(r).__name__}")
+
     def _slerp_coefs(self, r: Slerp):
         import torch
 
@@ -186,6 +204,41 @@ class Evaluator:
             block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
             parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
         return torch.cat(parts).to(torch_dtype(r.dtype))
+
+
+def _nuslerp(r: Nuslerp, a, b, base):
+    """nuslerp in the inputs' (promoted) dtype on whole tensors, with mergekit 0.1.5's operation
+    order so results agree to the last bit where the arithmetic allows."""
+    import torch
+
+    dt = a.dtype
+    for x in (b, base):
+        if x is not None:
+            dt = torch.promote_types(dt, x.dtype)
+    a, b = a.to(dt), b.to(dt)
+    w0, w1 = r.weights
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    if base is not None:
+        base = base.to(dt)
+        a, b = a - base, b - base
+    shape = a.shape
+    dim = 0 if r.row_wise else -1
+    if r.flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif dim != -1:
+        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
+    unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
+    straight = (1 - cos.square()) <= 1e-8 ** 2
+    theta = torch.acos(torch.where(straight, 0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(straight, (1 - t) * a + t * b, out)
+    if dim != -1 and not r.flatten:
+        out = out.transpose(dim, -1)
+    out = out.reshape(shape)
+    return base + out if base is not None else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,9 +380,10 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
     ev = Evaluator(srcs)
     isz = itemsize(r.dtype)
     n = r.numel
+    whole = ev.full(r).reshape(-1) if r.needs_whole() else None
     for e0 in range(0, n, CHUNK_ELEMENTS):
         e1 = min(n, e0 + CHUNK_ELEMENTS)
-        x = ev.chunk(r, e0, e1).contiguous()
+        x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous()
         assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
         _pwrite_all(fd, x.view(-1).view(torch_dtype("U8")).numpy(), pos + e0 * isz, where)
         progress.add((e1 - e0) * isz, e1 == n)

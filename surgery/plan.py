@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
 from .errors import PlanError, Problem
@@ -62,6 +63,7 @@ class Take(Step):
     summary: ClassVar[str] = "append layers [start, end) of a model (all of them when no range)"
     model: str
     layers: Optional[Range] = None
+    scale: Optional[Setting] = None  # mergekit passthrough's `scale`; the first step's also scales non-layer tensors
     _r = field_validator("layers")(check_range)
 
 
@@ -111,9 +113,33 @@ class Drop(Step):
     _r = field_validator("layers")(check_range)
 
 
+def check_setting(v: Any) -> Any:
+    """A parameter setting: a scalar, a gradient list, or a list of {filter, value} conditions."""
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)) and v:
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or all(isinstance(x, str) for x in v):
+            return tuple(v)
+        if all(isinstance(x, dict) for x in v):
+            for c in v:
+                extra = set(c) - {"filter", "value"}
+                if extra or "value" not in c:
+                    raise ValueError(f"a condition is {{filter: substring, value: number or list}}; got keys {sorted(c)}")
+                check_setting(c["value"])
+                if c.get("filter") is not None and not isinstance(c["filter"], str):
+                    raise ValueError(f"filter must be a string, got {c['filter']!r}")
+            return tuple(dict(c) for c in v)
+    raise ValueError(f"{v!r} is not a setting: use a number, a list of numbers (a gradient over the layers), "
+                     "or a list of {filter, value} conditions")
+
+
+Setting = Annotated[Any, AfterValidator(check_setting)]
+
+
 class MergeSource(Strict):
     model: str
     layers: Optional[Range] = None
+    parameters: dict[str, Setting] = {}
     _r = field_validator("layers")(check_range)
 
 
@@ -126,30 +152,37 @@ class Override(Strict):
 
 class Merge(Step):
     op: ClassVar[str] = "merge"
-    summary: ClassVar[str] = "append layer-wise merges: slerp of two models (t) or linear (weights)"
-    method: Literal["slerp", "linear"]
+    summary: ClassVar[str] = "append layer-wise merges: slerp (t), linear (weights), nuslerp, or a plugin's method"
+    method: str
     models: tuple[Union[str, MergeSource], ...] = Field(min_length=1)
+    base: Optional[str] = None
     layers: Optional[Range] = None
     t: Optional[Gradient] = None
     weights: Optional[tuple[Gradient, ...]] = None
-    normalize: bool = True
+    normalize: Optional[bool] = None
     overrides: tuple[Override, ...] = ()
+    parameters: dict[str, Setting] = {}
     _r = field_validator("layers")(check_range)
     _g = field_validator("t")(lambda v: v if v is None else check_gradient(v))
 
     @model_validator(mode="after")
     def _params(self):
+        from .methods import get_method
+
+        spec = get_method(self.method)  # a SurgeryError (a ValueError) lists the methods
         n = len(self.models)
-        if self.method == "slerp":
-            if n != 2:
-                raise ValueError(f"slerp merges exactly two models (the first is the base, t = 0); got {n}")
-            if self.t is None:
-                raise ValueError("slerp needs `t` (a number, or a gradient list over the merged layers)")
-            if self.weights is not None or any(o.weights is not None for o in self.overrides):
-                raise ValueError("slerp takes `t`, not `weights`")
-        else:
-            if self.t is not None or any(o.t is not None for o in self.overrides):
-                raise ValueError("linear takes `weights` (one per model), not `t`")
+        names = [m if isinstance(m, str) else m.model for m in self.models]
+        if len(set(names)) != n:
+            dup = sorted({x for x in names if names.count(x) > 1})
+            raise ValueError(f"model(s) {dup} appear twice in one merge; each model contributes once")
+        if self.t is not None or any(o.t is not None for o in self.overrides):
+            if spec.param("t") is None:
+                raise ValueError(f"{self.method} takes no `t`; its parameters: {', '.join(p.name for p in spec.params)}")
+            if "t" in self.parameters:
+                raise ValueError("give `t` once: as `t:` or in `parameters:`")
+        if self.weights is not None or any(o.weights is not None for o in self.overrides):
+            if spec.param("weight") is None:
+                raise ValueError(f"{self.method} takes no weights; its parameters: {', '.join(p.name for p in spec.params)}")
             if self.weights is not None and len(self.weights) != n:
                 raise ValueError(f"`weights` has {len(self.weights)} entries for {n} models; give one per model")
             for o in self.overrides:
@@ -158,11 +191,50 @@ class Merge(Step):
         for o in self.overrides:
             if o.t is None and o.weights is None:
                 raise ValueError(f"override {o.filter!r} sets nothing; give `t` (slerp) or `weights` (linear)")
+        known = {p.name for p in spec.params}
+        for where, params in [("parameters", self.parameters)] + [
+                (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models) if not isinstance(m, str)]:
+            unknown = sorted(set(params) - known)
+            if unknown:
+                raise ValueError(f"{where}: {self.method} has no parameter {unknown[0]!r}; its parameters: {', '.join(sorted(known))}")
+        for p in spec.params:
+            if not p.required:
+                continue
+            sugar = {"t": self.t is not None, "weight": self.weights is not None}.get(p.name, False)
+            everywhere = p.name in self.parameters or sugar or (p.scope != "shared" and all(
+                not isinstance(m, str) and p.name in m.parameters for m in self.models))
+            if not everywhere:
+                hint = {"t": "`t: 0.5`", "weight": "`weights: [0.5, 0.5]`"}.get(p.name, f"`parameters: {{{p.name}: ...}}`")
+                raise ValueError(f"{self.method} needs `{p.name}`" + (" for every model" if p.scope != "shared" else "")
+                                 + f"; give e.g. {hint}")
+        if self.normalize is not None and spec.param("normalize") is None:
+            raise ValueError(f"{self.method} takes no `normalize`")
+        inputs = n + (1 if self.base is not None and self.base not in names else 0)
+        if spec.base == "required" and self.base is None and n < 1:
+            raise ValueError(f"{self.method} needs a base model")
+        if spec.base == "none" and self.base is not None:
+            raise ValueError(f"{self.method} takes no base model")
+        if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
+            want = f"exactly {spec.min_inputs}" if spec.min_inputs == spec.max_inputs else (
+                f"{spec.min_inputs} to {spec.max_inputs}" if spec.max_inputs else f"at least {spec.min_inputs}")
+            raise ValueError(f"{self.method} merges {want} models (the base included); got {inputs}")
         return self
 
     @property
     def sources(self) -> tuple[MergeSource, ...]:
-        return tuple(MergeSource(model=m) if isinstance(m, str) else m for m in self.models)
+        out = tuple(MergeSource(model=m) if isinstance(m, str) else m for m in self.models)
+        if self.base is not None and self.base not in [s.model for s in out]:
+            out += (MergeSource(model=self.base),)  # mergekit adds a base that is not among the models
+        return out
+
+    @property
+    def base_model(self) -> Optional[str]:
+        from .methods import get_method
+
+        spec = get_method(self.method)
+        if self.base is not None:
+            return self.base
+        return self.sources[0].model if spec.base == "required" else None
 
 
 class ScaleStep(Step):
@@ -230,6 +302,8 @@ class Output(Strict):
 
 class PlanBody(Strict):
     name: Optional[str] = None
+    input_dtype: Optional[str] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
+    _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))
     models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
     steps: tuple[Any, ...] = Field(min_length=1)
     non_layer: Optional[str] = None
@@ -332,6 +406,8 @@ def _model_mentions(s: Step):
     elif isinstance(s, Merge):
         for j, m in enumerate(s.models):
             yield (("models", j) if isinstance(m, str) else ("models", j, "model")), (m if isinstance(m, str) else m.model)
+        if s.base is not None:
+            yield ("base",), s.base
 
 
 def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem]) -> Step | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from .checkpoint import TensorInfo
 
@@ -27,8 +28,13 @@ class Recipe:
 
         return self.numel * itemsize(self.dtype)  # type: ignore[attr-defined]
 
+    whole_tensor = False  # True: needs whole input tensors at once (not chunkable)
+
     def inputs(self) -> tuple[TensorInfo, ...]:
         return ()
+
+    def needs_whole(self) -> bool:
+        return any(r.whole_tensor for r in leaves(self))
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,62 @@ class Slerp(Recipe):
 
 
 @dataclass(frozen=True)
+class Nuslerp(Recipe):
+    """mergekit 0.1.5's nuslerp, computed on whole tensors in the inputs' dtype like mergekit:
+    t = w1 / (w0 + w1) (0.5 when the sum is ~0); with a base, slerp of the two task vectors."""
+
+    a: Recipe
+    b: Recipe
+    base: Optional[Recipe]
+    weights: tuple[float, float]
+    row_wise: bool
+    flatten: bool
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+    def inputs(self):
+        return self.a.inputs() + self.b.inputs() + (self.base.inputs() if self.base else ())
+
+    def describe(self) -> str:
+        return f"nuslerp({self.a.describe().removeprefix('copy ')}, {self.b.describe().removeprefix('copy ')}, weights={self.weights})"
+
+
+@dataclass(frozen=True)
+class External(Recipe):
+    """A merge computed by a plugin's kernel on whole tensors (e.g. mergekit's ties)."""
+
+    method: str
+    terms: tuple[Recipe, ...]
+    ids: tuple[str, ...]
+    base_index: Optional[int]
+    shared: tuple  # ((name, value), ...)
+    per_input: tuple  # (((name, value), ...), ...) per input
+    name: str
+    dtype: str
+    seed: Optional[int] = None
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        return self.terms[0].shape
+
+    def inputs(self):
+        return tuple(i for t in self.terms for i in t.inputs())
+
+    def describe(self) -> str:
+        return f"{self.method}({', '.join(t.describe().removeprefix('copy ') for t in self.terms)})"
+
+
+@dataclass(frozen=True)
 class RandomNormal(Recipe):
     """N(0, std) from a seed and the output tensor's name, generated in fixed blocks of
     `BLOCK` elements so the values do not depend on how the engine chunks its work."""
@@ -171,8 +233,8 @@ class RandomNormal(Recipe):
 def leaves(r: Recipe) -> list[Recipe]:
     """Every recipe inside `r`, `r` included (for walking and tests)."""
     out = [r]
-    for attr in ("inner", "a", "b"):
-        if hasattr(r, attr):
+    for attr in ("inner", "a", "b", "base"):
+        if getattr(r, attr, None) is not None:
             out += leaves(getattr(r, attr))
     for t in getattr(r, "terms", ()):
         out += leaves(t)

@@ -61,7 +61,7 @@ output: {{dtyp: bf16}}
     ("take: {model: base, layers: [0, 9]}", "plan.yaml:4: layer range [0, 9) is past the end of model 'base', which has 4 layers"),
     ("take: {model: base, layers: [-1, 2]}", "negative bound"),
     ("stack: {times: 2}", "plan.yaml:4: the first step is `stack`, which needs layers to work on"),
-    ("merge: {method: slerp, models: [base], t: 0.5}", "slerp merges exactly two models"),
+    ("merge: {method: slerp, models: [base], t: 0.5}", "slerp merges exactly 2 models (the base included); got 1"),
 ])
 def test_bad_ranges_and_steps(tmp_path, base, step, message):
     out = validate_error(tmp_path, f"models:\n  base: {base}\nsteps:\n  - {step}\n")
@@ -79,7 +79,7 @@ def test_merging_different_shapes(tmp_path, base, models):
     from surgery.tiny import build_tiny
 
     other = build_tiny("llama", tmp_path / "wide", intermediate_size=48)
-    out = validate_error(tmp_path, f"models: {{a: {base}, b: {other}}}\nsteps:\n  - merge: {{method: linear, models: [a, b]}}\n")
+    out = validate_error(tmp_path, f"models: {{a: {base}, b: {other}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], weights: [1, 1]}}\n")
     assert "plan.yaml:3: cannot merge tensors of different shapes" in out and "mlp.down_proj.weight" in out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.compile import gradient_at
+from surgery.settings import gradient_at
 
 from .conftest import load_tensors, read_json, write_plan
 
