@@ -420,26 +420,32 @@ def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
 
 def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
     """Embeddings, final norm, lm_head: from `non_layer`'s model; or, when the plan names none,
-    made like the first step's layers (merged at the gradient's start, or scaled), as mergekit does."""
+    made like the first step's layers (embeddings) and the first or last step's (`post_from`:
+    final norm, lm_head), merged at the gradient's start or scaled, as mergekit does."""
     family = base.family
     in_dt = DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None
-    merge = first if isinstance(first, Merge) and plan.body.non_layer is None else None
-    scale = conditions_of(first.scale) if isinstance(first, Take) and plan.body.non_layer is None else ()
+    makers = [s for s in plan.steps if isinstance(s, (Take, Merge))]
+    post_step = makers[-1] if plan.body.post_from == "last" else first
     skip = {family.lm_head} if base.tied else set()
     pre, post = [], []
     for name in base.non_layer:
         if name in skip:
             continue
-        if merge is not None:
-            missing = [s.model for s in merge.sources if name not in ckpts[s.model].tensors]
+        is_pre = (name in family.embeddings or any(k in name for k in ("embed", "wte", "wpe"))) and name != family.lm_head
+        step = None if plan.body.non_layer is not None else (first if is_pre else post_step)
+        where = plan.step_where(list(plan.steps).index(step)) if step is not None else plan.where("non_layer")
+        if isinstance(step, Merge):
+            missing = [s.model for s in step.sources if name not in ckpts[s.model].tensors]
             if missing:
-                raise PlanError(Problem(plan.step_where(0), f"cannot merge {name}: models {missing} do not have it"))
-            r = _merged(merge, [(s.model, name) for s in merge.sources], ckpts, name, 0.0, plan.step_where(0), in_dt)
+                raise PlanError(Problem(where, f"cannot merge {name}: models {missing} do not have it"))
+            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt)
+        elif isinstance(step, Take):
+            if name not in ckpts[step.model].tensors:
+                raise PlanError(Problem(where, f"model {step.model!r} has no tensor {name!r}"))
+            r = _scaled(_read(ckpts, step.model, name, in_dt), conditions_of(step.scale), name, 0.0)
         else:
-            r = _scaled(_read(ckpts, base.name, name, in_dt), scale, name, 0.0)
-        ot = OutTensor(name, _cast(r, out_code))
-        is_pre = name in family.embeddings or any(k in name for k in ("embed", "wte", "wpe"))
-        (pre if is_pre and name != family.lm_head else post).append(ot)
+            r = _read(ckpts, base.name, name, in_dt)
+        (pre if is_pre else post).append(OutTensor(name, _cast(r, out_code)))
     return pre, post
 
 

@@ -307,6 +307,7 @@ class PlanBody(Strict):
     models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
     steps: tuple[Any, ...] = Field(min_length=1)
     non_layer: Optional[str] = None
+    post_from: Literal["first", "last"] = "first"  # without non_layer: the step final norm and lm_head follow
     tokenizer: Optional[str] = None
     output: Output = Output()
 
@@ -327,6 +328,7 @@ class Plan:
     steps: tuple[Step, ...]
     doc: Located = field(compare=False, repr=False)
     base_dir: Path = field(compare=False)
+    mergekit: Any = field(default=None, compare=False, repr=False)  # the original mergekit config, if translated
 
     @property
     def source(self) -> str:
@@ -348,9 +350,17 @@ class Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and check a plan file. Raises `PlanError` listing every problem with its file:line."""
+    """Read and check a plan file (or a mergekit config, translated). Raises `PlanError` listing
+    every problem with its file:line."""
+    from .mergekit_config import is_mergekit, translate
+    from .plugins import load_plugins
+
+    load_plugins()
     path = Path(path)
     doc = load_yaml_file(path)
+    if is_mergekit(doc.data):
+        # mergekit resolves local model paths against the working directory
+        return plan_from_doc(translate(doc), Path.cwd().resolve(), mergekit=doc.data)
     return plan_from_doc(doc, path.resolve().parent)
 
 
@@ -358,7 +368,7 @@ def plan_from_text(text: str, base_dir: str | Path = ".", source: str = "<plan>"
     return plan_from_doc(load_yaml_text(text, source), Path(base_dir).resolve())
 
 
-def plan_from_doc(doc: Located, base_dir: Path) -> Plan:
+def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
     data = doc.data
     if not isinstance(data, dict):
         raise PlanError("a plan is a YAML mapping with `models:` and `steps:`", where=doc.where(),
@@ -392,7 +402,7 @@ def plan_from_doc(doc: Located, base_dir: Path) -> Plan:
                 problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"))
     if problems:
         raise PlanError(sorted(problems, key=_line_of))
-    return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir)
+    return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir, mergekit=mergekit)
 
 
 def _line_of(p: Problem) -> int:

@@ -105,7 +105,8 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
     return {
         "format": "surgery/1",
         "surgery_version": __version__,
-        "plan": {"source": plan.source, "content": plan.raw},
+        "plan": {"source": plan.source, "content": plan.raw,
+                 **({"mergekit_config": plan.mergekit} if plan.mergekit is not None else {})},
         "sources": {n: {**source_summary(c), "header_sha256": c.header_hashes} for n, c in program.ckpts.items()},
         "config_model": program.config_model,
         "output": {"num_layers": program.num_layers, "dtype": dtype_name(program.dtype), "parameters": program.num_params,

@@ -1,0 +1,223 @@
+"""Run mergekit configs unchanged: translate a mergekit 0.1.5 YAML into a surgery plan.
+
+Recognised by its `merge_method` key. The translation follows mergekit's semantics:
+
+- `slices` are stacked in order; each slice's `sources` are merged layer by layer over their
+  `layer_range` (half-open), with gradients interpolated within the slice (idx / (n - 1));
+  a `passthrough` slice is a `take` (with mergekit's per-input `scale`);
+- `models` is a whole-model merge; a `base_model` not among the models is added as an input;
+- `parameters` at the source, slice and top level keep mergekit's precedence (source > slice >
+  top, a level whose filters all miss falls through), and per-input parameters are matched
+  against the input tensor's name;
+- embeddings are made like the first slice's layers, final norm and lm_head like the last
+  slice's, at t = 0;
+- `dtype` casts every input before merging, `out_dtype` (else `dtype`) is the output dtype;
+- `tokenizer_source: base` or a model picks whose tokenizer files are copied.
+
+No mergekit import happens here; methods other than passthrough, linear, slerp and nuslerp
+need the mergekit plugin, and say so. Local model paths are relative to the working
+directory, as in mergekit. Every error points at the config's own lines.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError, Problem
+from .settings import as_conditions
+from .yamlio import Located
+
+TOP_KEYS = {"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template", "name", "modules"}
+
+
+def is_mergekit(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _ref(v: Any, where: str) -> tuple[str, str | None]:
+    """A mergekit model reference: 'path-or-id', 'id@revision', or {model: {path, revision}}."""
+    if isinstance(v, dict):
+        inner = v.get("model", v)
+        if isinstance(inner, dict) and "path" in inner:
+            if inner.get("lora") or v.get("lora"):
+                raise PlanError("LoRA model references are not supported", where=where,
+                                fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)")
+            return str(inner["path"]), inner.get("revision")
+        raise PlanError(f"cannot read model reference {v!r}", where=where)
+    if not isinstance(v, str) or not v:
+        raise PlanError(f"a model reference must be a path or hub id, got {v!r}", where=where)
+    if "+" in v:
+        raise PlanError(f"LoRA model references ({v!r}) are not supported", where=where,
+                        fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)")
+    if "@" in v and not Path(v).exists():
+        path, rev = v.rsplit("@", 1)
+        return path, rev
+    return v, None
+
+
+def _name_for(path: str, taken: dict[str, str]) -> str:
+    base = re.sub(r"[^\w.-]", "_", Path(path.rstrip("/")).name or "model") or "model"
+    if not re.match(r"[A-Za-z_]", base):
+        base = "m_" + base
+    name, k = base, 2
+    while name in taken and taken[name] != path:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _settings(*scopes: Any) -> Any:
+    """Concatenate mergekit parameter settings (most specific first) into one condition list."""
+    conds = []
+    for s in scopes:
+        for c in as_conditions(s):
+            value = list(c.value) if isinstance(c.value, tuple) else c.value
+            conds.append({"filter": c.filter, "value": value} if c.filter is not None else {"value": value})
+    if not conds:
+        return None
+    if len(conds) == 1 and "filter" not in conds[0]:
+        return conds[0]["value"]
+    return conds
+
+
+def translate(doc: Located) -> Located:
+    """A mergekit config (as located YAML) -> an equivalent surgery plan (located at the config's lines)."""
+    data = doc.data
+    at = doc.where
+    problems: list[Problem] = []
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise PlanError(f"unknown mergekit key {unknown[0]!r}", where=at((unknown[0],)),
+                        fix=f"mergekit 0.1.5 keys: {', '.join(sorted(TOP_KEYS))}")
+    for key, why in (("modules", "multi-module (vision-language) configs"),
+                     ("tokenizer", "the `tokenizer:` block (token surgery)"),
+                     ("chat_template", "`chat_template`")):
+        if data.get(key) is not None:
+            problems.append(Problem(at((key,)), f"{why} are not supported by surgery yet",
+                                    "run this config with mergekit itself (`surgery mergekit CONFIG OUT` with the plugin)"))
+    method = data["merge_method"]
+    if not isinstance(method, str):
+        raise PlanError("merge_method must be a string", where=at(("merge_method",)))
+    slices, models = data.get("slices"), data.get("models")
+    if (slices is None) == (models is None):
+        raise PlanError("a mergekit config has exactly one of `slices` or `models`", where=at(),
+                        fix="use `slices:` (stacked layer ranges) or `models:` (whole-model merge)")
+    names: dict[str, str] = {}  # plan name -> path
+    revisions: dict[str, str | None] = {}
+    lines: dict[tuple, int] = {}
+
+    def name(ref: Any, path: tuple) -> str:
+        p, rev = _ref(ref, at(path))
+        n = next((k for k, v in names.items() if v == p), None) or _name_for(p, names)
+        names[n] = p
+        revisions[n] = rev or revisions.get(n)
+        return n
+
+    def line(path: tuple) -> int:
+        return doc.lines.get(path) or doc.lines.get(path[:-1]) or doc.lines.get(()) or 1
+
+    top = data.get("parameters") or {}
+    base = name(data["base_model"], ("base_model",)) if data.get("base_model") else None
+    steps: list[dict] = []
+    if models is not None:
+        if not isinstance(models, list) or not models:
+            raise PlanError("`models` must be a non-empty list", where=at(("models",)))
+        items = []
+        for i, m in enumerate(models):
+            if not isinstance(m, dict) or "model" not in m:
+                raise PlanError("each entry of `models` is {model: ..., parameters: ...}", where=at(("models", i)))
+            items.append((name(m["model"], ("models", i, "model")), m.get("parameters") or {}, ("models", i)))
+        slice_defs = [(items, {}, base, ("models",))]
+    else:
+        if not isinstance(slices, list) or not slices:
+            raise PlanError("`slices` must be a non-empty list", where=at(("slices",)))
+        slice_defs = []
+        for i, sl in enumerate(slices):
+            if not isinstance(sl, dict) or "sources" not in sl:
+                raise PlanError("each slice is {sources: [...], parameters: ..., base_model: ...}", where=at(("slices", i)))
+            srcs = []
+            for j, src in enumerate(sl["sources"] or []):
+                p = ("slices", i, "sources", j)
+                if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                    raise PlanError("each source is {model: ..., layer_range: [start, end]}", where=at(p))
+                lr = src["layer_range"]
+                if not (isinstance(lr, list) and len(lr) == 2):
+                    raise PlanError(f"layer_range must be [start, end], got {lr!r}", where=at(p + ("layer_range",)))
+                srcs.append((name(src["model"], p + ("model",)), src.get("parameters") or {}, p, lr))
+            sb = name(sl["base_model"], ("slices", i, "base_model")) if sl.get("base_model") else base
+            slice_defs.append((srcs, sl.get("parameters") or {}, sb, ("slices", i)))
+
+    for srcs, slice_params, sbase, spath in slice_defs:
+        if method == "passthrough":
+            if len(srcs) != 1:
+                problems.append(Problem(at(spath), f"passthrough takes exactly one source per slice, got {len(srcs)}",
+                                        "split the slice, or use a merge method"))
+                continue
+            src = srcs[0]
+            step: dict[str, Any] = {"model": src[0]}
+            if len(src) > 3:
+                step["layers"] = src[3]
+            scale = _settings(src[1].get("scale"), slice_params.get("scale"), top.get("scale"))
+            if scale is not None:
+                step["scale"] = scale
+            extra = sorted((set(src[1]) | set(slice_params) | set(top)) - {"scale"})
+            if extra:
+                problems.append(Problem(at(spath), f"passthrough has no parameter {extra[0]!r}", "passthrough takes `scale`"))
+            steps.append({"take": step})
+            lines[("steps", len(steps) - 1)] = line(spath)
+            lines[("steps", len(steps) - 1, "take", "layers")] = line(src[2] + ("layer_range",))
+            continue
+        mitems = []
+        for src in srcs:
+            item: dict[str, Any] = {"model": src[0]}
+            if len(src) > 3:
+                item["layers"] = src[3]
+            params = {k: _settings(v) for k, v in src[1].items()}
+            if params:
+                item["parameters"] = params
+            mitems.append(item)
+        shared = {k: _settings(slice_params.get(k), top.get(k)) for k in set(slice_params) | set(top)}
+        step = {"method": method, "models": mitems}
+        if sbase is not None:
+            step["base"] = sbase
+        if shared:
+            step["parameters"] = shared
+        steps.append({"merge": step})
+        k = len(steps) - 1
+        lines[("steps", k)] = line(spath)
+        for j, src in enumerate(srcs):
+            lines[("steps", k, "merge", "models", j)] = line(src[2])
+            lines[("steps", k, "merge", "models", j, "layers")] = line(src[2] + ("layer_range",))
+    if problems:
+        raise PlanError(problems)
+
+    plan: dict[str, Any] = {
+        "models": {n: ({"path": p, "revision": revisions[n]} if revisions.get(n) else p) for n, p in names.items()},
+        "steps": steps,
+        "post_from": "last",  # mergekit: final norm and lm_head come from the last slice
+    }
+    if data.get("name"):
+        plan["name"] = data["name"]
+    if data.get("dtype"):
+        plan["input_dtype"] = data["dtype"]
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    if out_dtype:
+        plan["output"] = {"dtype": out_dtype}
+    ts = data.get("tokenizer_source")
+    if ts is not None:
+        if ts == "union":
+            raise PlanError("tokenizer_source: union needs mergekit's tokenizer merging (the mergekit plugin)",
+                            where=at(("tokenizer_source",)), fix="use `base` or a model, or run the config through mergekit")
+        plan["tokenizer"] = base if ts == "base" else name(ts, ("tokenizer_source",))
+        if plan["tokenizer"] is None:
+            raise PlanError("tokenizer_source: base needs a base_model", where=at(("tokenizer_source",)))
+        plan["models"] = {n: ({"path": p, "revision": revisions[n]} if revisions.get(n) else p) for n, p in names.items()}
+    # every path of the translated plan points at the config's lines
+    for key in ("models", "input_dtype", "output", "tokenizer", "name"):
+        lines[(key,)] = line(({"input_dtype": "dtype", "output": "out_dtype" if data.get("out_dtype") else "dtype",
+                               "tokenizer": "tokenizer_source"}.get(key, key),))
+    for n in names:
+        lines[("models", n)] = lines[("models",)]
+    return Located(plan, doc.source, lines)
