@@ -32,9 +32,14 @@ def validate(plan: Plan | str | Path, *, allow_pickle: bool = False) -> Report:
 
 
 def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,
-          allow_pickle: bool = False, workers: int | None = None) -> Result:
-    """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`)."""
+          allow_pickle: bool = False, workers: int | None = None, seed: int | None = None) -> Result:
+    """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`).
+    `seed` overrides the plan's seed for random merge methods."""
     p = _as_plan(plan)
+    if seed is not None:
+        from dataclasses import replace
+
+        p = replace(p, body=p.body.model_copy(update={"seed": seed}))
     if out is None:
         if p.body.output.path is None:
             raise OutputError("no output folder given", where=p.where("output"),

@@ -41,7 +41,27 @@ def _user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Adds subcommands that plugins provide (e.g. `surgery mergekit` from the mergekit plugin)."""
+
+    def _plugin_commands(self) -> dict:
+        from .errors import SurgeryError
+        from .plugins import plugin_commands
+
+        try:
+            return plugin_commands()
+        except SurgeryError as e:
+            click.echo(f"warning: {e}", err=True)
+            return {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._plugin_commands()))
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="surgery")
 def main():
     """Checkpoint surgery and model growth for HuggingFace transformer checkpoints.
@@ -70,8 +90,9 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU).")
+@click.option("--seed", type=int, default=None, help="Seed for random merge methods (dare, della, ...); overrides the plan's `seed`.")
 @_user_errors
-def apply(plan, out, force, quiet, allow_pickle, workers):
+def apply(plan, out, force, quiet, allow_pickle, workers, seed):
     """Apply PLAN and write the new checkpoint.
 
     The output is built in a hidden side folder and renamed into place when complete, with
@@ -80,7 +101,8 @@ def apply(plan, out, force, quiet, allow_pickle, workers):
     from .api import apply as do_apply
     from .report import human_bytes
 
-    res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers)
+    res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,
+                   seed=seed)
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
         click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
@@ -131,6 +153,25 @@ def inspect(model, fmt, allow_pickle):
     click.echo(f"  tied embeddings: {'yes' if info['tied_embeddings'] else 'no'}")
     click.echo(f"  per-layer tensors: {', '.join(info['layer_tensors'])}")
     click.echo(f"  output projections (zeroed by init: identity): {', '.join(info['output_projections']) or 'none known'}")
+
+
+@main.command()
+@_user_errors
+def plugins():
+    """List installed plugins (entry points in the `surgery.plugins` group) and what each adds."""
+    from .methods import method_names
+    from .plugins import load_plugins
+
+    found = load_plugins()
+    if not found:
+        click.echo("no plugins installed (plugins/surgery-mergekit is the first-party one)")
+    for p in found:
+        click.echo(f"{p.name}: {p.origin}")
+        for kind, names in (("merge methods", p.methods), ("steps", p.steps), ("architectures", p.families),
+                            ("commands", p.commands)):
+            if names:
+                click.echo(f"  {kind}: {', '.join(names)}")
+    click.echo(f"merge methods available: {', '.join(method_names())}")
 
 
 @main.command()

@@ -19,7 +19,7 @@ from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_c
 from .errors import PlanError, Problem, SurgeryError
 from .plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
 from .methods import get_method
-from .recipes import Cast, RandomNormal, Read, Recipe, Scale, Zeros
+from .recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Zeros
 from .settings import Cond, conditions_of, resolve
 
 
@@ -348,7 +348,7 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     for j, spec in enumerate(stack):
         try:
             tensors += _layer_tensors(j, spec, ckpts, family, base, out_code, warnings,
-                                      DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None)
+                                      DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None, plan.body.seed)
         except SurgeryError as e:
             problems += e.problems
     if problems:
@@ -370,7 +370,7 @@ def _cast(r: Recipe, code: str) -> Recipe:
 
 
 def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str,
-            input_dtype: str | None) -> Recipe:
+            input_dtype: str | None, seed: int | None = None) -> Recipe:
     """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order."""
     reads = [_read(ckpts, model, n, input_dtype) for model, n in names]
     shapes = {r.shape for r in reads}
@@ -401,16 +401,10 @@ def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: flo
     for i, (model, n) in enumerate(names):
         per_input.append({p.name: value(p, per_c[i].get(p.name, ()) + shared_c.get(p.name, ()), n)
                           for p in spec.per_input if p.scope == "input" or i != base_index})
-    return spec.build(reads, base_index, shared, per_input) if spec.build else _external(m, spec, reads, models, base_index,
-                                                                                         shared, per_input, out_name)
-
-
-def _external(m: Merge, spec, reads, models, base_index, shared, per_input, out_name) -> Recipe:
-    from .recipes import External
-
-    dtype = reads[0].dtype
+    if spec.build is not None:
+        return spec.build(reads, base_index, shared, per_input)
     return External(m.method, tuple(reads), tuple(models), base_index, tuple(sorted(shared.items())),
-                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, dtype)
+                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, reads[0].dtype, seed)
 
 
 def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
@@ -438,7 +432,7 @@ def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
             missing = [s.model for s in step.sources if name not in ckpts[s.model].tensors]
             if missing:
                 raise PlanError(Problem(where, f"cannot merge {name}: models {missing} do not have it"))
-            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt)
+            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed)
         elif isinstance(step, Take):
             if name not in ckpts[step.model].tensors:
                 raise PlanError(Problem(where, f"model {step.model!r} has no tensor {name!r}"))
@@ -455,7 +449,7 @@ def _scaled(r: Recipe, conds: tuple, name: str, t: float) -> Recipe:
 
 
 def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
-                   in_dt: str | None = None) -> list[OutTensor]:
+                   in_dt: str | None = None, seed: int | None = None) -> list[OutTensor]:
     m0, l0 = spec.sources[0]
     src_layer = ckpts[m0].layers[l0]
     ref_layer = base.layers[0]
@@ -474,7 +468,7 @@ def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpo
                 if n is None:
                     raise PlanError(Problem(spec.where, f"cannot merge {out_name}: {m}[{li}] has no tensor '{suffix}'"))
                 names.append((m, n))
-            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where, in_dt)
+            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where, in_dt, seed)
         else:
             r = _scaled(_read(ckpts, m0, name, in_dt), spec.take_scale, name, spec.t)
         if r.shape != ckpts[base.name].tensors[ref_layer[suffix]].shape:

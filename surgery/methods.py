@@ -27,7 +27,7 @@ class Param:
 class MethodSpec:
     name: str
     params: tuple[Param, ...]
-    base: str = "none"  # required | optional | none
+    base: str = "none"  # required | optional | ignored (accepted, plays no role) | none
     min_inputs: int = 1
     max_inputs: Optional[int] = None
     # build(inputs, base_index, shared params, per-input params) -> Recipe
@@ -55,21 +55,48 @@ MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "brea
                     "arcee_fusion", "ram", "ramplus_tl")
 
 
+_LAZY: dict[str, tuple[Callable[[], MethodSpec], str]] = {}
+
+
+def _owner(name: str) -> str | None:
+    if name in METHODS:
+        return METHODS[name].origin
+    return _LAZY[name][1] if name in _LAZY else None
+
+
 def register_method(spec: MethodSpec) -> None:
-    if spec.name in METHODS:
-        raise SurgeryError(f"merge method {spec.name!r} from {spec.origin} is already registered by {METHODS[spec.name].origin}",
+    if _owner(spec.name):
+        raise SurgeryError(f"merge method {spec.name!r} from {spec.origin} is already registered by {_owner(spec.name)}",
                            fix="give the method another name")
     METHODS[spec.name] = spec
+
+
+def register_lazy_method(name: str, loader: Callable[[], MethodSpec], origin: str) -> None:
+    """A method whose spec is built on first use (so a plugin's heavy import happens only then)."""
+    if _owner(name):
+        raise SurgeryError(f"merge method {name!r} from {origin} is already registered by {_owner(name)}",
+                           fix="give the method another name")
+    _LAZY[name] = (loader, origin)
+
+
+def method_names() -> list[str]:
+    return sorted(set(METHODS) | set(_LAZY))
 
 
 def get_method(name: str, where: str | None = None) -> MethodSpec:
     if name in METHODS:
         return METHODS[name]
+    if name in _LAZY:
+        loader, origin = _LAZY.pop(name)
+        from dataclasses import replace
+
+        METHODS[name] = replace(loader(), origin=origin)
+        return METHODS[name]
     if name in MERGEKIT_METHODS:
         raise SurgeryError(f"merge method {name!r} runs through mergekit's kernels, and the mergekit plugin is not installed",
                            where=where, fix="pip install -e plugins/surgery-mergekit (it brings mergekit 0.1.5)")
     raise SurgeryError(f"unknown merge method {name!r}", where=where,
-                       fix=f"available: {', '.join(sorted(METHODS))}; mergekit's others ({', '.join(MERGEKIT_METHODS[:4])}, …) "
+                       fix=f"available: {', '.join(method_names())}; mergekit's others ({', '.join(MERGEKIT_METHODS[:4])}, …) "
                            "come with the mergekit plugin")
 
 
@@ -91,7 +118,7 @@ def _nuslerp(inputs, base_index, shared, per_input):
 
 register_method(MethodSpec(
     "linear", (Param("weight", required=True, scope="input"), Param("normalize", True)),
-    base="none", min_inputs=1, build=_linear,
+    base="ignored", min_inputs=1, build=_linear,
     summary="sum_i w_i x_i (/ sum_i w_i when normalize): a model soup"))
 register_method(MethodSpec(
     "slerp", (Param("t", required=True),), base="required", min_inputs=2, max_inputs=2, build=_slerp,

@@ -210,8 +210,7 @@ class Merge(Step):
         if self.normalize is not None and spec.param("normalize") is None:
             raise ValueError(f"{self.method} takes no `normalize`")
         inputs = n + (1 if self.base is not None and self.base not in names else 0)
-        if spec.base == "required" and self.base is None and n < 1:
-            raise ValueError(f"{self.method} needs a base model")
+
         if spec.base == "none" and self.base is not None:
             raise ValueError(f"{self.method} takes no base model")
         if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
@@ -303,6 +302,7 @@ class Output(Strict):
 class PlanBody(Strict):
     name: Optional[str] = None
     input_dtype: Optional[str] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
+    seed: Optional[int] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
     _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))
     models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
     steps: tuple[Any, ...] = Field(min_length=1)

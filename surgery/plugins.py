@@ -28,6 +28,7 @@ GROUP = "surgery.plugins"
 
 # External kernels: method name -> kernel(tensors, recipe) -> tensor (whole tensors, plugin's code)
 _KERNELS: dict[str, Callable] = {}
+_COMMANDS: dict = {}  # CLI subcommands added by plugins
 
 
 @dataclass
@@ -37,7 +38,7 @@ class PluginInfo:
     steps: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     families: list[str] = field(default_factory=list)
-    error: str | None = None
+    commands: list[str] = field(default_factory=list)
 
 
 class PluginAPI:
@@ -60,6 +61,22 @@ class PluginAPI:
         if kernel is not None:
             _KERNELS[spec.name] = kernel
         self.info.methods.append(spec.name)
+
+    def lazy_merge_method(self, name: str, loader: Callable, kernel: Callable) -> None:
+        """Add a merge method whose spec `loader()` builds on first use (heavy imports wait until a
+        plan uses the method); `kernel(tensors, recipe)` computes it on whole tensors."""
+        from .methods import register_lazy_method
+
+        register_lazy_method(name, loader, self.info.origin)
+        _KERNELS[name] = kernel
+        self.info.methods.append(name)
+
+    def command(self, cmd) -> None:
+        """Add a `surgery` subcommand (a click command)."""
+        if cmd.name in _COMMANDS:
+            raise SurgeryError(f"plugin {self.info.name}: command {cmd.name!r} is already added by another plugin")
+        _COMMANDS[cmd.name] = cmd
+        self.info.commands.append(cmd.name)
 
     def step(self, schema, fn) -> None:
         """Add a plan step: `schema` a `surgery.plan.Step` subclass with `op`, `fn(step, stack, ctx) -> stack`."""
@@ -112,6 +129,11 @@ def load_plugins(entry_points=None) -> list[PluginInfo]:
         loaded.append(info)
     _LOADED = loaded
     return loaded
+
+
+def plugin_commands() -> dict:
+    load_plugins()
+    return dict(_COMMANDS)
 
 
 def external_kernel(method: str) -> Callable:

@@ -1,0 +1,78 @@
+"""surgery's mergekit plugin.
+
+(a) Every mergekit 0.1.5 merge method that surgery does not implement natively (ties, dare_*,
+    della*, breadcrumbs*, task_arithmetic, model_stock, karcher, multislerp, sce, nearswap,
+    arcee_fusion, ram, ramplus_tl) becomes available to plans and mergekit configs: surgery's
+    engine streams the tensors, and mergekit's own kernel (`merge_tensors`) computes each
+    output tensor. mergekit is imported only when a plan uses one of these methods.
+(b) In the other direction, `surgery mergekit CONFIG OUT` runs a config with mergekit itself,
+    with surgery's operations registered as mergekit merge methods (`surgery_identity`).
+
+Uses only surgery's public plugin API (`surgery.plugins.PluginAPI`, `surgery.methods`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+
+from surgery.methods import MethodSpec, Param
+
+# mergekit 0.1.5's methods that surgery runs through mergekit's kernels (the rest are native:
+# linear, slerp, nuslerp, passthrough). Listed so registering needs no mergekit import; a test
+# checks the list against mergekit's registry.
+METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+           "della_linear", "model_stock", "karcher", "multislerp", "sce", "nearswap", "arcee_fusion", "ram",
+           "ramplus_tl")
+NATIVE = ("linear", "slerp", "nuslerp", "passthrough")
+_RNG_LOCK = threading.Lock()
+
+
+def register(api) -> None:
+    for name in METHODS:
+        api.lazy_merge_method(name, functools.partial(method_spec, name), kernel)
+    from .commands import mergekit_command
+
+    api.command(mergekit_command)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """surgery's view of a mergekit method: its parameters, scopes, defaults and input contract."""
+    from mergekit import merge_methods
+
+    spec = merge_methods.get(name).spec
+    params = tuple(Param(p.name, None if p.required else p.default, p.required, p.scope.value) for p in spec.parameters)
+    base = {"required": "required", "optional": "optional", "ignored": "ignored", "forbidden": "none"}[spec.contract.base.value]
+    return MethodSpec(name, params, base=base, min_inputs=spec.contract.min_inputs, max_inputs=spec.contract.max_inputs,
+                      build=None, summary=spec.pretty_name or name)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Random methods are seeded per output tensor, so results do not depend on execution order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def kernel(tensors, recipe):
+    """One output tensor with mergekit's kernel. recipe: surgery.recipes.External."""
+    import torch
+    from mergekit.merge_methods import get, merge_tensors
+
+    method = get(recipe.method)
+    params = dict(recipe.shared)
+    per = [dict(p) for p in recipe.per_input]
+    for p in method.spec.parameters:
+        if p.scope.value != "shared":
+            params[p.name] = {recipe.ids[k]: per[k][p.name] for k in range(len(per)) if p.name in per[k]}
+    def run():
+        with torch.no_grad():
+            return merge_tensors(list(tensors), method, parameters=params, ids=list(recipe.ids),
+                                 base_index=recipe.base_index, name=recipe.name)
+
+    if recipe.seed is None:
+        return run()
+    # mergekit's random methods draw from torch's global generator: seed and draw under one lock,
+    # or the engine's other threads would interleave with the draws
+    with _RNG_LOCK:
+        torch.manual_seed(tensor_seed(recipe.seed, recipe.name))
+        return run()
