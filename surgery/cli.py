@@ -156,6 +156,32 @@ def inspect(model, fmt, allow_pickle):
 
 
 @main.command()
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mergekit", "fmt", flag_value="mergekit", required=True, help="Write a mergekit 0.1.5 config (the only format so far).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_user_errors
+def export(plan, fmt, out, force):
+    """Write the mergekit config equivalent to PLAN.
+
+    Identity blocks become passthrough slices with `scale: 0` on that family's output
+    projections. A plan mergekit cannot express (random init, two merge methods, copies mixed
+    with merges, `non_layer`) is refused with the step and the reason."""
+    from .api import compile_plan, load_plan
+    from .errors import OutputError
+    from .export import to_mergekit_yaml
+
+    text = to_mergekit_yaml(compile_plan(load_plan(plan)))
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", fix="pass --force to replace it")
+    out.write_text(text)
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
 @_user_errors
 def plugins():
     """List installed plugins (entry points in the `surgery.plugins` group) and what each adds."""

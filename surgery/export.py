@@ -1,0 +1,147 @@
+"""Write the mergekit config equivalent to a plan, wherever mergekit can express it.
+
+Consecutive plain copies become passthrough slices; an identity, zero or scaled layer becomes a
+one-layer slice whose `scale` parameter has one condition per affected tensor (filters are the
+tensors' full layer-relative names, so they never match embeddings or norms); merges become
+slices with their parameters. mergekit has one `merge_method` per config, takes embeddings from
+the first slice and the final norm and lm_head from the last, and cannot draw random weights:
+a plan that needs otherwise is refused, naming the step and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .checkpoint import dtype_name
+from .compile import LayerSpec, Program, merge_conditions
+from .errors import PlanError, Problem
+
+
+def _ref(program: Program, model: str) -> str:
+    ck = program.ckpts[model]
+    ref = ck.ref
+    return ref if not ref.startswith((".", "/", "~")) and not (program.plan.base_dir / ref).exists() else str(ck.path)
+
+
+def _setting(conds) -> Any:
+    items = []
+    for c in conds:
+        v = list(c.value) if isinstance(c.value, tuple) else c.value
+        items.append({"filter": c.filter, "value": v} if c.filter is not None else {"value": v})
+    if len(items) == 1 and "filter" not in items[0]:
+        return items[0]["value"]
+    return items
+
+
+def _layer_scales(program: Program, spec: LayerSpec, index: int) -> dict[str, float]:
+    """layer-relative tensor name -> factor, for the tensors this layer does not copy as they are."""
+    fam = program.family
+    out: dict[str, float] = {}
+    for suffix in program.ckpts[spec.sources[0][0]].layers[spec.sources[0][1]]:
+        f = 1.0
+        if (spec.init == "identity" and fam.is_output_projection(suffix)) or (spec.init == "zero" and not fam.is_norm(suffix)):
+            f = 0.0
+        out_name = fam.layer_name(index, suffix)
+        for flt, k in spec.scales:
+            if flt is None or flt in out_name:
+                f *= k
+        if f != 1.0:
+            out[suffix] = f
+    return out
+
+
+def to_mergekit(program: Program) -> dict:
+    plan = program.plan
+    stack = program.stack
+    problems: list[Problem] = []
+    methods = sorted({s.merge.method for s in stack if s.merge is not None})
+    copies = [s for s in stack if s.merge is None]
+    if len(methods) > 1:
+        problems.append(Problem(plan.source, f"the plan merges with {', '.join(methods)}; a mergekit config has one merge_method"))
+    if methods and copies:
+        problems.append(Problem(copies[0].where, f"this step copies layers while another merges them ({methods[0]}); "
+                                "a mergekit config applies one merge_method to every slice"))
+    for s in stack:
+        if s.init == "random":
+            problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))
+        if s.take_scale and (s.init != "copy" or s.scales):
+            problems.append(Problem(s.where, "a take's own `scale` combined with other changes to the same layer cannot be written as one mergekit slice"))
+    if plan.body.non_layer is not None:
+        problems.append(Problem(plan.where("non_layer"), "mergekit takes embeddings from the first slice and lm_head from the last; "
+                                "`non_layer` cannot be expressed", "drop `non_layer` and order the steps accordingly"))
+    if plan.body.post_from != "last" and program.stack:
+        first_m, last_m = stack[0].sources[0][0], stack[-1].sources[0][0]
+        if first_m != last_m and not methods:
+            problems.append(Problem(plan.source, f"final norm and lm_head come from {first_m!r} here, but mergekit takes them "
+                                    f"from the last slice ({last_m!r})", "set `post_from: last` in the plan to match mergekit"))
+    if problems:
+        raise PlanError(problems)
+
+    cfg: dict[str, Any] = {}
+    slices: list[dict] = []
+    if methods:
+        i = 0
+        while i < len(stack):
+            m = stack[i].merge
+            j = i
+            while j < len(stack) and stack[j].merge is m:
+                j += 1
+            block = stack[i:j]
+            if any(b.sources != tuple((src, li + k) for src, li in block[0].sources) for k, b in enumerate(block)) or \
+                    [b.t for b in block] != [(k / (len(block) - 1) if len(block) > 1 else 1.0) for k in range(len(block))]:
+                raise PlanError(Problem(block[0].where, "this merge's layers were reordered or cut by later steps; "
+                                        "mergekit interpolates gradients over whole slices"))
+            shared, per_source = merge_conditions(m)
+            sources = []
+            for k, (model, li) in enumerate(block[0].sources):
+                src: dict[str, Any] = {"model": _ref(program, model), "layer_range": [li, li + len(block)]}
+                params = {name: _setting(c) for name, c in per_source[k].items() if c}
+                if params:
+                    src["parameters"] = params
+                sources.append(src)
+            sl: dict[str, Any] = {"sources": sources}
+            if shared:
+                sl["parameters"] = {name: _setting(c) for name, c in shared.items()}
+            slices.append(sl)
+            i = j
+        cfg["merge_method"] = methods[0]
+        bases = {s.merge.base_model for s in stack}
+        if len(bases) == 1 and None not in bases:
+            cfg["base_model"] = _ref(program, bases.pop())
+        elif len(bases) > 1:
+            for sl, s in zip(slices, [x for k, x in enumerate(stack) if k == 0 or x.merge is not stack[k - 1].merge]):
+                if s.merge.base_model:
+                    sl["base_model"] = _ref(program, s.merge.base_model)
+    else:
+        cfg["merge_method"] = "passthrough"
+        i = 0
+        while i < len(stack):
+            s = stack[i]
+            model, li = s.sources[0]
+            scales = _layer_scales(program, s, i)
+            j = i + 1
+            if not scales and not s.take_scale:
+                while (j < len(stack) and stack[j].sources[0] == (model, li + (j - i)) and not stack[j].take_scale
+                       and not _layer_scales(program, stack[j], j)):
+                    j += 1
+            src: dict[str, Any] = {"model": _ref(program, model), "layer_range": [li, li + (j - i)]}
+            if scales:
+                src["parameters"] = {"scale": [{"filter": suffix, "value": f} for suffix, f in scales.items()]}
+            elif s.take_scale:
+                src["parameters"] = {"scale": _setting(s.take_scale)}
+            slices.append({"sources": [src]})
+            i = j
+    cfg = {"slices": slices, **cfg}
+    if plan.body.input_dtype:
+        cfg["dtype"] = plan.body.input_dtype
+    cfg["out_dtype"] = dtype_name(program.dtype)
+    if plan.body.tokenizer:
+        cfg["tokenizer_source"] = _ref(program, plan.body.tokenizer)
+    return cfg
+
+
+def to_mergekit_yaml(program: Program) -> str:
+    head = f"# mergekit 0.1.5 config written by `surgery export --mergekit` from {program.plan.source}\n"
+    return head + yaml.safe_dump(to_mergekit(program), sort_keys=False, default_flow_style=None)

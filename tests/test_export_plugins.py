@@ -1,0 +1,152 @@
+"""`surgery export --mergekit` round trips, `surgery mergekit`, and third-party plugins."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import surgery
+from surgery import compile as compile_mod
+from surgery import methods, plan as plan_mod, plugins
+from surgery.cli import main
+from surgery.errors import SurgeryError
+
+from .conftest import load_tensors, write_plan
+from .test_mergekit_compat import MERGEKIT, within_ulps
+
+needs_mergekit = pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is in the test extra; install it")
+
+
+def export(plan_path):
+    r = CliRunner().invoke(main, ["export", "--mergekit", str(plan_path)])
+    return r
+
+
+@needs_mergekit
+def test_export_round_trip_passthrough_identity(models, tmp_path):
+    src = models("mistral")
+    plan = write_plan(tmp_path, f"""
+models: {{base: {src}}}
+steps:
+  - take: {{model: base}}
+  - dus: {{trim: 1}}
+  - expand: {{groups: 2, init: identity}}
+  - scale: {{layers: [0, 1], filter: up_proj, factor: 0.5}}
+output: {{dtype: bfloat16}}
+""")
+    r = export(plan)
+    assert r.exit_code == 0, r.output
+    cfg = tmp_path / "exported.yml"
+    cfg.write_text(r.output)
+    assert yaml.safe_load(r.output)["merge_method"] == "passthrough"
+    p = subprocess.run([MERGEKIT, str(cfg), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_tensors(surgery.apply(plan, tmp_path / "ours", progress=False).path)
+    theirs = load_tensors(tmp_path / "mk")
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not ours["model.layers.3.self_attn.o_proj.weight"].any()
+
+
+@needs_mergekit
+def test_export_round_trip_slerp(models, tmp_path):
+    a, b = models("mistral"), models("mistral", noise=0.02)
+    plan = write_plan(tmp_path, f"""
+models: {{a: {a}, b: {b}}}
+steps:
+  - merge: {{method: slerp, models: [a, b], t: [0, 1], overrides: [{{filter: mlp, t: 0.3}}]}}
+input_dtype: float16
+""")
+    r = export(plan)
+    assert r.exit_code == 0, r.output
+    cfg = tmp_path / "exported.yml"
+    cfg.write_text(r.output)
+    p = subprocess.run([MERGEKIT, str(cfg), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_tensors(surgery.apply(plan, tmp_path / "ours", progress=False).path)
+    theirs = load_tensors(tmp_path / "mk")
+    assert sorted(ours) == sorted(theirs)
+    # inputs are cast to float16 and slerp results stored in it before the float32 output cast:
+    # the values are float16 numbers, so one float16 ulp is the comparison's resolution
+    assert all(torch.equal(ours[k], ours[k].half().float()) for k in ours)
+    assert all(within_ulps(ours[k].half(), theirs[k].half()) for k in ours)
+
+
+@pytest.mark.parametrize("steps, message", [
+    ("[{take: {model: a}}, {expand: {groups: 2, init: random}}]", "init: random has no mergekit equivalent"),
+    ("[{take: {model: a}}, {merge: {method: slerp, models: [a, b], t: 0.5}}]", "applies one merge_method to every slice"),
+    ("[{merge: {method: slerp, models: [a, b], t: [0, 1]}}, {drop: {layers: [1, 2]}}]", "reordered or cut by later steps"),
+])
+def test_export_refuses_what_mergekit_cannot_express(models, tmp_path, steps, message):
+    a, b = models("mistral"), models("mistral", noise=0.02)
+    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps: {steps}\n")
+    r = export(plan)
+    assert r.exit_code == 1 and message in r.output and "plan.yaml:" in r.output
+
+
+@needs_mergekit
+def test_surgery_mergekit_command_with_identity_method(models, tmp_path):
+    """LLaMA Pro as one mergekit config, run by mergekit with surgery's method: equal to `expand`."""
+    src = models("mixtral")
+    cfg = write_plan(tmp_path, f"""
+merge_method: surgery_identity
+slices:
+  - sources: [{{model: {src}, layer_range: [0, 2]}}]
+  - sources: [{{model: {src}, layer_range: [1, 2], parameters: {{identity: true}}}}]
+  - sources: [{{model: {src}, layer_range: [2, 4]}}]
+  - sources: [{{model: {src}, layer_range: [3, 4], parameters: {{identity: true}}}}]
+""", "config.yml")
+    p = subprocess.run(["surgery", "mergekit", str(cfg), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 2}}}}]\n")
+    ours = surgery.apply(plan, tmp_path / "ours", progress=False).path
+    theirs = load_tensors(tmp_path / "mk")
+    # mergekit writes Mixtral experts fused (transformers 5's mlp.experts.down_proj), surgery keeps the
+    # per-expert form of its input; surgery_identity zeroes the fused form: compare as models
+    assert not theirs["model.layers.2.mlp.experts.down_proj"].any() and theirs["model.layers.1.mlp.experts.down_proj"].any()
+    from surgery.tiny import logits
+    base = logits(src)
+    assert (logits(ours) - base).abs().max().item() <= 1e-6
+    assert (logits(tmp_path / "mk") - base).abs().max().item() <= 1e-6
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.setattr(plan_mod, "STEP_TYPES", dict(plan_mod.STEP_TYPES))
+    monkeypatch.setattr(compile_mod, "OPS", dict(compile_mod.OPS))
+    monkeypatch.setattr(plugins, "_LOADED", list(plugins.load_plugins()))
+
+
+def _ep(name: str, value: str):
+    return md.EntryPoint(name=name, value=value, group=plugins.GROUP)
+
+
+def test_third_party_plugin_adds_a_method_and_a_step(models, tmp_path, clean_registries):
+    infos = plugins.load_plugins(entry_points=[_ep("fake", "tests.fake_plugin:register")])
+    fake = next(i for i in infos if i.name == "fake")
+    assert fake.methods == ["test_midpoint"] and fake.steps == ["reverse_layers"]
+    a, b = models("llama"), models("llama", noise=0.02)
+    plan = write_plan(tmp_path, f"""
+models: {{a: {a}, b: {b}}}
+steps:
+  - merge: {{method: test_midpoint, models: [a, b], parameters: {{alpha: 0.25}}}}
+  - reverse_layers: {{}}
+""")
+    out = load_tensors(surgery.apply(plan, tmp_path / "out", progress=False).path)
+    A, B = load_tensors(a), load_tensors(b)
+    k_out, k_in = "model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"
+    assert torch.allclose(out[k_out], 0.25 * A[k_in] + 0.75 * B[k_in], atol=1e-7)
+    # a duplicate name is refused, naming both owners
+    with pytest.raises(SurgeryError, match="'test_midpoint' .* already registered by"):
+        plugins.load_plugins(entry_points=[_ep("fake2", "tests.fake_plugin:register")])
+
+
+def test_plugin_that_fails_to_load(clean_registries):
+    with pytest.raises(SurgeryError, match=r"plugin 'bad' .* failed to load: ModuleNotFoundError"):
+        plugins.load_plugins(entry_points=[_ep("bad", "no_such_module_xyz:register")])
