@@ -58,13 +58,21 @@ def timed(cmd: list[str], env=None) -> dict:
     return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "rc": rc, "stderr_tail": err[-800:] if rc else ""}
 
 
-def cases(src: Path, n_layers: int) -> dict[str, tuple[str, str | None]]:
-    """name -> (surgery plan, equivalent mergekit config or None)."""
+def cases(src: Path, n_layers: int, other: Path | None = None) -> dict[str, tuple[str, str | None]]:
+    """name -> (surgery plan or mergekit config, the mergekit config to compare against or None)."""
     m = n_layers // 4  # SOLAR: 32 -> 48 trims 8
     solar = (f"models: {{base: {src}}}\nsteps:\n  - take: {{model: base}}\n  - dus: {{trim: {m}}}\n",
              f"slices:\n  - sources: [{{model: {src}, layer_range: [0, {n_layers - m}]}}]\n"
              f"  - sources: [{{model: {src}, layer_range: [{m}, {n_layers}]}}]\nmerge_method: passthrough\ndtype: bfloat16\n")
-    return {f"solar-dus {n_layers}->{2 * (n_layers - m)}": solar}
+    out = {f"solar-dus {n_layers}->{2 * (n_layers - m)}": solar}
+    if other is not None:
+        # mergekit's gradient-slerp example, run unchanged by both tools
+        slerp = (f"slices:\n  - sources:\n      - {{model: {src}, layer_range: [0, {n_layers}]}}\n"
+                 f"      - {{model: {other}, layer_range: [0, {n_layers}]}}\nmerge_method: slerp\nbase_model: {src}\n"
+                 "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
+                 "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\ndtype: bfloat16\n")
+        out["gradient-slerp (mergekit config)"] = (slerp, slerp)
+    return out
 
 
 def main():
@@ -74,15 +82,19 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per command (the best is reported)")
     ap.add_argument("--cold", action="store_true", help="do not warm the page cache first")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--only", choices=["solar", "slerp"], default=None, help="run one case (default: all)")
     args = ap.parse_args()
 
     work = args.work / args.size
-    src = work / "src"
-    if not (src / "model.safetensors.index.json").exists():
-        print(f"building synthetic {args.size} checkpoint in {src} ...", flush=True)
-        shutil.rmtree(src, ignore_errors=True)
-        subprocess.run([sys.executable, "-c", "import sys; from surgery.synthetic import write_synthetic_llama as w; "
-                        f"w(sys.argv[1], {SIZES_BENCH[args.size]!r})", str(src)], check=True, cwd=HERE.parent)
+    src, other = work / "src", work / "src-b"
+    for folder, seed in ((src, 0), (other, 1)):
+        if args.only == "solar" and folder == other:
+            continue
+        if not (folder / "model.safetensors.index.json").exists():
+            print(f"building synthetic {args.size} checkpoint in {folder} ...", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.run([sys.executable, "-c", "import sys; from surgery.synthetic import write_synthetic_llama as w; "
+                            f"w(sys.argv[1], {SIZES_BENCH[args.size]!r}, seed={seed})", str(folder)], check=True, cwd=HERE.parent)
     in_bytes = folder_bytes(src)
     n_layers = SIZES_BENCH[args.size][1]
     mergekit = shutil.which("mergekit-yaml") if not args.no_mergekit else None
@@ -111,11 +123,14 @@ def main():
         return row
 
     print(f"input: {in_bytes / 1e9:.2f} GB, {n_layers} layers ({args.size})", flush=True)
-    run("read inputs", "cat", ["sh", "-c", f"cat {src}/*.safetensors > /dev/null"], None, in_bytes)
-    run("copy source", "cp -r", ["cp", "-r", str(src), str(work / "cp-out")], work / "cp-out")
-    for name, (plan_text, mk_text) in cases(src, n_layers).items():
+    if args.only != "slerp":
+        run("read inputs", "cat", ["sh", "-c", f"cat {src}/*.safetensors > /dev/null"], None, in_bytes)
+        run("copy source", "cp -r", ["cp", "-r", str(src), str(work / "cp-out")], work / "cp-out")
+    for name, (plan_text, mk_text) in cases(src, n_layers, None if args.only == "solar" else other).items():
         slug = name.split()[0]
-        plan = work / f"{slug}.yaml"
+        if args.only and not slug.startswith({"solar": "solar", "slerp": "gradient"}[args.only]):
+            continue
+        plan = work / f"{slug}.yaml"  # surgery reads plans and mergekit configs alike
         plan.write_text(plan_text)
         out = work / f"{slug}-surgery"
         s = run(name, "surgery", [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force"], out)
@@ -130,9 +145,9 @@ def main():
                 s["speedup_vs_mergekit"] = m["wall_s"] / s["wall_s"]
     shutil.rmtree(work / "cp-out", ignore_errors=True)
 
-    cp = next(r for r in results if r["tool"] == "cp -r")
+    cp = next((r for r in results if r["tool"] == "cp -r"), None)
     for r in results:
-        if r["tool"] == "surgery" and r.get("gb_per_s"):
+        if cp and r["tool"] == "surgery" and r.get("gb_per_s"):
             r["gb_per_s_vs_cp"] = r["gb_per_s"] / cp["gb_per_s"]
     meta = {"size": args.size, "input_bytes": in_bytes, "when": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -66,15 +66,57 @@ for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
+# mergekit's published examples, pointed at tiny local models: ties.yml (gradient densities,
+# filtered weights, three fine-tunes) and a bio-merge-shaped dare_ties (density 1: mergekit's
+# random masks cannot be reproduced, see README)
+EXAMPLES = {
+    "example-ties": """
+models:
+  - model: {b}
+    parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}
+  - model: {c}
+    parameters: {{density: 0.5, weight: [0, 0.3, 0.7, 1]}}
+  - model: {d}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: {a}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float16
+""",
+    "example-bio-merge": """
+models:
+  - model: {b}
+    parameters: {{density: 1.0, weight: 0.5}}
+  - model: {c}
+    parameters: {{density: 1.0, weight: 0.3}}
+  - model: {d}
+    parameters: {{density: 1.0, weight: 0.2}}
+merge_method: dare_ties
+base_model: {a}
+parameters: {{int8_mask: true}}
+dtype: bfloat16
+""",
+}
+
+
 @pytest.fixture(scope="module")
 def mergekit_outputs(models, tmp_path_factory):
     """All configs through mergekit in one process (its import takes seconds)."""
     a, b, c = models("mistral", seed=0), models("mistral", seed=0, noise=0.02), models("mistral", seed=0, noise=0.04)
+    d = models("mistral", seed=0, noise=0.03)
     root = tmp_path_factory.mktemp("mk-methods")
     args = []
     for method in CASES:
         cfg = write_plan(root / method, config(method, a, b, c), "config.yml")
         args += [str(cfg), str(root / method / "mergekit")]
+    for name, text in EXAMPLES.items():
+        cfg = write_plan(root / name, text.format(a=a, b=b, c=c, d=d), "config.yml")
+        args += [str(cfg), str(root / name / "mergekit")]
     p = subprocess.run([sys.executable, "-c", MK_RUNNER, *args], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     return root
@@ -88,20 +130,21 @@ def test_plugin_covers_every_mergekit_method():
     assert any(p.name == "mergekit" for p in load_plugins())
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", list(CASES) + list(EXAMPLES))
 def test_method_matches_mergekit(method, mergekit_outputs):
     folder = mergekit_outputs / method
     ours = load_tensors(surgery.apply(folder / "config.yml", folder / "surgery", progress=False).path)
     theirs = load_tensors(folder / "mergekit")
     assert sorted(ours) == sorted(theirs)
+    dtype = torch.float16 if method == "example-ties" else torch.bfloat16
     for k in theirs:
-        assert ours[k].dtype == torch.bfloat16, k
+        assert ours[k].dtype == dtype, k
         t = theirs[k]
         if method in FLOAT32_KERNELS:
             # mergekit writes this kernel's float32 result as is, ignoring `dtype: bfloat16`; surgery
             # fixes every output dtype before computing (headers come first) and keeps the config's
             assert t.dtype == torch.float32
-            t = t.to(torch.bfloat16)
+            t = t.to(dtype)
         assert within_ulps(ours[k], t), f"{method} {k}: max diff {(ours[k].float() - t.float()).abs().max()}"
 
 
