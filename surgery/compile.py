@@ -269,6 +269,7 @@ class Program:
     config_changes: list[str]
     dtype: str
     warnings: list[str] = field(default_factory=list)
+    tokenizer_merger: object = None  # a plugin's merged tokenizer (tokenizer: union), else None
 
     @property
     def num_layers(self) -> int:
@@ -360,7 +361,53 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     config, changes = _output_config(base, ckpts, stack, family, out_code, warnings)
     shards = _schedule(tensors, plan.body.output.shard_size)
     tok = plan.body.tokenizer or config_model
-    return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings)
+    merger = None
+    if tok not in ckpts:  # a tokenizer source from a plugin, e.g. "union"
+        tensors, merger = _realign_vocab(plan, ckpts, family, tensors, tok, config_model)
+        old_v = config.get("vocab_size")
+        config["vocab_size"] = merger.vocab_size
+        changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {tok})")
+        tok = config_model
+        shards = _schedule(tensors, plan.body.output.shard_size)
+    return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
+                   merger)
+
+
+def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str):
+    """Rewrite every token-indexed tensor's inputs to the merged vocabulary of `source`."""
+    from dataclasses import replace as dc_replace
+
+    from .plugins import tokenizer_sources
+    from .recipes import VocabPermute
+
+    used = sorted({m for s in plan.steps for m in _step_models(s)}, key=list(plan.body.models).index)
+    first = plan.steps[0]
+    base = first.base_model if isinstance(first, Merge) and first.base_model else config_model
+    merger = tokenizer_sources()[source]({m: ckpts[m].path for m in used}, base)
+    vocab_names = set(family.embeddings) | {family.lm_head}
+
+    def rewrite(r: Recipe) -> Recipe:
+        if isinstance(r, Read) and r.src.name in vocab_names:
+            terms = tuple(Read(ckpts[m].tensors[r.src.name], m) for m in used if r.src.name in ckpts[m].tensors)
+            ids = tuple(t.model for t in terms)
+            return VocabPermute(terms, ids, ids.index(r.model), merger.vocab_size, merger)
+        fields = {}
+        for attr in ("inner", "a", "b", "base"):
+            if getattr(r, attr, None) is not None:
+                fields[attr] = rewrite(getattr(r, attr))
+        if hasattr(r, "terms") and not isinstance(r, VocabPermute):
+            fields["terms"] = tuple(rewrite(t) for t in r.terms)
+        return dc_replace(r, **fields) if fields else r
+
+    return [OutTensor(t.name, rewrite(t.recipe)) if t.name in vocab_names else t for t in tensors], merger
+
+
+def _step_models(s: Step) -> list[str]:
+    if isinstance(s, Take):
+        return [s.model]
+    if isinstance(s, Merge):
+        return [src.model for src in s.sources]
+    return []
 
 
 def _cast(r: Recipe, code: str) -> Recipe:

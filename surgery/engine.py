@@ -33,7 +33,7 @@ from . import __version__
 from .checkpoint import TensorInfo, dtype_name, itemsize
 from .compile import OutTensor, Program, Shard
 from .errors import OutputError
-from .recipes import Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, Zeros
+from .recipes import Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros
 
 if TYPE_CHECKING:
     import torch
@@ -112,11 +112,14 @@ class Evaluator:
     def __init__(self, sources: Sources):
         self.src = sources
         self._slerp: dict = {}  # Slerp -> (coef_a, coef_b)
+        self._full: dict = {}  # whole-tensor results, for this output tensor
 
     def chunk(self, r: Recipe, e0: int, e1: int) -> "torch.Tensor":
         """Elements [e0, e1) of the flattened output of `r`, in r's dtype."""
         import torch
 
+        if r.whole_tensor:
+            return self.full(r).reshape(-1)[e0:e1]
         if isinstance(r, Read):
             return self.src.read(r.src, e0, e1)
         if isinstance(r, Zeros):
@@ -146,22 +149,26 @@ class Evaluator:
         raise AssertionError(f"no evaluator for {type(r).__name__}")
 
     def full(self, r: Recipe) -> "torch.Tensor":
-        """The whole output of `r`, shaped: for recipes that need whole input tensors."""
-        if not r.needs_whole():
-            return self.chunk(r, 0, r.numel).reshape(r.shape)
-        if isinstance(r, Cast):
-            return self.full(r.inner).to(torch_dtype(r.dtype))
-        if isinstance(r, Scale):
-            return self.full(r.inner) * r.factor
+        """The whole output of `r`, shaped. Recipes that need whole input tensors (nuslerp, plugin
+        kernels, vocabulary realignment) are computed once per output tensor and cached."""
+        if r in self._full:
+            return self._full[r]
         if isinstance(r, Nuslerp):
-            return _nuslerp(r, self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None)
-        if isinstance(r, External):
+            out = _nuslerp(r, self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None)
+        elif isinstance(r, External):
             from .plugins import external_kernel
 
-            kernel = external_kernel(r.method)
-            out = kernel([self.full(t) for t in r.terms], r)
-            return out.to(torch_dtype(r.dtype))
-        raise AssertionError(f"no whole-tensor evaluator for {type(r).__name__}")
+            out = external_kernel(r.method)([self.full(t) for t in r.terms], r).to(torch_dtype(r.dtype))
+        elif isinstance(r, VocabPermute):
+            key = ("vocab", r.terms, r.ids)
+            if key not in self._full:
+                self._full[key] = r.merger.permute({i: self.full(t) for i, t in zip(r.ids, r.terms)})
+            out = self._full[key][r.ids[r.index]].to(torch_dtype(r.dtype))
+        else:
+            return self.chunk(r, 0, r.numel).reshape(r.shape)
+        assert tuple(out.shape) == tuple(r.shape), (type(r).__name__, out.shape, r.shape)
+        self._full[r] = out
+        return out
 
     def _slerp_coefs(self, r: Slerp):
         import torch
@@ -501,8 +508,14 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
     from .card import model_card
     from .report import provenance
 
-    for f in program.small_files():
-        shutil.copy2(f, folder / f.name)
+    if program.tokenizer_merger is not None:
+        program.tokenizer_merger.save(folder)
+        for f in program.small_files():  # generation_config.json and the like, not tokenizer files
+            if not f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges")):
+                shutil.copy2(f, folder / f.name)
+    else:
+        for f in program.small_files():
+            shutil.copy2(f, folder / f.name)
     (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(model_card(program))
     weight_map = {t.name: s.name for s in program.shards for t in s.tensors}

@@ -207,10 +207,7 @@ def translate(doc: Located) -> Located:
         plan["output"] = {"dtype": out_dtype}
     ts = data.get("tokenizer_source")
     if ts is not None:
-        if ts == "union":
-            raise PlanError("tokenizer_source: union needs mergekit's tokenizer merging (the mergekit plugin)",
-                            where=at(("tokenizer_source",)), fix="use `base` or a model, or run the config through mergekit")
-        plan["tokenizer"] = base if ts == "base" else name(ts, ("tokenizer_source",))
+        plan["tokenizer"] = "union" if ts == "union" else base if ts == "base" else name(ts, ("tokenizer_source",))
         if plan["tokenizer"] is None:
             raise PlanError("tokenizer_source: base needs a base_model", where=at(("tokenizer_source",)))
         plan["models"] = {n: ({"path": p, "revision": revisions[n]} if revisions.get(n) else p) for n, p in names.items()}

@@ -396,10 +396,19 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
                 if model not in declared:
                     problems.append(Problem(doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}",
                                             f"models in this plan: {names}"))
+        from .plugins import tokenizer_sources
+
         for key in ("non_layer", "tokenizer"):
             v = data.get(key)
-            if isinstance(v, str) and v not in declared:
-                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"))
+            if key == "tokenizer" and v in tokenizer_sources():
+                continue
+            if key == "tokenizer" and v == "union":
+                problems.append(Problem(doc.where((key,)), "tokenizer: union merges the models' vocabularies with "
+                                        "mergekit's tokenizer code, and the mergekit plugin is not installed",
+                                        "pip install -e plugins/surgery-mergekit"))
+            elif isinstance(v, str) and v not in declared:
+                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"
+                                        + (f"; tokenizer sources: {', '.join(tokenizer_sources())}" if key == "tokenizer" and tokenizer_sources() else "")))
     if problems:
         raise PlanError(sorted(problems, key=_line_of))
     return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir, mergekit=mergekit)

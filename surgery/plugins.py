@@ -29,6 +29,8 @@ GROUP = "surgery.plugins"
 # External kernels: method name -> kernel(tensors, recipe) -> tensor (whole tensors, plugin's code)
 _KERNELS: dict[str, Callable] = {}
 _COMMANDS: dict = {}  # CLI subcommands added by plugins
+# tokenizer sources beyond a model's own files: name -> build(models: {name: path}, base: name) -> merger
+_TOKENIZER_SOURCES: dict[str, Callable] = {}
 
 
 @dataclass
@@ -70,6 +72,15 @@ class PluginAPI:
         register_lazy_method(name, loader, self.info.origin)
         _KERNELS[name] = kernel
         self.info.methods.append(name)
+
+    def tokenizer_source(self, name: str, build: Callable) -> None:
+        """Add a way to make the output tokenizer (e.g. "union"). `build(models, base)` gets
+        {plan model name: local folder} and the base's name, and returns an object with
+        `vocab_size` (int), `permute(tensors: {name: tensor}) -> {name: tensor}` (token axis 0,
+        every model's tensor aligned to the new vocabulary) and `save(folder)` (tokenizer files)."""
+        if name in _TOKENIZER_SOURCES:
+            raise SurgeryError(f"plugin {self.info.name}: tokenizer source {name!r} is already added")
+        _TOKENIZER_SOURCES[name] = build
 
     def command(self, cmd) -> None:
         """Add a `surgery` subcommand (a click command)."""
@@ -129,6 +140,11 @@ def load_plugins(entry_points=None) -> list[PluginInfo]:
         loaded.append(info)
     _LOADED = loaded
     return loaded
+
+
+def tokenizer_sources() -> dict[str, Callable]:
+    load_plugins()
+    return dict(_TOKENIZER_SOURCES)
 
 
 def plugin_commands() -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .checkpoint import TensorInfo
@@ -207,6 +207,35 @@ class External(Recipe):
 
     def describe(self) -> str:
         return f"{self.method}({', '.join(t.describe().removeprefix('copy ') for t in self.terms)})"
+
+
+@dataclass(frozen=True)
+class VocabPermute(Recipe):
+    """Model `index`'s token-indexed tensor realigned to a merged vocabulary (rows = tokens).
+    The realignment needs every model's tensor (a token missing from one model may be filled
+    from the others), so all are inputs; `merger` is the tokenizer plugin's object."""
+
+    terms: tuple[Recipe, ...]
+    ids: tuple[str, ...]
+    index: int
+    rows: int
+    merger: object = field(compare=False, hash=False, repr=False)
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        return (self.rows,) + tuple(self.terms[self.index].shape[1:])
+
+    @property
+    def dtype(self):
+        return self.terms[self.index].dtype
+
+    def inputs(self):
+        return tuple(i for t in self.terms for i in t.inputs())
+
+    def describe(self) -> str:
+        return f"{self.terms[self.index].describe()} realigned to the merged vocabulary ({self.rows} tokens)"
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,49 @@ def test_mergekit_failure_cases_fail_early(trio, tmp_path, slices, message):
     rep = surgery.validate(cfg)
     assert not rep.valid
     assert message in str(rep.problems[0]), rep.text()
+
+
+def _retokenize(folder, drop: set[str], extra: list[str]):
+    """Give a tiny model a different vocabulary: some characters gone, new tokens, other ids."""
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    specials = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i < 3]
+    rest = [t for t, i in sorted(vocab.items(), key=lambda kv: -kv[1]) if i >= 3 and t not in drop] + extra
+    tok["model"]["vocab"] = {t: i for i, t in enumerate(specials + rest)}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def test_tokenizer_union(models, tmp_path):
+    a_src, b_src = models("mistral"), models("mistral", noise=0.02)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a_src, a)
+    shutil.copytree(b_src, b)
+    _retokenize(b, drop={"x", "y", "z"}, extra=["<tool>", "<think>"])
+    ours, theirs, out = run_both(tmp_path, f"""
+slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 4]}}
+      - {{model: {b}, layer_range: [0, 4]}}
+merge_method: slerp
+base_model: {a}
+parameters: {{t: 0.5}}
+tokenizer_source: union
+dtype: bfloat16
+""")
+    import transformers
+    va = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    vm = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    # mergekit numbers new tokens in the order of the tokenizers' get_vocab() (a hash map, which
+    # varies between processes), so compare by token: same tokens, same embedding row per token
+    assert set(va) == set(vm) and {"<tool>", "<think>", "x"} <= set(va)
+    n = len(va)
+    assert ours["model.embed_tokens.weight"].shape[0] == n == read_json(out / "config.json")["vocab_size"]
+    vocab_tensors = ("model.embed_tokens.weight", "lm_head.weight")
+    compare({k: v for k, v in ours.items() if k not in vocab_tensors},
+            {k: v for k, v in theirs.items() if k not in vocab_tensors}, bitwise=False)
+    for k in vocab_tensors:
+        rows_a = torch.stack([ours[k][va[t]] for t in sorted(va)])
+        rows_m = torch.stack([theirs[k][vm[t]] for t in sorted(va)])
+        assert within_ulps(rows_a, rows_m), k
+    # the token that only b had keeps b's row, realigned: it is not a zero row
+    assert ours["model.embed_tokens.weight"][va["<tool>"]].abs().sum() > 0

@@ -5,6 +5,8 @@
     arcee_fusion, ram, ramplus_tl) becomes available to plans and mergekit configs: surgery's
     engine streams the tensors, and mergekit's own kernel (`merge_tensors`) computes each
     output tensor. mergekit is imported only when a plan uses one of these methods.
+    `tokenizer: union` (mergekit's `tokenizer_source: union`) merges the models' vocabularies
+    with mergekit's tokenizer code, and surgery realigns every token-indexed tensor to it.
 (b) In the other direction, `surgery mergekit CONFIG OUT` runs a config with mergekit itself,
     with surgery's operations registered as mergekit merge methods (`surgery_identity`).
 
@@ -32,6 +34,7 @@ _RNG_LOCK = threading.Lock()
 def register(api) -> None:
     for name in METHODS:
         api.lazy_merge_method(name, functools.partial(method_spec, name), kernel)
+    api.tokenizer_source("union", UnionTokenizer)
     from .commands import mergekit_command
 
     api.command(mergekit_command)
@@ -76,3 +79,39 @@ def kernel(tensors, recipe):
     with _RNG_LOCK:
         torch.manual_seed(tensor_seed(recipe.seed, recipe.name))
         return run()
+
+
+class UnionTokenizer:
+    """mergekit's union tokenizer and its embedding realignment, for `tokenizer: union` in a plan
+    (or `tokenizer_source: union` in a mergekit config)."""
+
+    def __init__(self, models: dict, base: str):
+        from mergekit.common import ModelReference
+        from mergekit.tokenizer.build import build_tokenizer
+
+        self.refs = {name: ModelReference.model_validate(str(path)) for name, path in models.items()}
+        self.base = base
+        self.info = build_tokenizer(base_model=self.refs[base], referenced_models=list(self.refs.values()),
+                                    tokenizer_source="union", trust_remote_code=False, add_tokens=[])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.info.tokenizer.get_vocab())
+
+    def permute(self, tensors: dict) -> dict:
+        from mergekit.common import ImmutableMap
+        from mergekit.io.tasks import GatherTensors
+        from mergekit.tokenizer.build import BuildTokenizer
+        from mergekit.tokenizer.embed import PermutedVocabulary
+
+        task = PermutedVocabulary(
+            gather_tensors=GatherTensors(weight_info=ImmutableMap(data={})),
+            tokenizer_task=BuildTokenizer(base_model=self.refs[self.base], referenced_models=tuple(self.refs.values()),
+                                          tokenizer_source="union", add_tokens=()),
+            tokens=None, pad_to_multiple_of=None, base_model=self.refs[self.base], vocabulary_axis=0)
+        out = task.execute(tokenizer_info=self.info, tensors={self.refs[n]: t for n, t in tensors.items()})
+        names = {ref: n for n, ref in self.refs.items()}
+        return {names[ref]: t for ref, t in out.items()}
+
+    def save(self, folder) -> None:
+        self.info.tokenizer.save_pretrained(str(folder))
