@@ -270,6 +270,7 @@ class Program:
     dtype: str
     warnings: list[str] = field(default_factory=list)
     tokenizer_merger: object = None  # a plugin's merged tokenizer (tokenizer: union), else None
+    chat_template: str | None = None  # written as chat_template.jinja when set
 
     @property
     def num_layers(self) -> int:
@@ -369,8 +370,52 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {tok})")
         tok = config_model
         shards = _schedule(tensors, plan.body.output.shard_size)
+    chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
     return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
-                   merger)
+                   merger, chat)
+
+
+def model_chat_template(path) -> str | None:
+    """A checkpoint's chat template: chat_template.jinja, or tokenizer_config.json's (its default)."""
+    import json
+
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            t = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(t, list):  # [{name, template}, ...]
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
+
+
+def _chat_template(plan: Plan, ckpts, warnings) -> str | None:
+    """mergekit's rules: "auto" takes the most common template among the models (first seen wins a
+    tie), a string with '{' or a newline is the template itself, anything else names a template."""
+    from collections import Counter
+
+    value = plan.body.chat_template
+    if value == "auto":
+        found = [t.strip() for t in (model_chat_template(c.path) for c in ckpts.values()) if t]
+        if not found:
+            warnings.append("chat_template: auto found no chat template in the models; none written")
+            return None
+        return Counter(found).most_common(1)[0][0]
+    if "{" in value or "\n" in value or len(value) >= 256:
+        return value
+    from .plugins import named_chat_template
+
+    text = named_chat_template(value)
+    if text is None:
+        raise PlanError(Problem(plan.where("chat_template"), f"unknown chat template name {value!r}",
+                                "give the Jinja template itself, `auto`, or a name the mergekit plugin ships "
+                                "(chatml, llama3, alpaca, mistral, ...)"))
+    return text
 
 
 def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str):

@@ -516,6 +516,13 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
     else:
         for f in program.small_files():
             shutil.copy2(f, folder / f.name)
+    if program.chat_template is not None:
+        (folder / "chat_template.jinja").write_text(program.chat_template)
+        tc = folder / "tokenizer_config.json"
+        if tc.is_file():  # one template only: the .jinja file
+            cfg = json.loads(tc.read_text(encoding="utf-8"))
+            if cfg.pop("chat_template", None) is not None:
+                tc.write_text(json.dumps(cfg, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(model_card(program))
     weight_map = {t.name: s.name for s in program.shards for t in s.tensors}

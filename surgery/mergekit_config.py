@@ -92,8 +92,7 @@ def translate(doc: Located) -> Located:
         raise PlanError(f"unknown mergekit key {unknown[0]!r}", where=at((unknown[0],)),
                         fix=f"mergekit 0.1.5 keys: {', '.join(sorted(TOP_KEYS))}")
     for key, why in (("modules", "multi-module (vision-language) configs"),
-                     ("tokenizer", "the `tokenizer:` block (token surgery)"),
-                     ("chat_template", "`chat_template`")):
+                     ("tokenizer", "the `tokenizer:` block (token surgery)")):
         if data.get(key) is not None:
             problems.append(Problem(at((key,)), f"{why} are not supported by surgery yet",
                                     "run this config with mergekit itself (`surgery mergekit CONFIG OUT` with the plugin)"))
@@ -200,6 +199,8 @@ def translate(doc: Located) -> Located:
     }
     if data.get("name"):
         plan["name"] = data["name"]
+    if data.get("chat_template"):
+        plan["chat_template"] = data["chat_template"]
     if data.get("dtype"):
         plan["input_dtype"] = data["dtype"]
     out_dtype = data.get("out_dtype") or data.get("dtype")
@@ -212,7 +213,7 @@ def translate(doc: Located) -> Located:
             raise PlanError("tokenizer_source: base needs a base_model", where=at(("tokenizer_source",)))
         plan["models"] = {n: ({"path": p, "revision": revisions[n]} if revisions.get(n) else p) for n, p in names.items()}
     # every path of the translated plan points at the config's lines
-    for key in ("models", "input_dtype", "output", "tokenizer", "name"):
+    for key in ("models", "input_dtype", "output", "tokenizer", "name", "chat_template"):
         lines[(key,)] = line(({"input_dtype": "dtype", "output": "out_dtype" if data.get("out_dtype") else "dtype",
                                "tokenizer": "tokenizer_source"}.get(key, key),))
     for n in names:

@@ -303,6 +303,7 @@ class PlanBody(Strict):
     name: Optional[str] = None
     input_dtype: Optional[str] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
     seed: Optional[int] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
+    chat_template: Optional[str] = None  # a Jinja template, "auto" (the models' most common), or a plugin's named one
     _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))
     models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
     steps: tuple[Any, ...] = Field(min_length=1)

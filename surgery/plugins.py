@@ -31,6 +31,7 @@ _KERNELS: dict[str, Callable] = {}
 _COMMANDS: dict = {}  # CLI subcommands added by plugins
 # tokenizer sources beyond a model's own files: name -> build(models: {name: path}, base: name) -> merger
 _TOKENIZER_SOURCES: dict[str, Callable] = {}
+_CHAT_TEMPLATE_LOOKUPS: list[Callable] = []  # name -> template text or None
 
 
 @dataclass
@@ -81,6 +82,10 @@ class PluginAPI:
         if name in _TOKENIZER_SOURCES:
             raise SurgeryError(f"plugin {self.info.name}: tokenizer source {name!r} is already added")
         _TOKENIZER_SOURCES[name] = build
+
+    def chat_templates(self, lookup: Callable) -> None:
+        """Add named chat templates: `lookup(name)` returns the Jinja text, or None if unknown."""
+        _CHAT_TEMPLATE_LOOKUPS.append(lookup)
 
     def command(self, cmd) -> None:
         """Add a `surgery` subcommand (a click command)."""
@@ -145,6 +150,15 @@ def load_plugins(entry_points=None) -> list[PluginInfo]:
 def tokenizer_sources() -> dict[str, Callable]:
     load_plugins()
     return dict(_TOKENIZER_SOURCES)
+
+
+def named_chat_template(name: str) -> str | None:
+    load_plugins()
+    for lookup in _CHAT_TEMPLATE_LOOKUPS:
+        text = lookup(name)
+        if text:
+            return text
+    return None
 
 
 def plugin_commands() -> dict:

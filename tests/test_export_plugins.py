@@ -150,3 +150,25 @@ steps:
 def test_plugin_that_fails_to_load(clean_registries):
     with pytest.raises(SurgeryError, match=r"plugin 'bad' .* failed to load: ModuleNotFoundError"):
         plugins.load_plugins(entry_points=[_ep("bad", "no_such_module_xyz:register")])
+
+
+def test_core_never_imports_mergekit(models, tmp_path):
+    """With the plugin installed, mergekit is imported only when a plan uses one of its methods."""
+    import sys as _sys
+
+    a = models("mistral")
+    native = write_plan(tmp_path, f"models: {{a: {a}, b: {a}}}\nsteps: [{{merge: {{method: slerp, models: [a, b], t: 0.5}}}}]\n")
+    code = ("import sys, surgery\nfrom surgery.cli import main\n"
+            f"r = surgery.apply({str(native)!r}, {str(tmp_path / 'o')!r}, progress=False)\n"
+            "from click.testing import CliRunner\nCliRunner().invoke(main, ['--help'])\n"
+            "print('mergekit' in sys.modules)\n")
+    p = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False"
+    import ast
+    import pathlib
+    for f in pathlib.Path(surgery.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [n.name for n in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "mergekit" for n in names), f"{f.name} imports mergekit"

@@ -250,3 +250,25 @@ dtype: bfloat16
         assert within_ulps(rows_a, rows_m), k
     # the token that only b had keeps b's row, realigned: it is not a zero row
     assert ours["model.embed_tokens.weight"][va["<tool>"]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("template", ["chatml", "auto", "'{% for m in messages %}{{ m.content }}{% endfor %}'"])
+def test_chat_template(trio, tmp_path, template):
+    a_src, b_src, _ = trio
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a_src, a)
+    shutil.copytree(b_src, b)
+    if template == "auto":  # two models share one template, a third would lose the vote
+        for m in (a, b):
+            (m / "chat_template.jinja").write_text("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
+    _, _, out = run_both(tmp_path, f"""
+models:
+  - {{model: {a}, parameters: {{weight: 0.5}}}}
+  - {{model: {b}, parameters: {{weight: 0.5}}}}
+merge_method: linear
+chat_template: {template}
+""")
+    import transformers
+    ours = transformers.AutoTokenizer.from_pretrained(out).chat_template
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").chat_template
+    assert ours and ours.strip() == theirs.strip()

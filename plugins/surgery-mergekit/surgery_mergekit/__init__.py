@@ -35,6 +35,7 @@ def register(api) -> None:
     for name in METHODS:
         api.lazy_merge_method(name, functools.partial(method_spec, name), kernel)
     api.tokenizer_source("union", UnionTokenizer)
+    api.chat_templates(chat_template)
     from .commands import mergekit_command
 
     api.command(mergekit_command)
@@ -115,3 +116,14 @@ class UnionTokenizer:
 
     def save(self, folder) -> None:
         self.info.tokenizer.save_pretrained(str(folder))
+
+
+def chat_template(name: str):
+    """mergekit's bundled chat templates by name (chatml, llama3, alpaca, mistral, ...)."""
+    import importlib.resources
+
+    try:
+        f = importlib.resources.files("mergekit._data.chat_templates").joinpath(name + ".jinja")
+        return f.read_text(encoding="utf-8") if f.is_file() else None
+    except ModuleNotFoundError:
+        return None
