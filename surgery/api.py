@@ -32,9 +32,12 @@ def validate(plan: Plan | str | Path, *, allow_pickle: bool = False) -> Report:
 
 
 def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,
-          allow_pickle: bool = False, workers: int | None = None, seed: int | None = None) -> Result:
+          allow_pickle: bool = False, workers: int | None = None, seed: int | None = None, device: str | None = None,
+          max_memory: int | None = None) -> Result:
     """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`).
-    `seed` overrides the plan's seed for random merge methods."""
+    `seed` overrides the plan's seed for random merge methods; `device` (auto, cpu, cuda, cuda:N)
+    is where computed tensors are made (copies never leave the host); `max_memory` (bytes) bounds
+    the compute working set."""
     p = _as_plan(plan)
     if seed is not None:
         from dataclasses import replace
@@ -47,7 +50,7 @@ def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool
         out = p.body.output.path
         out = Path(out) if Path(out).is_absolute() else p.base_dir / out
     program = compile_plan(p, allow_pickle=allow_pickle)
-    return execute(program, out, force=force, progress=progress, workers=workers)
+    return execute(program, out, force=force, progress=progress, workers=workers, device=device, max_memory=max_memory)
 
 
 def inspect_model(ref: str | Path, *, allow_pickle: bool = False) -> dict:

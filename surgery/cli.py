@@ -91,8 +91,11 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU).")
 @click.option("--seed", type=int, default=None, help="Seed for random merge methods (dare, della, ...); overrides the plan's `seed`.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where merges, casts and random init run: auto, cpu, cuda, cuda:N. Copies never touch the device.")
+@click.option("--max-memory", default=None, help="Bound on the compute working set, e.g. 2GB (chunks shrink to fit).")
 @_user_errors
-def apply(plan, out, force, quiet, allow_pickle, workers, seed):
+def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory):
     """Apply PLAN and write the new checkpoint.
 
     The output is built in a hidden side folder and renamed into place when complete, with
@@ -101,8 +104,15 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed):
     from .api import apply as do_apply
     from .report import human_bytes
 
+    from .errors import SurgeryError
+    from .plan import parse_size
+
+    try:
+        limit = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        raise SurgeryError(f"--max-memory: {e}") from None
     res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,
-                   seed=seed)
+                   seed=seed, device=device, max_memory=limit)
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
         click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -70,10 +71,12 @@ def torch_dtype(code: str) -> "torch.dtype":
 class Sources:
     """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
 
-    def __init__(self, compute_slots: int = 2):
+    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.compute_slots = threading.BoundedSemaphore(compute_slots)
+        self.device = device  # where computed recipes run; reads and writes stay on the host
+        self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
 
     def fd(self, path: Path) -> int:
         with self._lock:
@@ -121,9 +124,10 @@ class Evaluator:
         if r.whole_tensor:
             return self.full(r).reshape(-1)[e0:e1]
         if isinstance(r, Read):
-            return self.src.read(r.src, e0, e1)
+            x = self.src.read(r.src, e0, e1)
+            return x if self.src.device == "cpu" else x.to(self.src.device, non_blocking=False)
         if isinstance(r, Zeros):
-            return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype))
+            return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype), device=self.src.device)
         if isinstance(r, Cast):
             return self.chunk(r.inner, e0, e1).to(torch_dtype(r.dtype))
         if isinstance(r, Scale):
@@ -131,8 +135,8 @@ class Evaluator:
         if isinstance(r, Linear):
             first = torch_dtype(r.terms[0].dtype)
             cd = torch.float64 if first == torch.float64 else torch.float32
-            w = torch.tensor(r.weights, dtype=cd)
-            acc = torch.zeros(e1 - e0, dtype=cd)
+            w = torch.tensor(r.weights, dtype=cd, device=self.src.device)
+            acc = torch.zeros(e1 - e0, dtype=cd, device=self.src.device)
             for term, wi in zip(r.terms, w.unbind(0)):
                 acc.addcmul_(self.chunk(term, e0, e1), wi.reshape(1))
             if r.normalize:
@@ -178,8 +182,9 @@ class Evaluator:
         # Pass 1: whole-tensor statistics in float64, chunk by chunk.
         ssa = ssb = sab = 0.0
         n = r.numel
-        for e0 in range(0, n, CHUNK_ELEMENTS):
-            e1 = min(n, e0 + CHUNK_ELEMENTS)
+        step = self.src.chunk_elements
+        for e0 in range(0, n, step):
+            e1 = min(n, e0 + step)
             x = self.chunk(r.a, e0, e1).to(torch.float64)
             y = self.chunk(r.b, e0, e1).to(torch.float64)
             ssa += float(torch.dot(x, x))
@@ -194,9 +199,11 @@ class Evaluator:
         t = torch.tensor(r.t, dtype=cd)
         linear = dot.abs() > SLERP_DOT_THRESHOLD
         theta = torch.acos(torch.where(linear, torch.zeros((), dtype=cd), dot))
+        # (coefficients are computed on the host, so every device gets the same two numbers)
         sin_theta = torch.sin(theta)
         coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
         coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+        coef_a, coef_b = coef_a.to(self.src.device), coef_b.to(self.src.device)
         self._slerp[r] = (coef_a, coef_b)
         return coef_a, coef_b
 
@@ -210,7 +217,8 @@ class Evaluator:
             g = torch.Generator().manual_seed(r.block_seed(b))
             block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
             parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
-        return torch.cat(parts).to(torch_dtype(r.dtype))
+        # drawn on the host: the same values whatever the device
+        return torch.cat(parts).to(torch_dtype(r.dtype)).to(self.src.device)
 
 
 def _nuslerp(r: Nuslerp, a, b, base):
@@ -388,9 +396,10 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
     isz = itemsize(r.dtype)
     n = r.numel
     whole = ev.full(r).reshape(-1) if r.needs_whole() else None
-    for e0 in range(0, n, CHUNK_ELEMENTS):
-        e1 = min(n, e0 + CHUNK_ELEMENTS)
-        x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous()
+    step = srcs.chunk_elements
+    for e0 in range(0, n, step):
+        e1 = min(n, e0 + step)
+        x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous().cpu()
         assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
         _pwrite_all(fd, x.view(-1).view(torch_dtype("U8")).numpy(), pos + e0 * isz, where)
         progress.add((e1 - e0) * isz, e1 == n)
@@ -457,8 +466,49 @@ def _check_space(folder: Path, need: int):
                           fix="free disk space or choose an output folder on a larger disk")
 
 
+def resolve_device(device: str | None) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu; cuda[:N] is checked."""
+    device = device or "auto"
+    if device == "cpu":
+        return "cpu"
+    valid = re.fullmatch(r"auto|cuda(:\d+)?", device)
+    if not valid:
+        raise OutputError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise OutputError(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__})",
+                          fix="use --device cpu (or auto), or install a CUDA build of torch")
+    idx = int(device.split(":")[1]) if ":" in device else 0
+    if idx >= torch.cuda.device_count():
+        raise OutputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible",
+                          fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+BYTES_PER_CHUNK_ELEMENT = 64  # working set of one compute slot per element: inputs, float32/64 temporaries
+
+
+def plan_memory(program: Program, max_memory: int | None, slots: int, device: str) -> int:
+    """Elements per chunk so that `slots` concurrent computed tensors fit `max_memory` bytes; a
+    recipe that needs whole tensors (nuslerp, plugin kernels) larger than that is an error."""
+    if max_memory is None:
+        return CHUNK_ELEMENTS if device == "cpu" else CHUNK_ELEMENTS * 16
+    chunk = max(1 << 12, min(1 << 26, max_memory // (slots * BYTES_PER_CHUNK_ELEMENT)))
+    for t in program.tensors:
+        if t.recipe.needs_whole():
+            need = sum(i.nbytes for i in t.recipe.inputs()) * 3
+            if need > max_memory:
+                raise OutputError(f"{t.name} is computed on whole tensors ({t.recipe.describe()[:60]}...), which needs about "
+                                  f"{need:,} bytes, over --max-memory {max_memory:,}",
+                                  fix=f"raise --max-memory to at least {need:,} bytes")
+    return chunk
+
+
 def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
-            workers: int | None = None) -> Result:
+            workers: int | None = None, device: str | None = None, max_memory: int | None = None) -> Result:
     import time
 
     t0 = time.perf_counter()
@@ -478,7 +528,9 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     workers = workers or 8
     show = progress if progress is not None else sys.stderr.isatty()
     bar = Progress(program.bytes_out, len(program.tensors), show)
-    srcs = Sources(compute_slots=max(1, min(workers, cpus)))
+    dev = resolve_device(device) if any(not _is_raw(t) for t in program.tensors) else "cpu"
+    slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
+    srcs = Sources(compute_slots=slots, device=dev, chunk_elements=plan_memory(program, max_memory, slots, dev))
     ok = False
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:

@@ -1,0 +1,65 @@
+"""--device and --max-memory: the same bytes on every device and under any memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+
+from .conftest import load_tensors, write_plan
+from .test_mergekit_compat import within_ulps
+
+MIXED = """
+models: {{a: {a}, b: {b}}}
+steps:
+  - merge: {{method: slerp, models: [a, b], t: [0, 1]}}
+  - merge: {{method: linear, models: [a, b], weights: [0.2, 0.9], layers: [0, 2]}}
+  - merge: {{method: nuslerp, models: [a, b], weights: [0.3, 0.7], layers: [2, 4]}}
+  - expand: {{groups: 4, init: random, std: 0.05, seed: 3}}
+  - take: {{model: a, layers: [1, 3]}}
+output: {{dtype: bfloat16}}
+"""
+
+
+@pytest.fixture
+def mixed_plan(models, tmp_path):
+    return write_plan(tmp_path, MIXED.format(a=models("llama"), b=models("llama", noise=0.02)))
+
+
+def test_cpu_device_and_memory_bound_give_the_same_bytes(mixed_plan, tmp_path):
+    ref = load_tensors(surgery.apply(mixed_plan, tmp_path / "ref", progress=False).path)
+    cpu = load_tensors(surgery.apply(mixed_plan, tmp_path / "cpu", progress=False, device="cpu").path)
+    small = load_tensors(surgery.apply(mixed_plan, tmp_path / "small", progress=False, max_memory=300_000).path)
+    for k in ref:
+        assert torch.equal(cpu[k].view(torch.uint8), ref[k].view(torch.uint8)), k
+        assert torch.equal(small[k].view(torch.uint8), ref[k].view(torch.uint8)), k
+
+
+def test_whole_tensor_recipes_over_the_memory_bound_are_refused(mixed_plan, tmp_path):
+    r = CliRunner().invoke(main, ["apply", str(mixed_plan), "-o", str(tmp_path / "o"), "--max-memory", "20KB"])
+    assert r.exit_code == 1 and "computed on whole tensors" in r.output and "raise --max-memory" in r.output
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["apply", str(mixed_plan), "-o", str(tmp_path / "o"), "--max-memory", "lots"])
+    assert r.exit_code == 1 and "--max-memory" in r.output and "not a size" in r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(mixed_plan, tmp_path):
+    for dev, msg in (("cuda", "torch sees no CUDA GPU"), ("tpu", "unknown device 'tpu'")):
+        r = CliRunner().invoke(main, ["apply", str(mixed_plan), "-o", str(tmp_path / "o"), "--device", dev])
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the accelerator machine)")
+def test_gpu_matches_cpu(mixed_plan, tmp_path):
+    cpu = load_tensors(surgery.apply(mixed_plan, tmp_path / "cpu", progress=False, device="cpu").path)
+    gpu = load_tensors(surgery.apply(mixed_plan, tmp_path / "gpu", progress=False, device="cuda").path)
+    assert sorted(cpu) == sorted(gpu)
+    for k in cpu:
+        if k.startswith(("model.layers.12.", "model.layers.13.")):  # the last take: copies, bitwise
+            assert torch.equal(cpu[k], gpu[k]), k
+        else:
+            assert within_ulps(cpu[k], gpu[k]), k
