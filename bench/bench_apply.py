@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark `surgery apply` against the disk (`cp -r`) and against mergekit, in one run.
 
-    python bench/bench_apply.py --size small          # fits a 2-core laptop-class machine in minutes
-    python bench/bench_apply.py --size 8b             # the real thing: a Llama-3-8B-shaped bf16 checkpoint
+    python bench/bench_apply.py --size small                 # every case at 1/16 size: minutes on 2 cores
+    python bench/bench_apply.py --size full                  # 8B and 1.7B shapes (the targets)
+    python bench/bench_apply.py --size full --device cuda    # on a GPU machine; mergekit gets --cuda
+    python bench/bench_apply.py --size 8b --only solar       # one case
+
+Cases: SOLAR DUS 32 -> 48 and LLaMA Pro 32 -> 40 of the 8B shape; Gstack 4x of the 1.7B shape's
+first 6 layers; gradient slerp and linear of two 1.7B-shaped models. mergekit runs the
+equivalent config (for LLaMA Pro and Gstack, the one `surgery export --mergekit` writes).
 
 Builds a synthetic Llama-shaped bf16 checkpoint (names, shapes and dtypes of the real model;
 random values), then times, each in a fresh process with its peak RSS taken from wait4():
@@ -41,7 +47,11 @@ SIZES_BENCH = {
     "1.7b": (2048, 24, 8192, 128256, 16, 8, True),
     # 32 layers like the 8B model, so the same plans apply, at about 1/16 of the bytes
     "small": (1024, 32, 3584, 32000, 8, 2, False),
+    # 24 layers and tied embeddings like the 1.7B model, at about 1/16 of the bytes
+    "small-1.7b": (512, 24, 2048, 32000, 8, 4, True),
 }
+# --size picks the two shapes the suite needs: (8B-like, 1.7B-like)
+SUITES = {"full": ("8b", "1.7b"), "small": ("small", "small-1.7b"), "8b": ("8b", None), "1.7b": (None, "1.7b")}
 
 
 def folder_bytes(p: Path) -> int:
@@ -49,57 +59,77 @@ def folder_bytes(p: Path) -> int:
 
 
 def timed(cmd: list[str], env=None) -> dict:
+    stats = Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp")) / f".stats-{os.getpid()}.json"
+    stats.unlink(missing_ok=True)
+    env = {**os.environ, "SURGERY_STATS": str(stats), **(env or {})}
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     rc = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "rc": rc, "stderr_tail": err[-800:] if rc else ""}
+    gpu = json.loads(stats.read_text()).get("peak_gpu_mb") if stats.exists() else None
+    return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "peak_gpu_mb": gpu, "rc": rc,
+            "stderr_tail": err[-800:] if rc else ""}
 
 
-def cases(src: Path, n_layers: int, other: Path | None = None) -> dict[str, tuple[str, str | None]]:
-    """name -> (surgery plan or mergekit config, the mergekit config to compare against or None)."""
-    m = n_layers // 4  # SOLAR: 32 -> 48 trims 8
-    solar = (f"models: {{base: {src}}}\nsteps:\n  - take: {{model: base}}\n  - dus: {{trim: {m}}}\n",
-             f"slices:\n  - sources: [{{model: {src}, layer_range: [0, {n_layers - m}]}}]\n"
-             f"  - sources: [{{model: {src}, layer_range: [{m}, {n_layers}]}}]\nmerge_method: passthrough\ndtype: bfloat16\n")
-    out = {f"solar-dus {n_layers}->{2 * (n_layers - m)}": solar}
-    if other is not None:
-        # mergekit's gradient-slerp example, run unchanged by both tools
-        slerp = (f"slices:\n  - sources:\n      - {{model: {src}, layer_range: [0, {n_layers}]}}\n"
-                 f"      - {{model: {other}, layer_range: [0, {n_layers}]}}\nmerge_method: slerp\nbase_model: {src}\n"
+def cases(big: Path | None, mid: Path | None, mid_b: Path | None, big_layers: int, device: str):
+    """(name, surgery input (plan or mergekit config), mergekit config or None, mergekit extra args)."""
+    out = []
+    if big is not None:
+        n, m = big_layers, big_layers // 4
+        out.append((f"solar-dus {n}->{2 * (n - m)}", "solar",
+                    f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - dus: {{trim: {m}}}\n",
+                    f"slices:\n  - sources: [{{model: {big}, layer_range: [0, {n - m}]}}]\n"
+                    f"  - sources: [{{model: {big}, layer_range: [{m}, {n}]}}]\nmerge_method: passthrough\ndtype: bfloat16\n"))
+        out.append((f"llama-pro {n}->{n + n // 4}", "llamapro",
+                    f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - expand: {{groups: {n // 4}, init: identity}}\n"
+                    "post_from: last\n", "export"))
+    if mid is not None:
+        out.append(("gstack 4x first 6 layers", "gstack",
+                    f"models: {{small: {mid}}}\nsteps:\n  - take: {{model: small, layers: [0, 6]}}\n  - stack: {{times: 4}}\n"
+                    "post_from: last\n", "export"))
+        slerp = (f"slices:\n  - sources:\n      - {{model: {mid}, layer_range: [0, 24]}}\n"
+                 f"      - {{model: {mid_b}, layer_range: [0, 24]}}\nmerge_method: slerp\nbase_model: {mid}\n"
                  "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
                  "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\ndtype: bfloat16\n")
-        out["gradient-slerp (mergekit config)"] = (slerp, slerp)
+        out.append((f"gradient-slerp ({device})", "slerp", slerp, slerp))
+        linear = (f"models:\n  - {{model: {mid}, parameters: {{weight: 0.5}}}}\n  - {{model: {mid_b}, parameters: {{weight: 0.5}}}}\n"
+                  "merge_method: linear\ndtype: bfloat16\n")
+        out.append((f"linear ({device})", "linear", linear, linear))
     return out
+
+
+def build(folder: Path, shape: tuple, seed: int):
+    if not (folder / "model.safetensors.index.json").exists():
+        print(f"building synthetic checkpoint {shape} in {folder} ...", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run([sys.executable, "-c", "import sys; from surgery.synthetic import write_synthetic_llama as w; "
+                        f"w(sys.argv[1], {shape!r}, seed={seed})", str(folder)], check=True, cwd=HERE.parent)
+    return folder
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES_BENCH), default="small")
+    ap.add_argument("--size", choices=sorted(SUITES), default="small",
+                    help="full: 8B and 1.7B shapes (the targets); small: the same cases at 1/16 size")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")))
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per command (the best is reported)")
     ap.add_argument("--cold", action="store_true", help="do not warm the page cache first")
     ap.add_argument("--no-mergekit", action="store_true")
-    ap.add_argument("--only", choices=["solar", "slerp"], default=None, help="run one case (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated case keys: solar, llamapro, gstack, slerp, linear")
+    ap.add_argument("--device", default="cpu", help="device for surgery's computed recipes (cpu, cuda); mergekit gets --cuda")
     args = ap.parse_args()
 
-    work = args.work / args.size
-    src, other = work / "src", work / "src-b"
-    for folder, seed in ((src, 0), (other, 1)):
-        if args.only == "solar" and folder == other:
-            continue
-        if not (folder / "model.safetensors.index.json").exists():
-            print(f"building synthetic {args.size} checkpoint in {folder} ...", flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            subprocess.run([sys.executable, "-c", "import sys; from surgery.synthetic import write_synthetic_llama as w; "
-                            f"w(sys.argv[1], {SIZES_BENCH[args.size]!r}, seed={seed})", str(folder)], check=True, cwd=HERE.parent)
-    in_bytes = folder_bytes(src)
-    n_layers = SIZES_BENCH[args.size][1]
+    big_size, mid_size = SUITES[args.size]
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda *keys: only is None or any(k in only for k in keys)  # noqa: E731
+    work = args.work
+    big = build(work / big_size / "src", SIZES_BENCH[big_size], 0) if big_size and want("solar", "llamapro") else None
+    mid = build(work / mid_size / "src", SIZES_BENCH[mid_size], 0) if mid_size and want("gstack", "slerp", "linear") else None
+    mid_b = build(work / mid_size / "src-b", SIZES_BENCH[mid_size], 1) if mid_size and want("slerp", "linear") else None
     mergekit = shutil.which("mergekit-yaml") if not args.no_mergekit else None
     results = []
-
     def run(label: str, kind: str, cmd: list[str], out: Path | None, baseline_bytes: int | None = None):
         best = None
         for k in range(args.repeat + (0 if args.cold else 1)):
@@ -122,45 +152,53 @@ def main():
               f"{(row['gb_per_s'] or 0):6.2f} GB/s", flush=True)
         return row
 
-    print(f"input: {in_bytes / 1e9:.2f} GB, {n_layers} layers ({args.size})", flush=True)
-    if args.only != "slerp":
-        run("read inputs", "cat", ["sh", "-c", f"cat {src}/*.safetensors > /dev/null"], None, in_bytes)
-        run("copy source", "cp -r", ["cp", "-r", str(src), str(work / "cp-out")], work / "cp-out")
-    for name, (plan_text, mk_text) in cases(src, n_layers, None if args.only == "solar" else other).items():
-        slug = name.split()[0]
-        if args.only and not slug.startswith({"solar": "solar", "slerp": "gradient"}[args.only]):
+    if big is not None:
+        in_bytes = folder_bytes(big)
+        print(f"8B-like input: {in_bytes / 1e9:.2f} GB", flush=True)
+        run("read inputs", "cat", ["sh", "-c", f"cat {big}/*.safetensors > /dev/null"], None, in_bytes)
+        run("copy source", "cp -r", ["cp", "-r", str(big), str(work / "cp-out")], work / "cp-out")
+        shutil.rmtree(work / "cp-out", ignore_errors=True)
+    scratch = work / "runs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    n_big = SIZES_BENCH[big_size][1] if big_size else 0
+    for name, key, text, mk_text in cases(big, mid, mid_b, n_big, args.device):
+        if not want(key):
             continue
-        plan = work / f"{slug}.yaml"  # surgery reads plans and mergekit configs alike
-        plan.write_text(plan_text)
-        out = work / f"{slug}-surgery"
-        s = run(name, "surgery", [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force"], out)
+        plan = scratch / f"{key}.yaml"  # surgery reads plans and mergekit configs alike
+        plan.write_text(text)
+        out = scratch / f"{key}-surgery"
+        s = run(name, "surgery", [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force",
+                                  "--device", args.device], out)
         shutil.rmtree(out, ignore_errors=True)
+        if mk_text == "export":  # the equivalent mergekit config, written by surgery itself
+            p = subprocess.run([sys.executable, "-m", "surgery.cli", "export", "--mergekit", str(plan)],
+                               capture_output=True, text=True, check=True)
+            mk_text = p.stdout
         if mergekit and mk_text:
-            cfg = work / f"{slug}-mergekit.yml"
+            cfg = scratch / f"{key}-mergekit.yml"
             cfg.write_text(mk_text)
-            mout = work / f"{slug}-mergekit"
-            m = run(name, "mergekit", [mergekit, str(cfg), str(mout), "--allow-crimes"], mout)
+            mout = scratch / f"{key}-mergekit"
+            m = run(name, "mergekit", [mergekit, str(cfg), str(mout)] + (["--cuda"] if args.device != "cpu" else []), mout)
             shutil.rmtree(mout, ignore_errors=True)
             if not m["rc"] and not s["rc"]:
                 s["speedup_vs_mergekit"] = m["wall_s"] / s["wall_s"]
-    shutil.rmtree(work / "cp-out", ignore_errors=True)
-
     cp = next((r for r in results if r["tool"] == "cp -r"), None)
     for r in results:
         if cp and r["tool"] == "surgery" and r.get("gb_per_s"):
             r["gb_per_s_vs_cp"] = r["gb_per_s"] / cp["gb_per_s"]
-    meta = {"size": args.size, "input_bytes": in_bytes, "when": dt.datetime.now().isoformat(timespec="seconds"),
+    meta = {"size": args.size, "device": args.device, "when": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "page_cache": "cold (first run)" if args.cold else "warm (one untimed run first)", "results": results}
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / f"{args.size}-{stamp}.json").write_text(json.dumps(meta, indent=2))
-    lines = [f"# surgery apply benchmark ({args.size}, {in_bytes / 1e9:.2f} GB input, {meta['page_cache']})", "",
-             "| case | tool | wall s | GB/s out | peak RSS MB | vs cp (GB/s) | speed-up vs mergekit |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"# surgery apply benchmark ({args.size}, device {args.device}, {meta['page_cache']})", "",
+             "| case | tool | wall s | GB/s out | peak RSS MB | peak GPU MB | vs cp (GB/s) | speed-up vs mergekit |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r['case']} | {r['tool']} | {r['wall_s']:.2f} | {(r['gb_per_s'] or 0):.2f} | {r['peak_rss_mb']:.0f} | "
+        gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
+        lines.append(f"| {r['case']} | {r['tool']} | {r['wall_s']:.2f} | {(r['gb_per_s'] or 0):.2f} | {r['peak_rss_mb']:.0f} | {gpu} | "
                      f"{r.get('gb_per_s_vs_cp', float('nan')):.2f} | {r.get('speedup_vs_mergekit', float('nan')):.2f} |")
     md = "\n".join(lines) + "\n"
     (out_dir / f"{args.size}-{stamp}.md").write_text(md)

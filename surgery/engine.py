@@ -357,6 +357,14 @@ def _is_raw(t: OutTensor) -> bool:
     return isinstance(t.recipe, Read) and t.recipe.src.in_memory is None
 
 
+def _is_zero(t: OutTensor) -> bool:
+    """All-zero tensors need no writing: the shard is sized with ftruncate, which reads as zeros."""
+    r = t.recipe
+    while isinstance(r, Cast):
+        r = r.inner
+    return isinstance(r, Zeros)
+
+
 def copy_pieces(tensors: list[tuple[OutTensor, int]], piece: int = COPY_CHUNK) -> list[tuple[Path, int, int, int, int]]:
     """Raw-copy work for (tensor, output offset) pairs, in output order: runs of tensors that are
     byte-contiguous in the same source file become one range, then ranges are cut into pieces of
@@ -415,14 +423,18 @@ def write_shard(shard: Shard, folder: Path, srcs: Sources, pool: ThreadPoolExecu
     try:
         total = len(head) + shard.nbytes
         try:
-            os.ftruncate(fd, total)  # sized up front: holes are filled by pwrite in any order
+            os.ftruncate(fd, total)  # sized up front: holes are filled by pwrite in any order (zeros stay holes)
         except OSError as e:
             raise _write_error(e, where, total) from None
         _pwrite_all(fd, head, 0, where)
         base = len(head)
         placed = [(t, base + off) for t, off in zip(shard.tensors, offsets)]
         # computed tensors first (they take longest), then the raw copies in coalesced pieces
-        futures = [pool.submit(_write_tensor, t, fd, pos, srcs, progress, where) for t, pos in placed if not _is_raw(t)]
+        for t, _ in placed:
+            if _is_zero(t):
+                progress.add(t.nbytes, True)
+        futures = [pool.submit(_write_tensor, t, fd, pos, srcs, progress, where) for t, pos in placed
+                   if not _is_raw(t) and not _is_zero(t)]
         futures += [pool.submit(_copy_piece, p, fd, srcs, progress, where)
                     for p in copy_pieces([(t, pos) for t, pos in placed if _is_raw(t)])]
         for f in futures:
@@ -528,7 +540,7 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     workers = workers or 8
     show = progress if progress is not None else sys.stderr.isatty()
     bar = Progress(program.bytes_out, len(program.tensors), show)
-    dev = resolve_device(device) if any(not _is_raw(t) for t in program.tensors) else "cpu"
+    dev = resolve_device(device) if any(not _is_raw(t) and not _is_zero(t) for t in program.tensors) else "cpu"
     slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
     srcs = Sources(compute_slots=slots, device=dev, chunk_elements=plan_memory(program, max_memory, slots, dev))
     ok = False
@@ -552,6 +564,14 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
         srcs.close()
         if not ok:
             shutil.rmtree(staging, ignore_errors=True)
+    if os.environ.get("SURGERY_STATS"):  # for bench/: what a process cannot see from outside
+        peak = None
+        if dev != "cpu":
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        Path(os.environ["SURGERY_STATS"]).write_text(json.dumps({"device": dev, "peak_gpu_mb": peak,
+                                                                 "chunk_elements": srcs.chunk_elements}))
     return Result(out, program.num_layers, program.num_params, program.bytes_out, [s.name for s in program.shards],
                   time.perf_counter() - t0, program.new_layers)
 

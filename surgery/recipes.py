@@ -30,8 +30,13 @@ class Recipe:
 
     whole_tensor = False  # True: needs whole input tensors at once (not chunkable)
 
-    def inputs(self) -> tuple[TensorInfo, ...]:
+    def children(self) -> tuple["Recipe", ...]:
+        """The recipes this one is made from."""
         return ()
+
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        """The source tensors this recipe reads."""
+        return tuple(i for c in self.children() for i in c.inputs())
 
     def needs_whole(self) -> bool:
         return any(r.whole_tensor for r in leaves(self))
@@ -69,36 +74,34 @@ class Zeros(Recipe):
 
 
 @dataclass(frozen=True)
-class Cast(Recipe):
+class Unary(Recipe):
+    """A recipe applied elementwise to one other recipe's output."""
+
     inner: Recipe
-    dtype: str
 
     @property
     def shape(self):
         return self.inner.shape
 
-    def inputs(self):
-        return self.inner.inputs()
+    def children(self):
+        return (self.inner,)
+
+
+@dataclass(frozen=True)
+class Cast(Unary):
+    dtype: str
 
     def describe(self) -> str:
         return f"{self.inner.describe()} as {self.dtype}"
 
 
 @dataclass(frozen=True)
-class Scale(Recipe):
-    inner: Recipe
+class Scale(Unary):
     factor: float
-
-    @property
-    def shape(self):
-        return self.inner.shape
 
     @property
     def dtype(self):
         return self.inner.dtype
-
-    def inputs(self):
-        return self.inner.inputs()
 
     def describe(self) -> str:
         return f"{self.factor:g} x ({self.inner.describe()})"
@@ -121,8 +124,8 @@ class Linear(Recipe):
     def dtype(self):
         return self.terms[0].dtype
 
-    def inputs(self):
-        return tuple(i for t in self.terms for i in t.inputs())
+    def children(self):
+        return self.terms
 
     def describe(self) -> str:
         parts = " + ".join(f"{w:g}*{t.describe().removeprefix('copy ')}" for w, t in zip(self.weights, self.terms))
@@ -146,8 +149,8 @@ class Slerp(Recipe):
     def dtype(self):
         return self.a.dtype
 
-    def inputs(self):
-        return self.a.inputs() + self.b.inputs()
+    def children(self):
+        return (self.a, self.b)
 
     def describe(self) -> str:
         return f"slerp({self.a.describe().removeprefix('copy ')}, {self.b.describe().removeprefix('copy ')}, t={self.t:g})"
@@ -175,8 +178,8 @@ class Nuslerp(Recipe):
     def dtype(self):
         return self.a.dtype
 
-    def inputs(self):
-        return self.a.inputs() + self.b.inputs() + (self.base.inputs() if self.base else ())
+    def children(self):
+        return (self.a, self.b) + ((self.base,) if self.base is not None else ())
 
     def describe(self) -> str:
         return f"nuslerp({self.a.describe().removeprefix('copy ')}, {self.b.describe().removeprefix('copy ')}, weights={self.weights})"
@@ -202,8 +205,8 @@ class External(Recipe):
     def shape(self):
         return self.terms[0].shape
 
-    def inputs(self):
-        return tuple(i for t in self.terms for i in t.inputs())
+    def children(self):
+        return self.terms
 
     def describe(self) -> str:
         return f"{self.method}({', '.join(t.describe().removeprefix('copy ') for t in self.terms)})"
@@ -231,8 +234,8 @@ class VocabPermute(Recipe):
     def dtype(self):
         return self.terms[self.index].dtype
 
-    def inputs(self):
-        return tuple(i for t in self.terms for i in t.inputs())
+    def children(self):
+        return self.terms
 
     def describe(self) -> str:
         return f"{self.terms[self.index].describe()} realigned to the merged vocabulary ({self.rows} tokens)"
@@ -260,11 +263,5 @@ class RandomNormal(Recipe):
 
 
 def leaves(r: Recipe) -> list[Recipe]:
-    """Every recipe inside `r`, `r` included (for walking and tests)."""
-    out = [r]
-    for attr in ("inner", "a", "b", "base"):
-        if getattr(r, attr, None) is not None:
-            out += leaves(getattr(r, attr))
-    for t in getattr(r, "terms", ()):
-        out += leaves(t)
-    return out
+    """Every recipe inside `r`, `r` included."""
+    return [r] + [x for c in r.children() for x in leaves(c)]
