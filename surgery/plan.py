@@ -496,7 +496,7 @@ def _real_path(data: Any, loc: tuple) -> tuple:
             cur = cur[part]
         elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
             cur = cur[part]
-        elif isinstance(cur, dict) and isinstance(part, str) and part not in cur and not out[-1:] == [part]:
+        elif isinstance(cur, dict) and isinstance(part, str):
             out.append(part)  # a missing or unknown key: still name it
             break
         else:
