@@ -33,7 +33,7 @@ def validate(plan: Plan | str | Path, *, allow_pickle: bool = False) -> Report:
 
 def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,
           allow_pickle: bool = False, workers: int | None = None, seed: int | None = None, device: str | None = None,
-          max_memory: int | None = None) -> Result:
+          max_memory: int | None = None, resume: bool = False) -> Result:
     """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`).
     `seed` overrides the plan's seed for random merge methods; `device` (auto, cpu, cuda, cuda:N)
     is where computed tensors are made (copies never leave the host); `max_memory` (bytes) bounds
@@ -50,7 +50,8 @@ def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool
         out = p.body.output.path
         out = Path(out) if Path(out).is_absolute() else p.base_dir / out
     program = compile_plan(p, allow_pickle=allow_pickle)
-    return execute(program, out, force=force, progress=progress, workers=workers, device=device, max_memory=max_memory)
+    return execute(program, out, force=force, progress=progress, workers=workers, device=device, max_memory=max_memory,
+                   resume=resume)
 
 
 def inspect_model(ref: str | Path, *, allow_pickle: bool = False) -> dict:

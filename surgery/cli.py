@@ -36,7 +36,7 @@ def _user_errors(fn):
             click.echo(f"error: {e}".replace("\n", "\n  "), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; no output was completed (partial files were removed)", err=True)
+            click.echo("interrupted; no output was completed (`surgery apply --resume` continues it)", err=True)
             sys.exit(130)
     return wrapper
 
@@ -94,8 +94,9 @@ def main():
 @click.option("--device", default="auto", show_default=True,
               help="Where merges, casts and random init run: auto, cpu, cuda, cuda:N. Copies never touch the device.")
 @click.option("--max-memory", default=None, help="Bound on the compute working set, e.g. 2GB (chunks shrink to fit).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards that match the plan are kept.")
 @_user_errors
-def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory):
+def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory, resume):
     """Apply PLAN and write the new checkpoint.
 
     The output is built in a hidden side folder and renamed into place when complete, with
@@ -112,7 +113,7 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
     except ValueError as e:
         raise SurgeryError(f"--max-memory: {e}") from None
     res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,
-                   seed=seed, device=device, max_memory=limit)
+                   seed=seed, device=device, max_memory=limit, resume=resume)
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
         click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
@@ -189,6 +190,22 @@ def export(plan, fmt, out, force):
         raise OutputError(f"{out} already exists", fix="pass --force to replace it")
     out.write_text(text)
     click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@_user_errors
+def verify(out):
+    """Check an output folder: every shard's header against the index and against the sizes and
+    header hashes recorded in surgery.json. Exit 0 when whole, 1 with the problems listed."""
+    from .verify import verify_output
+
+    problems = verify_output(out)
+    if problems:
+        from .errors import OutputError
+
+        raise OutputError(problems)
+    click.echo(f"ok: {out} is complete and matches its surgery.json")
 
 
 @main.command()

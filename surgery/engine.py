@@ -519,8 +519,45 @@ def plan_memory(program: Program, max_memory: int | None, slots: int, device: st
     return chunk
 
 
+RECORD = ".surgery-shards.json"  # in the partial folder only: what each shard must be, for --resume
+
+
+def _shard_record(program: Program) -> dict:
+    """Each shard's name, size and header hash: enough to recognise a finished shard of this program."""
+    shards = []
+    for s in program.shards:
+        head, _ = shard_header(s, {"format": "pt", "producer": f"surgery {__version__}"})
+        shards.append({"name": s.name, "bytes": len(head) + s.nbytes, "tensors": len(s.tensors),
+                       "header_sha256": hashlib.sha256(head[8:]).hexdigest()})
+    return {"surgery_version": __version__, "shards": shards}
+
+
+def _resumable(staging: Path, record: dict) -> dict[str, dict]:
+    """Shards of an interrupted run that are whole and match this program (name, size, header)."""
+    try:
+        old = json.loads((staging / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    if old != record:
+        return {}  # a different plan, sources or version: start over
+    kept = {}
+    for info in record["shards"]:
+        f = staging / info["name"]
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            continue
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if hashlib.sha256(fh.read(n)).hexdigest() != info["header_sha256"]:
+                continue
+        kept[info["name"]] = info
+    for leftover in staging.glob("*.tmp"):
+        leftover.unlink()
+    return kept
+
+
 def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
-            workers: int | None = None, device: str | None = None, max_memory: int | None = None) -> Result:
+            workers: int | None = None, device: str | None = None, max_memory: int | None = None,
+            resume: bool = False) -> Result:
     import time
 
     t0 = time.perf_counter()
@@ -530,9 +567,16 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     parent.mkdir(parents=True, exist_ok=True)
     _check_space(parent, program.bytes_out + (1 << 20))
     staging = parent / f".{out.name}.surgery-partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # a previous run of ours was interrupted; it never looked complete
-    staging.mkdir()
+    plan_record = _shard_record(program)
+    kept = _resumable(staging, plan_record) if resume else {}
+    if resume and not kept and not staging.exists():
+        raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
+                          fix="run without --resume")
+    if not kept:
+        if staging.exists():
+            shutil.rmtree(staging)  # a previous run of ours was interrupted; it never looked complete
+        staging.mkdir()
+        _atomic_write(staging / RECORD, json.dumps(plan_record))
     # Copies are bound by I/O latency, not cores: 8 threads (measured: 1 thread is 3x slower than
     # 2, and 8 beat 4 by ~10% on a 2-core machine writing 24 GB). Computed tensors take at most
     # one slot per core, so memory stays bounded by cores x chunk.
@@ -543,11 +587,17 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     dev = resolve_device(device) if any(not _is_raw(t) and not _is_zero(t) for t in program.tensors) else "cpu"
     slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
     srcs = Sources(compute_slots=slots, device=dev, chunk_elements=plan_memory(program, max_memory, slots, dev))
-    ok = False
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:
-            shard_info = [write_shard(s, staging, srcs, pool, bar) for s in program.shards]
+            shard_info = []
+            for s in program.shards:
+                if s.name in kept:  # whole and checked against this program: keep it
+                    shard_info.append(kept[s.name])
+                    bar.add(s.nbytes)
+                else:
+                    shard_info.append(write_shard(s, staging, srcs, pool, bar))
         bar.close()
+        (staging / RECORD).unlink()
         _write_metadata(program, staging, shard_info)
         if out.exists():
             trash = parent / f".{out.name}.surgery-old"
@@ -558,12 +608,15 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out)
-        ok = True
+    except BaseException:
+        # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
+        # never complete-looking, for --resume.
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         bar.close()
         srcs.close()
-        if not ok:
-            shutil.rmtree(staging, ignore_errors=True)
     if os.environ.get("SURGERY_STATS"):  # for bench/: what a process cannot see from outside
         peak = None
         if dev != "cpu":

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 import surgery
+from click.testing import CliRunner
+
 from surgery import engine
+from surgery.cli import main
 from surgery.synthetic import write_synthetic_llama
 from surgery.tiny import logits
 
@@ -171,30 +174,91 @@ def test_hub_id_from_offline_cache(models, tmp_path, monkeypatch):
     assert not rep.valid and "not in the local cache and HF_HUB_OFFLINE is set" in rep.problems[0].what
 
 
-def test_killed_apply_never_leaves_a_complete_looking_folder(tmp_path):
-    """SIGKILL at random moments: an output folder with an index exists only when it is complete."""
+def test_killed_runs_resume_to_the_same_bytes(tmp_path):
+    """20 SIGKILLs at random moments, each run after the first with --resume: after every kill no
+    folder with an index exists unless complete, and the final output equals a clean run's bytes."""
     src = write_synthetic_llama(tmp_path / "src", (256, 8, 1024, 16000, 4, 2, False), dtype="float32")
     plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{expand: {{groups: 8, init: random}}}}]\n"
-                                "output: {dtype: bfloat16, shard_size: 8MB}\n")
+                                "output: {dtype: bfloat16, shard_size: 2MB}\n")
     out = tmp_path / "out"
-    rng = random.Random(0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force"]
+    base = [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-q", "--workers", "1"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(base + ["-o", str(tmp_path / "clean")], check=True, env=env)
     full = time.perf_counter() - t0
-    reference = load_tensors(out)
-    shutil.rmtree(out)
-    for _ in range(6):
-        p = subprocess.Popen(cmd, env=env)
-        time.sleep(rng.uniform(0.3, full))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        if (out / "model.safetensors.index.json").exists():
-            got = load_tensors(out)  # complete: every tensor is there and right
-            assert set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
+    reference = {f.name: f.read_bytes() for f in (tmp_path / "clean").glob("*.safetensors")}
+    assert len(reference) > 3
+    rng = random.Random(0)
+    kills, resumed_shards = 0, 0
+    while kills < 20:
+        staging = tmp_path / ".out.surgery-partial"
+        cmd = base + ["-o", str(out)] + (["--resume"] if staging.exists() else [])
+        p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        try:
+            # start-up (importing torch) takes most of a run: aim most kills at the writing
+            p.wait(timeout=full * (rng.uniform(0.05, 0.5) if kills % 4 == 0 else rng.uniform(0.5, 1.0)))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+        assert (out / "model.safetensors.index.json").exists() == out.exists()
+        assert not (staging / "model.safetensors.index.json").exists()
+        resumed_shards = max(resumed_shards, len(list(staging.glob("model-*.safetensors"))) if staging.exists() else 0)
+        if out.exists():  # finished: equal to the clean run, then start another cycle
+            assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
+            assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
             shutil.rmtree(out)
-        else:
-            assert not out.exists()
-        for leftover in tmp_path.glob(".out.surgery-partial"):
-            assert not (leftover / "model.safetensors.index.json").exists()
+    assert resumed_shards > 0  # some kills happened after shards were finished, so resume had work to keep
+    subprocess.run(base + ["-o", str(out)] + (["--resume"] if (tmp_path / ".out.surgery-partial").exists() else []),
+                   check=True, env=env)
+    assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
+    assert not (tmp_path / ".out.surgery-partial").exists()
+
+
+def test_resume_refuses_or_restarts_safely(models, tmp_path):
+    src = models("llama")
+    plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}]\noutput: {{shard_size: 40KB}}\n")
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "--resume"])
+    assert r.exit_code == 1 and "nothing to resume" in r.output
+    # a partial folder from another plan: its shards are not reused, the result is still right
+    staging = tmp_path / ".out.surgery-partial"
+    staging.mkdir()
+    (staging / ".surgery-shards.json").write_text('{"shards": []}')
+    (staging / "model-00001-of-00005.safetensors").write_bytes(b"junk")
+    res = surgery.apply(plan, tmp_path / "out", progress=False, resume=True)
+    assert CliRunner().invoke(main, ["verify", str(res.path)]).exit_code == 0
+
+
+def test_verify_finds_damage(models, tmp_path):
+    src = models("llama")
+    plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}]\noutput: {{shard_size: 40KB}}\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False).path
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    with open(shards[0], "r+b") as f:
+        f.truncate(f.seek(0, 2) - 10)
+    shards[1].unlink()
+    raw = bytearray(shards[2].read_bytes())
+    raw[12] ^= 1
+    shards[2].write_bytes(bytes(raw))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{shards[0].name}: has" in r.output and "surgery.json records" in r.output
+    assert f"{shards[1].name}: missing" in r.output and f"{shards[2].name}: header differs" in r.output
+
+
+def test_disk_full_names_the_file_and_leaves_nothing(models, tmp_path):
+    import resource
+
+    src = write_synthetic_llama(tmp_path / "src", (128, 4, 256, 4000, 4, 2, False), dtype="float32")
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{dus: {{trim: 1}}}}]\n")
+
+    def small_disk():  # every file this process writes is capped at 1 MB: EFBIG, like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    p = subprocess.run([sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, preexec_fn=small_disk)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "out of space writing" in p.stderr and "model-00001-of-00001.safetensors" in p.stderr and "bytes" in p.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.surgery-partial").exists()
