@@ -166,6 +166,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             problems.append(Problem(f"{where}: tensor {n1!r}", f"bytes [{b1}, {e1}) overlap tensor {n0!r} [{b0}, {e0})"))
+        elif b1 > e0:
+            problems.append(Problem(f"{where}: tensor {n1!r}", f"starts at byte {b1}, leaving a gap after tensor {n0!r} "
+                                    f"(ends at {e0}); safetensors data is contiguous"))
+    if not problems and spans and (spans[0][0] != 0 or spans[-1][1] != data_len):
+        problems.append(Problem(where, f"tensor data covers bytes [{spans[0][0]}, {spans[-1][1]}) of a {data_len}-byte data "
+                                "section; safetensors data is contiguous from 0 to the end of the file",
+                                "the file is corrupt or was appended to; download it again"))
     if problems:
         raise CheckpointError(problems)
     return tensors, raw

@@ -145,6 +145,10 @@ def _first(h):
     (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[-1, 4])), "invalid shape [-1, 4]"),
     (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[3, 3])), "does not match dtype"),
     (lambda p: p.write_bytes(p.read_bytes()[:-100]), "the file is truncated"),
+    (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "safetensors data is contiguous"),
+    (lambda p: _rewrite_header(p, lambda h: h.pop(sorted((k for k in h if k != "__metadata__"),
+                                                         key=lambda k: h[k]["data_offsets"][0])[1])),
+     "leaving a gap after tensor"),
 ])
 def test_corrupt_safetensors_header(tmp_path, base, corrupt, message):
     corrupt(base / "model.safetensors")
@@ -168,6 +172,14 @@ def test_config_disagreeing_with_tensors(tmp_path, base):
     (base / "config.json").write_text(json.dumps(cfg))
     out = validate_error(tmp_path, f"models: {{base: {base}}}\nsteps: [{{take: {{model: base}}}}]\n")
     assert "num_hidden_layers = 6 but the tensors hold layers 0..3" in out
+
+
+def test_config_without_layer_count(tmp_path, base):
+    cfg = json.loads((base / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    out = validate_error(tmp_path, f"models: {{base: {base}}}\nsteps: [{{take: {{model: base}}}}]\n")
+    assert "config.json has no layer count (num_hidden_layers)" in out and "set num_hidden_layers: 4" in out
 
 
 def test_index_pointing_outside_the_folder(tmp_path, base):
