@@ -151,9 +151,26 @@ def _first(h):
      "leaving a gap after tensor"),
 ])
 def test_corrupt_safetensors_header(tmp_path, base, corrupt, message):
+    import resource
+
     corrupt(base / "model.safetensors")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = validate_error(tmp_path, f"models: {{base: {base}}}\nsteps: [{{take: {{model: base}}}}]\n")
     assert "model.safetensors" in out and message in out
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KB: nothing sized by the claim
+
+
+def test_free_space_is_checked_before_writing(tmp_path, base, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    plan = write_plan(tmp_path, f"models: {{base: {base}}}\nsteps: [{{take: {{model: base}}}}, {{stack: {{times: 2}}}}]\n")
+    need = surgery.validate(plan).program.bytes_out
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    r = run_cli("apply", plan, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and f"the output needs {need + (1 << 20):,} bytes but only 1,000 are free" in r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.surgery-partial").exists()
 
 
 def test_overlapping_offsets(tmp_path, base):
