@@ -9,7 +9,6 @@ layer stack registered in `OPS`, so a new operation is one function and one sche
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional

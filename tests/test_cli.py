@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import torch
 from click.testing import CliRunner
 
 import surgery

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 import surgery
