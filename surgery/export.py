@@ -17,22 +17,13 @@ import yaml
 from .checkpoint import dtype_name
 from .compile import LayerSpec, Program, merge_conditions
 from .errors import PlanError, Problem
+from .settings import to_mergekit as setting_yaml
 
 
 def _ref(program: Program, model: str) -> str:
     ck = program.ckpts[model]
     ref = ck.ref
     return ref if not ref.startswith((".", "/", "~")) and not (program.plan.base_dir / ref).exists() else str(ck.path)
-
-
-def _setting(conds) -> Any:
-    items = []
-    for c in conds:
-        v = list(c.value) if isinstance(c.value, tuple) else c.value
-        items.append({"filter": c.filter, "value": v} if c.filter is not None else {"value": v})
-    if len(items) == 1 and "filter" not in items[0]:
-        return items[0]["value"]
-    return items
 
 
 def _layer_scales(program: Program, spec: LayerSpec, index: int) -> dict[str, float]:
@@ -97,13 +88,13 @@ def to_mergekit(program: Program) -> dict:
             sources = []
             for k, (model, li) in enumerate(block[0].sources):
                 src: dict[str, Any] = {"model": _ref(program, model), "layer_range": [li, li + len(block)]}
-                params = {name: _setting(c) for name, c in per_source[k].items() if c}
+                params = {name: setting_yaml(c) for name, c in per_source[k].items() if c}
                 if params:
                     src["parameters"] = params
                 sources.append(src)
             sl: dict[str, Any] = {"sources": sources}
             if shared:
-                sl["parameters"] = {name: _setting(c) for name, c in shared.items()}
+                sl["parameters"] = {name: setting_yaml(c) for name, c in shared.items()}
             slices.append(sl)
             i = j
         cfg["merge_method"] = methods[0]
@@ -130,7 +121,7 @@ def to_mergekit(program: Program) -> dict:
             if scales:
                 src["parameters"] = {"scale": [{"filter": suffix, "value": f} for suffix, f in scales.items()]}
             elif s.take_scale:
-                src["parameters"] = {"scale": _setting(s.take_scale)}
+                src["parameters"] = {"scale": setting_yaml(s.take_scale)}
             slices.append({"sources": [src]})
             i = j
     cfg = {"slices": slices, **cfg}

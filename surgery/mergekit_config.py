@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError, Problem
-from .settings import as_conditions
+from .settings import to_mergekit
 from .yamlio import Located
 
 TOP_KEYS = {"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -66,20 +66,6 @@ def _name_for(path: str, taken: dict[str, str]) -> str:
     while name in taken and taken[name] != path:
         name, k = f"{base}_{k}", k + 1
     return name
-
-
-def _settings(*scopes: Any) -> Any:
-    """Concatenate mergekit parameter settings (most specific first) into one condition list."""
-    conds = []
-    for s in scopes:
-        for c in as_conditions(s):
-            value = list(c.value) if isinstance(c.value, tuple) else c.value
-            conds.append({"filter": c.filter, "value": value} if c.filter is not None else {"value": value})
-    if not conds:
-        return None
-    if len(conds) == 1 and "filter" not in conds[0]:
-        return conds[0]["value"]
-    return conds
 
 
 def translate(doc: Located) -> Located:
@@ -158,7 +144,7 @@ def translate(doc: Located) -> Located:
             step: dict[str, Any] = {"model": src[0]}
             if len(src) > 3:
                 step["layers"] = src[3]
-            scale = _settings(src[1].get("scale"), slice_params.get("scale"), top.get("scale"))
+            scale = to_mergekit(src[1].get("scale"), slice_params.get("scale"), top.get("scale"))
             if scale is not None:
                 step["scale"] = scale
             extra = sorted((set(src[1]) | set(slice_params) | set(top)) - {"scale"})
@@ -173,11 +159,11 @@ def translate(doc: Located) -> Located:
             item: dict[str, Any] = {"model": src[0]}
             if len(src) > 3:
                 item["layers"] = src[3]
-            params = {k: _settings(v) for k, v in src[1].items()}
+            params = {k: to_mergekit(v) for k, v in src[1].items()}
             if params:
                 item["parameters"] = params
             mitems.append(item)
-        shared = {k: _settings(slice_params.get(k), top.get(k)) for k in set(slice_params) | set(top)}
+        shared = {k: to_mergekit(slice_params.get(k), top.get(k)) for k in set(slice_params) | set(top)}
         step = {"method": method, "models": mitems}
         if sbase is not None:
             step["base"] = sbase

@@ -67,3 +67,17 @@ def resolve(conds: tuple[Cond, ...], tensor_name: str, t: float, default: Any = 
             if v is not None:
                 return v
     return default
+
+
+def to_mergekit(*settings: Optional[Any]) -> Any:
+    """Settings (most specific first) in mergekit's YAML form: a plain value when one unfiltered
+    value is all there is, else a list of {filter, value}; None when there is nothing."""
+    items = []
+    for c in conditions_of(*settings):
+        value = list(c.value) if isinstance(c.value, tuple) else c.value
+        items.append({"filter": c.filter, "value": value} if c.filter is not None else {"value": value})
+    if not items:
+        return None
+    if len(items) == 1 and "filter" not in items[0]:
+        return items[0]["value"]
+    return items
