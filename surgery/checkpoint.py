@@ -178,6 +178,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     return tensors, raw
 
 
+def header_sha256(path: Path) -> str | None:
+    """sha256 of a safetensors file's header bytes (what surgery.json records per shard); None when
+    the length field is unreadable, over the header limit or past the end of the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                return None
+            return hashlib.sha256(f.read(n)).hexdigest()
+    except OSError:
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # folders and refs
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .checkpoint import TensorInfo, dtype_name, itemsize
+from .checkpoint import TensorInfo, dtype_name, header_sha256, itemsize
 from .compile import OutTensor, Program, Shard
 from .errors import OutputError
 from .recipes import Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros
@@ -415,8 +415,10 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
         progress.add(0, True)
 
 
-def write_shard(shard: Shard, folder: Path, srcs: Sources, pool: ThreadPoolExecutor, progress: Progress) -> dict:
-    head, offsets = shard_header(shard, {"format": "pt", "producer": f"surgery {__version__}"})
+def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor,
+                progress: Progress) -> dict:
+    """Write one shard: `header` is `shard_header(shard, ...)`, computed once per run."""
+    head, offsets = header
     tmp = folder / (shard.name + ".tmp")
     where = str(folder / shard.name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -522,11 +524,11 @@ def plan_memory(program: Program, max_memory: int | None, slots: int, device: st
 RECORD = ".surgery-shards.json"  # in the partial folder only: what each shard must be, for --resume
 
 
-def _shard_record(program: Program) -> dict:
+def _shard_record(program: Program, headers: dict[str, tuple[bytes, list[int]]]) -> dict:
     """Each shard's name, size and header hash: enough to recognise a finished shard of this program."""
     shards = []
     for s in program.shards:
-        head, _ = shard_header(s, {"format": "pt", "producer": f"surgery {__version__}"})
+        head = headers[s.name][0]
         shards.append({"name": s.name, "bytes": len(head) + s.nbytes, "tensors": len(s.tensors),
                        "header_sha256": hashlib.sha256(head[8:]).hexdigest()})
     return {"surgery_version": __version__, "shards": shards}
@@ -543,12 +545,8 @@ def _resumable(staging: Path, record: dict) -> dict[str, dict]:
     kept = {}
     for info in record["shards"]:
         f = staging / info["name"]
-        if not f.is_file() or f.stat().st_size != info["bytes"]:
+        if not f.is_file() or f.stat().st_size != info["bytes"] or header_sha256(f) != info["header_sha256"]:
             continue
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if hashlib.sha256(fh.read(n)).hexdigest() != info["header_sha256"]:
-                continue
         kept[info["name"]] = info
     for leftover in staging.glob("*.tmp"):
         leftover.unlink()
@@ -567,7 +565,9 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     parent.mkdir(parents=True, exist_ok=True)
     _check_space(parent, program.bytes_out + (1 << 20))
     staging = parent / f".{out.name}.surgery-partial"
-    plan_record = _shard_record(program)
+    metadata = {"format": "pt", "producer": f"surgery {__version__}"}
+    headers = {s.name: shard_header(s, metadata) for s in program.shards}
+    plan_record = _shard_record(program, headers)
     kept = _resumable(staging, plan_record) if resume else {}
     if resume and not kept and not staging.exists():
         raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
@@ -595,7 +595,7 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
                     shard_info.append(kept[s.name])
                     bar.add(s.nbytes)
                 else:
-                    shard_info.append(write_shard(s, staging, srcs, pool, bar))
+                    shard_info.append(write_shard(s, headers[s.name], staging, srcs, pool, bar))
         bar.close()
         (staging / RECORD).unlink()
         _write_metadata(program, staging, shard_info)

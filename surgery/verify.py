@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from pathlib import Path
 
-from .checkpoint import read_safetensors_header
+from .checkpoint import header_sha256, read_safetensors_header
 from .errors import Problem, SurgeryError
 
 
@@ -42,10 +40,7 @@ def verify_output(out: str | Path) -> list[Problem]:
         if size != want["bytes"]:
             problems.append(Problem(where, f"has {size:,} bytes; surgery.json records {want['bytes']:,}"))
             continue
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            head = f.read(min(n, 100 * 1024 * 1024))
-        if hashlib.sha256(head).hexdigest() != want["header_sha256"]:
+        if header_sha256(path) != want["header_sha256"]:
             problems.append(Problem(where, "header differs from the one surgery.json records"))
             continue
         try:
