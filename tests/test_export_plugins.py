@@ -172,3 +172,18 @@ def test_core_never_imports_mergekit(models, tmp_path):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [n.name for n in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] == "mergekit" for n in names), f"{f.name} imports mergekit"
+
+
+def test_late_error_paths_are_located(models, tmp_path):
+    a = models("mistral")
+    plan = write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}]\nchat_template: nosuch\n")
+    r = CliRunner().invoke(main, ["validate", str(plan)])
+    assert r.exit_code == 1 and "plan.yaml:3: unknown chat template name 'nosuch'" in r.output
+    ok = write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}]\n", "ok.yaml")
+    target = tmp_path / "exported.yml"
+    target.write_text("mine")
+    r = CliRunner().invoke(main, ["export", "--mergekit", str(ok), "-o", str(target)])
+    assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output and "Traceback" not in r.output
+    assert target.read_text() == "mine"
+    r = CliRunner().invoke(main, ["export", "--mergekit", str(ok), "-o", str(target), "--force"])
+    assert r.exit_code == 0 and yaml.safe_load(target.read_text())["merge_method"] == "passthrough"
