@@ -8,7 +8,7 @@
   never decoded by torch. Any other recipe is evaluated in fixed-size chunks of elements, so
   memory is bounded by (workers x chunk), never by tensor, shard or model size.
 - The output is built in a hidden side folder next to the destination; shards are written as
-  `*.tmp` and renamed when whole; the index and `surgery.json` are written last; then the side
+  `*.tmp` and renamed when whole; `surgery.json` and then the index are written last; then the side
   folder is renamed into place in one step. An interrupted run never leaves a folder that looks
   complete.
 """
@@ -653,11 +653,11 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
     weight_map = {t.name: s.name for s in program.shards for t in s.tensors}
     index = {"metadata": {"total_size": program.bytes_out, "total_parameters": program.num_params},
              "weight_map": weight_map}
-    # Written last: an index (and surgery.json) exist only in a complete output.
-    _atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    # surgery.json, then the index, last of all: a folder with an index has everything else.
     prov = provenance(program, shard_info)
     prov["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     _atomic_write(folder / "surgery.json", json.dumps(prov, indent=2) + "\n")
+    _atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
 
 def _atomic_write(path: Path, text: str):
