@@ -227,20 +227,149 @@ def plugins():
     click.echo(f"merge methods available: {', '.join(method_names())}")
 
 
+EPILOG_TRAIN = """\b
+Examples:
+  surgery train examples/train-llama-pro.yaml              # one CPU or GPU
+  surgery train cfg.yaml --tokens 50M --lr 1e-4 -o ./out   # flags override the file
+  torchrun --nproc-per-node 8 -m surgery train cfg.yaml    # 8 GPUs (DDP; fsdp: true shards)
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+      --rdzv-endpoint HOST0:29500 -m surgery train cfg.yaml   # the same on each of 2 machines
+  surgery train cfg.yaml --stop-after 1000 && surgery train cfg.yaml --resume
+"""
+
+
+def _train_extra():
+    try:
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        from .errors import SurgeryError
+
+        raise SurgeryError("training needs transformers and accelerate, which are not installed",
+                           fix="pip install 'surgery[train]'") from None
+
+
+@main.command(epilog=EPILOG_TRAIN)
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides the config's `output`).")
+@click.option("--model", help="Model folder or cached hub id to train (overrides `model`).")
+@click.option("--data", "files", multiple=True, help="Training data file or glob (repeatable; overrides data.files).")
+@click.option("--tokens", help="Token budget, e.g. 50M (replaces `tokens`/`steps`).")
+@click.option("--steps", type=int, help="Optimizer-step budget (replaces `tokens`/`steps`).")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--trainable", help="all, new-layers (from the model's surgery.json) or a parameter-name glob.")
+@click.option("--micro-batch", type=int, help="Sequences per device per step.")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
+@click.option("--seq-len", type=int, help="Packed sequence length.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]))
+@click.option("--seed", type=int)
+@click.option("--force", is_flag=True, help="Replace an existing output (when the new one is complete) or discard an interrupted run.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--stop-after", type=click.IntRange(1), help="Stop after this many steps of the current stage, with a checkpoint to --resume from.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def train(config, out, model, files, tokens, steps, lr, trainable, micro_batch, grad_accum, seq_len, precision, seed,
+          force, resume, stop_after, quiet):
+    """Continue pretraining a checkpoint (typically a `surgery apply` output), optionally growing it.
+
+    \b
+    CONFIG is YAML (relative paths are relative to it):
+      model: ./llama-pro-out        # an HF causal LM folder
+      output: ./llama-pro-trained
+      data: {files: [corpus/*.jsonl], seq_len: 2048}
+      trainable: new-layers         # LLaMA Pro: only the inserted blocks; or all, or globs
+      tokens: 500M                  # or steps: 10000
+      lr: 2e-4
+      grow: {at_tokens: 10B, plan: stack4.yaml}   # Gstack: train, stack, continue
+
+    \b
+    Writes OUT with the model, tokenizer, metrics.jsonl (step, tokens, loss, lr, tokens/s),
+    loss.png, train.json and a model card; OUT appears only when the run is complete. Built on
+    HF Trainer + accelerate: launch with torchrun or `accelerate launch` for many GPUs/machines."""
+    _train_extra()
+    from .train import train as do_train
+
+    overrides = {"model": model, "files": list(files) or None, "tokens": tokens, "steps": steps, "lr": lr,
+                 "trainable": trainable, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
+                 "precision": precision, "seed": seed}
+    res = do_train(config, out=out, force=force, resume=resume, stop_after=stop_after, progress=False if quiet else None,
+                   echo=click.echo, overrides=overrides)
+    from .train.run import is_main
+
+    if res.path is not None and is_main():
+        ppl = f"; held-out loss {res.eval_loss:.4f}, perplexity {res.perplexity:.3f}" if res.perplexity is not None else ""
+        click.echo(f"wrote {res.path}: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f} s{ppl}")
+
+
+@main.command()
+@click.option("--params", "-N", required=True, help="Target model size in parameters, e.g. 7B.")
+@click.option("--tokens", "-D", required=True, help="Target training budget in tokens, e.g. 2T.")
+@click.option("--layers", type=int, help="Target depth, to size the small model (target layers / 4).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_user_errors
+def advise(params, tokens, layers, fmt):
+    """When to grow: Gstack's guideline for a target of N parameters and D tokens.
+
+    \b
+    Train a model 4x shallower for d tokens, stack it 4x, continue to D:
+      log10(d) = 0.88*log10(N) + 163.27/log10(C) - 5.74,   C = 6*N*D
+    e.g. `surgery advise -N 7B -D 2T` gives d = 11.11B tokens (Llama2-7B)."""
+    from .errors import SurgeryError
+    from .train.advise import advice, advice_text
+    from .train.config import parse_count
+
+    try:
+        a = advice(parse_count(params), parse_count(tokens), layers)
+    except ValueError as e:
+        raise SurgeryError(str(e), fix="write sizes like 7B, 1.1B, 2T, 15T") from None
+    click.echo(json.dumps(a, indent=2) if fmt == "json" else advice_text(a))
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--data", "files", multiple=True, required=True, help="Held-out text: .txt, .jsonl or .parquet files or globs (repeatable).")
+@click.option("--against", help="Another checkpoint: also report its perplexity and the max |logit difference| (0 for an identity expansion).")
+@click.option("--seq-len", type=int, help="Window length (default: the model's context, at most 2048).")
+@click.option("--stride", type=int, help="Window step (default: half the window).")
+@click.option("--max-tokens", type=int, help="Score at most this many tokens.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field / parquet column holding the text.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_user_errors
+def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device, fmt):
+    """Perplexity of MODEL on held-out text (strided windows); `--against BASE` compares logits."""
+    _train_extra()
+    from .train.evaluate import evaluate
+
+    r = evaluate(model, list(files), seq_len=seq_len, stride=stride, against=against, text_field=text_field,
+                 max_tokens=max_tokens, device=device, progress=sys.stderr.isatty() and fmt == "text")
+    if fmt == "json":
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{r['model']}: perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f}) on {r['scored_tokens']:,} tokens, "
+               f"windows of {r['seq_len']} every {r['stride']}")
+    if "against" in r:
+        click.echo(f"{r['against']}: perplexity {r['against_perplexity']:.4f} (loss {r['against_loss']:.4f})")
+        click.echo(f"logits: max |difference| {r['max_abs_logit_diff']:.3g}, mean {r['mean_abs_logit_diff']:.3g}")
+
+
 @main.command()
 @click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("surgery-demo"), show_default=True,
               help="Where the tiny model, plans and outputs go.")
 @click.option("--force", is_flag=True, help="Replace an existing demo folder.")
+@click.option("--no-train", is_flag=True, help="Skip the grow-then-train run.")
 @_user_errors
-def demo(folder, force):
+def demo(folder, force, no_train):
     """Run the whole flow offline on a tiny Llama built on the spot.
 
     Builds a 4-layer model, validates and applies a LLaMA Pro identity expansion (4 -> 6
     layers), a SOLAR depth up-scale and a Gstack, loads each result with transformers, and
-    checks that the identity expansion computes exactly what the original did."""
+    checks that the identity expansion computes exactly what the original did. With the
+    `train` extra, then grows-and-trains in one command (Gstack: train, stack 4x, continue)
+    on Python's own documentation text, writing metrics.jsonl and loss.png."""
     from .demo import run_demo
 
-    run_demo(folder, force=force, echo=click.echo)
+    run_demo(folder, force=force, echo=click.echo, train=not no_train)
 
 
 if __name__ == "__main__":

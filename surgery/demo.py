@@ -36,7 +36,27 @@ output: {path: ./out-gstack, dtype: bfloat16}
 }
 
 
-def run_demo(folder: Path, *, force: bool = False, echo=print) -> dict:
+GROW_TRAIN = """\
+# Gstack in one command: train the tiny model, stack it 4x (4 -> 16 layers) after 12K tokens,
+# and keep training the grown model (optimizer and schedule reset, as in the paper).
+model: ./tiny-llama
+output: ./out-grow-trained
+data: {files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: 64}
+lr: 3e-3
+micro_batch: 8
+warmup: 4
+tokens: 32768
+grow:
+  at_tokens: 12288
+  plan:
+    models: {small: TRAINED}
+    steps:
+      - take: {model: small}
+      - stack: {times: 4}
+"""
+
+
+def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = True) -> dict:
     try:
         from .tiny import build_tiny, logits
     except ImportError:  # pragma: no cover - the message is the point
@@ -74,5 +94,26 @@ def run_demo(folder: Path, *, force: bool = False, echo=print) -> dict:
                 raise AssertionError(f"identity expansion changed the logits by {diff}")
         else:
             echo(f"{res.path.name}: loads with transformers, logits {tuple(out.shape)}")
+    if train:
+        results["grow-train.yaml"] = _grow_train(folder, echo)
     echo(f"\ndone: plans, outputs (each with README.md and surgery.json) are in {folder}")
     return results
+
+
+def _grow_train(folder: Path, echo):
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        echo("\n(skipped grow-then-train: `pip install 'surgery[train]'` adds `surgery train`)")
+        return None
+    from .train import train
+    from .train.corpus import write_pydoc_corpus
+
+    write_pydoc_corpus(folder / "corpus" / "train.jsonl", eval_path=folder / "corpus" / "eval.jsonl")
+    cfg = folder / "grow-train.yaml"
+    cfg.write_text(GROW_TRAIN)
+    echo(f"\n$ surgery train {cfg}    # corpus: Python's own pydoc topics")
+    res = train(cfg, progress=False, echo=echo)
+    echo(f"wrote {res.path}: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f} s; held-out perplexity "
+         f"{res.perplexity:.2f}; loss curve in {res.path / 'loss.png'}")
+    return res

@@ -473,6 +473,20 @@ def _refuse_bad_output(program: Program, out: Path, force: bool):
         raise OutputError(f"output path {out} exists and is not a folder", fix="choose another output path")
 
 
+def publish(staging: Path, out: Path) -> None:
+    """Rename a finished side folder into place; an existing `out` (allowed by --force) is replaced
+    only now, when the new one is whole."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.surgery-old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
 def _check_space(folder: Path, need: int):
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -599,15 +613,7 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
         bar.close()
         (staging / RECORD).unlink()
         _write_metadata(program, staging, shard_info)
-        if out.exists():
-            trash = parent / f".{out.name}.surgery-old"
-            if trash.exists():
-                shutil.rmtree(trash)
-            os.replace(out, trash)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        publish(staging, out)
     except BaseException:
         # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
         # never complete-looking, for --resume.

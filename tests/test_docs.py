@@ -49,3 +49,16 @@ def test_readme_plan_snippets_parse():
         text = block if block.lstrip().startswith(("name:", "models:")) else "models: {a: x, b: y, base: z, other: w}\nsteps:\n" + "".join(
             "  " + line + "\n" for line in block.splitlines())
         surgery.plan.plan_from_text(text)
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_training_examples_are_valid_configs(example):
+    from surgery.train.config import load_config
+
+    cfg = load_config(example)
+    assert cfg.body.tokens or cfg.body.steps
+    if cfg.body.grow is not None and isinstance(cfg.body.grow.plan, dict):
+        from surgery.plan import plan_from_text
+        import yaml
+
+        assert plan_from_text(yaml.safe_dump(cfg.body.grow.plan)).steps

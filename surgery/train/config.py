@@ -1,0 +1,175 @@
+"""The training config (`surgery train CONFIG.yaml`): a strict schema with located errors.
+
+The file is flat on purpose: every common field is also a command-line flag (`--lr 1e-4`,
+`--tokens 2M`, `--trainable new-layers`), and flags override the file. Relative paths are
+relative to the config file's folder, like plans.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from ..errors import PlanError
+from ..plan import Strict, _problems
+from ..yamlio import Located, load_yaml_file, load_yaml_text
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGBT]?)\s*$", re.I)
+_MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+
+
+def parse_count(v: Any) -> int:
+    """`2M`, `1.5B`, `2T`, `300000` -> an integer count (tokens, parameters; B = billion)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a count")
+    if isinstance(v, (int, float)):
+        n = int(v)
+    else:
+        m = _COUNT.match(str(v))
+        if not m:
+            raise ValueError(f"{v!r} is not a count; write e.g. 300000, 2M, 1.5B or 2T")
+        n = int(float(m.group(1)) * _MULT[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"{v!r} must be positive")
+    return n
+
+
+class HFDataset(Strict):
+    """A dataset already in the local HF datasets cache (loaded offline) or saved with `save_to_disk`."""
+
+    dataset: str
+    config: Optional[str] = None
+    split: str = "train"
+    text_field: Optional[str] = None
+
+
+DataFile = Union[str, HFDataset]
+
+
+class Data(Strict):
+    files: tuple[DataFile, ...] = Field(min_length=1)  # .txt, .jsonl/.json, .parquet files or globs; or HF datasets
+    eval_files: tuple[DataFile, ...] = ()  # held-out text; default: the last `eval_fraction` of the packed sequences
+    text_field: str = "text"  # the field of JSONL records / parquet columns holding the text
+    seq_len: Optional[int] = Field(default=None, ge=8, le=1 << 20)  # default: the model's context, at most 2048
+    eval_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
+    separator: Optional[str] = None  # split .txt files into documents at this string (default: one document per file)
+    cache_dir: Optional[str] = None  # tokenized shards (default: $SURGERY_CACHE/tokens or ~/.cache/surgery/tokens)
+
+
+class Grow(Strict):
+    at_tokens: int  # train the starting model on this many tokens, then grow it
+    plan: Union[str, dict]  # a surgery plan (file or inline) with one model; its ref is replaced by the trained model
+    schedule: Literal["reset", "continue"] = "reset"  # Gstack resets optimizer and schedule; `continue` keeps the LR curve
+    trainable: Optional[Union[str, tuple[str, ...]]] = None  # what trains after growth (default: the top-level `trainable`)
+
+    _count = field_validator("at_tokens", mode="before")(lambda v: parse_count(v))
+
+
+class TrainConfig(Strict):
+    model: str  # an HF causal LM folder (typically a `surgery apply` output) or a hub id in the local cache
+    output: Optional[str] = None
+    data: Data
+    trainable: Union[str, tuple[str, ...]] = "all"  # all | new-layers | glob patterns over parameter names
+    freeze_embeddings: bool = False  # keep the input embeddings and lm_head (tied or not) fixed
+    # optimisation
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: Union[int, float] = 0.01  # steps (an integer) or a fraction of the steps (below 1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 turns clipping off
+    micro_batch: int = Field(default=8, ge=1)  # sequences per device per forward
+    grad_accum: int = Field(default=1, ge=1)
+    tokens: Optional[int] = None  # the budget in tokens, or
+    steps: Optional[int] = Field(default=None, ge=1)  # in optimizer steps
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU with bf16, else fp32
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # shard parameters, grads and optimizer state with FSDP2 (multi-GPU)
+    gradient_checkpointing: bool = False
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the input checkpoint's dtype
+    # bookkeeping
+    save_every: Optional[int] = Field(default=None, ge=1)  # checkpoint every N steps (default: ~10 per run)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    eval_every: Optional[int] = Field(default=None, ge=1)  # held-out loss every N steps (default: ~10 per run)
+    log_every: Optional[int] = Field(default=None, ge=1)
+    seed: int = 0
+    workers: int = Field(default=0, ge=0)  # dataloader worker processes
+    grow: Optional[Grow] = None
+
+    _tok = field_validator("tokens", mode="before")(lambda v: None if v is None else parse_count(v))
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable(cls, v):
+        if isinstance(v, str) and v not in ("all", "new-layers") and not any(c in v for c in "*?[."):
+            raise ValueError(f"trainable {v!r} is not all, new-layers or a parameter-name pattern "
+                             "(e.g. 'model.layers.1[0-9].*')")
+        return v
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, v):
+        if v < 0 or (isinstance(v, float) and v >= 1 and not float(v).is_integer()):
+            raise ValueError("warmup is a number of steps (integer) or a fraction of the run below 1")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: `tokens` (e.g. 2M) or `steps`")
+        return self
+
+
+@dataclass
+class Config:
+    body: TrainConfig
+    doc: Located = field(repr=False)
+    base_dir: Path
+
+    @property
+    def source(self) -> str:
+        return self.doc.source
+
+    def where(self, *path) -> str:
+        return self.doc.where(tuple(path))
+
+    def path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else self.base_dir / q
+
+
+def config_from_doc(doc: Located, base_dir: Path, overrides: dict | None = None) -> Config:
+    data = doc.data
+    if not isinstance(data, dict):
+        raise PlanError("a training config is a YAML mapping with at least `model:`, `data:` and a budget",
+                        where=doc.where(), fix="see examples/train-*.yaml")
+    data = dict(data)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k in ("seq_len", "files"):
+            data["data"] = {**(data.get("data") or {}), k: v}
+        elif k in ("tokens", "steps"):
+            data.pop("tokens", None), data.pop("steps", None)
+            data[k] = v
+        else:
+            data[k] = v
+    try:
+        body = TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise PlanError(_problems(e, doc, (), TrainConfig, data)) from None
+    return Config(body, doc, base_dir)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    path = Path(path)
+    return config_from_doc(load_yaml_file(path), path.resolve().parent, overrides)
+
+
+def config_from_text(text: str, base_dir: str | Path = ".", overrides: dict | None = None, source: str = "<config>") -> Config:
+    return config_from_doc(load_yaml_text(text, source), Path(base_dir).resolve(), overrides)

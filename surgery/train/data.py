@@ -1,0 +1,392 @@
+"""Training data: read text sources, tokenize once into an on-disk cache, pack into sequences.
+
+Sources are local `.txt` files (one document per file, or split at `separator`), JSON Lines
+(one record per line, text in `text_field`), parquet (the `text_field` column, read in record
+batches) and HF datasets already in the local cache. Nothing holds the corpus in memory: text is
+read in bounded pieces, token ids are appended to a cache file (uint32) with the document start
+offsets beside it, and training reads sequences back through `numpy.memmap`.
+
+The cache key is the source's path, size and mtime, the reading options and a fingerprint of the
+tokenizer files, so a grown model (same tokenizer) reuses the tokens of its parent.
+
+Packing: the token stream of all sources is cut into `seq_len` windows. A document's first token
+is never a training target of the document before it: its label is -100 (the attention still
+sees the earlier text; the loss does not ask the model to guess across a boundary).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import PlanError, SurgeryError
+
+FORMAT = "surgery-tokens/1"
+PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters
+BATCH_PIECES = 64
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "added_tokens.json")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SURGERY_CACHE")
+    return Path(root) / "tokens" if root else Path.home() / ".cache" / "surgery" / "tokens"
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = model_dir / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a file (`kind` txt, jsonl, parquet) or an HF dataset (`kind` hf)."""
+
+    kind: str
+    path: str
+    where: str
+    config: str | None = None
+    split: str | None = None
+    text_field: str = "text"
+
+    def identity(self) -> dict:
+        d = {"kind": self.kind, "path": self.path, "config": self.config, "split": self.split, "field": self.text_field}
+        if self.kind != "hf" or Path(self.path).exists():
+            st = os.stat(self.path)
+            d.update(size=st.st_size, mtime=st.st_mtime_ns)
+        return d
+
+
+def expand_sources(entries, base_dir: Path, text_field: str, where) -> list[Source]:
+    """Files, globs and HF dataset entries -> sources, in a stable order. `where(i)` locates entry i."""
+    out: list[Source] = []
+    problems = []
+    for i, e in enumerate(entries):
+        loc = where(i)
+        if not isinstance(e, str):
+            out.append(Source("hf", e.dataset if not _is_local(e.dataset, base_dir) else str(_abs(e.dataset, base_dir)),
+                              loc, e.config, e.split, e.text_field or text_field))
+            continue
+        pattern = str(_abs(e, base_dir))
+        paths = sorted(globlib.glob(pattern, recursive=True)) if globlib.has_magic(e) else [pattern]
+        paths = [p for p in paths if Path(p).is_file()] if globlib.has_magic(e) else paths
+        if not paths:
+            problems.append(SurgeryError(f"no files match {e!r} (looked for {pattern})", where=loc,
+                                         fix="check the pattern; paths are relative to the config file's folder").problems[0])
+            continue
+        for p in paths:
+            if not Path(p).is_file():
+                problems.append(SurgeryError(f"data file not found: {p}", where=loc).problems[0])
+                continue
+            suffix = Path(p).suffix.lower()
+            kind = ("txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in JSONL_SUFFIXES
+                    else "parquet" if suffix in PARQUET_SUFFIXES else None)
+            if kind is None:
+                problems.append(SurgeryError(f"{p}: unknown data format {suffix or '(no suffix)'!r}", where=loc,
+                                             fix="use .txt/.md, .jsonl/.json (one JSON object per line) or .parquet").problems[0])
+                continue
+            out.append(Source(kind, p, loc, text_field=text_field))
+    if problems:
+        raise PlanError(problems)
+    return out
+
+
+def _abs(p: str, base: Path) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def _is_local(name: str, base: Path) -> bool:
+    return name.startswith((".", "/", "~")) or _abs(name, base).exists()
+
+
+# ---- reading: (text, first piece of a document, last piece of a document) ----
+
+def read_pieces(src: Source, separator: str | None) -> Iterator[tuple[str, bool, bool]]:
+    if src.kind == "txt":
+        yield from _txt(src.path, separator)
+    elif src.kind == "jsonl":
+        yield from _jsonl(src)
+    elif src.kind == "parquet":
+        yield from _parquet(src)
+    else:
+        yield from _hf(src)
+
+
+def _txt(path: str, separator: str | None):
+    buf, first = "", True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            block = f.read(PIECE_CHARS)
+            buf += block
+            if separator:
+                while separator in buf:
+                    doc, buf = buf.split(separator, 1)
+                    if doc.strip() or not first:
+                        yield doc, first, True
+                    first = True
+            while block and len(buf) > PIECE_CHARS:  # a long document goes on in pieces cut at line ends
+                cut = buf.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+                yield buf[:cut], first, False
+                buf, first = buf[cut:], False
+            if not block:
+                break
+    if buf.strip() or not first:
+        yield buf, first, True
+
+
+def _jsonl(src: Source):
+    with open(src.path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SurgeryError(f"{src.path}:{n}: not a JSON object ({e.msg})", where=src.where,
+                                   fix="JSON Lines files hold one JSON object per line") from None
+            if not isinstance(rec, dict) or src.text_field not in rec:
+                keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
+                raise SurgeryError(f"{src.path}:{n}: no field {src.text_field!r} (has: {keys})", where=src.where,
+                                   fix="set data.text_field to the field that holds the text")
+            text = rec[src.text_field]
+            if isinstance(text, str) and text:
+                yield text, True, True
+
+
+def _parquet(src: Source):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src.path)
+    cols = pf.schema_arrow.names
+    if src.text_field not in cols:
+        raise SurgeryError(f"{src.path}: no column {src.text_field!r} (columns: {', '.join(cols)})", where=src.where,
+                           fix="set data.text_field to the column that holds the text")
+    for batch in pf.iter_batches(batch_size=1024, columns=[src.text_field]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text:
+                yield text, True, True
+
+
+def _hf(src: Source):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # only what is already in the local cache
+    import datasets
+
+    try:
+        p = Path(src.path)
+        if p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(src.path)
+            ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(src.path, src.config, split=src.split)
+    except Exception as e:  # datasets raises many types; all mean "not available offline"
+        raise SurgeryError(f"cannot load dataset {src.path!r} ({src.config or 'default'}/{src.split}) from the local cache: "
+                           f"{type(e).__name__}: {e}".splitlines()[0], where=src.where,
+                           fix="download it once with datasets.load_dataset(...) on a machine with network, or give files") from None
+    if src.text_field not in ds.column_names:
+        raise SurgeryError(f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
+                           where=src.where, fix="set text_field on the dataset entry or data.text_field")
+    for rec in ds.select_columns([src.text_field]):
+        text = rec[src.text_field]
+        if isinstance(text, str) and text:
+            yield text, True, True
+
+
+# ---- tokenizing into the cache ----
+
+@dataclass
+class Tokens:
+    """One source's tokens (memory-mapped) and the offsets where its documents start."""
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+    source: Source
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(bos added by this tokenizer's own convention, eos appended to every document)."""
+    bos = None
+    if tokenizer.bos_token_id is not None:
+        with_special = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        if with_special[:1] == [tokenizer.bos_token_id] and plain[:1] != [tokenizer.bos_token_id]:
+            bos = tokenizer.bos_token_id
+    return bos, tokenizer.eos_token_id
+
+
+def tokenize(src: Source, tokenizer, fingerprint: str, cache_dir: Path, separator: str | None, progress=None) -> Tokens:
+    key = hashlib.sha256(json.dumps({"format": FORMAT, "src": src.identity(), "sep": separator, "tok": fingerprint},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    stem = cache_dir / key
+    meta_path = stem.with_suffix(".json")
+    if not meta_path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _build(src, tokenizer, stem, separator, progress)
+    meta = json.loads(meta_path.read_text())
+    tokens = (np.memmap(stem.with_suffix(".tok"), dtype=np.uint32, mode="r") if meta["tokens"]
+              else np.zeros(0, np.uint32))
+    starts = np.fromfile(stem.with_suffix(".doc"), dtype=np.int64)
+    return Tokens(tokens, starts, src)
+
+
+def _build(src: Source, tokenizer, stem: Path, separator: str | None, progress) -> None:
+    bos, eos = special_ids(tokenizer)
+    if tokenizer.vocab_size + len(tokenizer.get_added_vocab()) >= 2**32:
+        raise SurgeryError("tokenizer vocabulary does not fit 32-bit token ids")  # pragma: no cover
+    tmp_tok, tmp_doc = stem.with_suffix(f".tok.{os.getpid()}.tmp"), stem.with_suffix(f".doc.{os.getpid()}.tmp")
+    n_tok = n_doc = 0
+    with open(tmp_tok, "wb") as ft, open(tmp_doc, "wb") as fd:
+        batch: list[tuple[str, bool, bool]] = []
+
+        def flush():
+            nonlocal n_tok, n_doc
+            ids = tokenizer([t for t, _, _ in batch], add_special_tokens=False)["input_ids"]
+            starts = []
+            for (_, first, last), piece in zip(batch, ids):
+                seq = ([bos] if first and bos is not None else []) + piece + ([eos] if last and eos is not None else [])
+                if first:
+                    starts.append(n_tok)
+                    n_doc += 1
+                np.asarray(seq, dtype=np.uint32).tofile(ft)
+                n_tok += len(seq)
+            np.asarray(starts, dtype=np.int64).tofile(fd)
+            if progress is not None:
+                progress(sum(len(t) for t, _, _ in batch))
+            batch.clear()
+
+        for piece in read_pieces(src, separator):
+            batch.append(piece)
+            if len(batch) >= BATCH_PIECES:
+                flush()
+        if batch:
+            flush()
+    os.replace(tmp_tok, stem.with_suffix(".tok"))
+    os.replace(tmp_doc, stem.with_suffix(".doc"))
+    meta = {"format": FORMAT, "source": src.identity(), "tokens": n_tok, "documents": n_doc, "bos": bos, "eos": eos}
+    tmp = stem.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, stem.with_suffix(".json"))  # the meta file last: its presence means the entry is whole
+
+
+# ---- packing ----
+
+class Stream:
+    """Several sources' tokens as one stream, with global document starts."""
+
+    def __init__(self, parts: list[Tokens]):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.doc_starts = (np.concatenate([p.doc_starts + o for p, o in zip(self.parts, self.offsets)])
+                           if self.parts else np.zeros(0, np.int64))
+        self.doc_starts.sort()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        out = np.empty(end - start, dtype=np.int64)
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos = start
+        while pos < end:
+            lo = pos - int(self.offsets[i])
+            take = min(end - pos, len(self.parts[i]) - lo)
+            out[pos - start: pos - start + take] = self.parts[i].tokens[lo: lo + take]
+            pos += take
+            i += 1
+        return out
+
+    def boundaries(self, start: int, end: int) -> np.ndarray:
+        """Document starts strictly inside (start, end), relative to start."""
+        a = np.searchsorted(self.doc_starts, start + 1, side="left")
+        b = np.searchsorted(self.doc_starts, end, side="left")
+        return self.doc_starts[a:b] - start
+
+
+class Packed:
+    """`seq_len` windows [first, first + count) of a stream, as {input_ids, labels} for a causal LM."""
+
+    def __init__(self, stream: Stream, seq_len: int, first: int, count: int):
+        self.stream, self.seq_len, self.first, self.count = stream, seq_len, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        s = (self.first + i) * self.seq_len
+        ids = torch.from_numpy(self.stream.slice(s, s + self.seq_len))
+        labels = ids.clone()
+        labels[torch.from_numpy(self.stream.boundaries(s, s + self.seq_len))] = -100
+        return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class Corpus:
+    train: Packed
+    eval: Packed | None
+    train_tokens: int
+    eval_tokens: int
+    documents: int
+    sources: int
+
+
+def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, echo=print) -> Corpus:
+    """Tokenize (or reuse the cache for) the config's data and pack it."""
+    d = cfg.body.data
+    cache = cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    fp = tokenizer_fingerprint(model_dir)
+
+    def streams(entries, key):
+        srcs = expand_sources(entries, cfg.base_dir, d.text_field, lambda i: cfg.where("data", key, i))
+        parts = []
+        for s in srcs:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(desc=f"tokenizing {Path(s.path).name}", unit="char", unit_scale=True, leave=False)
+            parts.append(tokenize(s, tokenizer, fp, cache, d.separator, bar.update if bar else None))
+            if bar:
+                bar.close()
+        return Stream(parts)
+
+    train = streams(d.files, "files")
+    L = d.seq_len
+    n = len(train) // L
+    if d.eval_files:
+        ev = streams(d.eval_files, "eval_files")
+        n_eval_seq = len(ev) // L
+        if n_eval_seq == 0:
+            raise PlanError(f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}", where=cfg.where("data", "eval_files"),
+                            fix="add held-out text or lower data.seq_len")
+        corpus_eval, n_train = Packed(ev, L, 0, n_eval_seq), n
+    else:
+        n_eval_seq = max(1, round(n * d.eval_fraction)) if d.eval_fraction > 0 else 0
+        n_train = n - n_eval_seq
+        corpus_eval = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
+    if n_train < 1:
+        raise PlanError(f"the training data holds {len(train):,} tokens: not enough for one training sequence of {L} tokens"
+                        + (f" plus {n_eval_seq} held out" if n_eval_seq else ""), where=cfg.where("data", "files"),
+                        fix="add text, lower data.seq_len, or set data.eval_fraction: 0")
+    return Corpus(Packed(train, L, 0, n_train), corpus_eval, n_train * L, n_eval_seq * L, len(train.doc_starts),
+                  len(train.parts))

@@ -1,0 +1,548 @@
+"""`surgery train`: continued pretraining on HF `Trainer` (with accelerate underneath).
+
+Why `Trainer`: it is the distributed stack HF checkpoints already live in. One code path runs on a
+CPU, one GPU, DDP over many GPUs and machines (`torchrun` / `accelerate launch` set the
+environment; nothing here changes), and FSDP2 sharding through `fsdp_config`; it saves and
+resumes optimizer, scheduler, RNG and data position, does gradient accumulation, bf16 autocast
+over fp32 master weights, clipping and `torch.compile`. What surgery adds around it: the data
+pipeline (`data.py`), freezing by layer map, the growth schedule, metrics, the loss plot, and an
+output that appears only when complete.
+
+Layout while running, next to the output folder OUT:
+
+    .OUT.surgery-train/          the run's work folder (kept for --resume until the run ends)
+        stage-1/checkpoints/     Trainer checkpoints (checkpoint-N)
+        stage-1/final/           the model at growth time (grow runs)
+        grown/                   the grown checkpoint (`surgery apply` output)
+        stage-2/checkpoints/
+        metrics.jsonl
+    .OUT.surgery-partial/        the final model being written, renamed to OUT when whole
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..errors import OutputError, PlanError
+from .config import Config, load_config
+
+
+@dataclass
+class Stage:
+    index: int
+    model_dir: Path | None  # None: the grown model, made when the previous stage ends
+    steps: int  # optimizer steps in this stage
+    trainable: object
+    schedule_steps: int  # the length of the LR schedule this stage follows
+    schedule_offset: int  # where on that schedule this stage starts
+    step_offset: int  # optimizer steps taken before this stage (for metrics)
+
+
+@dataclass
+class TrainResult:
+    path: Path | None  # None when stopped early (--stop-after) with a checkpoint to resume from
+    steps: int
+    tokens: int
+    eval_loss: float | None
+    perplexity: float | None
+    seconds: float
+    trainable_params: int
+    total_params: int
+    stages: list[dict] = field(default_factory=list)
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier():
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+# ---- what trains ----
+
+def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str], list[str]]:
+    """Names (every alias, so tied weights count once) of the parameters that train, and notes."""
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    notes = []
+    if spec == "all":
+        return {n for names in aliases.values() for n in names}, notes
+    if spec == "new-layers":
+        prov = model_dir / "surgery.json"
+        if not prov.is_file():
+            raise PlanError(f"trainable: new-layers reads the layer map from surgery.json, and {model_dir} has none",
+                            where=where, fix="train a `surgery apply` output, or name parameters with patterns")
+        meta = json.loads(prov.read_text())
+        new = meta.get("new_layers") or []
+        if not new:
+            raise PlanError(f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
+                            where=where, fix="use trainable: all, or patterns")
+        from ..checkpoint import open_checkpoint
+
+        prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
+        patterns = [f"{prefix}{i}.*" for i in new]
+        notes.append(f"new layers {new} (from surgery.json)")
+    else:
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+    chosen = set()
+    for names in aliases.values():
+        if any(fnmatchcase(n, pat) for n in names for pat in patterns):
+            chosen.update(names)
+    if not chosen:
+        some = ", ".join(list(n for names in aliases.values() for n in names)[:6])
+        raise PlanError(f"trainable patterns {patterns} match no parameter", where=where,
+                        fix=f"parameter names look like: {some}, ...")
+    return chosen, notes
+
+
+def apply_freezing(model, trainable: set[str], freeze_embeddings: bool) -> tuple[int, int]:
+    if freeze_embeddings:
+        emb = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        emb_ids = {id(p) for p in emb}
+        trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if n in trainable and id(p) not in emb_ids}
+    n_train = n_all = 0
+    for n, p in model.named_parameters():  # deduplicated: a tied weight is one parameter
+        on = n in trainable
+        p.requires_grad_(on)
+        n_all += p.numel()
+        n_train += p.numel() if on else 0
+    if n_train == 0:
+        raise PlanError("nothing trains: every parameter is frozen", fix="check `trainable` and `freeze_embeddings`")
+    return n_train, n_all
+
+
+# ---- plan for the run ----
+
+def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
+    b = cfg.body
+    tps = b.micro_batch * b.data.seq_len * b.grad_accum * world_size()
+    total = b.steps if b.steps is not None else math.ceil(b.tokens / tps)
+    if b.grow is None:
+        return [Stage(1, model_dir, total, b.trainable, total, 0, 0)], tps
+    at = math.ceil(b.grow.at_tokens / tps)
+    if at >= total:
+        raise PlanError(f"grow.at_tokens ({b.grow.at_tokens:,} tokens = {at} steps of {tps:,} tokens) is not before the end of "
+                        f"the run ({total} steps)", where=cfg.where("grow", "at_tokens"),
+                        fix="grow earlier or raise the budget (`tokens` / `steps`)")
+    keep = b.grow.schedule == "continue"
+    return [Stage(1, model_dir, at, "all", total if keep else at, 0, 0),
+            Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at)], tps
+
+
+def load_grow_plan(cfg: Config, model_path: Path):
+    """The growth plan with its one model pointed at `model_path`."""
+    from ..plan import plan_from_doc
+    from ..yamlio import Located, load_yaml_file
+
+    g = cfg.body.grow
+    if isinstance(g.plan, str):
+        src = cfg.path(g.plan)
+        if not src.is_file():
+            raise PlanError(f"grow plan not found: {src}", where=cfg.where("grow", "plan"))
+        doc, base = load_yaml_file(src), src.parent
+    else:
+        pre = ("grow", "plan")
+        doc = Located(g.plan, cfg.doc.source, {k[2:]: v for k, v in cfg.doc.lines.items() if k[:2] == pre})
+        base = cfg.base_dir
+    models = doc.data.get("models") if isinstance(doc.data, dict) else None
+    if not isinstance(models, dict) or len(models) != 1:
+        raise PlanError("a grow plan names exactly one model (the one being trained; its path is filled in)",
+                        where=doc.where(("models",)), fix="write e.g. `models: {small: TRAINED}`")
+    data = dict(doc.data)
+    data["models"] = {next(iter(models)): str(model_path)}
+    return plan_from_doc(Located(data, doc.source, doc.lines), base)
+
+
+# ---- the Trainer ----
+
+def _trainer_class():
+    import transformers
+
+    class SurgeryTrainer(transformers.Trainer):
+        """Trainer whose schedule can start part-way along a longer one (grow with `schedule: continue`)."""
+
+        schedule_total: int = 0
+        schedule_offset: int = 0
+        min_lr_ratio: float = 0.0
+        schedule_name: str = "cosine"
+        warmup_steps_: int = 0
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            import torch
+
+            if self.lr_scheduler is None:
+                total, off, warm, floor = self.schedule_total, self.schedule_offset, self.warmup_steps_, self.min_lr_ratio
+                name = self.schedule_name
+
+                def factor(step):
+                    s = step + off
+                    if s < warm:
+                        return (s + 1) / (warm + 1)
+                    if name == "constant":
+                        return 1.0
+                    progress = min(1.0, (s - warm) / max(1, total - warm))
+                    if name == "linear":
+                        return max(floor, 1.0 - progress * (1.0 - floor)) if floor else 1.0 - progress
+                    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return SurgeryTrainer
+
+
+def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo):
+    import transformers
+
+    class Metrics(transformers.TrainerCallback):
+        def __init__(self):
+            self.t = self.step = None
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t, self.step = time.perf_counter(), state.global_step
+            if progress and state.is_world_process_zero:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"stage {stage.index}", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if stop_after is not None and state.global_step >= stop_after and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            step = stage.step_offset + state.global_step
+            rec = {"step": step, "stage": stage.index, "tokens": step * tps}
+            if "loss" in logs:
+                now = time.perf_counter()
+                dt, ds = now - self.t, state.global_step - self.step
+                self.t, self.step = now, state.global_step
+                rec.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                           tokens_per_s=round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None)
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
+            elif "eval_loss" in logs:
+                rec.update(eval_loss=logs["eval_loss"], eval_ppl=_ppl(logs["eval_loss"]))
+                msg = f"step {step}: held-out loss {logs['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}"
+                (self.bar.write if self.bar is not None else echo)(msg)
+            else:
+                return
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return [Metrics()]
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _truncate_metrics(path: Path, stage: int, step: int) -> None:
+    """On resume, drop records the interrupted run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and (json.loads(ln)["stage"] < stage or (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] <= step))]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _precision(p: str) -> str:
+    import torch
+
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return p  # bf16 on a CPU is CPU autocast: slow, but what was asked
+
+
+def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
+    import torch
+    import transformers
+
+    b = cfg.body
+    every = max(1, stage.steps // 10)
+    warm = b.warmup if isinstance(b.warmup, int) else int(b.warmup * stage.schedule_steps)
+    prec = _precision(b.precision)
+    kw = dict(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=b.micro_batch, per_device_eval_batch_size=b.micro_batch,
+        gradient_accumulation_steps=b.grad_accum, learning_rate=b.lr, weight_decay=b.weight_decay,
+        adam_beta1=b.betas[0], adam_beta2=b.betas[1], max_grad_norm=b.grad_clip or None, max_steps=stage.steps,
+        logging_steps=b.log_every or max(1, min(every, 10)), save_steps=b.save_every or every,
+        save_total_limit=b.keep_checkpoints, eval_strategy="steps", eval_steps=b.eval_every or every,
+        bf16=prec == "bf16", seed=b.seed, data_seed=b.seed, report_to=[], disable_tqdm=True,
+        dataloader_num_workers=b.workers, remove_unused_columns=False, torch_compile=b.compile,
+        use_cpu=not torch.cuda.is_available(), save_only_model=False, log_level="error", log_level_replica="error",
+        ddp_find_unused_parameters=False,
+    )
+    if b.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
+        fields = transformers.TrainingArguments.__dataclass_fields__
+        kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
+    if world_size() > 1 and not torch.cuda.is_available():
+        kw["ddp_backend"] = "gloo"
+    if b.fsdp:
+        kw.update(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
+    return transformers.TrainingArguments(**kw), warm, prec
+
+
+def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool, stop_after: int | None,
+               progress: bool, echo):
+    import torch
+    import transformers
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import build_corpus
+
+    b = cfg.body
+    sdir = work / f"stage-{stage.index}"
+    ckpt_dir = sdir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    args, warm, prec = _training_args(cfg, stage, ckpt_dir, progress)
+    last = get_last_checkpoint(str(ckpt_dir)) if resume else None
+    ctx = getattr(_source_config(stage.model_dir), "max_position_embeddings", None)
+    if ctx and b.data.seq_len > ctx:
+        raise PlanError(f"data.seq_len {b.data.seq_len} exceeds the model's context ({ctx} positions, max_position_embeddings)",
+                        where=cfg.where("data", "seq_len"), fix=f"use seq_len <= {ctx}")
+    tok = transformers.AutoTokenizer.from_pretrained(stage.model_dir, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    with args.main_process_first(local=False, desc="tokenize"):
+        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main(), echo=echo)
+    if corpus.eval is None:
+        args.eval_strategy = transformers.IntervalStrategy.NO
+    model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
+    model.config.use_cache = False
+    where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
+    names, notes = select_trainable(model, stage.trainable, stage.model_dir, where)
+    n_train, n_all = apply_freezing(model, names, b.freeze_embeddings)
+    if is_main():
+        echo(f"stage {stage.index}: {stage.model_dir.name}, {model.config.num_hidden_layers} layers, "
+             f"{n_train:,} of {n_all:,} parameters train{' (' + '; '.join(notes) + ')' if notes else ''}; "
+             f"{stage.steps} steps x {tps:,} tokens; {corpus.train_tokens:,} training tokens in {corpus.documents:,} documents"
+             f", {corpus.eval_tokens:,} held out; precision {prec}"
+             + (f"; resuming from {Path(last).name}" if last else ""))
+        if stage.steps * tps > corpus.train_tokens:
+            echo(f"note: the budget ({stage.steps * tps:,} tokens) is {stage.steps * tps / corpus.train_tokens:.1f} passes over the data")
+    cls = _trainer_class()
+    trainer = cls(model=model, args=args, train_dataset=corpus.train, eval_dataset=corpus.eval, processing_class=tok,
+                  data_collator=transformers.default_data_collator,
+                  callbacks=_callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo))
+    for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.schedule_total, trainer.schedule_offset = stage.schedule_steps, stage.schedule_offset
+    trainer.min_lr_ratio = b.min_lr_ratio if b.schedule == "cosine" else 0.0
+    trainer.schedule_name, trainer.warmup_steps_ = b.schedule, warm
+    if last and is_main():
+        _truncate_metrics(work / "metrics.jsonl", stage.index, stage.step_offset + int(Path(last).name.rpartition("-")[2]))
+    _barrier()
+    trainer.train(resume_from_checkpoint=last)
+    done = trainer.state.global_step >= stage.steps
+    return trainer, done, n_train, n_all
+
+
+def train(config: Config | str | Path, *, out: str | Path | None = None, force: bool = False, resume: bool = False,
+          stop_after: int | None = None, progress: bool | None = None, echo=print, overrides: dict | None = None) -> TrainResult:
+    """Run the config's training (and growth) and write the final checkpoint to `out`.
+
+    `stop_after` ends this invocation after that many steps of the current stage, with a checkpoint
+    that `resume=True` continues (for preemptible or time-limited jobs)."""
+    import transformers
+
+    from ..checkpoint import resolve_ref
+
+    t0 = time.perf_counter()
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    b = cfg.body
+    show = progress if progress is not None else sys.stderr.isatty()
+    if not show:
+        transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if out is None:
+        if b.output is None:
+            raise OutputError("no output folder given", where=cfg.where(), fix="pass -o OUT or set `output:` in the config")
+        out = cfg.path(b.output)
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise OutputError(f"output folder {out} already exists", fix="pass --force to replace it (when the new one is complete)")
+    model_dir = resolve_ref(b.model, cfg.base_dir, where=cfg.where("model"))
+    if model_dir == out or model_dir in out.parents:
+        raise OutputError(f"the output {out} is inside the model being trained ({model_dir})", fix="choose another output folder")
+    work = out.parent / f".{out.name}.surgery-train"
+    if work.exists() and not resume:
+        if not force:
+            raise OutputError(f"an interrupted run of this output is in {work}",
+                              fix="pass --resume to continue it, or --force to discard it and start over")
+        if is_main():
+            shutil.rmtree(work)
+    if resume and not work.exists():
+        raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {work.name})", fix="run without --resume")
+    _barrier()
+    if b.data.seq_len is None:
+        ctx = getattr(_source_config(model_dir), "max_position_embeddings", None) or 2048
+        b = cfg.body = b.model_copy(update={"data": b.data.model_copy(update={"seq_len": min(2048, ctx)})})
+    stages, tps = plan_stages(cfg, model_dir)
+    if b.grow is not None:
+        from ..api import compile_plan
+
+        compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
+    if is_main():
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(b.model_dump(mode="json"), indent=2))
+    _barrier()
+
+    trainer = None
+    n_train = n_all = 0
+    summaries = []
+    for stage in stages:
+        if stage.model_dir is None:  # the grown model
+            stage.model_dir = _grow(cfg, stages[stage.index - 2], work, echo)
+        if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
+            summaries.append({"stage": stage.index, "steps": stage.steps, "resumed_past": True})
+            continue  # this stage finished before the interruption
+        trainer, done, n_train, n_all = _run_stage(cfg, stage, work, tps, resume=resume, stop_after=stop_after,
+                                                   progress=show, echo=echo)
+        summaries.append({"stage": stage.index, "model": str(stage.model_dir), "steps": stage.steps,
+                          "layers": trainer.model.config.num_hidden_layers, "trainable_params": n_train, "params": n_all})
+        if not done:
+            if is_main():
+                echo(f"stopped after step {trainer.state.global_step} of stage {stage.index}; the checkpoint is in "
+                     f"{work / f'stage-{stage.index}' / 'checkpoints'}; `surgery train ... --resume` continues")
+            return TrainResult(None, stages[stage.index - 1].step_offset + trainer.state.global_step, 0, None, None,
+                               time.perf_counter() - t0, n_train, n_all, summaries)
+        if stage.index < len(stages):
+            _save_stage(trainer, work / f"stage-{stage.index}" / "final")
+
+    loss = None
+    if trainer.eval_dataset is not None:
+        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+        done_at_end = last_eval and last_eval[-1].get("step") == trainer.state.global_step
+        loss = last_eval[-1]["eval_loss"] if done_at_end else trainer.evaluate().get("eval_loss")
+    total_steps = stages[-1].step_offset + stages[-1].steps
+    res = TrainResult(out, total_steps, total_steps * tps, loss, _ppl(loss) if loss is not None else None,
+                      time.perf_counter() - t0, n_train, n_all, summaries)
+    if is_main():
+        with open(work / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": total_steps, "stage": len(stages), "tokens": total_steps * tps, "final": True,
+                                **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {})}) + "\n")
+    _write_output(cfg, trainer, model_dir, work, out, res, force)
+    return res
+
+
+def _save_stage(trainer, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    if is_main() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    _barrier()
+    if is_main():
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    _barrier()
+
+
+def _grow(cfg: Config, prev: Stage, work: Path, echo) -> Path:
+    """Apply the grow plan to the previous stage's final model (rank 0), everyone waits for it."""
+    from ..api import apply
+
+    grown = work / "grown"
+    if is_main() and not (grown / "config.json").exists():
+        plan = load_grow_plan(cfg, work / f"stage-{prev.index}" / "final")
+        res = apply(plan, grown, force=True, progress=False)
+        tps = cfg.body.micro_batch * cfg.body.data.seq_len * cfg.body.grad_accum * world_size()
+        with open(work / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": prev.steps, "stage": prev.index + 1, "tokens": prev.steps * tps, "event": "grow",
+                                "layers": res.num_layers, "params": res.num_params}) + "\n")
+        echo(f"grew the model at step {prev.steps} ({prev.steps * tps:,} tokens): "
+             f"{res.num_layers} layers, {res.num_params:,} parameters; optimizer and schedule "
+             f"{'continue' if cfg.body.grow.schedule == 'continue' else 'reset'}")
+    _barrier()
+    return grown
+
+
+def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, out: Path, res: TrainResult, force: bool) -> None:
+    import torch
+
+    from ..engine import publish
+
+    b = cfg.body
+    staging = out.parent / f".{out.name}.surgery-partial"
+    if is_main() and staging.exists():
+        shutil.rmtree(staging)
+    dtype = b.save_dtype
+    if dtype == "auto":
+        dtype = str(getattr(_source_config(model_dir), "dtype", None) or "float32").removeprefix("torch.")
+    if not b.fsdp:
+        trainer.model.to(getattr(torch, dtype, torch.float32))
+    trainer.save_model(str(staging))
+    _barrier()
+    if not is_main():
+        return
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in train.json
+    shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
+    from .plot import loss_curve
+
+    plotted = loss_curve(work / "metrics.jsonl", staging / "loss.png", title=out.name)
+    summary = {"format": "surgery-train/1", "config": b.model_dump(mode="json"), "config_source": cfg.source,
+               "model": str(model_dir), "steps": res.steps, "tokens": res.tokens, "eval_loss": res.eval_loss,
+               "perplexity": res.perplexity, "seconds": round(res.seconds, 2), "trainable_params": res.trainable_params,
+               "params": res.total_params, "stages": res.stages, "world_size": world_size()}
+    prov = model_dir / "surgery.json"
+    if prov.is_file():
+        summary["source_surgery"] = json.loads(prov.read_text()).get("layer_map")
+    (staging / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (staging / "README.md").write_text(_card(summary, plotted, out.name))
+    publish(staging, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _source_config(model_dir: Path):
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def _card(s: dict, plotted: bool, name: str) -> str:
+    c = s["config"]
+    lines = ["---", "library_name: transformers", "tags: [surgery, continued-pretraining]", "---", "",
+             f"# {name}", "",
+             f"Continued pretraining of `{s['model']}` with `surgery train`: {s['steps']:,} steps, {s['tokens']:,} tokens, "
+             f"{s['trainable_params']:,} of {s['params']:,} parameters trained ({c['trainable']}).", ""]
+    if s["perplexity"] is not None:
+        lines += [f"Held-out loss {s['eval_loss']:.4f}, perplexity {s['perplexity']:.3f}.", ""]
+    if c.get("grow"):
+        lines += [f"Grown at {c['grow']['at_tokens']:,} tokens with the plan below (schedule: {c['grow']['schedule']}).", ""]
+    if plotted:
+        lines += ["![loss curve](loss.png)", ""]
+    lines += ["| stage | steps | layers | trainable params |", "| ---: | ---: | ---: | ---: |"]
+    for st in s["stages"]:
+        lines.append(f"| {st['stage']} | {st['steps']} | {st.get('layers', '')} | {st.get('trainable_params', '')} |")
+    lines += ["", "## Config", "", "```json", json.dumps(c, indent=2), "```", ""]
+    return "\n".join(lines)
+

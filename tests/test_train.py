@@ -1,0 +1,325 @@
+"""`surgery train`, `surgery advise`, `surgery eval`: tiny models, the pydoc corpus, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery.api import apply
+from surgery.cli import main
+from surgery.errors import SurgeryError
+from surgery.plan import plan_from_text
+from surgery.train import train
+from surgery.train.advise import gstack_growth_tokens
+from surgery.train.config import config_from_text
+from surgery.train.corpus import write_pydoc_corpus
+
+from .conftest import load_tensors, read_json
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_pydoc_corpus(root / "train.jsonl", eval_path=root / "eval.jsonl")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # one token cache for the session: the first test tokenizes, the rest reuse it
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path_factory.getbasetemp() / "surgery-cache"))
+
+
+@pytest.fixture(scope="session")
+def llama_pro(models, tmp_path_factory):
+    """The tiny Llama grown 4 -> 6 layers by identity expansion (new layers 2 and 5)."""
+    out = tmp_path_factory.mktemp("pro") / "pro"
+    apply(plan_from_text(f"models: {{base: {models('llama')}}}\nsteps:\n - take: {{model: base}}\n"
+                         " - expand: {groups: 2, per_group: 1, init: identity}\n"), out, progress=False)
+    return out
+
+
+def config(tmp_path: Path, corpus: Path, model: Path, extra: str = "", steps: int = 12) -> Path:
+    p = tmp_path / "train.yaml"
+    p.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\n"
+                 f"data: {{files: [{corpus / 'train.jsonl'}], eval_files: [{corpus / 'eval.jsonl'}], seq_len: 64}}\n"
+                 f"lr: 3e-3\nmicro_batch: 8\nsteps: {steps}\neval_every: 1000\n{extra}")
+    return p
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_advise_reproduces_the_published_table():
+    assert round(gstack_growth_tokens(7e9, 2e12) / 1e9, 2) == 11.11  # Llama2-7B at 2T
+    assert round(gstack_growth_tokens(8e9, 15e12) / 1e9, 2) == 6.58  # Llama3-8B at 15T
+    r = CliRunner().invoke(main, ["advise", "-N", "7B", "-D", "2T", "--layers", "32"])
+    assert r.exit_code == 0, r.output
+    assert "d = 11.11B tokens" in r.output and "8 layers" in r.output and "stack: {times: 4}" in r.output
+    j = json.loads(CliRunner().invoke(main, ["advise", "-N", "8B", "-D", "15T", "--format", "json"]).output)
+    assert j["growth_factor"] == 4 and abs(j["growth_tokens"] - 6.58e9) < 0.01e9
+    bad = CliRunner().invoke(main, ["advise", "-N", "seven", "-D", "2T"])
+    assert bad.exit_code == 1 and "not a count" in bad.output and "Traceback" not in bad.output
+
+
+def test_training_lowers_the_loss(tmp_path, corpus, models):
+    res = train(config(tmp_path, corpus, models("llama"), steps=30, extra="warmup: 2\n"), progress=False, echo=quiet)
+    recs = [json.loads(ln) for ln in (res.path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses
+    assert res.eval_loss < 4.3 and res.perplexity == pytest.approx(torch.tensor(res.eval_loss).exp().item(), rel=1e-6)
+    assert all({"step", "tokens", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs if "loss" in r)
+    assert recs[-1]["final"] and recs[-1]["tokens"] == 30 * 8 * 64
+    assert (res.path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = read_json(res.path / "train.json")
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 512
+    assert not (res.path / "training_args.bin").exists()  # no pickles in outputs
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(res.path)
+    assert m.config.num_hidden_layers == 4
+    assert transformers.AutoTokenizer.from_pretrained(res.path)("ab")["input_ids"]
+    # the output is a checkpoint surgery reads too
+    r = CliRunner().invoke(main, ["inspect", str(res.path)])
+    assert r.exit_code == 0 and "layers: 4" in r.output
+
+
+def test_new_layers_train_and_everything_else_is_bitwise_unchanged(tmp_path, corpus, llama_pro):
+    res = train(config(tmp_path, corpus, llama_pro, "trainable: new-layers\n"), progress=False, echo=quiet)
+    before, after = load_tensors(llama_pro), load_tensors(res.path)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k].view(-1).view(torch.uint8), after[k].view(-1).view(torch.uint8))}
+    new = {k for k in before if k.startswith(("model.layers.2.", "model.layers.5."))}
+    assert changed == new  # the inserted blocks trained (all their tensors), nothing else moved a bit
+    assert res.trainable_params == sum(before[k].numel() for k in new)
+
+
+def test_frozen_parameters_get_no_optimizer_state(tmp_path, corpus, llama_pro):
+    cfg = config(tmp_path, corpus, llama_pro, "trainable: new-layers\nsave_every: 3\n", steps=6)
+    res = train(cfg, progress=False, echo=quiet, stop_after=3)
+    assert res.path is None and not (tmp_path / "out").exists()  # stopped early: no output folder
+    ck = tmp_path / ".out.surgery-train" / "stage-1" / "checkpoints" / "checkpoint-3"
+    state = torch.load(ck / "optimizer.pt", weights_only=True)
+    n_tensors = len([k for k in load_tensors(llama_pro) if k.startswith(("model.layers.2.", "model.layers.5."))])
+    assert len(state["state"]) == n_tensors
+    assert sum(len(g["params"]) for g in state["param_groups"]) == n_tensors
+
+
+def test_freeze_embeddings_with_tied_weights(tmp_path, corpus, models):
+    src = models("gpt2")
+    assert read_json(src / "config.json").get("tie_word_embeddings", True)
+    res = train(config(tmp_path, corpus, src, "freeze_embeddings: true\n", steps=4), progress=False, echo=quiet)
+    before, after = load_tensors(src), load_tensors(res.path)
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_resume_continues_the_same_run(tmp_path, corpus, models):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    full = train(config(a, corpus, models("llama"), "save_every: 4\n"), progress=False, echo=quiet)
+    stopped = train(config(b, corpus, models("llama"), "save_every: 4\n"), progress=False, echo=quiet, stop_after=5)
+    assert stopped.path is None and stopped.steps == 5
+    again = train(config(b, corpus, models("llama"), "save_every: 4\n"), progress=False, echo=quiet, resume=True)
+    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise: optimizer, schedule, RNG and data order restored
+    la = [json.loads(x) for x in (full.path / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (again.path / "metrics.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in la], [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lb]
+    assert strip[0] == strip[1]  # records after the last checkpoint of the interrupted run were dropped
+    assert not (b / ".out.surgery-train").exists()
+
+
+GROW = """\
+grow:
+  at_tokens: 4096
+  schedule: {schedule}
+  plan:
+    models: {{small: TRAINED}}
+    steps:
+      - take: {{model: small}}
+      - stack: {{times: 4}}
+"""
+
+
+@pytest.mark.parametrize("schedule", ["reset", "continue"])
+def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
+    cfg = config(tmp_path, corpus, models("llama"), GROW.format(schedule=schedule) + "warmup: 2\nlog_every: 1\n", steps=14)
+    res = train(cfg, progress=False, echo=quiet)
+    c = read_json(res.path / "config.json")
+    assert c["num_hidden_layers"] == 16  # 4 layers stacked 4x
+    recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines()]
+    grow = [r for r in recs if r.get("event") == "grow"]
+    assert grow == [{"step": 8, "stage": 2, "tokens": 4096, "event": "grow", "layers": 16, "params": grow[0]["params"]}]
+    lr1 = [r["lr"] for r in recs if "lr" in r and r["stage"] == 1]
+    lr2 = [r["lr"] for r in recs if "lr" in r and r["stage"] == 2]
+    assert len(lr1) == 8 and len(lr2) == 6
+    if schedule == "reset":  # warmup again: the first stage-2 step is at a fresh warmup's LR
+        assert lr2[0] == pytest.approx(lr1[0]) and max(lr2) > lr1[-1]
+    else:  # one schedule over both stages: stage 2 goes on decaying from where stage 1 stopped
+        assert lr2[0] < lr1[-1] and all(x >= y for x, y in zip(lr2, lr2[1:]))
+    summary = read_json(res.path / "train.json")
+    assert [s["layers"] for s in summary["stages"]] == [4, 16]
+    assert res.steps == 14 and res.tokens == 14 * 512
+    import transformers
+
+    assert transformers.AutoModelForCausalLM.from_pretrained(res.path).config.num_hidden_layers == 16
+
+
+def test_two_processes_with_gloo_through_torchrun(tmp_path, corpus, models):
+    cfg = config(tmp_path, corpus, models("llama"), "trainable: all\n", steps=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "surgery", "train", str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    s = read_json(out / "train.json")
+    assert s["world_size"] == 2 and s["tokens"] == 4 * 8 * 64 * 2  # two ranks, each a micro batch per step
+    assert r.stdout.count("wrote ") == 1  # one process writes, one checkpoint
+    import transformers
+
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_eval_perplexity_and_logit_difference(tmp_path, corpus, models, llama_pro):
+    from surgery.train.evaluate import evaluate
+
+    r = evaluate(llama_pro, [str(corpus / "eval.jsonl")], against=models("llama"), seq_len=64, max_tokens=3000)
+    assert r["max_abs_logit_diff"] == 0.0 and r["perplexity"] == r["against_perplexity"]
+    assert 0 < r["scored_tokens"] < r["tokens"]  # document starts are not scored across boundaries
+    other = evaluate(models("llama", seed=1), [str(corpus / "eval.jsonl")], against=models("llama"), seq_len=64, stride=64,
+                     max_tokens=640)
+    assert other["max_abs_logit_diff"] > 0.1
+    cli = CliRunner().invoke(main, ["eval", str(llama_pro), "--data", str(corpus / "eval.jsonl"), "--against",
+                                    str(models("llama")), "--seq-len", "64", "--max-tokens", "1000"])
+    assert cli.exit_code == 0, cli.output
+    assert "max |difference| 0," in cli.output
+
+
+def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import transformers
+
+    from surgery.train.data import Packed, Stream, expand_sources, tokenize, tokenizer_fingerprint
+
+    (tmp_path / "a.txt").write_text("abc\n\nde\n\nfgh")
+    (tmp_path / "b.jsonl").write_text('{"text": "xy"}\n\n{"text": "z"}\n')
+    pq.write_table(pa.table({"body": ["pq1", "pq22"]}), tmp_path / "c.parquet")
+    tok = transformers.AutoTokenizer.from_pretrained(models("llama"))
+    fp = tokenizer_fingerprint(models("llama"))
+    cache = tmp_path / "cache"
+    srcs = expand_sources(["a.txt", "*.jsonl"], tmp_path, "text", lambda i: f"x:{i}")
+    parts = [tokenize(s, tok, fp, cache, "\n\n") for s in srcs]
+    parts += [tokenize(s, tok, fp, cache, None) for s in expand_sources(["c.parquet"], tmp_path, "body", lambda i: "y")]
+    eos = tok.eos_token_id
+    docs = ["abc", "de", "fgh", "xy", "z", "pq1", "pq22"]
+    stream = Stream(parts)
+    expect = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [eos]]
+    assert stream.slice(0, len(stream)).tolist() == expect
+    seq = Packed(stream, 8, 0, len(stream) // 8)
+    starts = {sum(len(d) + 1 for d in docs[:i]) for i in range(len(docs))}
+    for i in range(len(seq)):
+        item = seq[i]
+        assert item["input_ids"].tolist() == expect[8 * i: 8 * i + 8]
+        masked = {8 * i + j for j in range(8) if item["labels"][j] == -100}
+        assert masked == {s for s in starts if 8 * i < s < 8 * i + 8}  # position 0 is never a target anyway
+    # the cache is reused, not rebuilt
+    metas = sorted(cache.glob("*.json"))
+    stamp = [m.stat().st_mtime_ns for m in metas]
+    tokenize(srcs[0], tok, fp, cache, "\n\n")
+    assert [m.stat().st_mtime_ns for m in metas] == stamp and len(metas) == 3
+    # a long .txt document is read in pieces yet stays one document
+    from surgery.train import data
+
+    (tmp_path / "long.txt").write_text("line\n" * 50)
+    old = data.PIECE_CHARS
+    data.PIECE_CHARS = 32
+    try:
+        pieces = list(data.read_pieces(expand_sources(["long.txt"], tmp_path, "text", str)[0], None))
+    finally:
+        data.PIECE_CHARS = old
+    assert len(pieces) > 3 and "".join(p for p, _, _ in pieces) == "line\n" * 50
+    assert [f for _, f, _ in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert [last for _, _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["hello world"] * 200}).save_to_disk(str(tmp_path / "ds"))
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model: {models('llama')}\ndata: {{files: [{{dataset: ./ds}}], seq_len: 32, eval_fraction: 0}}\nsteps: 2\n")
+    res = train(cfg, out=tmp_path / "o", progress=False, echo=quiet)
+    assert res.path.is_dir() and res.eval_loss is None
+
+
+@pytest.mark.parametrize("text,extra,expect", [
+    ("model: {m}\ndata: {{files: [{c}]}}\n", "", "give exactly one budget"),
+    ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\nlearning_rate: 1\n", "", "unknown key 'learning_rate'"),
+    ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "", "not all, new-layers or a parameter-name"),
+    ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
+    ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'nope.*'\n", "", "match no parameter"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 1M, plan: {{models: {{s: X}}, steps: [{{take: {{model: s}}}}]}}}}\n",
+     "", "is not before the end of the run"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X}}, steps: [{{take: {{model: t}}}}]}}}}\n",
+     "", "unknown model 't'"),
+    ("model: {m}\ndata: {{files: [{c}], text_field: body, seq_len: 64}}\nsteps: 2\n", "", "no field 'body'"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 100000}}\nsteps: 2\n", "", "exceeds the model's context (128"),
+    ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
+])
+def test_bad_configs_are_located_errors(tmp_path, corpus, models, text, extra, expect):
+    cfg = tmp_path / "bad.yaml"
+    (tmp_path / "short.txt").write_text("too short")
+    cfg.write_text(text.format(m=models("llama"), c=corpus / "train.jsonl", t=tmp_path / "short.txt"))
+    r = CliRunner().invoke(main, ["train", str(cfg), "-o", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 1, r.output
+    assert expect in r.output and "Traceback" not in r.output, r.output
+    assert "bad.yaml:" in r.output or "train.jsonl" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_and_runs_are_never_clobbered(tmp_path, corpus, models):
+    cfg = config(tmp_path, corpus, models("llama"), steps=2)
+    (tmp_path / "out").mkdir()
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
+    assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q", "--resume", "-o", str(tmp_path / "new")])
+    assert r.exit_code == 1 and "nothing to resume" in r.output
+    shutil.rmtree(tmp_path / "out")
+    train(cfg, progress=False, echo=quiet, stop_after=1)
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
+    assert r.exit_code == 1 and "interrupted run" in r.output and "--resume" in r.output
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q", "--force", "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert read_json(tmp_path / "out" / "train.json")["steps"] == 1  # the flag overrode the file's budget
+
+
+def test_config_overrides_and_counts(tmp_path):
+    c = config_from_text("model: m\ndata: {files: [a.txt]}\ntokens: 2M\n", tmp_path, {"steps": 5, "seq_len": 16, "lr": 0.1})
+    assert c.body.steps == 5 and c.body.tokens is None and c.body.data.seq_len == 16 and c.body.lr == 0.1
+    assert config_from_text("model: m\ndata: {files: [a.txt]}\ntokens: 1.5B\n", tmp_path).body.tokens == 1_500_000_000
+    with pytest.raises(SurgeryError) as e:
+        config_from_text("model: m\ndata: {files: [a.txt]}\nsteps: 1\nwarmup: 2.5\n", tmp_path, source="x.yaml")
+    assert "x.yaml:4" in str(e.value)
+
+
+def test_demo_grows_then_trains(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    assert "function preserved" in r.output and "grew the model at step 24 (12,288 tokens): 16 layers" in r.output
+    out = tmp_path / "demo" / "out-grow-trained"
+    assert read_json(out / "config.json")["num_hidden_layers"] == 16 and (out / "loss.png").exists()
+    assert read_json(out / "train.json")["perplexity"] < 40  # trained: the untrained tiny model is at ~130
