@@ -177,19 +177,28 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     assert transformers.AutoModelForCausalLM.from_pretrained(res.path).config.num_hidden_layers == 16
 
 
-def test_two_processes_with_gloo_through_torchrun(tmp_path, corpus, models):
-    cfg = config(tmp_path, corpus, models("llama"), "trainable: all\n", steps=4)
+def test_two_processes_with_gloo_through_torchrun_ddp_and_fsdp2(tmp_path, corpus, models):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "surgery", "train", str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "out"
-    s = read_json(out / "train.json")
-    assert s["world_size"] == 2 and s["tokens"] == 4 * 8 * 64 * 2  # two ranks, each a micro batch per step
-    assert r.stdout.count("wrote ") == 1  # one process writes, one checkpoint
+    outs = {}
+    for mode in ("ddp", "fsdp"):
+        d = tmp_path / mode
+        d.mkdir()
+        cfg = config(d, corpus, models("llama"), "fsdp: true\n" if mode == "fsdp" else "", steps=4)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "surgery", "train", str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        s = read_json(d / "out" / "train.json")
+        assert s["world_size"] == 2 and s["tokens"] == 4 * 8 * 64 * 2  # two ranks, each a micro batch per step
+        assert r.stdout.count("wrote ") == 1  # one process writes, one checkpoint
+        outs[mode] = load_tensors(d / "out")
     import transformers
 
-    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "out").config.num_hidden_layers == 4
+    base = load_tensors(models("llama"))
+    assert set(outs["ddp"]) == set(outs["fsdp"]) == set(base)
+    for k in base:  # sharded training computes the same update as replicated training
+        assert not torch.equal(outs["ddp"][k], base[k]), k
+        torch.testing.assert_close(outs["fsdp"][k], outs["ddp"][k], rtol=1e-4, atol=1e-5)
 
 
 def test_eval_perplexity_and_logit_difference(tmp_path, corpus, models, llama_pro):

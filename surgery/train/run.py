@@ -301,13 +301,14 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
         use_cpu=not torch.cuda.is_available(), save_only_model=False, log_level="error", log_level_replica="error",
         ddp_find_unused_parameters=False,
     )
-    if b.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
+    if b.fsdp:  # FSDP2, each decoder layer (the model's _no_split_modules) its own unit; full state dict on save
+        kw.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+                                          **({"activation_checkpointing": True} if b.gradient_checkpointing else {})})
+    elif b.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
         fields = transformers.TrainingArguments.__dataclass_fields__
         kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
     if world_size() > 1 and not torch.cuda.is_available():
         kw["ddp_backend"] = "gloo"
-    if b.fsdp:
-        kw.update(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     return transformers.TrainingArguments(**kw), warm, prec
 
 
