@@ -35,6 +35,6 @@ def model_card(p: Program) -> str:
     for row in p.layer_map():
         lines.append(f"| {row['layer']} | {row['source']} | {row['how']} |")
     if p.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in p.warnings]
+        lines += ["", "## Warnings", ""] + [f"- {w.what} (`{w.code}`)" for w in p.warnings]
     lines += ["", "## Plan", "", "```yaml", yaml.safe_dump(p.plan.raw, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)

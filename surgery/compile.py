@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .arch import Family
+from .lint import lint
 from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_checkpoint, resolve_ref, small_files
 from .errors import PlanError, Problem, SurgeryError
 from .plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
@@ -267,7 +268,7 @@ class Program:
     config: dict
     config_changes: list[str]
     dtype: str
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     tokenizer_merger: object = None  # a plugin's merged tokenizer (tokenizer: union), else None
     chat_template: str | None = None  # written as chat_template.jinja when set
 
@@ -305,14 +306,16 @@ class Program:
                  "step": s.step, "where": s.where} for i, s in enumerate(self.stack)]
 
 
-def open_models(plan: Plan, *, allow_pickle: bool = False) -> dict[str, Checkpoint]:
+def open_models(plan: Plan, *, allow_pickle: bool = False, headers_only: bool = False,
+                offline: bool = False) -> dict[str, Checkpoint]:
     """Resolve and open every model the plan names; all failures are reported together."""
     ckpts: dict[str, Checkpoint] = {}
     problems: list[Problem] = []
     for name in plan.body.models:
         ref = plan.model_ref(name)
         try:
-            path = resolve_ref(ref.path, plan.base_dir, revision=ref.revision, where=plan.where("models", name))
+            path = resolve_ref(ref.path, plan.base_dir, revision=ref.revision, where=plan.where("models", name),
+                               headers_only=headers_only, offline=offline)
             ckpts[name] = open_checkpoint(name, ref.path, path, allow_pickle=allow_pickle)
         except SurgeryError as e:
             problems += e.problems
@@ -321,8 +324,12 @@ def open_models(plan: Plan, *, allow_pickle: bool = False) -> dict[str, Checkpoi
     return ckpts
 
 
-def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Checkpoint] | None = None) -> Program:
-    ckpts = ckpts if ckpts is not None else open_models(plan, allow_pickle=allow_pickle)
+def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Checkpoint] | None = None,
+                 headers_only: bool = False, offline: bool = False) -> Program:
+    """The plan against its models' headers. `headers_only`: hub models may be header-only views
+    (validate); a Program compiled so is for reporting, not for `execute`."""
+    ckpts = ckpts if ckpts is not None else open_models(plan, allow_pickle=allow_pickle, headers_only=headers_only,
+                                                        offline=offline)
     first = plan.steps[0]
     first_model = first.model if isinstance(first, Take) else first.sources[0].model if isinstance(first, Merge) else None
     if first_model is None:
@@ -337,9 +344,11 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         stack = OPS[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
 
     family = base.family
-    warnings: list[str] = []
+    warnings: list = []  # Problems with a code; plain strings (config notes) get the code `config` below
     if family.guessed:
-        warnings.append(f"model {config_model!r}: unknown family; {family.notes}")
+        warnings.append(Problem(plan.where("models", config_model), f"model {config_model!r}: unknown family; {family.notes}",
+                                "register an architecture entry (a plugin's api.family) if the guess is wrong",
+                                code="unknown-family"))
     out_code = DTYPE_NAMES[plan.body.output.dtype] if plan.body.output.dtype else base.dtype
 
     tensors: list[OutTensor] = []
@@ -356,8 +365,10 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         raise SurgeryError(problems)
     tensors += post
     if any(s.init == "identity" for s in stack) and family.guessed:
-        warnings.append("identity blocks in a family surgery does not know: output projections were guessed by name; "
-                        "check the layer map, or register an architecture entry")
+        first_id = next(s for s in stack if s.init == "identity")
+        warnings.append(Problem(first_id.where or plan.where(), "identity blocks in a family surgery does not know: output "
+                                "projections were guessed by name, so the expansion may not preserve the function",
+                                "check `surgery validate --tensors`, or register an architecture entry", code="guessed-identity"))
     config, changes = _output_config(base, ckpts, stack, family, out_code, warnings)
     shards = _schedule(tensors, plan.body.output.shard_size)
     tok = plan.body.tokenizer or config_model
@@ -370,6 +381,8 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         tok = config_model
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
+    warnings += lint(plan, ckpts, stack, out_code)
+    warnings = [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config") for w in warnings]
     return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
                    merger, chat)
 
@@ -402,7 +415,8 @@ def _chat_template(plan: Plan, ckpts, warnings) -> str | None:
     if value == "auto":
         found = [t.strip() for t in (model_chat_template(c.path) for c in ckpts.values()) if t]
         if not found:
-            warnings.append("chat_template: auto found no chat template in the models; none written")
+            warnings.append(Problem(plan.where("chat_template"), "chat_template: auto found no chat template in the models; "
+                                    "none written", code="chat-template"))
             return None
         return Counter(found).most_common(1)[0][0]
     if "{" in value or "\n" in value or len(value) >= 256:

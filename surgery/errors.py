@@ -16,13 +16,16 @@ class Problem:
     where: str | None
     what: str
     fix: str | None = None
+    code: str | None = None  # warnings carry a stable code (`duplicated-layers`, ...) for --ignore
 
     def __str__(self) -> str:
         head = f"{self.where}: {self.what}" if self.where else self.what
+        head = f"{head} [{self.code}]" if self.code else head
         return f"{head}\n  fix: {self.fix}" if self.fix else head
 
     def as_dict(self) -> dict:
-        return {"where": self.where, "what": self.what, "fix": self.fix}
+        d = {"where": self.where, "what": self.what, "fix": self.fix}
+        return {**d, "code": self.code} if self.code else d
 
 
 class SurgeryError(ValueError):

@@ -121,7 +121,7 @@ def test_qwen3_window_threshold_and_layer_types(models, tmp_path):
     cfg = report.program.config
     assert cfg["layer_types"] == (["full_attention"] * 2 + ["sliding_attention"] * 2) * 2
     assert cfg["max_window_layers"] == 2  # layers 0,1 are full; the rest are not a prefix
-    assert any("max_window_layers" in w for w in report.warnings)
+    assert any("max_window_layers" in str(w) for w in report.warnings)
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     import transformers
     m = transformers.AutoConfig.from_pretrained(res.path)

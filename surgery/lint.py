@@ -1,0 +1,113 @@
+"""Warnings about plans that are valid but probably not what was meant.
+
+Each warning is a `Problem` with a stable `code`, so CI can fail on them (`validate --strict`)
+and ignore the ones a team has decided are fine (`--ignore duplicated-layers`):
+
+- `duplicated-layers`: layers copied more than once (SOLAR, Gstack) do not compute the original
+  function; that is intended before continued pretraining, not when function preservation was expected;
+- `vocab-mismatch`, `rope-mismatch`: a merge of models with different vocabularies or RoPE settings;
+- `narrowing-dtype`: the output dtype is narrower (or of another range) than an input's;
+- `gradient-too-long`: a gradient list with more anchors than the layers it spans;
+- (from compile) `unknown-family`, `guessed-identity`, `config`, `chat-template`.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import DTYPES, FLOAT_CODES, dtype_name
+from .errors import Problem
+
+CODES = ("duplicated-layers", "vocab-mismatch", "rope-mismatch", "narrowing-dtype", "gradient-too-long",
+         "unknown-family", "guessed-identity", "config", "chat-template")
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
+
+
+def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
+    from .plan import Merge
+
+    out: list[Problem] = []
+    # layers made the same way twice (plain copies, or copies of one merged layer), reported at the
+    # step that made the second one
+    seen: dict[tuple, int] = {}
+    dup_at: dict[str, list[str]] = {}
+    for j, s in enumerate(stack):
+        if s.init != "copy":
+            continue
+        key = (s.sources, id(s.merge) if s.merge is not None else None, round(s.t, 12), s.scales, s.take_scale)
+        if key in seen:
+            dup_at.setdefault(s.where, []).append(f"{j} = {s.source_text()} (also layer {seen[key]})")
+        else:
+            seen[key] = j
+    for where, items in dup_at.items():
+        shown = "; ".join(items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+        out.append(Problem(where, f"{len(items)} output layer(s) repeat a layer as a plain copy ({shown}): the grown model "
+                           "does not compute what the original did until it is trained further",
+                           "intended for SOLAR / Gstack, which train further; to keep the function use `expand` with "
+                           "`init: identity`; `--ignore duplicated-layers` silences this",
+                           code="duplicated-layers"))
+    for i, step in enumerate(plan.steps):
+        if not isinstance(step, Merge):
+            continue
+        names = [m.model for m in step.sources]
+        where = plan.step_where(i)
+        vocab = {n: ckpts[n].config.get("vocab_size") for n in names}
+        if len(set(vocab.values())) > 1:
+            out.append(Problem(where, "merge of models with different vocabularies: " + ", ".join(f"{n} {v}" for n, v in vocab.items()),
+                               "token ids do not line up; use `tokenizer: union` (mergekit plugin) or models from one release",
+                               code="vocab-mismatch"))
+        ropes = {n: rope_settings(ckpts[n].config) for n in names}
+        for key in sorted({k for r in ropes.values() for k in r}):
+            vals = {n: r.get(key) for n, r in ropes.items()}
+            if len({repr(v) for v in vals.values()}) > 1:
+                out.append(Problem(where, f"merge of models with different {key}: " + ", ".join(f"{n} {v!r}" for n, v in vals.items()),
+                                   "their position encodings differ, so merged attention weights disagree about positions",
+                                   code="rope-mismatch"))
+        span = _span(step, ckpts, names)
+        grads = [(("t",), step.t)] + [((f"overrides", k, "t"), o.t) for k, o in enumerate(step.overrides)]
+        grads += [(("parameters", k), v) for k, v in step.parameters.items()]
+        for key, g in grads:
+            if isinstance(g, tuple) and g and all(isinstance(x, (int, float)) for x in g) and len(g) > max(span, 1):
+                out.append(Problem(plan.where("steps", i, "merge", *key), f"gradient has {len(g)} values for the {span} "
+                                   "layer(s) this merge spans; the extra anchors only reshape the interpolation",
+                                   f"give at most {span} values (one per layer) or fewer anchors", code="gradient-too-long"))
+    widest = [c for ck in ckpts.values() for c in {t.dtype for t in ck.tensors.values()} if c in FLOAT_CODES]
+    narrower = sorted({c for c in widest if _narrows(c, out_code)})
+    if narrower and out_code in FLOAT_CODES:
+        where = plan.where("output", "dtype") if plan.body.output.dtype else plan.where()
+        out.append(Problem(where, f"output dtype {dtype_name(out_code)} is narrower than the inputs' "
+                           f"{', '.join(dtype_name(c) for c in narrower)}: values are rounded"
+                           + (" and may overflow" if any(c == "BF16" and out_code == "F16" for c in narrower) else ""),
+                           f"set `output: {{dtype: {dtype_name(_widest(narrower))}}}` to keep the inputs' precision",
+                           code="narrowing-dtype"))
+    return out
+
+
+def rope_settings(cfg: dict) -> dict:
+    """RoPE settings whichever way the config spells them (top-level keys, transformers 5's
+    `rope_parameters`, or `rope_scaling`)."""
+    out = {k: cfg[k] for k in ROPE_KEYS if k in cfg and k not in ("rope_parameters", "rope_scaling") and cfg[k] is not None}
+    for key in ("rope_parameters", "rope_scaling"):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                out.setdefault(k if k in ("rope_theta",) else f"rope.{k}", x)
+    return out
+
+
+def _span(step, ckpts, names) -> int:
+    if step.layers is not None:
+        return step.layers[1] - step.layers[0]
+    for m in step.sources:
+        if m.layers is not None:
+            return m.layers[1] - m.layers[0]
+    return min(ckpts[n].num_layers for n in names)
+
+
+def _narrows(src: str, out: str) -> bool:
+    if src == out or out not in FLOAT_CODES:
+        return False
+    a, b = DTYPES[src][1], DTYPES[out][1]
+    return b < a or (a == b == 2)  # float16 <-> bfloat16: one loses range, the other precision
+
+
+def _widest(codes) -> str:
+    return max(codes, key=lambda c: (DTYPES[c][1], c == "F32"))
