@@ -103,11 +103,12 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 # safetensors headers
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
-    """Parse and check one safetensors file's header. Returns its tensors and the raw header."""
+def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[str, TensorInfo], bytes]:
+    """Parse and check one safetensors file's header. Returns its tensors and the raw header.
+    `size` is the real file's size when `path` is a header stub of a hub file (see hub.py)."""
     where = str(path)
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if size is None else size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -201,8 +202,12 @@ def header_sha256(path: Path) -> str | None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where: str | None = None) -> Path:
-    """A model ref is a local folder (relative to the plan's folder) or a hub id (`org/name`)."""
+def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where: str | None = None,
+                headers_only: bool = False, offline: bool = False) -> Path:
+    """A model ref is a local folder (relative to the plan's folder) or a hub id (`org/name`).
+
+    `headers_only` (validate): a hub model not fully in the local cache is seen through a
+    header-only view (config, index, safetensors headers; no tensor data, see hub.py)."""
     p = Path(ref).expanduser()
     local = p if p.is_absolute() else base_dir / p
     if local.is_dir():
@@ -214,14 +219,36 @@ def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where:
                                   fix="point the model at the checkpoint's folder (the one with config.json)")
         raise CheckpointError(f"model folder not found: {ref!r} (looked in {local.resolve()})", where=where,
                               fix="check the path; relative paths are relative to the plan file's folder")
+    if headers_only:
+        local_snapshot = _cached_snapshot(ref, revision)
+        if local_snapshot is not None:
+            return local_snapshot
+        from .hub import header_view
+
+        return header_view(ref, revision, where, offline=offline)
     return _hub_snapshot(ref, revision, where)
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*", "*.jinja"]
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The model's folder in the hub cache, when it is there with its weights (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        p = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None))
+    except Exception:  # not cached (the hub client raises several types for that)
+        return None
+    return p if (p / "config.json").is_file() and any(p.glob("*.safetensors")) else None
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*", "*.jinja"]
+    patterns = HUB_PATTERNS
     # read at call time (huggingface-hub reads HF_HUB_CACHE once, at its import)
     cache = os.environ.get("HF_HUB_CACHE") or None
     try:
@@ -319,6 +346,9 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
                     f"{where} has only pickled weights ({', '.join(pickles)}); pickles can run code when loaded and are refused",
                     fix="convert the checkpoint to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)")
             return _read_pickles(path, pickles, where) + (True,)
+    from .hub import remote_sizes
+
+    sizes = remote_sizes(path) or {}
     tensors: dict[str, TensorInfo] = {}
     hashes: dict[str, str] = {}
     problems: list[Problem] = []
@@ -330,7 +360,7 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
         if not fpath.is_file():
             raise CheckpointError(f"index names {fname!r}, which is missing", where=str(index),
                                   fix="the download is incomplete; fetch the missing shard")
-        found, raw = read_safetensors_header(fpath)
+        found, raw = read_safetensors_header(fpath, sizes.get(fname))
         hashes[fname] = hashlib.sha256(raw).hexdigest()
         for tname, info in found.items():
             if expected is not None and tname not in expected:
