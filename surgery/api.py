@@ -18,17 +18,43 @@ def _as_plan(plan: Plan | str | Path) -> Plan:
     return plan if isinstance(plan, Plan) else load_plan(plan)
 
 
-def validate(plan: Plan | str | Path, *, allow_pickle: bool = False) -> Report:
-    """Check a plan against its models' configs and headers; read no tensor data.
+def validate(plan: Plan | str | Path, *, allow_pickle: bool = False, offline: bool = False,
+             ignore: set[str] | frozenset = frozenset()) -> Report:
+    """Check a plan against its models' configs and headers; read no tensor data (hub models:
+    config, index and headers fetched with ranged requests, cached by revision; `offline`: the
+    local caches only). Warnings whose code is in `ignore` are dropped.
 
     Never raises for a bad plan: the report says `valid: False` with every problem located."""
     source = str(plan.source if isinstance(plan, Plan) else plan)
     try:
         p = _as_plan(plan)
-        program = compile_plan(p, allow_pickle=allow_pickle)
+        program = compile_plan(p, allow_pickle=allow_pickle, headers_only=True, offline=offline)
     except SurgeryError as e:
         return Report(source, False, e.problems)
-    return Report(source, True, warnings=program.warnings, program=program)
+    return Report(source, True, warnings=[w for w in program.warnings if w.code not in ignore], program=program)
+
+
+def validate_many(patterns, **kw) -> list[Report]:
+    """`validate` for several plan files or globs (`plans/**/*.yaml`), in a stable order."""
+    import glob
+
+    from .errors import Problem
+
+    reports: list[Report] = []
+    for pat in patterns:
+        pat = str(pat)
+        if glob.has_magic(pat):
+            files = sorted(f for f in glob.glob(pat, recursive=True) if Path(f).is_file())
+            if not files:
+                reports.append(Report(pat, False, [Problem(pat, "no files match this pattern", "check the glob (quote it "
+                                                           "so the shell does not expand it)")]))
+            reports += [validate(f, **kw) for f in files]
+        elif not Path(pat).is_file():
+            reports.append(Report(pat, False, [Problem(pat, "plan file not found" if not Path(pat).is_dir() else
+                                                       "is a folder, not a plan file", "give a plan file or a glob")]))
+        else:
+            reports.append(validate(pat, **kw))
+    return reports
 
 
 def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,

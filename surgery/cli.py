@@ -121,24 +121,107 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
                    + (f"; new layers {res.new_layers}" if res.new_layers else ""))
 
 
-@main.command()
-@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+EPILOG_VALIDATE = """\b
+Examples:
+  surgery validate plan.yaml                       the layer map, sizes, config changes
+  surgery validate 'plans/**/*.yaml' --strict      CI: every plan, warnings fail too
+  surgery validate plans/*.yaml --format github    annotations on the pull request's lines
+  surgery validate plan.yaml --format json         the versioned report (`surgery schema --report`)
+  surgery validate plan.yaml --offline             the local cache only, no network
+\b
+Warning codes (for --ignore): duplicated-layers, vocab-mismatch, rope-mismatch,
+narrowing-dtype, gradient-too-long, unknown-family, guessed-identity, config, chat-template.
+"""
+
+
+@main.command(epilog=EPILOG_VALIDATE)
+@click.argument("plans", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
+              help="text: the layer map; json: a versioned report; github: workflow annotations (::error file=,line=::).")
+@click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1).")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODE", help="Drop warnings with this code (repeatable).")
+@click.option("--offline", is_flag=True, help="Use only the local caches (hub cache, surgery's header cache); no network.")
 @click.option("--tensors", is_flag=True, help="Also list every output tensor with its recipe (text format).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled checkpoints (headers are read with weights_only=True).")
-def validate(plan, fmt, tensors, allow_pickle):
-    """Check PLAN without reading any weights and show what `apply` would write.
+def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
+    """Check PLANS (files or globs; surgery plans or mergekit configs) without downloading weights.
 
-    Prints the layer map (output layer <- source model[layer], how it is made), parameter
-    count, bytes read and written, and config changes. Exit status 0 when valid, 1 when not."""
-    from .api import validate as do_validate
+    Hub models are resolved from config.json, the index and each safetensors header, fetched
+    with ranged requests (no tensor data) and cached by revision. Prints what `apply` would
+    write: the layer map (output layer <- source model[layer], how it is made), parameters,
+    bytes read and written, config changes and warnings. Exit 0 when every plan is valid
+    (and, with --strict, warning-free), 1 otherwise."""
+    from .api import validate_many
+    from .lint import CODES
+    from .report import as_github, envelope
 
-    report = do_validate(plan, allow_pickle=allow_pickle)
+    bad = sorted(set(ignore) - set(CODES))
+    if bad:
+        click.echo(f"error: --ignore {bad[0]}: unknown warning code\n  fix: codes: {', '.join(CODES)}", err=True)
+        sys.exit(1)
+    reports = validate_many(plans, allow_pickle=allow_pickle, offline=offline, ignore=set(ignore))
+    ok = all(r.valid and not (strict and r.warnings) for r in reports)
     if fmt == "json":
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(envelope(reports, strict=strict), indent=2))
+    elif fmt == "github":
+        text = as_github(reports, strict=strict)
+        if text:
+            click.echo(text)
     else:
-        click.echo(report.text(tensors=tensors), err=not report.valid)
-    sys.exit(0 if report.valid else 1)
+        for i, r in enumerate(reports):
+            if i:
+                click.echo("")
+            click.echo(r.text(tensors=tensors), err=not r.valid)
+            if strict and r.valid and r.warnings:
+                click.echo(f"  --strict: {len(r.warnings)} warning(s) count as errors", err=True)
+        if len(reports) > 1:
+            n_bad = sum(1 for r in reports if not (r.valid and not (strict and r.warnings)))
+            click.echo(f"\n{len(reports) - n_bad} of {len(reports)} plan(s) passed", err=bool(n_bad))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--train", "which", flag_value="train", help="The training config schema (`surgery train`).")
+@click.option("--report", "which", flag_value="report", help="The `validate --format json` report schema.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
+def schema(which, out):
+    """Print the JSON Schema of surgery plans (or --train configs, or the --report format).
+
+    \b
+    Editors validate and complete plans with it (VS Code's YAML extension, any
+    yaml-language-server client): save it once and point a plan at it on its first line:
+      surgery schema -o .surgery-plan.schema.json
+      # yaml-language-server: $schema=./.surgery-plan.schema.json"""
+    from .schema import plan_schema, report_schema, train_schema
+
+    doc = {"train": train_schema, "report": report_schema}.get(which, plan_schema)()
+    text = json.dumps(doc, indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="map.svg or map.png (default: PLAN's name with .svg).")
+@click.option("--force", is_flag=True, help="Replace an existing picture.")
+@click.option("--offline", is_flag=True, help="Use only the local caches for hub models.")
+@_user_errors
+def show(plan, out, force, offline):
+    """Draw PLAN's layer map: source layers left, output layers right, lines coloured by how each
+    output layer is made (copy, identity, merge, random, zero). Reads headers only, like validate."""
+    from .api import compile_plan, load_plan
+    from .errors import OutputError
+    from .show import draw_layer_map
+
+    out = out or plan.with_suffix(".svg")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", fix="pass --force to replace it, or -o elsewhere")
+    program = compile_plan(load_plan(plan), headers_only=True, offline=offline)
+    click.echo(f"wrote {draw_layer_map(program, out)}")
 
 
 @main.command()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
@@ -281,9 +281,14 @@ class ModelRef(Strict):
     revision: Optional[str] = None
 
 
+DTYPE_SCHEMA = WithJsonSchema({"anyOf": [{"enum": sorted(DTYPE_NAMES)}, {"type": "null"}]})
+SIZE_SCHEMA = WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1024},
+                                        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[bB]|[bB])?\s*$"}]})
+
+
 class Output(Strict):
-    dtype: Optional[str] = None
-    shard_size: int = 5 * 10**9
+    dtype: Annotated[Optional[str], DTYPE_SCHEMA] = None
+    shard_size: Annotated[int, SIZE_SCHEMA] = 5 * 10**9
     path: Optional[str] = None
 
     @field_validator("dtype")
@@ -301,7 +306,7 @@ class Output(Strict):
 
 class PlanBody(Strict):
     name: Optional[str] = None
-    input_dtype: Optional[str] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
+    input_dtype: Annotated[Optional[str], DTYPE_SCHEMA] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
     seed: Optional[int] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
     chat_template: Optional[str] = None  # a Jinja template, "auto" (the models' most common), or a plugin's named one
     _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))

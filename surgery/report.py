@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +12,7 @@ from .checkpoint import Checkpoint, dtype_name
 from .compile import Program
 from .errors import Problem
 
-REPORT_FORMAT = "surgery.validate/1"
+REPORT_FORMAT = "surgery.validate/2"
 
 
 def human_bytes(n: float) -> str:
@@ -42,7 +44,7 @@ class Report:
     plan: str
     valid: bool
     problems: list[Problem] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     program: Program | None = None
 
     @property
@@ -50,8 +52,8 @@ class Report:
         return self.program.layer_map() if self.program else []
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": REPORT_FORMAT, "plan": self.plan, "valid": self.valid,
-                             "errors": [p.as_dict() for p in self.problems], "warnings": list(self.warnings)}
+        d: dict[str, Any] = {"plan": self.plan, "valid": self.valid,
+                             "errors": [p.as_dict() for p in self.problems], "warnings": [w.as_dict() for w in self.warnings]}
         p = self.program
         if p is not None:
             d.update({
@@ -95,7 +97,7 @@ class Report:
                 for t in s.tensors:
                     out.append(f"    {s.name}  {t.name}  {t.recipe.dtype} {list(t.recipe.shape)}  {t.recipe.describe()}")
         for w in self.warnings:
-            out.append(f"  warning: {w}")
+            out.append(f"  warning: {w}".replace("\n", "\n    "))
         return "\n".join(out)
 
 
@@ -113,5 +115,53 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
                    "bytes": program.bytes_out, "shards": shard_info, "config_changes": program.config_changes},
         "layer_map": program.layer_map(),
         "new_layers": program.new_layers,
-        "warnings": program.warnings,
+        "warnings": [str(w) for w in program.warnings],
     }
+
+
+def envelope(reports: list[Report], *, strict: bool = False) -> dict[str, Any]:
+    """The `--format json` document: versioned, one entry per plan (schema: `surgery schema --report`)."""
+    plans = [r.as_dict() for r in reports]
+    passed = [r.valid and not (strict and r.warnings) for r in reports]
+    return {"format": REPORT_FORMAT, "surgery_version": __version__, "strict": strict, "valid": all(passed),
+            "plans": [{**d, "passed": ok} for d, ok in zip(plans, passed)]}
+
+
+_LOC = re.compile(r"^(?P<file>.+?\.(?:ya?ml|json)):(?P<line>\d+)$")
+
+
+def _esc_data(s: str) -> str:
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _esc_prop(s: str) -> str:
+    return _esc_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def _relative(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def as_github(reports: list[Report], *, strict: bool = False) -> str:
+    """GitHub Actions workflow commands: `::error file=F,line=L,title=T::message`, one per problem
+    and warning (warnings are errors with --strict), so they show on the pull request's lines."""
+    lines = []
+    for r in reports:
+        items = [("error", p) for p in r.problems] + [("error" if strict else "warning", w) for w in r.warnings]
+        for level, p in items:
+            m = _LOC.match(p.where or "")
+            file, line = (m.group("file"), m.group("line")) if m else (r.plan, None)
+            msg = p.what if m else (f"{p.where}: {p.what}" if p.where else p.what)
+            if p.fix:
+                msg += f"\nfix: {p.fix}"
+            title = f"surgery validate{': ' + p.code if p.code else ''}"
+            props = f"file={_esc_prop(_relative(file))}" + (f",line={line}" if line else "") + f",title={_esc_prop(title)}"
+            lines.append(f"::{level} {props}::{_esc_data(msg)}")
+        if not items and r.valid:
+            lines.append(f"::notice file={_esc_prop(_relative(r.plan))},title=surgery validate::valid: "
+                         f"{r.program.num_layers} layers, {human_count(r.program.num_params)} parameters")
+    return "\n".join(lines)

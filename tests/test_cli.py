@@ -40,8 +40,10 @@ def test_validate_json_and_tensor_listing(models, tmp_path):
     plan = write_plan(tmp_path, f"models: {{g: {src}}}\nsteps: [{{take: {{model: g}}}}, {{expand: {{groups: 2}}}}]\noutput: {{dtype: float16}}\n")
     r = cli("validate", plan, "--format", "json")
     assert r.exit_code == 0
-    d = json.loads(r.output)
-    assert d["format"] == "surgery.validate/1" and d["valid"] is True and d["errors"] == []
+    doc = json.loads(r.output)
+    assert doc["format"] == "surgery.validate/2" and doc["valid"] is True and len(doc["plans"]) == 1
+    d = doc["plans"][0]
+    assert d["valid"] is True and d["passed"] is True and d["errors"] == []
     assert d["output"]["num_layers"] == 6 and d["output"]["new_layers"] == [2, 5] and d["output"]["dtype"] == "float16"
     assert d["output"]["config_changes"] == ["n_layer: 4 -> 6", "dtype: float32 -> float16"]
     assert d["sources"]["g"]["family"] == "gpt2" and d["sources"]["g"]["tied_embeddings"] is True
@@ -50,7 +52,7 @@ def test_validate_json_and_tensor_listing(models, tmp_path):
     bad = write_plan(tmp_path, f"models: {{g: {src}}}\nsteps: [{{take: {{model: h}}}}]\n", "bad.yaml")
     r = cli("validate", bad, "--format", "json")
     assert r.exit_code == 1
-    d = json.loads(r.output)
+    d = json.loads(r.output)["plans"][0]
     assert d["valid"] is False and d["errors"][0]["where"].endswith("bad.yaml:2") and "unknown model 'h'" in d["errors"][0]["what"]
 
 
@@ -64,7 +66,7 @@ def test_unknown_family_falls_back_and_says_so(models, tmp_path):
     rep = surgery.validate(plan)
     assert rep.valid
     assert rep.program.family.guessed and rep.program.family.layer_prefix == "model.layers."
-    assert any("unknown family" in w for w in rep.warnings) and any("guessed by name" in w for w in rep.warnings)
+    assert any("unknown family" in str(w) for w in rep.warnings) and any("guessed by name" in str(w) for w in rep.warnings)
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     # the guess found o_proj and down_proj: restore the model type and check the function is kept
     out_cfg = read_json(res.path / "config.json")

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from typing_extensions import Annotated
 
 from ..errors import PlanError
 from ..plan import Strict, _problems
@@ -20,6 +21,10 @@ from ..yamlio import Located, load_yaml_file, load_yaml_text
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGBT]?)\s*$", re.I)
 _MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+
+
+COUNT_SCHEMA = WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                                         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGBTkmgbt]?\s*$"}]})
 
 
 def parse_count(v: Any) -> int:
@@ -61,7 +66,7 @@ class Data(Strict):
 
 
 class Grow(Strict):
-    at_tokens: int  # train the starting model on this many tokens, then grow it
+    at_tokens: Annotated[int, COUNT_SCHEMA]  # train the starting model on this many tokens, then grow it
     plan: Union[str, dict]  # a surgery plan (file or inline) with one model; its ref is replaced by the trained model
     schedule: Literal["reset", "continue"] = "reset"  # Gstack resets optimizer and schedule; `continue` keeps the LR curve
     trainable: Optional[Union[str, tuple[str, ...]]] = None  # what trains after growth (default: the top-level `trainable`)
@@ -85,7 +90,7 @@ class TrainConfig(Strict):
     grad_clip: float = Field(default=1.0, ge=0)  # 0 turns clipping off
     micro_batch: int = Field(default=8, ge=1)  # sequences per device per forward
     grad_accum: int = Field(default=1, ge=1)
-    tokens: Optional[int] = None  # the budget in tokens, or
+    tokens: Annotated[Optional[int], COUNT_SCHEMA] = None  # the budget in tokens, or
     steps: Optional[int] = Field(default=None, ge=1)  # in optimizer steps
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on a GPU with bf16, else fp32
     compile: bool = False  # torch.compile the model
