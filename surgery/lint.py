@@ -50,9 +50,17 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
         names = [m.model for m in step.sources]
         where = plan.step_where(i)
         vocab = {n: ckpts[n].config.get("vocab_size") for n in names}
-        if len(set(vocab.values())) > 1:
+        toks = {n: _tokenizer_digest(ckpts[n].path) for n in names}
+        if plan.body.tokenizer == "union":
+            pass  # the vocabularies are merged and the embeddings realigned
+        elif len(set(vocab.values())) > 1:
             out.append(Problem(where, "merge of models with different vocabularies: " + ", ".join(f"{n} {v}" for n, v in vocab.items()),
                                "token ids do not line up; use `tokenizer: union` (mergekit plugin) or models from one release",
+                               code="vocab-mismatch"))
+        elif None not in toks.values() and len(set(toks.values())) > 1:
+            out.append(Problem(where, f"merge of models whose tokenizers differ ({', '.join(names)}: tokenizer.json differs) "
+                               "although the vocabulary sizes match", "the same id may be a different token in each model; "
+                               "check that they share a tokenizer, or use `tokenizer: union` (mergekit plugin)",
                                code="vocab-mismatch"))
         ropes = {n: rope_settings(ckpts[n].config) for n in names}
         for key in sorted({k for r in ropes.values() for k in r}):
@@ -79,6 +87,21 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                            f"set `output: {{dtype: {dtype_name(_widest(narrower))}}}` to keep the inputs' precision",
                            code="narrowing-dtype"))
     return out
+
+
+def _tokenizer_digest(folder) -> str | None:
+    """The tokenizer's vocabulary (model section of tokenizer.json), hashed; None when absent."""
+    import hashlib
+    import json
+
+    f = folder / "tokenizer.json"
+    if not f.is_file() or f.stat().st_size > 64 * 2**20:
+        return None
+    try:
+        model = json.loads(f.read_text(encoding="utf-8")).get("model", {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return hashlib.sha256(json.dumps(model.get("vocab"), sort_keys=True).encode()).hexdigest()
 
 
 def rope_settings(cfg: dict) -> dict:

@@ -267,3 +267,21 @@ def test_show_draws_the_layer_map(plans):
     assert r.exit_code == 1 and ".svg or .png" in r.output
     r = cli("show", "plans/bad.yaml")
     assert r.exit_code == 1 and "bad.yaml:" in r.output and "Traceback" not in r.output
+
+
+def test_merging_models_with_different_tokenizers_warns(tmp_path, models):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(models("llama"), a)
+    shutil.copytree(models("llama", seed=1), b)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    keys = list(vocab)
+    vocab[keys[5]], vocab[keys[6]] = vocab[keys[6]], vocab[keys[5]]  # two tokens swap ids: same size, other tokenizer
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], "
+                                "weights: [0.5, 0.5]}\n")
+    rep = surgery.validate(plan)
+    assert rep.valid and [(w.code, w.where.rpartition(":")[2]) for w in rep.warnings] == [("vocab-mismatch", "3")]
+    assert "tokenizers differ" in rep.warnings[0].what
+    shutil.copy(a / "tokenizer.json", b / "tokenizer.json")
+    assert surgery.validate(plan).warnings == []
