@@ -265,7 +265,7 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
 
 
 def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.Dataset.from_dict({"text": ["hello world"] * 200}).save_to_disk(str(tmp_path / "ds"))
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"model: {models('llama')}\ndata: {{files: [{{dataset: ./ds}}], seq_len: 32, eval_fraction: 0}}\nsteps: 2\n")
