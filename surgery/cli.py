@@ -322,14 +322,13 @@ Examples:
 
 
 def _train_extra():
-    try:
-        import accelerate  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("accelerate") is None or find_spec("transformers") is None:
         from .errors import SurgeryError
 
         raise SurgeryError("training needs transformers and accelerate, which are not installed",
-                           fix="pip install 'surgery[train]'") from None
+                           fix="pip install 'surgery[train]'")
 
 
 @main.command(epilog=EPILOG_TRAIN)

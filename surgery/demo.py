@@ -101,9 +101,9 @@ def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = Tru
 
 
 def _grow_train(folder: Path, echo):
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("accelerate") is None:
         echo("\n(skipped grow-then-train: `pip install 'surgery[train]'` adds `surgery train`)")
         return None
     from .train import train

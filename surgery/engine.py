@@ -71,12 +71,14 @@ def torch_dtype(code: str) -> "torch.dtype":
 class Sources:
     """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
 
-    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None):
+    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None,
+                 staging: "StagedIO | None" = None):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.compute_slots = threading.BoundedSemaphore(compute_slots)
         self.device = device  # where computed recipes run; reads and writes stay on the host
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
+        self.io = staging  # pinned buffers and copy streams between host and device (None: plain host tensors)
 
     def fd(self, path: Path) -> int:
         with self._lock:
@@ -96,17 +98,26 @@ class Sources:
         dt = torch_dtype(t.dtype)
         if t.in_memory is not None:
             return t.in_memory.reshape(-1)[e0:e1]
-        isz = itemsize(t.dtype)
-        buf = bytearray((e1 - e0) * isz)
-        view = memoryview(buf)
-        fd, pos, done = self.fd(t.file), t.offset + e0 * isz, 0
-        while done < len(buf):
+        buf = bytearray((e1 - e0) * itemsize(t.dtype))
+        self.read_into(t, e0, memoryview(buf))
+        return torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+
+    def read_into(self, t: TensorInfo, e0: int, view) -> None:
+        """pread elements from `e0` of `t` into the writable buffer `view` (its length decides how many)."""
+        view = memoryview(view).cast("B")
+        fd, pos, done = self.fd(t.file), t.offset + e0 * itemsize(t.dtype), 0
+        while done < len(view):
             n = os.preadv(fd, [view[done:]], pos + done)
             if n == 0:
                 raise OutputError(f"unexpected end of file reading tensor {t.name!r} (the file changed or is truncated)",
                                   where=str(t.file))
             done += n
-        return torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+
+    def read_device(self, t: TensorInfo, e0: int, e1: int) -> "torch.Tensor":
+        """Elements [e0, e1) of `t` on the compute device, staged through a pinned buffer."""
+        if t.in_memory is not None or self.io is None:
+            return self.read(t, e0, e1).to(self.device)
+        return self.io.upload(lambda view: self.read_into(t, e0, view), (e1 - e0) * itemsize(t.dtype), torch_dtype(t.dtype))
 
 
 class Evaluator:
@@ -124,8 +135,9 @@ class Evaluator:
         if r.whole_tensor:
             return self.full(r).reshape(-1)[e0:e1]
         if isinstance(r, Read):
-            x = self.src.read(r.src, e0, e1)
-            return x if self.src.device == "cpu" else x.to(self.src.device, non_blocking=False)
+            if self.src.device == "cpu" and self.src.io is None:
+                return self.src.read(r.src, e0, e1)
+            return self.src.read_device(r.src, e0, e1)
         if isinstance(r, Zeros):
             return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype), device=self.src.device)
         if isinstance(r, Cast):
@@ -400,6 +412,9 @@ def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Prog
 
 def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
     r = t.recipe
+    if srcs.io is not None:
+        with srcs.io.compute_stream():
+            return _compute_staged(t, fd, pos, srcs, progress, where)
     ev = Evaluator(srcs)
     isz = itemsize(r.dtype)
     n = r.numel
@@ -413,6 +428,169 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
         progress.add((e1 - e0) * isz, e1 == n)
     if n == 0:
         progress.add(0, True)
+
+
+def _compute_staged(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
+    """The device pipeline, one chunk deep: while the device computes chunk k (queued on this
+    thread's compute stream) and copies it back (on the download stream), the host reads chunk
+    k+1 into pinned buffers and writes chunk k-1, whose download event it waits for first."""
+    r = t.recipe
+    ev = Evaluator(srcs)
+    io = srcs.io
+    isz = itemsize(r.dtype)
+    n = r.numel
+    whole = ev.full(r).reshape(-1) if r.needs_whole() else None
+    step = srcs.chunk_elements
+    pending = None
+
+    def finish(p):
+        buf, done, nbytes, at, last = p
+        io.wait(done)
+        _pwrite_all(fd, buf[:nbytes].numpy(), at, where)
+        io.release(buf, done)
+        progress.add(nbytes, last)
+
+    try:
+        for e0 in range(0, n, step):
+            e1 = min(n, e0 + step)
+            x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous()
+            assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
+            buf, done = io.download(x)
+            if pending is not None:
+                finish(pending)
+            pending = (buf, done, (e1 - e0) * isz, pos + e0 * isz, e1 == n)
+        if pending is not None:
+            finish(pending)
+            pending = None
+    finally:
+        if pending is not None:  # an error after queuing: hand the buffer back once its copy is done
+            io.wait(pending[1])
+            io.release(pending[0], pending[1])
+    if n == 0:
+        progress.add(0, True)
+
+
+class StagedIO:
+    """Host <-> device traffic through a bounded pool of reusable (pinned, on CUDA) host buffers.
+
+    Uploads: the host preads into a pool buffer, the copy to the device is queued on the upload
+    stream with an event, and the compute stream waits for that event (not the host). Downloads:
+    the download stream waits for the compute stream, copies into a pool buffer and records an
+    event that the writer waits for before `pwrite`. A buffer goes back to the pool with the event
+    of its last copy and is reused only once that event has completed. Each worker thread
+    computes on its own stream, so two tensors' chunks overlap on the device too.
+
+    `backend="host"` runs the same pipeline with plain host tensors and completed events: what
+    the CPU tests use to check the staging logic (ordering, pool bounds, buffer reuse) without a GPU.
+    """
+
+    MIN_BUFFER = 1 << 20
+
+    def __init__(self, device: str, max_bytes: int, backend: str = "cuda"):
+        import torch
+
+        self.torch = torch
+        self.cuda = backend == "cuda"
+        self.device = torch.device(device)
+        self.max_bytes = max(max_bytes, 2 * self.MIN_BUFFER)  # free buffers kept for reuse
+        self.cached = 0  # bytes of free buffers
+        self.live = 0  # bytes of buffers alive (in use or free)
+        self.peak = 0
+        self._free: dict[int, list] = {}  # size class -> [(buffer, event)]
+        self._cond = threading.Condition()
+        self._local = threading.local()
+        if self.cuda:
+            self.up = torch.cuda.Stream(self.device)
+            self.down = torch.cuda.Stream(self.device)
+
+    # -- streams and events
+    def compute_stream(self):
+        import contextlib
+
+        if not self.cuda:
+            return contextlib.nullcontext()
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = self._local.stream = self.torch.cuda.Stream(self.device)
+        return self.torch.cuda.stream(s)
+
+    def _event(self, stream):
+        if not self.cuda:
+            return None
+        e = self.torch.cuda.Event()
+        e.record(stream)
+        return e
+
+    def wait(self, event) -> None:
+        if event is not None:
+            event.synchronize()
+
+    # -- the buffer pool
+    def _class(self, nbytes: int) -> int:
+        return max(self.MIN_BUFFER, 1 << (max(1, nbytes) - 1).bit_length())
+
+    def acquire(self, nbytes: int):
+        """A buffer of at least `nbytes`: a free one of its size class (once its last copy is
+        over), or a new one. Never blocks on other threads, so a thread holding a buffer cannot
+        deadlock another: buffers in use are bounded by the pipeline's depth (per compute slot
+        one chunk being downloaded, one being written, one being uploaded), the free ones by `max_bytes`."""
+        size = self._class(nbytes)
+        with self._cond:
+            free = self._free.get(size)
+            item = free.pop() if free else None
+            if item is not None:
+                self.cached -= size
+            else:
+                self.live += size
+                self.peak = max(self.peak, self.live)
+        if item is not None:
+            self.wait(item[1])
+            return item[0]
+        return self.torch.empty(size, dtype=self.torch.uint8, pin_memory=self.cuda)
+
+    def release(self, buf, event) -> None:
+        """Back to the pool with the event of its last copy; dropped when the pool is full (the
+        pinned allocator keeps a dropped block until its queued copies are done)."""
+        size = buf.numel()
+        with self._cond:
+            if self.cached + size <= self.max_bytes:
+                self._free.setdefault(size, []).append((buf, event))
+                self.cached += size
+            else:
+                self.live -= size
+
+    # -- copies
+    def upload(self, fill, nbytes: int, dtype) -> "torch.Tensor":
+        torch = self.torch
+        buf = self.acquire(nbytes)
+        fill(buf[:nbytes].numpy())
+        if not self.cuda:
+            out = buf[:nbytes].clone().view(dtype)
+            self.release(buf, None)
+            return out
+        compute = torch.cuda.current_stream(self.device)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # owned by the compute stream
+        self.up.wait_stream(compute)  # the allocation may reuse memory the compute stream just freed
+        with torch.cuda.stream(self.up):
+            dev.copy_(buf[:nbytes], non_blocking=True)
+        done = self._event(self.up)
+        compute.wait_event(done)
+        self.release(buf, done)
+        return dev.view(dtype)
+
+    def download(self, x: "torch.Tensor"):
+        torch = self.torch
+        flat = x.reshape(-1).view(torch.uint8)
+        nbytes = flat.numel()
+        buf = self.acquire(nbytes)
+        if not self.cuda:
+            buf[:nbytes].copy_(flat)
+            return buf, None
+        self.down.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.down):
+            buf[:nbytes].copy_(flat, non_blocking=True)
+        flat.record_stream(self.down)  # keep x's memory until the copy has run
+        return buf, self._event(self.down)
 
 
 def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor,
@@ -600,7 +778,13 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
     bar = Progress(program.bytes_out, len(program.tensors), show)
     dev = resolve_device(device) if any(not _is_raw(t) and not _is_zero(t) for t in program.tensors) else "cpu"
     slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
-    srcs = Sources(compute_slots=slots, device=dev, chunk_elements=plan_memory(program, max_memory, slots, dev))
+    chunk = plan_memory(program, max_memory, slots, dev)
+    staged_io = None
+    if dev != "cpu" or os.environ.get("SURGERY_STAGING") == "host":  # the env var: tests of the pipeline on CPU
+        # free pinned buffers kept for reuse: a few chunks per compute slot, within --max-memory
+        pool_bytes = max_memory // 2 if max_memory else slots * 6 * chunk * 4
+        staged_io = StagedIO(dev, pool_bytes, backend="cuda" if dev != "cpu" else "host")
+    srcs = Sources(compute_slots=slots, device=dev, chunk_elements=chunk, staging=staged_io)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:
             shard_info = []
@@ -629,8 +813,9 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             import torch
 
             peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        Path(os.environ["SURGERY_STATS"]).write_text(json.dumps({"device": dev, "peak_gpu_mb": peak,
-                                                                 "chunk_elements": srcs.chunk_elements}))
+        Path(os.environ["SURGERY_STATS"]).write_text(json.dumps({
+            "device": dev, "peak_gpu_mb": peak, "chunk_elements": srcs.chunk_elements,
+            "peak_staging_mb": staged_io.peak / 2**20 if staged_io else None}))
     return Result(out, program.num_layers, program.num_params, program.bytes_out, [s.name for s in program.shards],
                   time.perf_counter() - t0, program.new_layers)
 

@@ -70,7 +70,7 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                                    "their position encodings differ, so merged attention weights disagree about positions",
                                    code="rope-mismatch"))
         span = _span(step, ckpts, names)
-        grads = [(("t",), step.t)] + [((f"overrides", k, "t"), o.t) for k, o in enumerate(step.overrides)]
+        grads = [(("t",), step.t)] + [(("overrides", k, "t"), o.t) for k, o in enumerate(step.overrides)]
         grads += [(("parameters", k), v) for k, v in step.parameters.items()]
         for key, g in grads:
             if isinstance(g, tuple) and g and all(isinstance(x, (int, float)) for x in g) and len(g) > max(span, 1):
