@@ -311,6 +311,8 @@ def test_outputs_and_runs_are_never_clobbered(tmp_path, corpus, models):
     train(cfg, progress=False, echo=quiet, stop_after=1)
     r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
     assert r.exit_code == 1 and "interrupted run" in r.output and "--resume" in r.output
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q", "--resume", "--micro-batch", "4"])
+    assert r.exit_code == 1 and "different config" in r.output and "micro_batch: 8 -> 4" in r.output
     r = CliRunner().invoke(main, ["train", str(cfg), "-q", "--force", "--steps", "1"])
     assert r.exit_code == 0, r.output
     assert read_json(tmp_path / "out" / "train.json")["steps"] == 1  # the flag overrode the file's budget
@@ -332,3 +334,21 @@ def test_demo_grows_then_trains(tmp_path):
     out = tmp_path / "demo" / "out-grow-trained"
     assert read_json(out / "config.json")["num_hidden_layers"] == 16 and (out / "loss.png").exists()
     assert read_json(out / "train.json")["perplexity"] < 40  # trained: the untrained tiny model is at ~130
+
+
+def test_held_out_text_is_capped(tmp_path, corpus, models):
+    import transformers
+
+    from surgery.train.data import build_corpus
+
+    tok = transformers.AutoTokenizer.from_pretrained(models("llama"))
+
+    def split(extra):
+        cfg = config_from_text(f"model: m\ndata: {{files: [{corpus / 'train.jsonl'}], seq_len: 64{extra}}}\nsteps: 1\n", tmp_path)
+        c = build_corpus(cfg, tok, models("llama"))
+        return len(c.train.stream) // 64, len(c.train), len(c.eval)
+
+    total, n_train, n_eval = split("")
+    assert n_eval == round(total * 0.02) and n_train == total - n_eval  # the default: 2% held out
+    assert split(", eval_fraction: 0.2")[2] == round(total * 0.2)
+    assert split(", eval_fraction: 0.2, eval_max_tokens: 1K")[2] == 1000 // 64  # capped

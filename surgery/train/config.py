@@ -61,6 +61,8 @@ class Data(Strict):
     text_field: str = "text"  # the field of JSONL records / parquet columns holding the text
     seq_len: Optional[int] = Field(default=None, ge=8, le=1 << 20)  # default: the model's context, at most 2048
     eval_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
+    eval_max_tokens: Annotated[int, COUNT_SCHEMA] = 2_000_000  # held-out text is capped: it is evaluated ~10 times a run
+    _eval_cap = field_validator("eval_max_tokens", mode="before")(lambda v: parse_count(v))
     separator: Optional[str] = None  # split .txt files into documents at this string (default: one document per file)
     cache_dir: Optional[str] = None  # tokenized shards (default: $SURGERY_CACHE/tokens or ~/.cache/surgery/tokens)
 

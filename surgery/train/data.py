@@ -373,15 +373,16 @@ def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, ech
     train = streams(d.files, "files")
     L = d.seq_len
     n = len(train) // L
+    cap = max(1, d.eval_max_tokens // L)
     if d.eval_files:
         ev = streams(d.eval_files, "eval_files")
-        n_eval_seq = len(ev) // L
+        n_eval_seq = min(cap, len(ev) // L)
         if n_eval_seq == 0:
             raise PlanError(f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}", where=cfg.where("data", "eval_files"),
                             fix="add held-out text or lower data.seq_len")
         corpus_eval, n_train = Packed(ev, L, 0, n_eval_seq), n
     else:
-        n_eval_seq = max(1, round(n * d.eval_fraction)) if d.eval_fraction > 0 else 0
+        n_eval_seq = min(cap, max(1, round(n * d.eval_fraction))) if d.eval_fraction > 0 else 0
         n_train = n - n_eval_seq
         corpus_eval = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
     if n_train < 1:

@@ -199,7 +199,7 @@ def _trainer_class():
                         return 1.0
                     progress = min(1.0, (s - warm) / max(1, total - warm))
                     if name == "linear":
-                        return max(floor, 1.0 - progress * (1.0 - floor)) if floor else 1.0 - progress
+                        return 1.0 - progress
                     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
@@ -412,6 +412,8 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         from ..api import compile_plan
 
         compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
+    if resume:
+        _check_resumable(work / "config.json", b, where=cfg.where())
     if is_main():
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.json").write_text(json.dumps(b.model_dump(mode="json"), indent=2))
@@ -453,6 +455,23 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
                                 **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {})}) + "\n")
     _write_output(cfg, trainer, model_dir, work, out, res, force)
     return res
+
+
+# what a resumed run must share with the interrupted one (the rest, e.g. eval_every, may change)
+RESUME_KEYS = ("model", "data", "trainable", "freeze_embeddings", "micro_batch", "grad_accum", "tokens", "steps", "seed",
+               "grow", "schedule", "fsdp")
+
+
+def _check_resumable(saved: Path, body, where: str) -> None:
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = body.model_dump(mode="json")
+    changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+    if changed:
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise OutputError(f"--resume with a different config than the interrupted run ({diff})"[:900], where=where,
+                          fix="resume with the same settings, or pass --force (without --resume) to start over")
 
 
 def _save_stage(trainer, folder: Path) -> None:
