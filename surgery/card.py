@@ -31,7 +31,8 @@ def model_card(p: Program) -> str:
         lines += ["", f"New layers (inserted or random; `surgery.json` lists them for training): {p.new_layers}."]
     if p.config_changes:
         lines += ["", "## Config changes", ""] + [f"- {c}" for c in p.config_changes]
-    lines += ["", "## Layer map", "", "| layer | source | how |", "| ---: | --- | --- |"]
+    lines += ["", "## Layer map", "", "![layer map: source layers left, output layers right](layer_map.svg)", "",
+              "| layer | source | how |", "| ---: | --- | --- |"]
     for row in p.layer_map():
         lines.append(f"| {row['layer']} | {row['source']} | {row['how']} |")
     if p.warnings:

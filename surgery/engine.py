@@ -840,6 +840,9 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
             if cfg.pop("chat_template", None) is not None:
                 tc.write_text(json.dumps(cfg, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
+    from .show import layer_map_svg
+
+    (folder / "layer_map.svg").write_text(layer_map_svg(program))
     (folder / "README.md").write_text(model_card(program))
     weight_map = {t.name: s.name for s in program.shards for t in s.tensors}
     index = {"metadata": {"total_size": program.bytes_out, "total_parameters": program.num_params},

@@ -57,7 +57,10 @@ def test_small_shards_load(models, tmp_path):
     # nothing but the expected files: no temporaries left behind
     names = sorted(p.name for p in res.path.iterdir())
     assert all(not n.endswith(".tmp") for n in names)
-    assert {"config.json", "README.md", "surgery.json", "tokenizer.json", "generation_config.json"} <= set(names)
+    assert {"config.json", "README.md", "surgery.json", "tokenizer.json", "generation_config.json", "layer_map.svg"} <= set(names)
+    assert "![layer map" in (res.path / "README.md").read_text()
+    svg = (res.path / "layer_map.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<line ") == 6 and ">copy</text>" in svg  # one line per output layer
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
