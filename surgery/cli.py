@@ -71,6 +71,9 @@ def main():
       surgery validate plan.yaml     what would be written (reads headers only)
       surgery apply plan.yaml -o out a complete, loadable checkpoint in ./out
       surgery inspect ./model        family, layers, params, dtypes of a checkpoint
+      surgery show plan.yaml         the layer map as a picture (SVG/PNG)
+      surgery train cfg.yaml         continue pretraining the result, or grow-then-train
+      surgery advise -N 7B -D 2T     when to grow (Gstack's guideline)
       surgery demo                   the whole flow on a tiny bundled model, offline
 
     \b
@@ -334,7 +337,7 @@ def _train_extra():
 @main.command(epilog=EPILOG_TRAIN)
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides the config's `output`).")
-@click.option("--model", help="Model folder or cached hub id to train (overrides `model`).")
+@click.option("--model", help="Model folder or hub id to train (overrides `model`).")
 @click.option("--data", "files", multiple=True, help="Training data file or glob (repeatable; overrides data.files).")
 @click.option("--tokens", help="Token budget, e.g. 50M (replaces `tokens`/`steps`).")
 @click.option("--steps", type=int, help="Optimizer-step budget (replaces `tokens`/`steps`).")
