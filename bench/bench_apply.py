@@ -49,9 +49,13 @@ SIZES_BENCH = {
     "small": (1024, 32, 3584, 32000, 8, 2, False),
     # 24 layers and tied embeddings like the 1.7B model, at about 1/16 of the bytes
     "small-1.7b": (512, 24, 2048, 32000, 8, 4, True),
+    # the same shapes in miniature: the harness checked in the test suite in seconds
+    "tiny": (64, 32, 128, 512, 4, 2, False),
+    "tiny-1.7b": (64, 24, 128, 512, 4, 2, True),
 }
 # --size picks the two shapes the suite needs: (8B-like, 1.7B-like)
-SUITES = {"full": ("8b", "1.7b"), "small": ("small", "small-1.7b"), "8b": ("8b", None), "1.7b": (None, "1.7b")}
+SUITES = {"full": ("8b", "1.7b"), "small": ("small", "small-1.7b"), "tiny": ("tiny", "tiny-1.7b"), "8b": ("8b", None),
+          "1.7b": (None, "1.7b")}
 
 
 def folder_bytes(p: Path) -> int:
@@ -118,6 +122,7 @@ def main():
     ap.add_argument("--cold", action="store_true", help="do not warm the page cache first")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated case keys: solar, llamapro, gstack, slerp, linear")
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON and Markdown tables go")
     ap.add_argument("--device", default="cpu", help="device for surgery's computed recipes (cpu, cuda); mergekit gets --cuda")
     args = ap.parse_args()
 
@@ -189,8 +194,8 @@ def main():
     meta = {"size": args.size, "device": args.device, "when": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "page_cache": "cold (first run)" if args.cold else "warm (one untimed run first)", "results": results}
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = args.results
+    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / f"{args.size}-{stamp}.json").write_text(json.dumps(meta, indent=2))
     lines = [f"# surgery apply benchmark ({args.size}, device {args.device}, {meta['page_cache']})", "",
@@ -198,8 +203,10 @@ def main():
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
+        vs_cp = f"{r['gb_per_s_vs_cp']:.2f}" if r.get("gb_per_s_vs_cp") is not None else "-"
+        vs_mk = f"{r['speedup_vs_mergekit']:.2f}" if r.get("speedup_vs_mergekit") is not None else "-"
         lines.append(f"| {r['case']} | {r['tool']} | {r['wall_s']:.2f} | {(r['gb_per_s'] or 0):.2f} | {r['peak_rss_mb']:.0f} | {gpu} | "
-                     f"{r.get('gb_per_s_vs_cp', float('nan')):.2f} | {r.get('speedup_vs_mergekit', float('nan')):.2f} |")
+                     f"{vs_cp} | {vs_mk} |")
     md = "\n".join(lines) + "\n"
     (out_dir / f"{args.size}-{stamp}.md").write_text(md)
     print("\n" + md)

@@ -140,6 +140,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also run both with torch.compile")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "surgery-bench-train")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON and Markdown tables go")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     model_dir, data = build(a.work, a.size)
@@ -158,8 +159,8 @@ def main():
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "time": dt.datetime.now().isoformat(timespec="seconds")}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = a.results
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"train-{a.size}-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = [f"# surgery train throughput ({a.size}, {meta['device']}, {meta['time']})", "",
           f"{n / 1e9:.3f}B parameters, {fpt / 1e9:.2f} GFLOP per token, peak {a.peak_tflops} TFLOP/s", "",

@@ -1,0 +1,36 @@
+"""The benchmark harnesses run (tiny sizes, CPU): so a GPU session finds them working, and their
+tables hold what the issues ask for. The timings themselves are not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script, *args, tmp):
+    r = subprocess.run([sys.executable, str(BENCH / script), *args, "--work", str(tmp / "work"), "--results", str(tmp / "res")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [js] = (tmp / "res").glob("*.json")
+    [md] = (tmp / "res").glob("*.md")
+    return json.loads(js.read_text()), md.read_text()
+
+
+def test_apply_benchmark_harness(tmp_path):
+    doc, md = run("bench_apply.py", "--size", "tiny", "--no-mergekit", tmp=tmp_path)
+    cases = {r["case"] for r in doc["results"] if r["tool"] == "surgery"}
+    assert cases == {"solar-dus 32->48", "llama-pro 32->40", "gstack 4x first 6 layers", "gradient-slerp (cpu)", "linear (cpu)"}
+    assert all(r["rc"] == 0 and r["peak_rss_mb"] > 0 for r in doc["results"])
+    assert {"cat", "cp -r"} <= {r["tool"] for r in doc["results"]} and "nan" not in md
+
+
+def test_train_benchmark_harness(tmp_path):
+    doc, md = run("bench_train.py", "--size", "tiny", tmp=tmp_path)
+    assert [r["variant"] for r in doc["rows"]] == ["HF Trainer (plain)", "surgery train"]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in doc["rows"])
+    assert doc["meta"]["flops_per_token"] > 6 * doc["meta"]["params"]  # 6N plus the attention term
+    assert "| surgery train |" in md
