@@ -105,6 +105,18 @@ def test_new_layers_train_and_everything_else_is_bitwise_unchanged(tmp_path, cor
     assert res.trainable_params == sum(before[k].numel() for k in new)
 
 
+def test_bfloat16_checkpoints_stay_bfloat16_and_frozen_tensors_bitwise(tmp_path, corpus, models):
+    src = tmp_path / "pro16"
+    apply(plan_from_text(f"models: {{base: {models('llama', dtype='bfloat16')}}}\nsteps:\n - take: {{model: base}}\n"
+                         " - expand: {groups: 2, init: identity}\n"), src, progress=False)
+    res = train(config(tmp_path, corpus, src, "trainable: new-layers\n", steps=4), progress=False, echo=quiet)
+    before, after = load_tensors(src), load_tensors(res.path)
+    assert {t.dtype for t in after.values()} == {torch.bfloat16}  # trained in fp32, saved as the input was
+    assert read_json(res.path / "config.json")["dtype"] == "bfloat16"
+    changed = {k for k in before if not torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))}
+    assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
+
+
 def test_frozen_parameters_get_no_optimizer_state(tmp_path, corpus, llama_pro):
     cfg = config(tmp_path, corpus, llama_pro, "trainable: new-layers\nsave_every: 3\n", steps=6)
     res = train(cfg, progress=False, echo=quiet, stop_after=3)

@@ -206,6 +206,19 @@ def _trainer_class():
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        save_dtype = None  # set for the final save only: the weights in the input checkpoint's dtype
+
+        def _save(self, output_dir=None, state_dict=None):
+            import torch
+
+            if self.save_dtype is not None:
+                if state_dict is None:
+                    state_dict = self.model.state_dict()
+                cast: dict = {}  # tied weights stay one tensor
+                state_dict = {k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.to(self.save_dtype))
+                              if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+            super()._save(output_dir, state_dict=state_dict)
+
     return SurgeryTrainer
 
 
@@ -518,12 +531,16 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, out: Path, 
     dtype = b.save_dtype
     if dtype == "auto":
         dtype = str(getattr(_source_config(model_dir), "dtype", None) or "float32").removeprefix("torch.")
-    if not b.fsdp:
-        trainer.model.to(getattr(torch, dtype, torch.float32))
+    trainer.save_dtype = getattr(torch, dtype, torch.float32)  # DDP and FSDP alike: cast in the saved state dict
     trainer.save_model(str(staging))
     _barrier()
     if not is_main():
         return
+    cfg_path = staging / "config.json"
+    config = json.loads(cfg_path.read_text())
+    if config.get("dtype") != dtype:  # save_pretrained records the in-memory (fp32 master) dtype
+        config["dtype"] = dtype
+        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in train.json
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
     from .plot import loss_curve
