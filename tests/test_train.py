@@ -364,3 +364,28 @@ def test_held_out_text_is_capped(tmp_path, corpus, models):
     assert n_eval == round(total * 0.02) and n_train == total - n_eval  # the default: 2% held out
     assert split(", eval_fraction: 0.2")[2] == round(total * 0.2)
     assert split(", eval_fraction: 0.2, eval_max_tokens: 1K")[2] == 1000 // 64  # capped
+
+
+def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):
+    src = models("llama")
+    res = train(config(tmp_path, corpus, src, "trainable: ['model.layers.0.*']\ngrad_accum: 2\nschedule: linear\nwarmup: 0\n"
+                       "log_every: 1\n", steps=6), progress=False, echo=quiet)
+    before, after = load_tensors(src), load_tensors(res.path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("model.layers.0.")}
+    recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert [r["tokens"] for r in recs] == [s * 2 * 8 * 64 for s in range(1, 7)]  # two micro batches per step
+    lrs = [r["lr"] for r in recs]
+    steps = [lrs[i] - lrs[i + 1] for i in range(len(lrs) - 1)]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(3e-3 / 6)  # the LR each step used: linear to 0
+    assert max(steps) == pytest.approx(min(steps)) == pytest.approx(3e-3 / 6)
+
+
+def test_hf_dataset_built_from_a_local_folder(tmp_path, models):
+    (tmp_path / "jsondir").mkdir()
+    (tmp_path / "jsondir" / "part.jsonl").write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model: {models('llama')}\ndata: {{files: [{{dataset: ./jsondir, text_field: body}}], seq_len: 32, "
+                   "eval_fraction: 0.1}\nsteps: 2\n")
+    res = train(cfg, out=tmp_path / "o", progress=False, echo=quiet)
+    assert res.eval_loss is not None and read_json(res.path / "train.json")["steps"] == 2
