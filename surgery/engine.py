@@ -569,12 +569,14 @@ class StagedIO:
             self.release(buf, None)
             return out
         compute = torch.cuda.current_stream(self.device)
-        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # owned by the compute stream
-        self.up.wait_stream(compute)  # the allocation may reuse memory the compute stream just freed
         with torch.cuda.stream(self.up):
+            # allocated on the upload stream, so the copy need not wait for queued compute work;
+            # record_stream keeps the memory from reuse until the compute stream is done with it
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dev.copy_(buf[:nbytes], non_blocking=True)
         done = self._event(self.up)
         compute.wait_event(done)
+        dev.record_stream(compute)
         self.release(buf, done)
         return dev.view(dtype)
 
