@@ -125,7 +125,7 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
     if "config.json" not in files:
         raise CheckpointError(f"hub model {repo_id!r} has no config.json", where=where,
                               fix="point the plan at a HuggingFace transformers checkpoint")
-    small = ["config.json"] + [f for f in ("model.safetensors.index.json", "generation_config.json") if f in files]
+    small = ["config.json"] + [f for f in ("model.safetensors.index.json",) if f in files]
     if "model.safetensors.index.json" in files:
         weights = None  # from the index
     elif "model.safetensors" in files:
