@@ -298,6 +298,7 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X}}, steps: [{{take: {{model: t}}}}]}}}}\n",
      "", "unknown model 't'"),
     ("model: {m}\ndata: {{files: [{c}], text_field: body, seq_len: 64}}\nsteps: 2\n", "", "no field 'body'"),
+    ("model: {m}\ndata: {{files: [{{dataset: no-org/not-cached}}], seq_len: 64}}\nsteps: 2\n", "", "from the local cache"),
     ("model: {m}\ndata: {{files: [{c}], seq_len: 100000}}\nsteps: 2\n", "", "exceeds the model's context (128"),
     ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
 ])

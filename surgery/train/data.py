@@ -183,9 +183,11 @@ def _parquet(src: Source):
 
 
 def _hf(src: Source):
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # only what is already in the local cache
     import datasets
 
+    saved = {k: getattr(datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, k)}
+    for k in saved:  # only what is already in the local cache
+        setattr(datasets.config, k, True)
     try:
         p = Path(src.path)
         if p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -197,6 +199,9 @@ def _hf(src: Source):
         raise SurgeryError(f"cannot load dataset {src.path!r} ({src.config or 'default'}/{src.split}) from the local cache: "
                            f"{type(e).__name__}: {e}".splitlines()[0], where=src.where,
                            fix="download it once with datasets.load_dataset(...) on a machine with network, or give files") from None
+    finally:
+        for k, v in saved.items():
+            setattr(datasets.config, k, v)
     if src.text_field not in ds.column_names:
         raise SurgeryError(f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
                            where=src.where, fix="set text_field on the dataset entry or data.text_field")
