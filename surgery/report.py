@@ -77,7 +77,7 @@ class Report:
         assert p is not None
         out.append(f"valid: {self.plan}")
         for n, c in p.ckpts.items():
-            out.append(f"  model {n}: {c.path}  [{c.family.name}, {c.num_layers} layers, {human_count(c.num_params)} params, "
+            out.append(f"  model {n}: {_shown_path(c)}  [{c.family.name}, {c.num_layers} layers, {human_count(c.num_params)} params, "
                        f"{dtype_name(c.dtype)}{', tied embeddings' if c.tied else ''}]")
         out.append(f"  output: {p.num_layers} layers, {human_count(p.num_params)} params, {dtype_name(p.dtype)}, "
                    f"{len(p.tensors)} tensors in {len(p.shards)} shard(s)")
@@ -117,6 +117,18 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
         "new_layers": program.new_layers,
         "warnings": [str(w) for w in program.warnings],
     }
+
+
+def _shown_path(c: Checkpoint) -> str:
+    from .hub import MANIFEST
+
+    m = c.path / MANIFEST
+    if m.is_file():  # a header-only view of a hub model
+        import json
+
+        commit = json.loads(m.read_text()).get("commit", "")
+        return f"{c.ref} @ {commit[:12]} (hub, headers only)"
+    return str(c.path)
 
 
 def envelope(reports: list[Report], *, strict: bool = False) -> dict[str, Any]:

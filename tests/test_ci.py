@@ -79,6 +79,7 @@ def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded
     assert 0 < fetched < 0.05 * weights  # headers only: a few KB of a 16 MB model
     assert set(hub.served) == {f"test-org/llama/{f.name}" for f in sharded.glob("*.safetensors")} | {
         "test-org/llama/config.json", "test-org/llama/model.safetensors.index.json"}  # and nothing else
+    assert f"model m: test-org/llama @ {hub.sha('test-org', 'llama')[:12]} (hub, headers only)" in remote.text()
     # cached by revision: a second run asks the API which commit main is, and fetches no file again
     before = dict(hub.served)
     again = surgery.validate(write_plan(tmp_path / "r2", PLAN.format(ref="test-org/llama")))
