@@ -390,3 +390,36 @@ def test_hf_dataset_built_from_a_local_folder(tmp_path, models):
                    "eval_fraction: 0.1}\nsteps: 2\n")
     res = train(cfg, out=tmp_path / "o", progress=False, echo=quiet)
     assert res.eval_loss is not None and read_json(res.path / "train.json")["steps"] == 2
+
+
+def test_packing_invariants_for_any_documents():
+    import numpy as np
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from surgery.train.data import Packed, Source, Stream, Tokens
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=6), min_size=1, max_size=4), st.integers(2, 16))
+    def check(files, L):
+        parts, expect, starts, n = [], [], set(), 0
+        for docs in files:  # one source per list, each document a run of tokens
+            toks, ds = [], []
+            for length in docs:
+                ds.append(len(toks))
+                starts.add(n + len(toks))
+                toks += [len(starts) % 1000 + 3] * length
+            parts.append(Tokens(np.asarray(toks, dtype=np.uint32), np.asarray(ds, dtype=np.int64), Source("txt", "x", "x")))
+            expect += toks
+            n += len(toks)
+        stream = Stream(parts)
+        assert len(stream) == n and stream.slice(0, n).tolist() == expect
+        seq = Packed(stream, L, 0, n // L)
+        for i in range(len(seq)):
+            item = seq[i]
+            lo = i * L
+            assert item["input_ids"].tolist() == expect[lo: lo + L]
+            masked = {lo + j for j in range(L) if item["labels"][j] == -100}
+            assert masked == {s for s in starts if lo < s < lo + L}
+
+    check()
