@@ -423,3 +423,22 @@ def test_packing_invariants_for_any_documents():
             assert masked == {s for s in starts if lo < s < lo + L}
 
     check()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral"])
+def test_new_layers_training_in_every_family(tmp_path, corpus, models, family):
+    """LLaMA Pro on each architecture: identity blocks inserted, then only they train."""
+    src = tmp_path / "pro"
+    res0 = apply(plan_from_text(f"models: {{base: {models(family)}}}\nsteps:\n - take: {{model: base}}\n"
+                                " - expand: {groups: 2, init: identity}\n"), src, progress=False)
+    assert res0.new_layers == [2, 5]
+    res = train(config(tmp_path, corpus, src, "trainable: new-layers\n", steps=2), progress=False, echo=quiet)
+    before, after = load_tensors(src), load_tensors(res.path)
+    assert set(before) == set(after)
+    from surgery.checkpoint import open_checkpoint
+
+    prefix = open_checkpoint("m", "m", src).family.layer_prefix
+    new = {k for k in before if k.startswith((f"{prefix}2.", f"{prefix}5."))}
+    changed = {k for k in before if not torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))}
+    assert changed and changed <= new, sorted(changed - new)[:5]
+    assert res.trainable_params == sum(before[k].numel() for k in new)
