@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 # depth up-scaling) never pay its import time.
 
 CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB of fp32 per intermediate
+SLERP_KEEP_PER_ELEMENT = 24  # slerp inputs up to 24 bytes x chunk (96 MB by default) are read once, kept from pass 1
 COPY_CHUNK = 64 << 20
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -126,6 +127,7 @@ class Evaluator:
     def __init__(self, sources: Sources):
         self.src = sources
         self._slerp: dict = {}  # Slerp -> (coef_a, coef_b)
+        self._kept: dict = {}  # (Slerp, e0, e1) -> its input chunks from pass 1, when the tensor is small enough
         self._full: dict = {}  # whole-tensor results, for this output tensor
 
     def chunk(self, r: Recipe, e0: int, e1: int) -> "torch.Tensor":
@@ -157,9 +159,9 @@ class Evaluator:
         if isinstance(r, Slerp):
             coef_a, coef_b = self._slerp_coefs(r)
             cd = coef_a.dtype
-            x = self.chunk(r.a, e0, e1).to(cd)
-            y = self.chunk(r.b, e0, e1).to(cd)
-            return (coef_a * x + coef_b * y).to(torch_dtype(r.dtype))
+            kept = self._kept.pop((r, e0, e1), None)  # the inputs pass 1 already read
+            x, y = kept if kept is not None else (self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1))
+            return (coef_a * x.to(cd) + coef_b * y.to(cd)).to(torch_dtype(r.dtype))
         if isinstance(r, RandomNormal):
             return self._random(r, e0, e1)
         raise AssertionError(f"no evaluator for {type(r).__name__}")
@@ -195,10 +197,14 @@ class Evaluator:
         ssa = ssb = sab = 0.0
         n = r.numel
         step = self.src.chunk_elements
+        # a tensor whose inputs fit the budget keeps pass 1's chunks for pass 2: read once, not twice
+        keep = n * (itemsize(r.a.dtype) + itemsize(r.b.dtype)) <= self.src.chunk_elements * SLERP_KEEP_PER_ELEMENT
         for e0 in range(0, n, step):
             e1 = min(n, e0 + step)
-            x = self.chunk(r.a, e0, e1).to(torch.float64)
-            y = self.chunk(r.b, e0, e1).to(torch.float64)
+            xa, yb = self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1)
+            if keep:
+                self._kept[(r, e0, e1)] = (xa, yb)
+            x, y = xa.to(torch.float64), yb.to(torch.float64)
             ssa += float(torch.dot(x, x))
             ssb += float(torch.dot(y, y))
             sab += float(torch.dot(x, y))

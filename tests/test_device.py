@@ -99,3 +99,20 @@ def test_staging_pool_reuses_buffers_and_bounds_what_it_keeps():
     assert x.tolist() == [7] * 16
     buf, ev = io.download(torch.arange(4, dtype=torch.int32))
     assert ev is None and torch.equal(buf[:16].view(torch.int32), torch.arange(4, dtype=torch.int32))
+
+
+def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monkeypatch):
+    """Small slerp inputs are kept from the statistics pass; larger ones are read again: same bytes."""
+    import surgery.engine as engine
+
+    reads = []
+    real = engine.Sources.read
+    monkeypatch.setattr(engine.Sources, "read", lambda self, t, e0, e1: reads.append(t.name) or real(self, t, e0, e1))
+    once = load_tensors(surgery.apply(mixed_plan, tmp_path / "once", progress=False).path)
+    q = "model.layers.1.self_attn.q_proj.weight"  # a slerp input (layer 1 of both models), used by other steps too
+    n_once, reads[:] = reads.count(q), []
+    monkeypatch.setattr(engine, "SLERP_KEEP_PER_ELEMENT", 0)
+    twice = load_tensors(surgery.apply(mixed_plan, tmp_path / "twice", progress=False).path)
+    for k in once:
+        assert torch.equal(once[k].view(torch.uint8), twice[k].view(torch.uint8)), k
+    assert reads.count(q) - n_once == 2  # the slerp's second pass read both models' tensor again
