@@ -5,7 +5,8 @@ the safetensors index, and for each weights file a *header stub* (its first 8 + 
 length field and the JSON header), with every file's real size in `.surgery-remote.json`, so the
 checkpoint reader checks byte ranges against the real file. Everything is fetched through
 huggingface-hub's own client (endpoint from `HF_ENDPOINT`, the standard token for private
-repos), headers with HTTP range requests.
+repos), each header with two exact HTTP range requests (the 8-byte length, then the JSON), shards
+in parallel: no byte of tensor data is fetched.
 
 Views are cached under `$SURGERY_CACHE/hub-headers/ORG--NAME/COMMIT/` (complete or absent:
 built in a side folder and renamed), with `refs/REVISION` naming the commit a branch or tag
@@ -25,7 +26,6 @@ from pathlib import Path
 from .errors import CheckpointError
 
 MANIFEST = ".surgery-remote.json"
-FIRST_READ = 64 * 1024  # one request covers the length and most headers; a longer header takes a second
 
 
 def cache_root() -> Path:
@@ -152,22 +152,28 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
             weights = sorted(set(wm.values()))
         except (ValueError, KeyError, TypeError):
             weights = []  # the checkpoint reader reports the bad index with its path
-    for f in weights:
-        if "/" in f or f.startswith("."):
-            continue  # the reader refuses names outside the folder, with the index's location
-        head, total = _get(url(f), where, limit=FIRST_READ)
+    def header(f: str) -> tuple[str, bytes, int]:
+        # two exact ranges: the length field, then the JSON header; no byte of tensor data
+        head, total = _get(url(f), where, limit=8)
         if len(head) < 8:
             raise CheckpointError(f"{repo_id}/{f}: the file is {len(head)} bytes, too short for safetensors", where=where)
-        (n,) = struct.unpack("<Q", head[:8])
+        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
             raise CheckpointError(f"{repo_id}/{f}: header claims {n} bytes; the limit is {MAX_HEADER}", where=where)
-        if 8 + n > len(head):
-            rest, _ = _get(url(f), where, limit=8 + n - len(head), start=len(head))
-            head += rest
-        stub = head[: 8 + n]
-        (tmp / f).write_bytes(stub)
-        sizes[f] = total if total is not None else len(stub)
-        served += len(head)
+        if total is not None and 8 + n > total:
+            raise CheckpointError(f"{repo_id}/{f}: header claims {n} bytes but the file has {total}", where=where,
+                                  fix="the file is truncated or not safetensors")
+        body, _ = _get(url(f), where, limit=n, start=8) if n else (b"", None)
+        return f, head + body, total if total is not None else 8 + len(body)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f for f in weights if "/" not in f and not f.startswith(".")]  # the reader refuses the others, located
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        for f, stub, total in pool.map(header, names):
+            (tmp / f).write_bytes(stub)
+            sizes[f] = total
+            served += len(stub)
     (tmp / MANIFEST).write_text(json.dumps({"repo": repo_id, "commit": sha, "sizes": sizes, "bytes_fetched": served}))
     view.parent.mkdir(parents=True, exist_ok=True)
     try:

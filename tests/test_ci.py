@@ -76,7 +76,8 @@ def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded
     assert comparable(remote.as_dict()) == comparable(local.as_dict())
     weights = sum(f.stat().st_size for f in sharded.glob("*.safetensors"))
     fetched = sum(v for k, v in hub.served.items() if k.endswith(".safetensors"))
-    assert 0 < fetched < 0.05 * weights  # headers only: a few KB of a 16 MB model
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in sharded.glob("*.safetensors"))
+    assert fetched == headers and fetched < 0.002 * weights  # exactly the headers: no byte of tensor data
     assert set(hub.served) == {f"test-org/llama/{f.name}" for f in sharded.glob("*.safetensors")} | {
         "test-org/llama/config.json", "test-org/llama/model.safetensors.index.json"}  # and nothing else
     assert f"model m: test-org/llama @ {hub.sha('test-org', 'llama')[:12]} (hub, headers only)" in remote.text()
