@@ -44,9 +44,11 @@ def _offline_env() -> bool:
 
 
 def header_view(repo_id: str, revision: str | None, where: str | None, *, offline: bool = False) -> Path:
+    from urllib.parse import quote
+
     rev = revision or "main"
     repo_dir = cache_root() / repo_id.replace("/", "--")
-    ref_file = repo_dir / "refs" / rev
+    ref_file = repo_dir / "refs" / quote(rev, safe="")  # a branch like `refs/pr/1` is one file name, never a path
     if offline or _offline_env():
         sha = ref_file.read_text().strip() if ref_file.is_file() else (rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None)
         if sha and (repo_dir / sha / MANIFEST).is_file():
@@ -77,8 +79,8 @@ def _repo_files(repo_id: str, rev: str, where: str | None) -> tuple[str, list[st
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot reach the hub for {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
                               fix="check the network, HF_ENDPOINT and your token, or use --offline with a cached model") from None
-    if not info.sha:
-        raise CheckpointError(f"the hub did not say which commit {repo_id!r}@{rev} is", where=where)
+    if not info.sha or not re.fullmatch(r"[0-9a-fA-F]{7,64}", info.sha):
+        raise CheckpointError(f"the hub did not give a commit id for {repo_id!r}@{rev} (got {info.sha!r})", where=where)
     return info.sha, [s.rfilename for s in (info.siblings or [])]
 
 

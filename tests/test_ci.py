@@ -95,6 +95,15 @@ def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded
     assert r.exit_code == 1 and "not in the local caches" in r.output and "plan.yaml:1" in r.output
 
 
+def test_revisions_are_cache_keys_never_paths(hub, tmp_path):
+    plan = write_plan(tmp_path, "models: {m: {path: test-org/llama, revision: ../../../escape}}\nsteps: [{take: {model: m}}]\n")
+    rep = surgery.validate(plan)
+    assert rep.valid, rep.text()
+    cache = Path(os.environ["SURGERY_CACHE"])
+    assert not (cache.parent / "escape").exists() and not list(tmp_path.rglob("escape"))
+    assert (cache / "hub-headers" / "test-org--llama" / "refs" / "..%2F..%2F..%2Fescape").is_file()
+
+
 def test_private_repos_use_the_standard_token(hub, tmp_path, monkeypatch):
     plan = write_plan(tmp_path, PLAN.format(ref="private-org/llama"))
     r = cli("validate", plan)
