@@ -21,6 +21,7 @@ from typing import Any
 
 from .arch import Family, detect_family
 from .errors import CheckpointError, Problem
+from .yamlio import resolve_path
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -208,8 +209,7 @@ def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where:
 
     `headers_only` (validate): a hub model not fully in the local cache is seen through a
     header-only view (config, index, safetensors headers; no tensor data, see hub.py)."""
-    p = Path(ref).expanduser()
-    local = p if p.is_absolute() else base_dir / p
+    local = resolve_path(ref, base_dir)
     if local.is_dir():
         return local.resolve()
     looks_local = ref.startswith((".", "/", "~")) or local.exists() or not _HUB_ID.match(ref)

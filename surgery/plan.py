@@ -18,7 +18,7 @@ from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
 from .errors import PlanError, Problem
-from .yamlio import Located, load_yaml_file, load_yaml_text
+from .yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
 MAX_LAYERS = 10_000  # no real model comes near; bounds `times`, ranges and the work a plan can ask for
 
@@ -327,7 +327,7 @@ class PlanBody(Strict):
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(FromDocument):
     """A validated plan: its body, its steps, and where everything came from."""
 
     body: PlanBody
@@ -335,13 +335,6 @@ class Plan:
     doc: Located = field(compare=False, repr=False)
     base_dir: Path = field(compare=False)
     mergekit: Any = field(default=None, compare=False, repr=False)  # the original mergekit config, if translated
-
-    @property
-    def source(self) -> str:
-        return self.doc.source
-
-    def where(self, *path) -> str:
-        return self.doc.where(tuple(path))
 
     def step_where(self, i: int) -> str:
         return self.doc.where(("steps", i))

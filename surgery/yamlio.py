@@ -45,6 +45,30 @@ class Located:
         return f"{self.source}:{line}" if line else self.source
 
 
+def resolve_path(p: str | Path, base: Path) -> Path:
+    """A path written in a plan or config: `~` expanded; a relative one is taken from `base` (the file's folder)."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+class FromDocument:
+    """For objects made from a located document (`doc`) in a folder (`base_dir`): plans and training
+    configs. Where a value came from (`file:line`), and paths relative to the file."""
+
+    doc: Located
+    base_dir: Path
+
+    @property
+    def source(self) -> str:
+        return self.doc.source
+
+    def where(self, *path) -> str:
+        return self.doc.where(tuple(path))
+
+    def path(self, p: str | Path) -> Path:
+        return resolve_path(p, self.base_dir)
+
+
 def load_yaml_text(text: str, source: str) -> Located:
     if len(text) > MAX_BYTES:
         raise PlanError(f"file is {len(text)} bytes; plans are limited to {MAX_BYTES}", where=source)

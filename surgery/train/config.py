@@ -17,7 +17,7 @@ from typing_extensions import Annotated
 
 from ..errors import PlanError
 from ..plan import Strict, _problems
-from ..yamlio import Located, load_yaml_file, load_yaml_text
+from ..yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGBT]?)\s*$", re.I)
 _MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
@@ -133,21 +133,10 @@ class TrainConfig(Strict):
 
 
 @dataclass
-class Config:
+class Config(FromDocument):
     body: TrainConfig
     doc: Located = field(repr=False)
     base_dir: Path
-
-    @property
-    def source(self) -> str:
-        return self.doc.source
-
-    def where(self, *path) -> str:
-        return self.doc.where(tuple(path))
-
-    def path(self, p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else self.base_dir / q
 
 
 def config_from_doc(doc: Located, base_dir: Path, overrides: dict | None = None) -> Config:

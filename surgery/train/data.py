@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import PlanError, SurgeryError
+from ..yamlio import resolve_path
 
 FORMAT = "surgery-tokens/1"
 PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters
@@ -78,10 +79,10 @@ def expand_sources(entries, base_dir: Path, text_field: str, where) -> list[Sour
     for i, e in enumerate(entries):
         loc = where(i)
         if not isinstance(e, str):
-            out.append(Source("hf", e.dataset if not _is_local(e.dataset, base_dir) else str(_abs(e.dataset, base_dir)),
+            out.append(Source("hf", e.dataset if not _is_local(e.dataset, base_dir) else str(resolve_path(e.dataset, base_dir)),
                               loc, e.config, e.split, e.text_field or text_field))
             continue
-        pattern = str(_abs(e, base_dir))
+        pattern = str(resolve_path(e, base_dir))
         paths = sorted(globlib.glob(pattern, recursive=True)) if globlib.has_magic(e) else [pattern]
         paths = [p for p in paths if Path(p).is_file()] if globlib.has_magic(e) else paths
         if not paths:
@@ -105,13 +106,8 @@ def expand_sources(entries, base_dir: Path, text_field: str, where) -> list[Sour
     return out
 
 
-def _abs(p: str, base: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base / q
-
-
 def _is_local(name: str, base: Path) -> bool:
-    return name.startswith((".", "/", "~")) or _abs(name, base).exists()
+    return name.startswith((".", "/", "~")) or resolve_path(name, base).exists()
 
 
 # ---- reading: (text, first piece of a document, last piece of a document) ----
