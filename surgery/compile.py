@@ -188,17 +188,20 @@ def _scale(s: ScaleStep, stack, ctx: Ctx):
     return stack[:a] + [replace(x, scales=x.scales + ((s.filter, s.factor),)) for x in stack[a:b]] + stack[b:]
 
 
+def merge_ranges(s: Merge, ckpts) -> list[tuple[int, int]]:
+    """Each source's layer range: its own `layers`, else the step's, else the whole model."""
+    return [tuple(src.layers or s.layers or (0, ckpts[src.model].num_layers)) for src in s.sources]
+
+
 @op("merge")
 def _merge(s: Merge, stack, ctx: Ctx):
-    ranges = []
-    for j, src in enumerate(s.sources):
+    ranges = merge_ranges(s, ctx.ckpts)
+    for j, (src, (a, b)) in enumerate(zip(s.sources, ranges)):
         ck = ctx.ckpts[src.model]
         key = ("models", j, "layers") if src.layers is not None else ("layers",)
-        a, b = src.layers or s.layers or (0, ck.num_layers)
         if b > ck.num_layers:
             raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {src.model!r}, which has {ck.num_layers} layers",
                            f"use a range within [0, {ck.num_layers}]", key)
-        ranges.append((a, b))
     lengths = {b - a for a, b in ranges}
     if len(lengths) != 1:
         desc = ", ".join(f"{src.model} [{a}, {b})" for src, (a, b) in zip(s.sources, ranges))

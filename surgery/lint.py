@@ -22,6 +22,7 @@ ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_fa
 
 
 def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
+    from .compile import merge_ranges
     from .plan import Merge
 
     out: list[Problem] = []
@@ -69,7 +70,8 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                 out.append(Problem(where, f"merge of models with different {key}: " + ", ".join(f"{n} {v!r}" for n, v in vals.items()),
                                    "their position encodings differ, so merged attention weights disagree about positions",
                                    code="rope-mismatch"))
-        span = _span(step, ckpts, names)
+        a, b = merge_ranges(step, ckpts)[0]  # compile checked that every source's range has this length
+        span = b - a
         grads = [(("t",), step.t)] + [(("overrides", k, "t"), o.t) for k, o in enumerate(step.overrides)]
         grads += [(("parameters", k), v) for k, v in step.parameters.items()]
         for key, g in grads:
@@ -114,15 +116,6 @@ def rope_settings(cfg: dict) -> dict:
             for k, x in v.items():
                 out.setdefault(k if k in ("rope_theta",) else f"rope.{k}", x)
     return out
-
-
-def _span(step, ckpts, names) -> int:
-    if step.layers is not None:
-        return step.layers[1] - step.layers[0]
-    for m in step.sources:
-        if m.layers is not None:
-            return m.layers[1] - m.layers[0]
-    return min(ckpts[n].num_layers for n in names)
 
 
 def _narrows(src: str, out: str) -> bool:

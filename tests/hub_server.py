@@ -35,12 +35,15 @@ class Hub:
                     return self.resolve(m.group(1), m.group(2), m.group(4))
                 self.send_error(404)
 
+            def fail(self, status, code):
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def denied(self, org):
                 if org == "private-org" and self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                    self.send_response(401)
-                    self.send_header("X-Error-Code", "RepoNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self.fail(401, "RepoNotFound")
                     return True
                 return False
 
@@ -49,11 +52,7 @@ class Hub:
                 if self.denied(org):
                     return
                 if not repo.is_dir():
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "RepoNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return self.fail(404, "RepoNotFound")
                 body = json.dumps({"id": f"{org}/{name}", "modelId": f"{org}/{name}", "sha": hub.sha(org, name),
                                    "private": org == "private-org", "tags": [], "downloads": 0, "likes": 0,
                                    "siblings": [{"rfilename": f.name} for f in sorted(repo.iterdir())]}).encode()
@@ -68,11 +67,7 @@ class Hub:
                     return
                 f = hub.root / org / name / fname
                 if not f.is_file():
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return self.fail(404, "EntryNotFound")
                 size = f.stat().st_size
                 rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
                 a, b = (int(rng.group(1)), min(size - 1, int(rng.group(2) or size - 1))) if rng else (0, size - 1)
