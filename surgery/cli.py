@@ -163,7 +163,7 @@ def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
         click.echo(f"error: --ignore {bad[0]}: unknown warning code\n  fix: codes: {', '.join(CODES)}", err=True)
         sys.exit(1)
     reports = validate_many(plans, allow_pickle=allow_pickle, offline=offline, ignore=set(ignore))
-    ok = all(r.valid and not (strict and r.warnings) for r in reports)
+    ok = all(r.passed(strict) for r in reports)
     if fmt == "json":
         click.echo(json.dumps(envelope(reports, strict=strict), indent=2))
     elif fmt == "github":
@@ -175,10 +175,10 @@ def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
             if i:
                 click.echo("")
             click.echo(r.text(tensors=tensors), err=not r.valid)
-            if strict and r.valid and r.warnings:
+            if r.valid and not r.passed(strict):
                 click.echo(f"  --strict: {len(r.warnings)} warning(s) count as errors", err=True)
         if len(reports) > 1:
-            n_bad = sum(1 for r in reports if not (r.valid and not (strict and r.warnings)))
+            n_bad = sum(1 for r in reports if not r.passed(strict))
             click.echo(f"\n{len(reports) - n_bad} of {len(reports)} plan(s) passed", err=bool(n_bad))
     sys.exit(0 if ok else 1)
 

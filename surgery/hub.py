@@ -184,8 +184,12 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remote_sizes(folder: Path) -> dict[str, int] | None:
+def manifest(folder: Path) -> dict | None:
+    """The record of a header-only view (repo, commit, real file sizes); None for a real folder."""
     m = folder / MANIFEST
-    if not m.is_file():
-        return None
-    return json.loads(m.read_text()).get("sizes", {})
+    return json.loads(m.read_text()) if m.is_file() else None
+
+
+def remote_sizes(folder: Path) -> dict[str, int] | None:
+    m = manifest(folder)
+    return None if m is None else m.get("sizes", {})

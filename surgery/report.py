@@ -47,6 +47,10 @@ class Report:
     warnings: list[Problem] = field(default_factory=list)
     program: Program | None = None
 
+    def passed(self, strict: bool = False) -> bool:
+        """Valid, and with --strict also free of warnings."""
+        return self.valid and not (strict and self.warnings)
+
     @property
     def layer_map(self) -> list[dict]:
         return self.program.layer_map() if self.program else []
@@ -120,23 +124,19 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
 
 
 def _shown_path(c: Checkpoint) -> str:
-    from .hub import MANIFEST
+    from .hub import manifest
 
-    m = c.path / MANIFEST
-    if m.is_file():  # a header-only view of a hub model
-        import json
-
-        commit = json.loads(m.read_text()).get("commit", "")
-        return f"{c.ref} @ {commit[:12]} (hub, headers only)"
+    m = manifest(c.path)
+    if m is not None:  # a header-only view of a hub model
+        return f"{c.ref} @ {m.get('commit', '')[:12]} (hub, headers only)"
     return str(c.path)
 
 
 def envelope(reports: list[Report], *, strict: bool = False) -> dict[str, Any]:
     """The `--format json` document: versioned, one entry per plan (schema: `surgery schema --report`)."""
-    plans = [r.as_dict() for r in reports]
-    passed = [r.valid and not (strict and r.warnings) for r in reports]
-    return {"format": REPORT_FORMAT, "surgery_version": __version__, "strict": strict, "valid": all(passed),
-            "plans": [{**d, "passed": ok} for d, ok in zip(plans, passed)]}
+    return {"format": REPORT_FORMAT, "surgery_version": __version__, "strict": strict,
+            "valid": all(r.passed(strict) for r in reports),
+            "plans": [{**r.as_dict(), "passed": r.passed(strict)} for r in reports]}
 
 
 _LOC = re.compile(r"^(?P<file>.+?\.(?:ya?ml|json)):(?P<line>\d+)$")
