@@ -417,35 +417,18 @@ def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Prog
 
 
 def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
-    r = t.recipe
-    if srcs.io is not None:
-        with srcs.io.compute_stream():
-            return _compute_staged(t, fd, pos, srcs, progress, where)
-    ev = Evaluator(srcs)
-    isz = itemsize(r.dtype)
-    n = r.numel
-    whole = ev.full(r).reshape(-1) if r.needs_whole() else None
-    step = srcs.chunk_elements
-    for e0 in range(0, n, step):
-        e1 = min(n, e0 + step)
-        x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous().cpu()
-        assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
-        _pwrite_all(fd, x.view(-1).view(torch_dtype("U8")).numpy(), pos + e0 * isz, where)
-        progress.add((e1 - e0) * isz, e1 == n)
-    if n == 0:
-        progress.add(0, True)
+    """Evaluate a computed tensor chunk by chunk and write each chunk at its offset.
 
+    With staging (a device, see StagedIO) the pipeline is one chunk deep: while the device
+    computes chunk k (queued on this thread's compute stream) and copies it back (on the download
+    stream), the host reads chunk k+1 into pinned buffers and writes chunk k-1, whose download
+    event it waits for first. Without staging each chunk is written as soon as it is made."""
+    import contextlib
 
-def _compute_staged(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
-    """The device pipeline, one chunk deep: while the device computes chunk k (queued on this
-    thread's compute stream) and copies it back (on the download stream), the host reads chunk
-    k+1 into pinned buffers and writes chunk k-1, whose download event it waits for first."""
     r = t.recipe
-    ev = Evaluator(srcs)
     io = srcs.io
     isz = itemsize(r.dtype)
     n = r.numel
-    whole = ev.full(r).reshape(-1) if r.needs_whole() else None
     step = srcs.chunk_elements
     pending = None
 
@@ -456,22 +439,30 @@ def _compute_staged(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
         io.release(buf, done)
         progress.add(nbytes, last)
 
-    try:
-        for e0 in range(0, n, step):
-            e1 = min(n, e0 + step)
-            x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous()
-            assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
-            buf, done = io.download(x)
+    with io.compute_stream() if io is not None else contextlib.nullcontext():
+        ev = Evaluator(srcs)
+        whole = ev.full(r).reshape(-1) if r.needs_whole() else None
+        try:
+            for e0 in range(0, n, step):
+                e1 = min(n, e0 + step)
+                x = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous()
+                assert x.numel() == e1 - e0 and x.dtype == torch_dtype(r.dtype), (t.name, x.shape, x.dtype)
+                nbytes, at, last = (e1 - e0) * isz, pos + e0 * isz, e1 == n
+                if io is None:
+                    _pwrite_all(fd, x.cpu().view(-1).view(torch_dtype("U8")).numpy(), at, where)
+                    progress.add(nbytes, last)
+                    continue
+                buf, done = io.download(x)
+                if pending is not None:
+                    finish(pending)
+                pending = (buf, done, nbytes, at, last)
             if pending is not None:
                 finish(pending)
-            pending = (buf, done, (e1 - e0) * isz, pos + e0 * isz, e1 == n)
-        if pending is not None:
-            finish(pending)
-            pending = None
-    finally:
-        if pending is not None:  # an error after queuing: hand the buffer back once its copy is done
-            io.wait(pending[1])
-            io.release(pending[0], pending[1])
+                pending = None
+        finally:
+            if pending is not None:  # an error after queuing: hand the buffer back once its copy is done
+                io.wait(pending[1])
+                io.release(pending[0], pending[1])
     if n == 0:
         progress.add(0, True)
 
