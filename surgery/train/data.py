@@ -351,25 +351,31 @@ class Corpus:
     sources: int
 
 
-def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, echo=print) -> Corpus:
+def token_stream(sources: list[Source], tokenizer, model_dir: Path, cache: Path, separator: str | None, *,
+                 progress: bool = False) -> Stream:
+    """The sources' tokens as one stream, tokenizing what the cache does not hold yet."""
+    fp = tokenizer_fingerprint(model_dir)
+    parts = []
+    for s in sources:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"tokenizing {Path(s.path).name}", unit="char", unit_scale=True, leave=False)
+        parts.append(tokenize(s, tokenizer, fp, cache, separator, bar.update if bar else None))
+        if bar:
+            bar.close()
+    return Stream(parts)
+
+
+def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False) -> Corpus:
     """Tokenize (or reuse the cache for) the config's data and pack it."""
     d = cfg.body.data
     cache = cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()
-    fp = tokenizer_fingerprint(model_dir)
 
     def streams(entries, key):
         srcs = expand_sources(entries, cfg.base_dir, d.text_field, lambda i: cfg.where("data", key, i))
-        parts = []
-        for s in srcs:
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(desc=f"tokenizing {Path(s.path).name}", unit="char", unit_scale=True, leave=False)
-            parts.append(tokenize(s, tokenizer, fp, cache, d.separator, bar.update if bar else None))
-            if bar:
-                bar.close()
-        return Stream(parts)
+        return token_stream(srcs, tokenizer, model_dir, cache, d.separator, progress=progress)
 
     train = streams(d.files, "files")
     L = d.seq_len

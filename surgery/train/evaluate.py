@@ -23,7 +23,7 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
     import transformers
 
     from ..checkpoint import resolve_ref
-    from .data import Stream, default_cache_dir, expand_sources, tokenize, tokenizer_fingerprint
+    from .data import default_cache_dir, expand_sources, token_stream
 
     transformers.utils.logging.set_verbosity_error()
     if not progress:
@@ -40,9 +40,7 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
             raise PlanError(f"--against {against}: vocabulary {base.config.vocab_size} differs from the model's {m.config.vocab_size}",
                             fix="compare checkpoints that share a tokenizer")
     srcs = expand_sources(files, Path.cwd(), text_field, lambda i: f"--data {files[i]}")
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    fp = tokenizer_fingerprint(mdir)
-    stream = Stream([tokenize(s, tok, fp, cache, separator) for s in srcs])
+    stream = token_stream(srcs, tok, mdir, Path(cache_dir) if cache_dir else default_cache_dir(), separator)
     n = len(stream) if max_tokens is None else min(len(stream), max_tokens)
     L = seq_len or min(getattr(m.config, "max_position_embeddings", 2048) or 2048, 2048)
     S = stride or max(1, L // 2)

@@ -282,9 +282,9 @@ def _truncate_metrics(path: Path, stage: int, step: int) -> None:
     """On resume, drop records the interrupted run wrote after its last checkpoint."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and (json.loads(ln)["stage"] < stage or (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] <= step))]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [r for r in recs if (r["stage"], r["step"]) <= (stage, step)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _precision(p: str) -> str:
@@ -347,7 +347,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     with args.main_process_first(local=False, desc="tokenize"):
-        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main(), echo=echo)
+        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main())
     if corpus.eval is None:
         args.eval_strategy = transformers.IntervalStrategy.NO
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
@@ -437,7 +437,7 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
     summaries = []
     for stage in stages:
         if stage.model_dir is None:  # the grown model
-            stage.model_dir = _grow(cfg, stages[stage.index - 2], work, echo)
+            stage.model_dir = _grow(cfg, stages[stage.index - 2], work, tps, echo)
         if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
             summaries.append({"stage": stage.index, "steps": stage.steps, "resumed_past": True})
             continue  # this stage finished before the interruption
@@ -500,7 +500,7 @@ def _save_stage(trainer, folder: Path) -> None:
     _barrier()
 
 
-def _grow(cfg: Config, prev: Stage, work: Path, echo) -> Path:
+def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
     """Apply the grow plan to the previous stage's final model (rank 0), everyone waits for it."""
     from ..api import apply
 
@@ -508,7 +508,6 @@ def _grow(cfg: Config, prev: Stage, work: Path, echo) -> Path:
     if is_main() and not (grown / "config.json").exists():
         plan = load_grow_plan(cfg, work / f"stage-{prev.index}" / "final")
         res = apply(plan, grown, force=True, progress=False)
-        tps = cfg.body.micro_batch * cfg.body.data.seq_len * cfg.body.grad_accum * world_size()
         with open(work / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": prev.steps, "stage": prev.index + 1, "tokens": prev.steps * tps, "event": "grow",
                                 "layers": res.num_layers, "params": res.num_params}) + "\n")
