@@ -79,9 +79,9 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                 out.append(Problem(plan.where("steps", i, "merge", *key), f"gradient has {len(g)} values for the {span} "
                                    "layer(s) this merge spans; the extra anchors only reshape the interpolation",
                                    f"give at most {span} values (one per layer) or fewer anchors", code="gradient-too-long"))
-    widest = [c for ck in ckpts.values() for c in {t.dtype for t in ck.tensors.values()} if c in FLOAT_CODES]
-    narrower = sorted({c for c in widest if _narrows(c, out_code)})
-    if narrower and out_code in FLOAT_CODES:
+    input_floats = {t.dtype for ck in ckpts.values() for t in ck.tensors.values() if t.dtype in FLOAT_CODES}
+    narrower = sorted(c for c in input_floats if _narrows(c, out_code))
+    if narrower:
         where = plan.where("output", "dtype") if plan.body.output.dtype else plan.where()
         out.append(Problem(where, f"output dtype {dtype_name(out_code)} is narrower than the inputs' "
                            f"{', '.join(dtype_name(c) for c in narrower)}: values are rounded"
