@@ -301,16 +301,62 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     ("model: {m}\ndata: {{files: [{{dataset: no-org/not-cached}}], seq_len: 64}}\nsteps: 2\n", "", "from the local cache"),
     ("model: {m}\ndata: {{files: [{c}], seq_len: 100000}}\nsteps: 2\n", "", "exceeds the model's context (128"),
     ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
+    ("model: {m}\ndata: {{files: [missing.jsonl], seq_len: 64}}\nsteps: 2\n", "", "data file not found"),
+    ("model: {m}\ndata: {{files: [data.csv], seq_len: 64}}\nsteps: 2\n", "", "unknown data format '.csv'"),
+    ("model: {m}\ndata: {{files: [broken.jsonl], seq_len: 64}}\nsteps: 2\n", "", "broken.jsonl:2: not a JSON object"),
+    ("model: {m}\ndata: {{files: [p.parquet], seq_len: 64}}\nsteps: 2\n", "", "no column 'text' (columns: body)"),
+    ("model: {m}\ndata: {{files: [{c}], eval_files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "less than one sequence of 64"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: nope.yaml}}\n", "",
+     "grow plan not found"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X, t: Y}}, "
+     "steps: [{{take: {{model: s}}}}]}}}}\n", "", "names exactly one model"),
+    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'model.embed_tokens.*'\nfreeze_embeddings: true\n",
+     "", "every parameter is frozen"),
 ])
 def test_bad_configs_are_located_errors(tmp_path, corpus, models, text, extra, expect):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     cfg = tmp_path / "bad.yaml"
     (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     cfg.write_text(text.format(m=models("llama"), c=corpus / "train.jsonl", t=tmp_path / "short.txt"))
     r = CliRunner().invoke(main, ["train", str(cfg), "-o", str(tmp_path / "o"), "-q"])
     assert r.exit_code == 1, r.output
     assert expect in r.output and "Traceback" not in r.output, r.output
     assert "bad.yaml:" in r.output or "train.jsonl" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_output_and_layer_map_errors(tmp_path, corpus, models):
+    src = models("llama")
+    copy = tmp_path / "copy"  # a surgery output without new layers
+    apply(plan_from_text(f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}]\n"), copy, progress=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {copy}\ndata: {{files: [{corpus / 'train.jsonl'}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n")
+    for args, expect in ((["-o", str(tmp_path / "o")], "the plan added no new layers"),
+                         ([], "no output folder given"),
+                         (["-o", str(copy / "inside")], "is inside the model being trained")):
+        r = CliRunner().invoke(main, ["train", str(cfg), "-q", *args])
+        assert r.exit_code == 1 and expect in r.output and "Traceback" not in r.output, r.output
+        assert "c.yaml" in r.output or str(copy) in r.output
+    assert not (tmp_path / "o").exists() and not (copy / "inside").exists()
+
+
+def test_eval_errors(tmp_path, corpus, models):
+    from surgery.tiny import build_tiny
+
+    other = build_tiny("llama", tmp_path / "v96", vocab_size=96)
+    (tmp_path / "one.txt").write_text("  \n")  # no document at all
+    ev = str(corpus / "eval.jsonl")
+    for args, expect in (([str(models("llama")), "--data", ev, "--against", str(other)], "vocabulary 96 differs from the model's 128"),
+                         ([str(models("llama")), "--data", ev, "--seq-len", "16", "--stride", "32"], "--stride 32 must be"),
+                         ([str(models("llama")), "--data", str(tmp_path / "one.txt")], "perplexity needs at least 2"),
+                         ([str(models("llama")), "--data", str(tmp_path / "none.txt")], "data file not found")):
+        r = CliRunner().invoke(main, ["eval", *args])
+        assert r.exit_code == 1 and expect in r.output and "Traceback" not in r.output, r.output
 
 
 def test_outputs_and_runs_are_never_clobbered(tmp_path, corpus, models):

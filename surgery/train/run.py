@@ -112,7 +112,7 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
     return chosen, notes
 
 
-def apply_freezing(model, trainable: set[str], freeze_embeddings: bool) -> tuple[int, int]:
+def apply_freezing(model, trainable: set[str], freeze_embeddings: bool, where: str) -> tuple[int, int]:
     if freeze_embeddings:
         emb = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
         emb_ids = {id(p) for p in emb}
@@ -124,7 +124,7 @@ def apply_freezing(model, trainable: set[str], freeze_embeddings: bool) -> tuple
         n_all += p.numel()
         n_train += p.numel() if on else 0
     if n_train == 0:
-        raise PlanError("nothing trains: every parameter is frozen", fix="check `trainable` and `freeze_embeddings`")
+        raise PlanError("nothing trains: every parameter is frozen", where=where, fix="check `trainable` and `freeze_embeddings`")
     return n_train, n_all
 
 
@@ -354,7 +354,8 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     model.config.use_cache = False
     where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
     names, notes = select_trainable(model, stage.trainable, stage.model_dir, where)
-    n_train, n_all = apply_freezing(model, names, b.freeze_embeddings)
+    n_train, n_all = apply_freezing(model, names, b.freeze_embeddings,
+                                    cfg.where("freeze_embeddings") if b.freeze_embeddings else where)
     if is_main():
         echo(f"stage {stage.index}: {stage.model_dir.name}, {model.config.num_hidden_layers} layers, "
              f"{n_train:,} of {n_all:,} parameters train{' (' + '; '.join(notes) + ')' if notes else ''}; "
