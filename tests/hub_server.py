@@ -51,6 +51,8 @@ class Hub:
                 repo = hub.root / org / name
                 if self.denied(org):
                     return
+                if self.path.endswith("/revision/no-such-branch"):
+                    return self.fail(404, "RevisionNotFound")
                 if not repo.is_dir():
                     return self.fail(404, "RepoNotFound")
                 body = json.dumps({"id": f"{org}/{name}", "modelId": f"{org}/{name}", "sha": hub.sha(org, name),

@@ -104,6 +104,35 @@ def test_revisions_are_cache_keys_never_paths(hub, tmp_path):
     assert (cache / "hub-headers" / "test-org--llama" / "refs" / "..%2F..%2F..%2Fescape").is_file()
 
 
+def test_hub_errors_name_the_model_and_the_fix(hub, tmp_path):
+    import struct
+
+    root = hub.root / "test-org"
+    (root / "noconfig").mkdir()
+    shutil.copy(next((root / "llama").glob("*.safetensors")), root / "noconfig")
+    (root / "pickles").mkdir()
+    shutil.copy(root / "llama" / "config.json", root / "pickles")
+    (root / "pickles" / "pytorch_model.bin").write_bytes(b"x")
+    (root / "huge").mkdir()
+    shutil.copy(root / "llama" / "config.json", root / "huge")
+    (root / "huge" / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    cases = (("{path: test-org/llama, revision: no-such-branch}", "has no revision 'no-such-branch'"),
+             ("test-org/absent", "not found (or private"),
+             ("test-org/noconfig", "has no config.json"),
+             ("test-org/pickles", "no safetensors weights (only pickles: pytorch_model.bin)"),
+             ("test-org/huge", "header claims 1099511627776 bytes"))
+    for i, (ref, expect) in enumerate(cases):
+        plan = write_plan(tmp_path / str(i), f"models:\n  m: {ref}\nsteps: [{{take: {{model: m}}}}]\n")
+        r = cli("validate", plan)
+        assert r.exit_code == 1 and expect in r.output and "plan.yaml:2" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_validate_names_missing_plans(tmp_path):
+    (tmp_path / "folder").mkdir()
+    r = cli("validate", tmp_path / "nope.yaml", tmp_path / "folder")
+    assert r.exit_code == 1 and "nope.yaml: plan file not found" in r.output and "folder: is a folder" in r.output
+
+
 def test_private_repos_use_the_standard_token(hub, tmp_path, monkeypatch):
     plan = write_plan(tmp_path, PLAN.format(ref="private-org/llama"))
     r = cli("validate", plan)
