@@ -324,3 +324,16 @@ def test_merging_models_with_different_tokenizers_warns(tmp_path, models):
     assert "tokenizers differ" in rep.warnings[0].what
     shutil.copy(a / "tokenizer.json", b / "tokenizer.json")
     assert surgery.validate(plan).warnings == []
+
+
+def test_missing_optional_dependencies_are_clear_errors(plans, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    r = cli("show", "plans/good.yaml", "-o", "map.png")
+    assert r.exit_code == 1 and "needs matplotlib" in r.output and "pip install" in r.output and "Traceback" not in r.output
+    assert cli("show", "plans/good.yaml", "-o", "map.svg").exit_code == 0  # SVG needs nothing
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    r = cli("train", "plans/good.yaml")
+    assert r.exit_code == 1 and "pip install 'surgery[train]'" in r.output and "Traceback" not in r.output
