@@ -62,3 +62,14 @@ def test_training_examples_are_valid_configs(example):
         import yaml
 
         assert plan_from_text(yaml.safe_dump(cfg.body.grow.plan)).steps
+
+
+def test_readme_training_config_is_a_valid_config(tmp_path):
+    from surgery.train.config import config_from_text
+
+    section = README.split("## Training")[1].split("\n## ")[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    full = config_from_text(blocks[0], tmp_path, source="README")  # the annotated example: every key is real
+    assert full.body.trainable == "new-layers" and full.body.tokens == 5 * 10**9 and full.body.grad_accum == 4
+    grow = config_from_text(blocks[1] + "data: {files: [x.txt]}\n", tmp_path, source="README")
+    assert grow.body.grow.at_tokens == 10 * 10**9 and grow.body.grow.schedule == "reset"
