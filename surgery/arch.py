@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 
+from . import registry
 from .errors import SurgeryError
 
 # Output projections of blocks in families surgery has no entry for: a guess, reported as such.
@@ -92,55 +93,28 @@ class Family:
         return None
 
 
-_REGISTRY: dict[str, Family] = {}
-_BY_MODEL_TYPE: dict[str, Family] = {}
-_ORIGIN: dict[str, str] = {}
-_BUILTINS_LOADED = False
-
-
-def register_family(family: Family, origin: str = "surgery") -> None:
-    """Add a family. Names and model types must be new: a clash is an error naming both owners."""
-    if family.name in _REGISTRY:
-        raise SurgeryError(f"architecture {family.name!r} from {origin} is already registered by {_ORIGIN[family.name]}",
-                           fix="give the entry another name")
-    for mt in family.model_types:
-        if mt in _BY_MODEL_TYPE:
-            other = _BY_MODEL_TYPE[mt].name
-            raise SurgeryError(f"model_type {mt!r} of architecture {family.name!r} ({origin}) is already claimed by "
-                               f"{other!r} ({_ORIGIN[other]})")
-    _REGISTRY[family.name] = family
-    _ORIGIN[family.name] = origin
-    for mt in family.model_types:
-        _BY_MODEL_TYPE[mt] = family
-
-
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
+def builtin_families() -> list[tuple[Family, str]]:
+    """The families in surgery/architectures/*.json, with where each came from."""
     folder = resources.files("surgery") / "architectures"
+    out = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
-            register_family(Family.from_dict(json.loads(entry.read_text()), f"surgery/architectures/{entry.name}"))
+            origin = f"surgery/architectures/{entry.name}"
+            out.append((Family.from_dict(json.loads(entry.read_text()), origin), origin))
+    return out
 
 
 def families() -> dict[str, Family]:
-    _load_builtins()
-    return dict(_REGISTRY)
-
-
-def family_origin(name: str) -> str:
-    _load_builtins()
-    return _ORIGIN[name]
+    """Every registered family (built-in and from plugins): name -> Family."""
+    return dict(registry.current().families)
 
 
 def detect_family(config: dict, tensor_names: list[str], where: str) -> Family:
     """The family of a checkpoint: by `model_type`, else guessed from tensor names."""
-    _load_builtins()
+    by_type = registry.current().by_model_type
     mt = config.get("model_type")
-    if mt in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[mt]
+    if isinstance(mt, str) and mt in by_type:
+        return by_type[mt]
     return _guess_family(config, tensor_names, where)
 
 
@@ -156,7 +130,7 @@ def _guess_family(config: dict, tensor_names: list[str], where: str) -> Family:
     if not counts:
         raise SurgeryError(f"unknown model_type {config.get('model_type')!r} and no tensor names of the form "
                            "'prefix.{i}.suffix', so the layers cannot be found", where=where,
-                           fix=f"known model types: {sorted(_BY_MODEL_TYPE)}; or register an architecture entry")
+                           fix=f"known model types: {sorted(registry.current().by_model_type)}; or register an architecture entry")
     # The layer stack is the prefix with the most distinct indices (ties: the shortest prefix).
     prefix = max(counts, key=lambda p: (len(counts[p]), -len(p)))
     key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), "num_hidden_layers")

@@ -46,10 +46,10 @@ class _Group(click.Group):
 
     def _plugin_commands(self) -> dict:
         from .errors import SurgeryError
-        from .plugins import plugin_commands
+        from .registry import current
 
         try:
-            return plugin_commands()
+            return dict(current().commands)
         except SurgeryError as e:
             click.echo(f"warning: {e}", err=True)
             return {}

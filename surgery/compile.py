@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import registry
 from .arch import Family
 from .lint import lint
 from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_checkpoint, resolve_ref, small_files
@@ -91,14 +92,12 @@ class Ctx:
 
 
 OpFn = Callable[[Step, list[LayerSpec], Ctx], list[LayerSpec]]
-OPS: dict[str, OpFn] = {}
+BUILTIN_OPS: dict[str, OpFn] = {}  # the built-in steps' operations (registered by surgery.builtins)
 
 
 def op(name: str):
     def deco(fn: OpFn) -> OpFn:
-        if name in OPS:
-            raise SurgeryError(f"operation {name!r} is already implemented by {OPS[name].__module__}")
-        OPS[name] = fn
+        BUILTIN_OPS[name] = fn
         return fn
     return deco
 
@@ -344,7 +343,7 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
 
     stack: list[LayerSpec] = []
     for i, step in enumerate(plan.steps):
-        stack = OPS[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
+        stack = registry.current().ops[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
 
     family = base.family
     warnings: list = []  # Problems with a code; plain strings (config notes) get the code `config` below
@@ -424,9 +423,7 @@ def _chat_template(plan: Plan, ckpts, warnings) -> str | None:
         return Counter(found).most_common(1)[0][0]
     if "{" in value or "\n" in value or len(value) >= 256:
         return value
-    from .plugins import named_chat_template
-
-    text = named_chat_template(value)
+    text = registry.current().chat_template(value)
     if text is None:
         raise PlanError(Problem(plan.where("chat_template"), f"unknown chat template name {value!r}",
                                 "give the Jinja template itself, `auto`, or a name the mergekit plugin ships "
@@ -438,13 +435,12 @@ def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source
     """Rewrite every token-indexed tensor's inputs to the merged vocabulary of `source`."""
     from dataclasses import replace as dc_replace
 
-    from .plugins import tokenizer_sources
     from .recipes import VocabPermute
 
     used = sorted({m for s in plan.steps for m in _step_models(s)}, key=list(plan.body.models).index)
     first = plan.steps[0]
     base = first.base_model if isinstance(first, Merge) and first.base_model else config_model
-    merger = tokenizer_sources()[source]({m: ckpts[m].path for m in used}, base)
+    merger = registry.current().tokenizer_sources[source]({m: ckpts[m].path for m in used}, base)
     vocab_names = set(family.embeddings) | {family.lm_head}
 
     def rewrite(r: Recipe) -> Recipe:

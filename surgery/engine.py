@@ -174,9 +174,9 @@ class Evaluator:
         if isinstance(r, Nuslerp):
             out = _nuslerp(r, self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None)
         elif isinstance(r, External):
-            from .plugins import external_kernel
+            from .registry import current as _registry
 
-            out = external_kernel(r.method)([self.full(t) for t in r.terms], r).to(torch_dtype(r.dtype))
+            out = _registry().kernel(r.method)([self.full(t) for t in r.terms], r).to(torch_dtype(r.dtype))
         elif isinstance(r, VocabPermute):
             key = ("vocab", r.terms, r.ids)
             if key not in self._full:

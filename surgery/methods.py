@@ -2,7 +2,7 @@
 inputs and whether a base, and how to build the recipe for one output tensor.
 
 Native methods (linear, slerp, nuslerp) are implemented by surgery's engine. Plugins register
-more with `register_method` (the mergekit plugin registers every mergekit method, run through
+more through `surgery.plugins.PluginAPI` (the mergekit plugin registers every mergekit method, run through
 mergekit's own kernels); the core never imports a plugin's dependencies.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from . import registry
 from .errors import SurgeryError
 from .recipes import Linear, Nuslerp, Recipe, Slerp
 
@@ -47,51 +48,20 @@ class MethodSpec:
         return tuple(p for p in self.params if p.scope != "shared")
 
 
-METHODS: dict[str, MethodSpec] = {}
-
 # mergekit's methods, for a helpful error when the plugin that runs them is not installed
 MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                     "della", "della_linear", "model_stock", "karcher", "multislerp", "sce", "nearswap",
                     "arcee_fusion", "ram", "ramplus_tl")
 
 
-_LAZY: dict[str, tuple[Callable[[], MethodSpec], str]] = {}
-
-
-def _owner(name: str) -> str | None:
-    if name in METHODS:
-        return METHODS[name].origin
-    return _LAZY[name][1] if name in _LAZY else None
-
-
-def register_method(spec: MethodSpec) -> None:
-    if _owner(spec.name):
-        raise SurgeryError(f"merge method {spec.name!r} from {spec.origin} is already registered by {_owner(spec.name)}",
-                           fix="give the method another name")
-    METHODS[spec.name] = spec
-
-
-def register_lazy_method(name: str, loader: Callable[[], MethodSpec], origin: str) -> None:
-    """A method whose spec is built on first use (so a plugin's heavy import happens only then)."""
-    if _owner(name):
-        raise SurgeryError(f"merge method {name!r} from {origin} is already registered by {_owner(name)}",
-                           fix="give the method another name")
-    _LAZY[name] = (loader, origin)
-
-
 def method_names() -> list[str]:
-    return sorted(set(METHODS) | set(_LAZY))
+    return registry.current().method_names()
 
 
 def get_method(name: str, where: str | None = None) -> MethodSpec:
-    if name in METHODS:
-        return METHODS[name]
-    if name in _LAZY:
-        loader, origin = _LAZY.pop(name)
-        from dataclasses import replace
-
-        METHODS[name] = replace(loader(), origin=origin)
-        return METHODS[name]
+    spec = registry.current().resolve_method(name)
+    if spec is not None:
+        return spec
     if name in MERGEKIT_METHODS:
         raise SurgeryError(f"merge method {name!r} runs through mergekit's kernels, and the mergekit plugin is not installed",
                            where=where, fix="pip install -e plugins/surgery-mergekit (it brings mergekit 0.1.5)")
@@ -116,15 +86,17 @@ def _nuslerp(inputs, base_index, shared, per_input):
                    tuple(weights), bool(shared["nuslerp_row_wise"]), bool(shared["nuslerp_flatten"]))
 
 
-register_method(MethodSpec(
-    "linear", (Param("weight", required=True, scope="input"), Param("normalize", True)),
-    base="ignored", min_inputs=1, build=_linear,
-    summary="sum_i w_i x_i (/ sum_i w_i when normalize): a model soup"))
-register_method(MethodSpec(
-    "slerp", (Param("t", required=True),), base="required", min_inputs=2, max_inputs=2, build=_slerp,
-    summary="spherical interpolation from the base (t = 0) to the other model (t = 1)"))
-register_method(MethodSpec(
-    "nuslerp", (Param("weight", required=True, scope="non_base"), Param("nuslerp_row_wise", False),
-                Param("nuslerp_flatten", True)),
-    base="optional", min_inputs=2, max_inputs=3, build=_nuslerp,
-    summary="slerp by relative weights; with a base, of the two task vectors (mergekit's nuslerp)"))
+BUILTIN_METHODS: tuple[MethodSpec, ...] = (
+        MethodSpec(
+        "linear", (Param("weight", required=True, scope="input"), Param("normalize", True)),
+        base="ignored", min_inputs=1, build=_linear,
+        summary="sum_i w_i x_i (/ sum_i w_i when normalize): a model soup"),
+    MethodSpec(
+        "slerp", (Param("t", required=True),), base="required", min_inputs=2, max_inputs=2, build=_slerp,
+        summary="spherical interpolation from the base (t = 0) to the other model (t = 1)"),
+    MethodSpec(
+        "nuslerp", (Param("weight", required=True, scope="non_base"), Param("nuslerp_row_wise", False),
+                    Param("nuslerp_flatten", True)),
+        base="optional", min_inputs=2, max_inputs=3, build=_nuslerp,
+        summary="slerp by relative weights; with a base, of the two task vectors (mergekit's nuslerp)"),
+)

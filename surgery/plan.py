@@ -1,7 +1,7 @@
 """The plan language: a strict schema over YAML, with every error located at plan file:line.
 
 A plan names its models and builds the output layer stack with ordered steps. Each step is a
-one-key mapping `{op: {...}}`; the ops and their schemas live in a small registry (`STEP_TYPES`)
+one-key mapping `{op: {...}}`; the ops and their schemas live in the registry (`surgery.registry`)
 that plugins extend. Unknown keys, ops and model names are errors listing the valid choices;
 all problems in a plan are reported at once.
 """
@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
+from . import registry
 from .errors import PlanError, Problem
 from .yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
@@ -245,14 +246,12 @@ class ScaleStep(Step):
     _r = field_validator("layers")(check_range)
 
 
-STEP_TYPES: dict[str, type[Step]] = {s.op: s for s in (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep)}
+BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep)
 
 
-def register_step(cls: type[Step]) -> None:
-    if cls.op in STEP_TYPES:
-        raise PlanError(f"plan step {cls.op!r} is already defined by {STEP_TYPES[cls.op].__module__}",
-                        fix="give the new step another name")
-    STEP_TYPES[cls.op] = cls
+def step_types() -> dict[str, type[Step]]:
+    """Every plan step, built-in and from plugins: op -> schema."""
+    return dict(registry.current().steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +351,6 @@ def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file (or a mergekit config, translated). Raises `PlanError` listing
     every problem with its file:line."""
     from .mergekit_config import is_mergekit, translate
-    from .plugins import load_plugins
-
-    load_plugins()
     path = Path(path)
     doc = load_yaml_file(path)
     if is_mergekit(doc.data):
@@ -395,11 +391,10 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
                 if model not in declared:
                     problems.append(Problem(doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}",
                                             f"models in this plan: {names}"))
-        from .plugins import tokenizer_sources
-
+        tokenizer_sources = registry.current().tokenizer_sources
         for key in ("non_layer", "tokenizer"):
             v = data.get(key)
-            if key == "tokenizer" and v in tokenizer_sources():
+            if key == "tokenizer" and v in tokenizer_sources:
                 continue
             if key == "tokenizer" and v == "union":
                 problems.append(Problem(doc.where((key,)), "tokenizer: union merges the models' vocabularies with "
@@ -407,7 +402,7 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
                                         "pip install -e plugins/surgery-mergekit"))
             elif isinstance(v, str) and v not in declared:
                 problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"
-                                        + (f"; tokenizer sources: {', '.join(tokenizer_sources())}" if key == "tokenizer" and tokenizer_sources() else "")))
+                                        + (f"; tokenizer sources: {', '.join(tokenizer_sources)}" if key == "tokenizer" and tokenizer_sources else "")))
     if problems:
         raise PlanError(sorted(problems, key=_line_of))
     return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir, mergekit=mergekit)
@@ -430,14 +425,15 @@ def _model_mentions(s: Step):
 
 def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem]) -> Step | None:
     where = doc.where(("steps", i))
-    ops = ", ".join(STEP_TYPES)
+    types = step_types()
+    ops = ", ".join(types)
     if not isinstance(raw, dict) or len(raw) != 1:
         got = f"keys {list(raw)}" if isinstance(raw, dict) else type(raw).__name__
         problems.append(Problem(where, f"a step is a mapping with exactly one operation, got {got}",
                                 f"write e.g. `- take: {{model: base}}`; operations: {ops}"))
         return None
     (op, body), = raw.items()
-    cls = STEP_TYPES.get(op)
+    cls = types.get(op)
     if cls is None:
         problems.append(Problem(doc.where(("steps", i, op)), f"unknown operation {op!r}", f"valid operations: {ops}"))
         return None

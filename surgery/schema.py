@@ -21,14 +21,12 @@ def _lift_defs(schema: dict, defs: dict) -> dict:
 
 
 def plan_schema() -> dict[str, Any]:
-    from .plan import STEP_TYPES, PlanBody
-    from .plugins import load_plugins
+    from .plan import PlanBody, step_types
 
-    load_plugins()
     defs: dict[str, Any] = {}
     body = _lift_defs(PlanBody.model_json_schema(), defs)
     alternatives = []
-    for op, cls in STEP_TYPES.items():
+    for op, cls in step_types().items():
         name = f"step_{op}"
         s = _lift_defs(cls.model_json_schema(), defs)
         s["description"] = getattr(cls, "summary", "") or s.get("description", "")

@@ -29,3 +29,13 @@ def register(api):
 
 def broken(api):
     raise AssertionError("never called")
+
+
+class Take2(Step):
+    op: ClassVar[str] = "take"  # clashes with the built-in step
+    summary: ClassVar[str] = "a clash"
+
+
+def clashing(api):
+    api.merge_method(MethodSpec("test_midpoint2", (Param("alpha", 0.5),), min_inputs=2, max_inputs=2, build=_midpoint))
+    api.step(Take2, _reverse)

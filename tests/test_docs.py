@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import surgery
 from surgery.cli import main
-from surgery.plan import STEP_TYPES
+from surgery.plan import step_types
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -31,7 +31,7 @@ def test_examples_are_valid_plans(example):
 
 
 def test_every_operation_is_documented_with_an_example():
-    for op in STEP_TYPES:
+    for op in step_types():
         assert f"### `{op}`" in README, op
         assert re.search(rf"^- {op}:", README, re.M), f"no example of {op}"
 

@@ -11,8 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 import surgery
-from surgery import compile as compile_mod
-from surgery import methods, plan as plan_mod, plugins
+from surgery import plugins, registry
 from surgery.cli import main
 from surgery.errors import SurgeryError
 
@@ -116,11 +115,9 @@ slices:
 
 
 @pytest.fixture
-def clean_registries(monkeypatch):
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
-    monkeypatch.setattr(plan_mod, "STEP_TYPES", dict(plan_mod.STEP_TYPES))
-    monkeypatch.setattr(compile_mod, "OPS", dict(compile_mod.OPS))
-    monkeypatch.setattr(plugins, "_LOADED", list(plugins.load_plugins()))
+def clean_registries():
+    with registry.scoped() as reg:  # a copy of the loaded registry, thrown away after the test
+        yield reg
 
 
 def _ep(name: str, value: str):
@@ -145,6 +142,29 @@ steps:
     # a duplicate name is refused, naming both owners
     with pytest.raises(SurgeryError, match="'test_midpoint' .* already registered by"):
         plugins.load_plugins(entry_points=[_ep("fake2", "tests.fake_plugin:register")])
+
+
+def test_a_plugin_that_clashes_half_way_leaves_nothing_behind(clean_registries):
+    """Registration is one transaction: fake's method is new, its step clashes with a built-in."""
+    before = (clean_registries.method_names(), dict(clean_registries.steps), list(clean_registries.plugins))
+    with pytest.raises(SurgeryError, match="plan step 'take' .* already defined"):
+        plugins.load_plugins(entry_points=[_ep("clash", "tests.fake_plugin:clashing")])
+    assert (clean_registries.method_names(), dict(clean_registries.steps), list(clean_registries.plugins)) == before
+    assert "test_midpoint2" not in clean_registries.method_names()
+
+
+def test_plugin_methods_resolve_on_the_first_call_in_a_fresh_process(tmp_path, models):
+    """`plan_from_text` with a plugin's method works on the first call, without any CLI or API
+    entry point having loaded the plugins first (the grow path of `surgery train` goes there)."""
+    import sys as _sys
+
+    a = models("mistral")
+    code = (f"from surgery.plan import plan_from_text\n"
+            f"p = plan_from_text('models: {{a: {a}, b: {a}}}\\nsteps: [{{merge: {{method: ties, models: [a, b], "
+            f"base: a, parameters: {{weight: 0.5, density: 0.5}}}}}}]\\n')\n"
+            f"print(p.steps[0].method)\n")
+    r = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ties", r.stderr
 
 
 def test_plugin_that_fails_to_load(clean_registries):

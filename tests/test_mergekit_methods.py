@@ -159,13 +159,12 @@ def test_random_methods_are_seeded(models, tmp_path):
     assert torch.equal(runs[0][k], runs[1][k]) and not torch.equal(runs[0][k], runs[2][k])
 
 
-def test_missing_plugin_message(monkeypatch, tmp_path, models):
-    from surgery import methods
+def test_missing_plugin_message(tmp_path, models):
+    from surgery import registry
 
-    monkeypatch.delitem(methods.METHODS, "ties", raising=False)
-    monkeypatch.delitem(methods._LAZY, "ties", raising=False)
     a = models("mistral")
     plan = write_plan(tmp_path, f"models: {{a: {a}, b: {a}}}\nsteps: [{{merge: {{method: ties, models: [a, b]}}}}]\n")
-    rep = surgery.validate(plan)
+    with registry.scoped(registry.builtin_registry()):  # surgery without its plugins
+        rep = surgery.validate(plan)
     assert not rep.valid and "mergekit plugin is not installed" in str(rep.problems[0])
     assert "pip install -e plugins/surgery-mergekit" in str(rep.problems[0])
