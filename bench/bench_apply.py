@@ -65,7 +65,9 @@ def folder_bytes(p: Path) -> int:
 def timed(cmd: list[str], env=None) -> dict:
     stats = Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp")) / f".stats-{os.getpid()}.json"
     stats.unlink(missing_ok=True)
-    env = {**os.environ, "SURGERY_STATS": str(stats), **(env or {})}
+    env = {**os.environ, **(env or {})}
+    if "apply" in cmd:  # surgery writes what a process cannot see from outside (peak GPU memory)
+        cmd = cmd + ["--stats-json", str(stats)]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
@@ -117,6 +119,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SUITES), default="small",
                     help="full: 8B and 1.7B shapes (the targets); small: the same cases at 1/16 size")
+    ap.add_argument("--pipeline", choices=["off", "on"], default="off", help="surgery's device staging (apply --pipeline)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")))
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per command (the best is reported)")
     ap.add_argument("--cold", action="store_true", help="do not warm the page cache first")
@@ -173,7 +176,7 @@ def main():
         plan.write_text(text)
         out = scratch / f"{key}-surgery"
         s = run(name, "surgery", [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force",
-                                  "--device", args.device], out)
+                                  "--device", args.device, "--pipeline", args.pipeline], out)
         shutil.rmtree(out, ignore_errors=True)
         if mk_text == "export":  # the equivalent mergekit config, written by surgery itself
             p = subprocess.run([sys.executable, "-m", "surgery.cli", "export", "--mergekit", str(plan)],

@@ -43,7 +43,7 @@ def validate_many(patterns, **kw) -> list[Report]:
     reports: list[Report] = []
     for pat in patterns:
         pat = str(pat)
-        if glob.has_magic(pat):
+        if glob.has_magic(pat) and not Path(pat).is_file():  # 'plan[v2].yaml' that exists is a file
             files = sorted(f for f in glob.glob(pat, recursive=True) if Path(f).is_file())
             if not files:
                 reports.append(Report(pat, False, [Problem(pat, "no files match this pattern", "check the glob (quote it "
@@ -59,11 +59,15 @@ def validate_many(patterns, **kw) -> list[Report]:
 
 def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool = False, progress: bool | None = None,
           allow_pickle: bool = False, workers: int | None = None, seed: int | None = None, device: str | None = None,
-          max_memory: int | None = None, resume: bool = False) -> Result:
+          max_memory: int | None = None, resume: bool = False, pipeline: str = "off",
+          stats: str | Path | None = None) -> Result:
     """Compile the plan and write the checkpoint to `out` (default: the plan's `output.path`).
     `seed` overrides the plan's seed for random merge methods; `device` (auto, cpu, cuda, cuda:N)
     is where computed tensors are made (copies never leave the host); `max_memory` (bytes) bounds
-    the compute working set."""
+    the compute working set; `pipeline` ("off", "on", "host") and `stats` (a file for device and
+    memory figures) are for GPU tuning and bench/ (see engine.execute)."""
+    from .outdir import output_path
+
     p = _as_plan(plan)
     if seed is not None:
         from dataclasses import replace
@@ -74,10 +78,13 @@ def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool
             raise OutputError("no output folder given", where=p.where("output"),
                               fix="pass -o OUT on the command line or set `output: {path: ...}` in the plan")
         out = p.body.output.path
-        out = Path(out) if Path(out).is_absolute() else p.base_dir / out
+        out = output_path(out if Path(out).expanduser().is_absolute() else p.base_dir / out, option="output.path")
+    else:
+        out = output_path(out)
     program = compile_plan(p, allow_pickle=allow_pickle)
+    protected = {"the plan": Path(p.doc.source)} if Path(p.doc.source).is_file() else {}
     return execute(program, out, force=force, progress=progress, workers=workers, device=device, max_memory=max_memory,
-                   resume=resume)
+                   resume=resume, pipeline=pipeline, stats=stats, protected=protected)
 
 
 def inspect_model(ref: str | Path, *, allow_pickle: bool = False) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .arch import Family, detect_family
 from .errors import CheckpointError, Problem
+from .jsonio import parse_json, read_json
 from .yamlio import resolve_path
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -104,6 +105,31 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 # safetensors headers
 
+def header_length(prefix: bytes, size: int | None, where: str) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes, checked against the header
+    limit and (when known) the file's size. The one place this prefix is parsed."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"file is {len(prefix) if size is None else size} bytes, too short for a safetensors header",
+                              where=where)
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER:
+        raise CheckpointError(f"header claims {n} bytes; the limit is {MAX_HEADER} (corrupt or hostile file)", where=where)
+    if size is not None and 8 + n > size:
+        raise CheckpointError(f"header claims {n} bytes but the file has only {size - 8} after the length",
+                              where=where, fix="the file is truncated or not safetensors; download it again")
+    return n
+
+
+def read_header_fd(fd: int, where: str) -> bytes:
+    """The raw JSON header of the safetensors file open as `fd` (read with pread)."""
+    size = os.fstat(fd).st_size
+    n = header_length(os.pread(fd, 8, 0), size, where)
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise CheckpointError("the file was truncated while it was read", where=where)
+    return raw
+
+
 def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[str, TensorInfo], bytes]:
     """Parse and check one safetensors file's header. Returns its tensors and the raw header.
     `size` is the real file's size when `path` is a header stub of a hub file (see hub.py)."""
@@ -111,23 +137,11 @@ def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[s
     try:
         size = path.stat().st_size if size is None else size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"file is {size} bytes, too short for a safetensors header", where=where)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise CheckpointError(f"header claims {n} bytes; the limit is {MAX_HEADER} (corrupt or hostile file)", where=where)
-            if 8 + n > size:
-                raise CheckpointError(f"header claims {n} bytes but the file has only {size - 8} after the length",
-                                      where=where, fix="the file is truncated or not safetensors; download it again")
+            n = header_length(f.read(8), size, where)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror}", where=where) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"header is not valid JSON ({e})", where=where,
-                              fix="the file is corrupt; download it again") from None
+    header = parse_json(raw, where, error=CheckpointError, what="header")
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object", where=where)
     data_start = 8 + n
@@ -184,17 +198,15 @@ def header_sha256(path: Path) -> str | None:
     """sha256 of a safetensors file's header bytes (what surgery.json records per shard); None when
     the length field is unreadable, over the header limit or past the end of the file."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                return None
-            return hashlib.sha256(f.read(n)).hexdigest()
-    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, ValueError):
         return None
+    try:
+        return hashlib.sha256(read_header_fd(fd, str(path))).hexdigest()
+    except (OSError, CheckpointError):
+        return None
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,17 +290,42 @@ def _inside(folder: Path, name: str) -> Path | None:
     return target
 
 
+MAX_CONFIG_LAYERS = 100_000  # far above any real model; bounds what a hostile config can make surgery allocate
+
+# config.json fields surgery reads, with the JSON types they must have
+_CONFIG_TYPES = {"model_type": (str,), "num_hidden_layers": (int,), "n_layer": (int,), "num_layers": (int,),
+                 "hidden_size": (int,), "intermediate_size": (int,), "num_attention_heads": (int,),
+                 "num_key_value_heads": (int,), "vocab_size": (int,), "tie_word_embeddings": (bool,),
+                 "max_window_layers": (int,), "layer_types": (list,), "architectures": (list,), "head_dim": (int,)}
+
+
+def check_config_types(config: dict, where: str) -> None:
+    """Wrong JSON types and absurd layer counts in the fields surgery reads are located errors."""
+    problems = []
+    for key, types in _CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, types) and not (bool not in types and isinstance(v, bool))
+        if not ok:
+            problems.append(Problem(f"{where}: {key}", f"must be {'/'.join(t.__name__ for t in types)}, got "
+                                    f"{type(v).__name__} {json.dumps(v)[:60]}"))
+        elif isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= (MAX_CONFIG_LAYERS if "layer" in key else 1 << 40):
+            problems.append(Problem(f"{where}: {key}", f"{v} is out of range" + (
+                f" (surgery handles at most {MAX_CONFIG_LAYERS:,} layers)" if "layer" in key else "")))
+    if problems:
+        raise CheckpointError(problems)
+
+
 def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = False) -> Checkpoint:
     where = f"model {name!r} ({path})"
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{where} has no config.json", fix="point the model at a HuggingFace checkpoint folder")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"config.json is not valid JSON ({e})", where=str(cfg_path)) from None
+    config = read_json(cfg_path, error=CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", where=str(cfg_path))
+    check_config_types(config, str(cfg_path))
 
     tensors, hashes, pickled = _read_weights(path, where, allow_pickle)
     family = detect_family(config, list(tensors), where)
@@ -377,12 +414,12 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
 
 
 def _files_from_index(path: Path, index: Path) -> dict[str, set[str]]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        wm = data["weight_map"]
-        assert isinstance(wm, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-        raise CheckpointError("not a valid index (needs a JSON object with a 'weight_map' object)", where=str(index)) from None
+    data = read_json(index, error=CheckpointError)
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        raise CheckpointError("not a valid index (needs a JSON object with a 'weight_map' object, "
+                              f"got {type(wm).__name__ if isinstance(data, dict) else type(data).__name__})", where=str(index),
+                              fix="the index is corrupt; download it again")
     files: dict[str, set[str]] = {}
     for tname, fname in wm.items():
         if not isinstance(fname, str):
@@ -416,5 +453,26 @@ def _read_pickles(path: Path, names: list[str], where: str):
 
 
 def small_files(path: Path) -> list[Path]:
-    """Tokenizer files, generation config and similar that travel with the output."""
-    return sorted(p for p in path.iterdir() if p.is_file() and SMALL_FILES.match(p.name))
+    """Tokenizer files, generation config and similar that travel with the output. A link among them
+    must lead to a regular file inside the model folder (a cloned repo keeps links; one to
+    /etc/passwd must not put that file into the output)."""
+    root = path.resolve()
+    out = []
+    for p in sorted(path.iterdir()):
+        if not SMALL_FILES.match(p.name):
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if root not in target.parents:
+                raise CheckpointError(f"{p.name} links to {target}, outside the model folder; surgery copies only the "
+                                      "model's own files", where=str(p), fix="replace the link with the file itself, or remove it")
+            if not target.is_file():
+                raise CheckpointError(f"{p.name} links to {target}, which is not a regular file", where=str(p),
+                                      fix="replace the link with the file itself, or remove it")
+        elif p.is_dir():
+            continue
+        elif not p.is_file():
+            raise CheckpointError(f"{p.name} is not a regular file (a pipe or device?)", where=str(p),
+                                  fix="replace it with the file itself, or remove it")
+        out.append(p)
+    return out

@@ -38,6 +38,20 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; no output was completed (`surgery apply --resume` continues it)", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except OSError as e:  # the file system said no: name the file, no traceback
+            if os.environ.get("SURGERY_DEBUG"):
+                raise
+            where = f" ({str(e.filename)[:300]})" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+        except Exception as e:  # a bug of ours or a dependency's: still one line, with how to see more
+            if os.environ.get("SURGERY_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {str(e)[:500]}\n  run with SURGERY_DEBUG=1 for the "
+                       "traceback, and please report it", err=True)
+            sys.exit(2)
     return wrapper
 
 
@@ -88,8 +102,9 @@ def main():
 
 @main.command(epilog=EPILOG_APPLY)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides the plan's output.path).")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the new one is complete).")
+@click.option("-o", "--out", default=None, help="Output folder (overrides the plan's output.path).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the new one is complete; "
+              "only a model folder, never one holding the plan, a source or the current directory).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU).")
@@ -98,8 +113,13 @@ def main():
               help="Where merges, casts and random init run: auto, cpu, cuda, cuda:N. Copies never touch the device.")
 @click.option("--max-memory", default=None, help="Bound on the compute working set, e.g. 2GB (chunks shrink to fit).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards that match the plan are kept.")
+@click.option("--pipeline", type=click.Choice(["off", "on", "host"]), default="off", show_default=True,
+              help="Device staging: off = per chunk copy in, compute, copy back; on = pinned buffers and overlapping "
+                   "streams (opt-in until measured on your GPU: check with `surgery selftest`); host = that pipeline on the CPU.")
+@click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write device and memory figures of the run to this file (for bench/).")
 @_user_errors
-def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory, resume):
+def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory, resume, pipeline, stats_json):
     """Apply PLAN and write the new checkpoint.
 
     The output is built in a hidden side folder and renamed into place when complete, with
@@ -112,11 +132,11 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
     from .plan import parse_size
 
     try:
-        limit = parse_size(max_memory) if max_memory is not None else None
+        limit = parse_size(max_memory, "", 1 << 20) if max_memory is not None else None
     except ValueError as e:
         raise SurgeryError(f"--max-memory: {e}") from None
     res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,
-                   seed=seed, device=device, max_memory=limit, resume=resume)
+                   seed=seed, device=device, max_memory=limit, resume=resume, pipeline=pipeline, stats=stats_json)
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
         click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
@@ -291,7 +311,7 @@ def verify(out):
         from .errors import OutputError
 
         raise OutputError(problems)
-    click.echo(f"ok: {out} is complete and matches its surgery.json")
+    click.echo(f"ok: {out} is complete; every shard's size, header and sha256 match its surgery.json")
 
 
 @main.command()

@@ -17,7 +17,8 @@ from . import registry
 from .arch import Family
 from .lint import lint
 from .checkpoint import DTYPE_NAMES, FLOAT_CODES, Checkpoint, dtype_name, open_checkpoint, resolve_ref, small_files
-from .errors import PlanError, Problem, SurgeryError
+from .errors import CheckpointError, PlanError, Problem, SurgeryError
+from .jsonio import read_json
 from .plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
 from .methods import get_method
 from .recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Zeros
@@ -383,6 +384,11 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         tok = config_model
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
+    if chat is not None:  # apply rewrites the copied tokenizer_config.json: it must parse now, in validate too
+        tc = ckpts[tok].path / "tokenizer_config.json" if merger is None else None
+        if tc is not None and tc.is_file() and not isinstance(read_json(tc, error=CheckpointError), dict):
+            raise CheckpointError("tokenizer_config.json is not a JSON object", where=str(tc))
+    small_files(ckpts[tok].path)  # links leading out of a model folder are refused in validate, not after the shards
     warnings += lint(plan, ckpts, stack, out_code)
     warnings = [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config") for w in warnings]
     return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
@@ -398,10 +404,10 @@ def model_chat_template(path) -> str | None:
         return jinja.read_text(encoding="utf-8")
     cfg = path / "tokenizer_config.json"
     if cfg.is_file():
-        try:
-            t = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        data = read_json(cfg, error=CheckpointError)  # `apply` rewrites this file: a corrupt one fails now
+        if not isinstance(data, dict):
+            raise CheckpointError("tokenizer_config.json is not a JSON object", where=str(cfg))
+        t = data.get("chat_template")
         if isinstance(t, list):  # [{name, template}, ...]
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         return t if isinstance(t, str) else None

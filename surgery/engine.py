@@ -28,13 +28,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import __version__
-from .checkpoint import TensorInfo, dtype_name, header_sha256, itemsize
+from .checkpoint import TensorInfo, dtype_name, header_sha256, itemsize, read_header_fd
 from .compile import OutTensor, Program, Shard
 from .errors import OutputError
-from .recipes import Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros
+from .jsonio import read_json
+from .outdir import OutputFolder, atomic_write, output_path
+from .recipes import (Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros,
+                      fingerprint)
 
 if TYPE_CHECKING:
     import torch
@@ -75,17 +78,60 @@ class Sources:
     def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None,
                  staging: "StagedIO | None" = None):
         self._fds: dict[Path, int] = {}
+        self._stat: dict[Path, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.compute_slots = threading.BoundedSemaphore(compute_slots)
         self.device = device  # where computed recipes run; reads and writes stay on the host
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
         self.io = staging  # pinned buffers and copy streams between host and device (None: plain host tensors)
 
+    def open_all(self, program: Program) -> None:
+        """Open every source file the program reads, once, before any work, and check each against
+        the header read when the plan was compiled. Reads then go through these descriptors only,
+        so a file replaced by rename during the run is harmless (and one changed in place is
+        caught by `check_unchanged`)."""
+        files: dict[Path, str | None] = {}
+        for t in program.tensors:
+            for i in t.recipe.inputs():
+                if i.in_memory is None:
+                    files.setdefault(i.file, None)
+        for ck in program.ckpts.values():
+            for fname, digest in ck.header_hashes.items():
+                f = ck.path / fname
+                if f in files:
+                    files[f] = digest
+        for f, digest in files.items():
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError as e:
+                raise OutputError(f"cannot open source file: {e.strerror}", where=str(f)) from None
+            self._fds[f] = fd
+            st = os.fstat(fd)
+            self._stat[f] = (st.st_size, st.st_mtime_ns)
+            if digest is not None and hashlib.sha256(read_header_fd(fd, str(f))).hexdigest() != digest:
+                raise OutputError("source file changed since the plan was compiled (its header differs)", where=str(f),
+                                  fix="run again; do not change source models while surgery reads them")
+
+    def check_unchanged(self) -> None:
+        """A source file changed in place during the run (size or mtime differ) fails it."""
+        for f, fd in self._fds.items():
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self._stat[f]:
+                raise OutputError("source file was modified while surgery read it; the output may mix old and new "
+                                  "data and was not published", where=str(f),
+                                  fix="run again once the file no longer changes")
+
+    def identity(self) -> dict[str, list[int]]:
+        """Size and mtime of every source file, for the resume record."""
+        return {str(f): list(v) for f, v in sorted(self._stat.items())}
+
     def fd(self, path: Path) -> int:
         with self._lock:
             fd = self._fds.get(path)
-            if fd is None:
+            if fd is None:  # a file open_all did not see (only in unit tests that skip it)
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                st = os.fstat(fd)
+                self._stat[path] = (st.st_size, st.st_mtime_ns)
             return fd
 
     def close(self):
@@ -383,7 +429,18 @@ def _is_zero(t: OutTensor) -> bool:
     return isinstance(r, Zeros)
 
 
-def copy_pieces(tensors: list[tuple[OutTensor, int]], piece: int = COPY_CHUNK) -> list[tuple[Path, int, int, int, int]]:
+class CopyPiece(NamedTuple):
+    """One raw copy: `nbytes` from `file` at `src_offset` to the output at `dst_offset`;
+    `tensors_done` tensors are finished when it is."""
+
+    file: Path
+    src_offset: int
+    nbytes: int
+    dst_offset: int
+    tensors_done: int
+
+
+def copy_pieces(tensors: list[tuple[OutTensor, int]], piece: int = COPY_CHUNK) -> list[CopyPiece]:
     """Raw-copy work for (tensor, output offset) pairs, in output order: runs of tensors that are
     byte-contiguous in the same source file become one range, then ranges are cut into pieces of
     at most `piece` bytes, so a few threads share the work evenly whatever the tensor sizes.
@@ -401,14 +458,13 @@ def copy_pieces(tensors: list[tuple[OutTensor, int]], piece: int = COPY_CHUNK) -
     for f, so, n, do, k in runs:
         starts = list(range(0, n, piece)) or [0]
         for i, a in enumerate(starts):
-            pieces.append((f, so + a, min(piece, n - a), do + a, k if i == len(starts) - 1 else 0))
+            pieces.append(CopyPiece(f, so + a, min(piece, n - a), do + a, k if i == len(starts) - 1 else 0))
     return pieces
 
 
-def _copy_piece(p, fd: int, srcs: Sources, progress: Progress, where: str):
-    f, so, n, do, done = p
-    _raw_copy(srcs.fd(f), so, n, fd, do, where)
-    progress.add(n, done)
+def _copy_piece(p: CopyPiece, fd: int, srcs: Sources, progress: Progress, where: str):
+    _raw_copy(srcs.fd(p.file), p.src_offset, p.nbytes, fd, p.dst_offset, where)
+    progress.add(p.nbytes, p.tensors_done)
 
 
 def _write_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Progress, where: str):
@@ -607,7 +663,7 @@ def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, src
             raise _write_error(e, where, total) from None
         _pwrite_all(fd, head, 0, where)
         base = len(head)
-        placed = [(t, base + off) for t, off in zip(shard.tensors, offsets)]
+        placed = [(t, base + off) for t, off in zip(shard.tensors, offsets, strict=True)]
         # computed tensors first (they take longest), then the raw copies in coalesced pieces
         for t, _ in placed:
             if _is_zero(t):
@@ -619,6 +675,7 @@ def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, src
         for f in futures:
             f.result()
         _check_allocated(fd, total, where)
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, folder / shard.name)
@@ -634,34 +691,13 @@ def _check_allocated(fd: int, total: int, where: str):
 # ---------------------------------------------------------------------------------------------
 # the whole output
 
-def _refuse_bad_output(program: Program, out: Path, force: bool):
+def _refuse_output_in_source(program: Program, out: Path):
     out_r = out.resolve()
     for ck in program.ckpts.values():
         src = ck.path.resolve()
         if out_r == src or src in out_r.parents:
             raise OutputError(f"the output folder {out} is inside (or is) the folder of source model {ck.name!r} ({src})",
                               fix="write the output somewhere else; surgery never writes into a source model")
-        if out_r in src.parents and force:
-            raise OutputError(f"--force would replace {out}, which contains source model {ck.name!r}",
-                              fix="choose another output folder")
-    if out.exists() and not force:
-        raise OutputError(f"output folder {out} already exists", fix="pass --force to replace it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} exists and is not a folder", fix="choose another output path")
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Rename a finished side folder into place; an existing `out` (allowed by --force) is replaced
-    only now, when the new one is whole."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.surgery-old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def _check_space(folder: Path, need: int):
@@ -712,114 +748,191 @@ def plan_memory(program: Program, max_memory: int | None, slots: int, device: st
     return chunk
 
 
-RECORD = ".surgery-shards.json"  # in the partial folder only: what each shard must be, for --resume
+RECORD = ".surgery-shards.json"  # in the partial folder only: what each shard is made from, for --resume
 
 
-def _shard_record(program: Program, headers: dict[str, tuple[bytes, list[int]]]) -> dict:
-    """Each shard's name, size and header hash: enough to recognise a finished shard of this program."""
+def _shard_record(program: Program, headers: dict[str, tuple[bytes, list[int]]], sources: dict) -> dict:
+    """What each shard's bytes are made from: its header and every tensor's full recipe (with
+    parameters, seeds, source files and offsets), and the source files' sizes and mtimes. Any
+    change that could alter a shard's bytes changes its entry, so --resume rewrites it."""
     shards = []
     for s in program.shards:
         head = headers[s.name][0]
+        recipes = json.dumps([[t.name, fingerprint(t.recipe)] for t in s.tensors], sort_keys=True)
         shards.append({"name": s.name, "bytes": len(head) + s.nbytes, "tensors": len(s.tensors),
-                       "header_sha256": hashlib.sha256(head[8:]).hexdigest()})
-    return {"surgery_version": __version__, "shards": shards}
+                       "header_sha256": hashlib.sha256(head[8:]).hexdigest(),
+                       "recipe_sha256": hashlib.sha256(recipes.encode()).hexdigest()})
+    return {"surgery_version": __version__, "sources": sources, "shards": shards}
+
+
+def record_id(record: dict) -> str:
+    """One digest of a run's record: equal for two runs that write the same bytes."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _resumable(staging: Path, record: dict) -> dict[str, dict]:
-    """Shards of an interrupted run that are whole and match this program (name, size, header)."""
+    """Shards of an interrupted run that are whole and made exactly as this run would make them."""
     try:
         old = json.loads((staging / RECORD).read_text())
-    except (OSError, ValueError):
+        done = old.get("done", {}) if isinstance(old, dict) else {}
+    except (OSError, ValueError, RecursionError):
         return {}
-    if old != record:
+    if not isinstance(done, dict) or {k: v for k, v in old.items() if k != "done"} != record:
         return {}  # a different plan, sources or version: start over
     kept = {}
     for info in record["shards"]:
         f = staging / info["name"]
-        if not f.is_file() or f.stat().st_size != info["bytes"] or header_sha256(f) != info["header_sha256"]:
+        digest = done.get(info["name"])
+        if not isinstance(digest, str) or not f.is_file() or f.stat().st_size != info["bytes"]:
             continue
-        kept[info["name"]] = info
+        if header_sha256(f) != info["header_sha256"]:
+            continue
+        kept[info["name"]] = {**info, "sha256": digest}
     for leftover in staging.glob("*.tmp"):
         leftover.unlink()
     return kept
 
 
+def file_sha256(path: Path, block: int = 8 << 20) -> str:
+    """sha256 of a whole file, read in blocks (hashlib releases the GIL on large updates)."""
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _shard_entry(info: dict) -> dict:
+    return {k: info[k] for k in ("name", "bytes", "tensors", "header_sha256", "sha256")}
+
+
 def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
             workers: int | None = None, device: str | None = None, max_memory: int | None = None,
-            resume: bool = False) -> Result:
+            resume: bool = False, pipeline: str = "off", stats: str | Path | None = None,
+            protected: dict[str, Path] | None = None) -> Result:
+    """Write `program` to the folder `out` through the output-folder protocol (surgery.outdir).
+
+    `pipeline`: "off" (default: per chunk copy in, compute, copy back, synchronously), "on" (the
+    pinned-buffer, multi-stream device pipeline; opt-in until measured on GPUs), "host" (that
+    pipeline with host buffers, to test it on a CPU). `stats`: a file to write device and memory
+    figures to (for bench/). `protected`: more paths that --force must never replace (the plan)."""
     import time
 
     t0 = time.perf_counter()
-    out = Path(out).expanduser().absolute()
-    _refuse_bad_output(program, out, force)
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _check_space(parent, program.bytes_out + (1 << 20))
-    staging = parent / f".{out.name}.surgery-partial"
+    if pipeline not in ("off", "on", "host"):
+        raise OutputError(f"unknown pipeline {pipeline!r}", fix="use off, on or host")
+    out = output_path(out)
+    _refuse_output_in_source(program, out)
+    guard = {f"source model {n!r}": ck.path for n, ck in program.ckpts.items()} | dict(protected or {})
     metadata = {"format": "pt", "producer": f"surgery {__version__}"}
     headers = {s.name: shard_header(s, metadata) for s in program.shards}
-    plan_record = _shard_record(program, headers)
-    kept = _resumable(staging, plan_record) if resume else {}
-    if resume and not kept and not staging.exists():
-        raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
-                          fix="run without --resume")
-    if not kept:
-        if staging.exists():
-            shutil.rmtree(staging)  # a previous run of ours was interrupted; it never looked complete
-        staging.mkdir()
-        _atomic_write(staging / RECORD, json.dumps(plan_record))
-    # Copies are bound by I/O latency, not cores: 8 threads (measured: 1 thread is 3x slower than
-    # 2, and 8 beat 4 by ~10% on a 2-core machine writing 24 GB). Computed tensors take at most
-    # one slot per core, so memory stays bounded by cores x chunk.
     cpus = os.cpu_count() or 1
     workers = workers or 8
     show = progress if progress is not None else sys.stderr.isatty()
-    bar = Progress(program.bytes_out, len(program.tensors), show)
     dev = resolve_device(device) if any(not _is_raw(t) and not _is_zero(t) for t in program.tensors) else "cpu"
     slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
     chunk = plan_memory(program, max_memory, slots, dev)
-    staged_io = None
-    if dev != "cpu" or os.environ.get("SURGERY_STAGING") == "host":  # the env var: tests of the pipeline on CPU
-        # free pinned buffers kept for reuse: a few chunks per compute slot, within --max-memory
-        pool_bytes = max_memory // 2 if max_memory else slots * 6 * chunk * 4
-        staged_io = StagedIO(dev, pool_bytes, backend="cuda" if dev != "cpu" else "host")
-    srcs = Sources(compute_slots=slots, device=dev, chunk_elements=chunk, staging=staged_io)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool:
-            shard_info = []
-            for s in program.shards:
-                if s.name in kept:  # whole and checked against this program: keep it
-                    shard_info.append(kept[s.name])
-                    bar.add(s.nbytes)
-                else:
-                    shard_info.append(write_shard(s, headers[s.name], staging, srcs, pool, bar))
-        bar.close()
-        (staging / RECORD).unlink()
-        _write_metadata(program, staging, shard_info)
-        publish(staging, out)
-    except BaseException:
-        # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
-        # never complete-looking, for --resume.
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-        srcs.close()
-    if os.environ.get("SURGERY_STATS"):  # for bench/: what a process cannot see from outside
+    with OutputFolder(out, force=force, protected=guard) as folder:
+        staged_io = None
+        if pipeline == "host" or (pipeline == "on" and dev != "cpu"):
+            # free pinned buffers kept for reuse: a few chunks per compute slot, within --max-memory
+            pool_bytes = max_memory // 2 if max_memory else slots * 6 * chunk * 4
+            staged_io = StagedIO(dev, pool_bytes, backend="cuda" if dev != "cpu" else "host")
+        srcs = Sources(compute_slots=slots, device=dev, chunk_elements=chunk, staging=staged_io)
+        try:
+            srcs.open_all(program)
+            record = _shard_record(program, headers, srcs.identity())
+            build = record_id(record)
+            if resume and folder.notes and _published_build(out) == build:
+                return Result(out, program.num_layers, program.num_params, program.bytes_out,
+                              [s.name for s in program.shards], time.perf_counter() - t0, program.new_layers)
+            folder.check_target()
+            _check_space(out.parent, program.bytes_out + (1 << 20))
+            staging = folder.staging
+            kept = _resumable(staging, record) if resume else {}
+            if resume and not kept and not staging.exists():
+                raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
+                                  fix="run without --resume")
+            done = {k: v["sha256"] for k, v in kept.items()}
+            if not kept:
+                folder.fresh_staging()
+                atomic_write(staging / RECORD, json.dumps(record))
+            _run_shards(program, headers, staging, srcs, record, done, kept, workers, show)
+            srcs.check_unchanged()
+            infos = [_shard_entry({**i, "sha256": done[i["name"]]}) for i in record["shards"]]
+            (staging / RECORD).unlink()
+            _write_metadata(program, staging, infos, build)
+            folder.publish()
+        except BaseException:
+            # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
+            # never complete-looking, for --resume.
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                folder.discard_staging()
+            raise
+        finally:
+            srcs.close()
+    if stats is not None:  # for bench/: what a process cannot see from outside
         peak = None
         if dev != "cpu":
             import torch
 
             peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        Path(os.environ["SURGERY_STATS"]).write_text(json.dumps({
-            "device": dev, "peak_gpu_mb": peak, "chunk_elements": srcs.chunk_elements,
+        Path(stats).write_text(json.dumps({
+            "device": dev, "pipeline": pipeline, "peak_gpu_mb": peak, "chunk_elements": srcs.chunk_elements,
             "peak_staging_mb": staged_io.peak / 2**20 if staged_io else None}))
     return Result(out, program.num_layers, program.num_params, program.bytes_out, [s.name for s in program.shards],
                   time.perf_counter() - t0, program.new_layers)
 
 
-def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
+def _run_shards(program: Program, headers, staging: Path, srcs: Sources, record: dict, done: dict[str, str],
+                kept: dict, workers: int, show: bool) -> None:
+    """Write every shard not kept from an interrupted run; hash each as it is finished (on its own
+    thread, overlapping the next shard) and record the hash, so --resume keeps it and verify checks it."""
+    bar = Progress(program.bytes_out, len(program.tensors), show)
+    lock = threading.Lock()
+
+    def hashed(name: str) -> None:
+        digest = file_sha256(staging / name)
+        with lock:
+            done[name] = digest
+            atomic_write(staging / RECORD, json.dumps({**record, "done": done}))
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-hash") as hasher:
+            pending = []
+            for s in program.shards:
+                if s.name in kept:  # whole and made from exactly this recipe: keep it
+                    bar.add(s.nbytes)
+                    continue
+                write_shard(s, headers[s.name], staging, srcs, pool, bar)
+                pending.append(hasher.submit(hashed, s.name))
+            for f in pending:
+                f.result()
+    finally:
+        bar.close()
+
+
+def _published_build(out: Path) -> str | None:
+    try:
+        return json.loads((out / "surgery.json").read_text()).get("build")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _write_metadata(program: Program, folder: Path, shard_info: list[dict], build: str):
+    try:
+        _write_metadata_files(program, folder, shard_info, build)
+    except OSError as e:
+        raise _write_error(e, f"{folder} ({e.filename or 'metadata'})", 1 << 20) from None
+
+
+def _write_metadata_files(program: Program, folder: Path, shard_info: list[dict], build: str):
     from .card import model_card
     from .report import provenance
 
@@ -835,7 +948,7 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
         (folder / "chat_template.jinja").write_text(program.chat_template)
         tc = folder / "tokenizer_config.json"
         if tc.is_file():  # one template only: the .jinja file
-            cfg = json.loads(tc.read_text(encoding="utf-8"))
+            cfg = read_json(tc, error=OutputError)
             if cfg.pop("chat_template", None) is not None:
                 tc.write_text(json.dumps(cfg, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
@@ -849,11 +962,6 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict]):
     # surgery.json, then the index, last of all: a folder with an index has everything else.
     prov = provenance(program, shard_info)
     prov["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    _atomic_write(folder / "surgery.json", json.dumps(prov, indent=2) + "\n")
-    _atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    prov["build"] = build
+    atomic_write(folder / "surgery.json", json.dumps(prov, indent=2) + "\n")
+    atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

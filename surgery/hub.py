@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -119,7 +118,7 @@ def _get(url: str, where: str | None, *, limit: int, start: int = 0) -> tuple[by
 def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | None) -> None:
     from huggingface_hub import hf_hub_url
 
-    from .checkpoint import MAX_HEADER
+    from .checkpoint import header_length
 
     def url(f):
         return hf_hub_url(repo_id, f, revision=sha, endpoint=_endpoint())
@@ -157,14 +156,8 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
     def header(f: str) -> tuple[str, bytes, int]:
         # two exact ranges: the length field, then the JSON header; no byte of tensor data
         head, total = _get(url(f), where, limit=8)
-        if len(head) < 8:
-            raise CheckpointError(f"{repo_id}/{f}: the file is {len(head)} bytes, too short for safetensors", where=where)
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER:
-            raise CheckpointError(f"{repo_id}/{f}: header claims {n} bytes; the limit is {MAX_HEADER}", where=where)
-        if total is not None and 8 + n > total:
-            raise CheckpointError(f"{repo_id}/{f}: header claims {n} bytes but the file has {total}", where=where,
-                                  fix="the file is truncated or not safetensors")
+        n = header_length(head, total if total is not None else (len(head) if len(head) < 8 else None),
+                          f"{where}: {repo_id}/{f}")
         body, _ = _get(url(f), where, limit=n, start=8) if n else (b"", None)
         return f, head + body, total if total is not None else 8 + len(body)
 

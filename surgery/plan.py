@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      WithJsonSchema, field_validator, model_validator)
 from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
@@ -25,11 +26,12 @@ MAX_LAYERS = 10_000  # no real model comes near; bounds `times`, ranges and the 
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
-Range = tuple[int, int]
-Gradient = Union[float, tuple[float, ...]]
+# Numbers and strings are strict (true is not 1, !!binary is not text); lists still become tuples.
+Range = tuple[StrictInt, StrictInt]
+Gradient = Union[StrictFloat, tuple[StrictFloat, ...]]
 
 
 def check_range(v: Optional[Range]) -> Optional[Range]:
@@ -62,7 +64,7 @@ class Step(Strict):
 class Take(Step):
     op: ClassVar[str] = "take"
     summary: ClassVar[str] = "append layers [start, end) of a model (all of them when no range)"
-    model: str
+    model: StrictStr
     layers: Optional[Range] = None
     scale: Optional[Setting] = None  # mergekit passthrough's `scale`; the first step's also scales non-layer tensors
     _r = field_validator("layers")(check_range)
@@ -71,7 +73,7 @@ class Take(Step):
 class Stack(Step):
     op: ClassVar[str] = "stack"
     summary: ClassVar[str] = "repeat the current stack (or a range of it) `times` times: Gstack's G_direct"
-    times: int = Field(ge=2, le=64)
+    times: StrictInt = Field(ge=2, le=64)
     layers: Optional[Range] = None
     _r = field_validator("layers")(check_range)
 
@@ -79,8 +81,8 @@ class Stack(Step):
 class Dus(Step):
     op: ClassVar[str] = "dus"
     summary: ClassVar[str] = "SOLAR depth up-scaling: [0, n-m) + [m, n), from `trim: m` or target `layers: s`"
-    trim: Optional[int] = Field(default=None, ge=1)
-    layers: Optional[int] = Field(default=None, ge=2)
+    trim: Optional[StrictInt] = Field(default=None, ge=1)
+    layers: Optional[StrictInt] = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _one(self):
@@ -94,11 +96,11 @@ class Dus(Step):
 class Expand(Step):
     op: ClassVar[str] = "expand"
     summary: ClassVar[str] = "LLaMA Pro: after each of `groups` groups insert `per_group` copies of its top block"
-    groups: int = Field(ge=1, le=MAX_LAYERS)
-    per_group: int = Field(default=1, ge=1, le=64)
+    groups: StrictInt = Field(ge=1, le=MAX_LAYERS)
+    per_group: StrictInt = Field(default=1, ge=1, le=64)
     init: Literal["identity", "copy", "zero", "random"] = "identity"
-    std: Optional[float] = Field(default=None, gt=0)
-    seed: int = 0
+    std: Optional[StrictFloat] = Field(default=None, gt=0)
+    seed: StrictInt = 0
 
     @model_validator(mode="after")
     def _std(self):
@@ -116,10 +118,17 @@ class Drop(Step):
 
 def check_setting(v: Any) -> Any:
     """A parameter setting: a scalar, a gradient list, or a list of {filter, value} conditions."""
+    import math
+
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{v!r} is not a finite number")
     if isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (list, tuple)) and v:
         if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or all(isinstance(x, str) for x in v):
+            bad = [x for x in v if isinstance(x, float) and not math.isfinite(x)]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a finite number")
             return tuple(v)
         if all(isinstance(x, dict) for x in v):
             for c in v:
@@ -138,14 +147,14 @@ Setting = Annotated[Any, AfterValidator(check_setting)]
 
 
 class MergeSource(Strict):
-    model: str
+    model: StrictStr
     layers: Optional[Range] = None
     parameters: dict[str, Setting] = {}
     _r = field_validator("layers")(check_range)
 
 
 class Override(Strict):
-    filter: str = Field(min_length=1)
+    filter: StrictStr = Field(min_length=1)
     t: Optional[Gradient] = None
     weights: Optional[tuple[Gradient, ...]] = None
     _g = field_validator("t")(lambda v: v if v is None else check_gradient(v))
@@ -154,9 +163,9 @@ class Override(Strict):
 class Merge(Step):
     op: ClassVar[str] = "merge"
     summary: ClassVar[str] = "append layer-wise merges: slerp (t), linear (weights), nuslerp, or a plugin's method"
-    method: str
+    method: StrictStr
     models: tuple[Union[str, MergeSource], ...] = Field(min_length=1)
-    base: Optional[str] = None
+    base: Optional[StrictStr] = None
     layers: Optional[Range] = None
     t: Optional[Gradient] = None
     weights: Optional[tuple[Gradient, ...]] = None
@@ -240,9 +249,9 @@ class Merge(Step):
 class ScaleStep(Step):
     op: ClassVar[str] = "scale"
     summary: ClassVar[str] = "multiply tensors (by name filter) of a layer range of the current stack"
-    factor: float
+    factor: StrictFloat
     layers: Optional[Range] = None
-    filter: Optional[str] = None
+    filter: Optional[StrictStr] = None
     _r = field_validator("layers")(check_range)
 
 
@@ -257,27 +266,28 @@ def step_types() -> dict[str, type[Step]]:
 # ---------------------------------------------------------------------------------------------
 # plan
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)  # 5GB, 2GiB, 5e9
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(v: Any) -> int:
+def parse_size(v: Any, what: str = "shard size", minimum: int = 1024) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         n = v
     else:
-        m = _SIZE.match(str(v))
-        if not m:
+        m = _SIZE.match(str(v)[:100])
+        if not m or float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()] > 1 << 60:
             raise ValueError(f"{v!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
         n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
-    if n < 1024:
-        raise ValueError(f"shard size {n} bytes is too small (at least 1KB)")
+    if n < minimum:
+        least = f"{minimum >> 20}MiB" if minimum >= 1 << 20 else f"{minimum // 1024}KB"
+        raise ValueError(f"{what + ' ' if what else ''}{n} bytes is too small (at least {least})")
     return n
 
 
 class ModelRef(Strict):
-    path: str
-    revision: Optional[str] = None
+    path: StrictStr
+    revision: Optional[StrictStr] = None
 
 
 DTYPE_SCHEMA = WithJsonSchema({"anyOf": [{"enum": sorted(DTYPE_NAMES)}, {"type": "null"}]})
@@ -286,9 +296,9 @@ SIZE_SCHEMA = WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1024},
 
 
 class Output(Strict):
-    dtype: Annotated[Optional[str], DTYPE_SCHEMA] = None
+    dtype: Annotated[Optional[StrictStr], DTYPE_SCHEMA] = None
     shard_size: Annotated[int, SIZE_SCHEMA] = 5 * 10**9
-    path: Optional[str] = None
+    path: Optional[StrictStr] = None
 
     @field_validator("dtype")
     @classmethod
@@ -304,16 +314,16 @@ class Output(Strict):
 
 
 class PlanBody(Strict):
-    name: Optional[str] = None
-    input_dtype: Annotated[Optional[str], DTYPE_SCHEMA] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
-    seed: Optional[int] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
-    chat_template: Optional[str] = None  # a Jinja template, "auto" (the models' most common), or a plugin's named one
+    name: Optional[StrictStr] = None
+    input_dtype: Annotated[Optional[StrictStr], DTYPE_SCHEMA] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
+    seed: Optional[StrictInt] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
+    chat_template: Optional[StrictStr] = None  # a Jinja template, "auto" (the models' most common), or a plugin's named one
     _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))
     models: dict[str, Union[str, ModelRef]] = Field(min_length=1)
     steps: tuple[Any, ...] = Field(min_length=1)
-    non_layer: Optional[str] = None
+    non_layer: Optional[StrictStr] = None
     post_from: Literal["first", "last"] = "first"  # without non_layer: the step final norm and lm_head follow
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[StrictStr] = None
     output: Output = Output()
 
     @field_validator("models")

@@ -265,3 +265,30 @@ class RandomNormal(Recipe):
 def leaves(r: Recipe) -> list[Recipe]:
     """Every recipe inside `r`, `r` included."""
     return [r] + [x for c in r.children() for x in leaves(c)]
+
+
+def fingerprint(r: object) -> object:
+    """A JSON-able value that changes whenever anything deciding `r`'s bytes changes: the recipe
+    types, every parameter and seed, and each source tensor's file, offset, dtype and shape.
+    (Source files' own identities are recorded beside it, see engine's resume record.)"""
+    import dataclasses
+
+    if isinstance(r, TensorInfo):
+        return ["tensor", str(r.file), r.offset, r.dtype, list(r.shape), r.nbytes, r.name]
+    if dataclasses.is_dataclass(r) and not isinstance(r, type):
+        out: dict = {"kind": type(r).__name__}
+        for f in dataclasses.fields(r):
+            v = getattr(r, f.name)
+            if f.name == "merger":
+                fp = getattr(v, "fingerprint", None)
+                out[f.name] = fp() if callable(fp) else f"{type(v).__module__}.{type(v).__qualname__}:{getattr(v, 'vocab_size', '')}"
+            else:
+                out[f.name] = fingerprint(v)
+        return out
+    if isinstance(r, (list, tuple)):
+        return [fingerprint(x) for x in r]
+    if isinstance(r, float):
+        return repr(r)  # exact, and nan/inf stay JSON
+    if r is None or isinstance(r, (bool, int, str)):
+        return r
+    return repr(r)

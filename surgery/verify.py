@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoint import header_sha256, read_safetensors_header
+from .engine import file_sha256
 from .errors import Problem, SurgeryError
+from .jsonio import read_json
 
 
 def verify_output(out: str | Path) -> list[Problem]:
     out = Path(out)
+    if not out.is_dir():
+        return [Problem(str(out), "no such folder" if not out.exists() else "not a folder",
+                        "give the output folder that `surgery apply` wrote")]
     problems: list[Problem] = []
     index_path, prov_path = out / "model.safetensors.index.json", out / "surgery.json"
     for f in (index_path, prov_path, out / "config.json"):
@@ -19,21 +23,32 @@ def verify_output(out: str | Path) -> list[Problem]:
     if problems:
         return problems
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        shards = {s["name"]: s for s in json.loads(prov_path.read_text())["output"]["shards"]}
-    except (ValueError, KeyError, TypeError) as e:
-        return [Problem(str(out), f"index or surgery.json unreadable: {e}")]
+        index, prov = read_json(index_path), read_json(prov_path)
+    except SurgeryError as e:
+        return e.problems
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return [Problem(str(index_path), "not a valid index (needs a 'weight_map' object of tensor -> file name)")]
+    recorded = prov.get("output", {}).get("shards") if isinstance(prov, dict) and isinstance(prov.get("output"), dict) else None
+    if not isinstance(recorded, list) or not all(_valid_entry(e) for e in recorded):
+        return [Problem(str(prov_path), "output.shards is not a list of {name, bytes, header_sha256, sha256} records",
+                        "the file is damaged or not written by this version of surgery; apply the plan again")]
+    shards = {e["name"]: e for e in recorded}
     by_file: dict[str, set[str]] = {}
     for tensor, fname in weight_map.items():
         by_file.setdefault(fname, set()).add(tensor)
     for fname in sorted(set(by_file) | set(shards)):
+        if not _plain_name(fname):  # never look outside the output folder, whatever the files say
+            problems.append(Problem(str(prov_path if fname in shards else index_path),
+                                    f"names {fname[:80]!r}, which is not a file in this folder"))
+            continue
         path = out / fname
         where = str(path)
         if fname not in shards:
             problems.append(Problem(str(index_path), f"names {fname}, which surgery.json does not record"))
             continue
-        if not path.is_file():
-            problems.append(Problem(where, "missing"))
+        if path.is_symlink() or not path.is_file():
+            problems.append(Problem(where, "missing" if not path.exists() and not path.is_symlink() else "not a regular file"))
             continue
         want = shards[fname]
         size = path.stat().st_size
@@ -51,4 +66,23 @@ def verify_output(out: str | Path) -> list[Problem]:
         if set(tensors) != by_file.get(fname, set()):
             diff = sorted(set(tensors) ^ by_file.get(fname, set()))[:3]
             problems.append(Problem(where, f"tensors disagree with the index (e.g. {diff})"))
+            continue
+        digest = want.get("sha256")
+        if digest is None:
+            problems.append(Problem(where, "surgery.json records no content hash for this shard (written by an older "
+                                    "surgery): only its size and header were checked", code="no-content-hash"))
+        elif file_sha256(path) != digest:
+            problems.append(Problem(where, "content differs from what was written (sha256 mismatch): the data is damaged",
+                                    "apply the plan again"))
     return problems
+
+
+def _valid_entry(e) -> bool:
+    return (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("bytes"), int)
+            and not isinstance(e.get("bytes"), bool) and isinstance(e.get("header_sha256"), str)
+            and isinstance(e.get("sha256"), (str, type(None))))
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".") \
+        and len(name) < 256

@@ -13,19 +13,19 @@ then built into plain Python values by a walk that
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import PlanError, Problem
+from .errors import PlanError
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
 MAX_BYTES = 4 * 1024 * 1024
 
-Path_ = tuple  # a path into the document: ("steps", 0, "take", "layers")
 
 
 @dataclass
@@ -47,7 +47,12 @@ class Located:
 
 def resolve_path(p: str | Path, base: Path) -> Path:
     """A path written in a plan or config: `~` expanded; a relative one is taken from `base` (the file's folder)."""
-    q = Path(p).expanduser()
+    if "\0" in str(p):
+        raise PlanError(f"path {str(p)[:80]!r} contains a NUL byte", fix="write a plain path")
+    try:
+        q = Path(p).expanduser()
+    except RuntimeError:  # ~nouser/...
+        raise PlanError(f"cannot expand {str(p)[:80]!r}: no such user", fix="write the path out in full") from None
     return q if q.is_absolute() else base / q
 
 
@@ -72,9 +77,16 @@ class FromDocument:
 def load_yaml_text(text: str, source: str) -> Located:
     if len(text) > MAX_BYTES:
         raise PlanError(f"file is {len(text)} bytes; plans are limited to {MAX_BYTES}", where=source)
+    depth = _flow_depth(text)
+    if depth > MAX_DEPTH:
+        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels ({depth} brackets deep)", where=source,
+                        fix="plans are shallow: write the lists and mappings out")
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+    except RecursionError:
+        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels", where=source,
+                        fix="plans are shallow: write the lists and mappings out") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -113,6 +125,25 @@ def load_yaml_file(path: str | Path) -> Located:
         raise PlanError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})",
                         where=f"{path}:{line}", fix="save the plan as UTF-8") from None
     return load_yaml_text(text, str(path))
+
+
+_QUOTED = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|\'[^\']*(?:\'\'[^\']*)*\'|#[^\n]*')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """How deep flow brackets nest outside quotes and comments (YAML's parser recurses on them, so
+    a hostile document must be refused before it is parsed)."""
+    if "[" not in text and "{" not in text:
+        return 0
+    depth = best = 0
+    for ch in _BRACKETS.findall(_QUOTED.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        else:
+            depth = max(0, depth - 1)
+    return best
 
 
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
@@ -157,11 +188,12 @@ class _Builder:
                 items.append(self.build(item, path + (i,), depth + 1))
             return items
         try:
-            return self.loader.construct_object(node, deep=False)
+            value = self.loader.construct_object(node, deep=False)
         except yaml.constructor.ConstructorError as e:
             raise PlanError(f"unsupported YAML value: {e.problem}", where=self._where(node),
                             fix="plans use plain YAML: strings, numbers, lists and mappings") from None
+        if isinstance(value, (bytes, bytearray)):
+            raise PlanError(f"unsupported YAML value: tag {node.tag!r} (binary data)", where=self._where(node),
+                            fix="plans use plain YAML: strings, numbers, lists and mappings")
+        return value
 
-
-def problem_at(doc: Located, path: tuple, what: str, fix: str | None = None) -> Problem:
-    return Problem(doc.where(path), what, fix)

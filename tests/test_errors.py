@@ -213,8 +213,15 @@ def test_existing_output_needs_force(tmp_path, base):
     r = run_cli("apply", plan, "-o", out)
     assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces model folders only: this one holds someone's file
     r = run_cli("apply", plan, "-o", out, "--force", "-q")
-    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert r.exit_code == 1 and "--force replaces only a model folder" in r.output and "'keep.txt'" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli("apply", plan, "-o", out, "--force", "-q").exit_code == 0  # empty: fine
+    (out / "extra.txt").write_text("x")  # a surgery output (with a stray file) is replaced whole
+    r = run_cli("apply", plan, "-o", out, "--force", "-q")
+    assert r.exit_code == 0 and not (out / "extra.txt").exists() and (out / "model.safetensors.index.json").exists()
 
 
 def test_output_inside_source_refused(tmp_path, base):

@@ -7,6 +7,7 @@ relative to the config file's folder, like plans.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..errors import PlanError
 from ..plan import Strict, _problems
 from ..yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGBT]?)\s*$", re.I)
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGBT]?)\s*$", re.I)  # 2M, 1.5B, 7e9, 2e12
 _MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
 
 
@@ -32,12 +33,15 @@ def parse_count(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError(f"{v!r} is not a count")
     if isinstance(v, (int, float)):
-        n = int(v)
+        x = float(v) if isinstance(v, float) else v
     else:
-        m = _COUNT.match(str(v))
+        m = _COUNT.match(str(v)[:100])
         if not m:
-            raise ValueError(f"{v!r} is not a count; write e.g. 300000, 2M, 1.5B or 2T")
-        n = int(float(m.group(1)) * _MULT[m.group(2).upper()])
+            raise ValueError(f"{str(v)[:60]!r} is not a count; write e.g. 300000, 2M, 1.5B, 2T or 7e9")
+        x = float(m.group(1)) * _MULT[m.group(2).upper()]
+    if isinstance(x, float) and not math.isfinite(x) or x > 10**18:
+        raise ValueError(f"{str(v)[:60]!r} is not a usable count (at most 1e18)")
+    n = int(x)
     if n <= 0:
         raise ValueError(f"{v!r} must be positive")
     return n

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import OutputError, PlanError
+from ..outdir import OutputFolder, output_path
 from .config import Config, load_config
 
 
@@ -219,7 +221,67 @@ def _trainer_class():
                               if torch.is_floating_point(v) else v for k, v in state_dict.items()}
             super()._save(output_dir, state_dict=state_dict)
 
+        def _save_checkpoint(self, model, trial):
+            """Save, then mark the checkpoint complete (fsynced), then rotate old ones: a kill during a
+            save leaves an unmarked folder that --resume skips, and never the only complete one deleted."""
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None  # rotation happens below, after the marker
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.should_save:
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                mark_checkpoint_complete(folder)
+                prune_checkpoints(folder.parent, limit)
+
     return SurgeryTrainer
+
+
+CHECKPOINT_DONE = "surgery-complete"
+
+
+def mark_checkpoint_complete(folder: Path) -> None:
+    from ..outdir import fsync_path, fsync_tree
+
+    fsync_tree(folder)
+    (folder / CHECKPOINT_DONE).write_text("")
+    fsync_path(folder / CHECKPOINT_DONE)
+    fsync_path(folder, directory=True)
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every checkpoint-N folder, oldest first."""
+    out = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p, (p / CHECKPOINT_DONE).is_file() and (p / "trainer_state.json").is_file()))
+    return sorted(out)
+
+
+def prune_checkpoints(folder: Path, keep: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints (and nothing incomplete older than them)."""
+    if not keep:
+        return
+    complete = [p for _, p, ok in _checkpoints(folder) if ok]
+    for p in complete[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def last_complete_checkpoint(folder: Path, echo=print) -> str | None:
+    """The newest checkpoint whose save finished; newer, half-written ones (a kill during a save)
+    are set aside so the Trainer never sees them."""
+    found = _checkpoints(folder)
+    good = [p for _, p, ok in found if ok]
+    newest = good[-1] if good else None
+    for step, p, ok in found:
+        if not ok:
+            echo(f"note: {p.name} was not saved completely (interrupted); resuming from "
+                 f"{newest.name if newest else 'the start of the stage'}")
+            shutil.rmtree(p, ignore_errors=True)
+    return str(newest) if newest else None
 
 
 def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo):
@@ -329,8 +391,6 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
                progress: bool, echo):
     import torch
     import transformers
-    from transformers.trainer_utils import get_last_checkpoint
-
     from .data import build_corpus
 
     b = cfg.body
@@ -338,7 +398,12 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     ckpt_dir = sdir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     args, warm, prec = _training_args(cfg, stage, ckpt_dir, progress)
-    last = get_last_checkpoint(str(ckpt_dir)) if resume else None
+    last = last_complete_checkpoint(ckpt_dir, echo) if resume and is_main() else None
+    if resume and not is_main():
+        _barrier()
+        last = last_complete_checkpoint(ckpt_dir, lambda *_: None)
+    elif resume:
+        _barrier()
     ctx = getattr(_source_config(stage.model_dir), "max_position_embeddings", None)
     if ctx and b.data.seq_len > ctx:
         raise PlanError(f"data.seq_len {b.data.seq_len} exceeds the model's context ({ctx} positions, max_position_embeddings)",
@@ -402,12 +467,32 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         if b.output is None:
             raise OutputError("no output folder given", where=cfg.where(), fix="pass -o OUT or set `output:` in the config")
         out = cfg.path(b.output)
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not force:
-        raise OutputError(f"output folder {out} already exists", fix="pass --force to replace it (when the new one is complete)")
+    out = output_path(out)
     model_dir = resolve_ref(b.model, cfg.base_dir, where=cfg.where("model"))
-    if model_dir == out or model_dir in out.parents:
+    if model_dir == out.resolve() or model_dir in out.resolve().parents:
         raise OutputError(f"the output {out} is inside the model being trained ({model_dir})", fix="choose another output folder")
+    protected = {"the model being trained": model_dir}
+    if Path(cfg.doc.source).is_file():
+        protected["the training config"] = Path(cfg.doc.source)
+    folder = OutputFolder(out, force=force, protected=protected, verb="train")
+    if is_main():
+        folder.acquire()  # held until the output is published (a second run gets "already being written")
+        try:
+            folder.recover()  # a half-done publish of an earlier run is finished (or undone) first
+            folder.check_target()
+        except BaseException:
+            folder.release()
+            raise
+    try:
+        return _train(cfg, out, model_dir, folder, force=force, resume=resume, stop_after=stop_after, show=show,
+                      echo=echo, t0=t0)
+    finally:
+        folder.release()
+
+
+def _train(cfg: Config, out: Path, model_dir: Path, folder: OutputFolder, *, force: bool, resume: bool,
+           stop_after: int | None, show: bool, echo, t0: float) -> TrainResult:
+    b = cfg.body
     work = out.parent / f".{out.name}.surgery-train"
     if work.exists() and not resume:
         if not force:
@@ -450,7 +535,8 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
             if is_main():
                 echo(f"stopped after step {trainer.state.global_step} of stage {stage.index}; the checkpoint is in "
                      f"{work / f'stage-{stage.index}' / 'checkpoints'}; `surgery train ... --resume` continues")
-            return TrainResult(None, stages[stage.index - 1].step_offset + trainer.state.global_step, 0, None, None,
+            steps = stages[stage.index - 1].step_offset + trainer.state.global_step
+            return TrainResult(None, steps, steps * tps, None, None,
                                time.perf_counter() - t0, n_train, n_all, summaries)
         if stage.index < len(stages):
             _save_stage(trainer, work / f"stage-{stage.index}" / "final")
@@ -467,7 +553,7 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         with open(work / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": total_steps, "stage": len(stages), "tokens": total_steps * tps, "final": True,
                                 **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {})}) + "\n")
-    _write_output(cfg, trainer, model_dir, work, out, res, force)
+    _write_output(cfg, trainer, model_dir, work, folder, res)
     return res
 
 
@@ -519,15 +605,13 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
     return grown
 
 
-def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, out: Path, res: TrainResult, force: bool) -> None:
+def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: OutputFolder, res: TrainResult) -> None:
     import torch
 
-    from ..engine import publish
-
     b = cfg.body
-    staging = out.parent / f".{out.name}.surgery-partial"
-    if is_main() and staging.exists():
-        shutil.rmtree(staging)
+    out, staging = folder.out, folder.staging
+    if is_main():
+        folder.fresh_staging()
     dtype = b.save_dtype
     if dtype == "auto":
         dtype = str(getattr(_source_config(model_dir), "dtype", None) or "float32").removeprefix("torch.")
@@ -555,7 +639,7 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, out: Path, 
         summary["source_surgery"] = json.loads(prov.read_text()).get("layer_map")
     (staging / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     (staging / "README.md").write_text(_card(summary, plotted, out.name))
-    publish(staging, out)
+    folder.publish()
     shutil.rmtree(work, ignore_errors=True)
 
 

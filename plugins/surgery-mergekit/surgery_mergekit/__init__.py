@@ -117,6 +117,16 @@ class UnionTokenizer:
     def save(self, folder) -> None:
         self.info.tokenizer.save_pretrained(str(folder))
 
+    def fingerprint(self) -> str:
+        """What decides the realigned rows: the merged vocabulary and each model's token map."""
+        import hashlib
+        import json
+
+        perms = {str(ref): sorted((int(k), int(v)) for k, v in p.items())
+                 for ref, p in sorted(self.info.permutations.items(), key=lambda kv: str(kv[0]))}
+        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base])
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 def chat_template(name: str):
     """mergekit's bundled chat templates by name (chatml, llama3, alpaca, mistral, ...)."""

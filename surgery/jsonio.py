@@ -1,0 +1,69 @@
+"""Reading JSON from files surgery did not write (configs, indexes, headers, surgery.json,
+training JSONL): every failure is a located `SurgeryError`, never a traceback, and memory and
+recursion stay bounded (huge files, numbers of thousands of digits, nesting 100,000 deep)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import SurgeryError
+
+MAX_JSON_BYTES = 64 << 20  # config.json, indexes and surgery.json are far smaller
+MAX_DEPTH = 256
+
+
+def parse_json(text: str | bytes, where: str, *, error: type[SurgeryError] = SurgeryError, what: str = "JSON") -> Any:
+    """json.loads with located errors and a nesting bound checked before parsing."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{what} is not UTF-8 ({e.reason} at byte {e.start})", where=where) from None
+    depth = _max_depth(text)
+    if depth > MAX_DEPTH:
+        raise error(f"{what} is nested {depth} levels deep; the limit is {MAX_DEPTH} (corrupt or hostile file)", where=where)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=where) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits
+        raise error(f"{what} cannot be read: {str(e)[:200]}", where=where) from None
+
+
+def read_json(path: Path, *, error: type[SurgeryError] = SurgeryError, what: str | None = None,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    where = str(path)
+    what = what or path.name
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"cannot read {what}: {e.strerror}", where=where) from None
+    if len(raw) > max_bytes:
+        raise error(f"{what} is over {max_bytes:,} bytes (corrupt or hostile file)", where=where)
+    return parse_json(raw, where, error=error, what=what)
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _max_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (regular expressions in C, then a scan of
+    the brackets only: no recursion, linear time)."""
+    if "[" not in text and "{" not in text:
+        return 0
+    depth = best = 0
+    for ch in _BRACKETS.findall(_STRING.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            if depth > best:
+                best = depth
+                if best > MAX_DEPTH:
+                    return best
+        else:
+            depth -= 1
+    return best
