@@ -258,7 +258,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = HUB_PATTERNS
     # read at call time (huggingface-hub reads HF_HUB_CACHE once, at its import)
@@ -273,7 +273,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path
                               fix="download it first (huggingface-cli download) or give a local folder")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+    except Exception as e:  # HfHubHTTPError, httpx's connection errors, OSError, ...: the model could not be fetched
         raise CheckpointError(f"cannot fetch hub model {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
                               fix="check the repo id and your network/token, or give a local folder") from None
 

@@ -153,7 +153,8 @@ Examples:
   surgery validate plan.yaml --offline             the local cache only, no network
 \b
 Warning codes (for --ignore): duplicated-layers, vocab-mismatch, rope-mismatch,
-narrowing-dtype, gradient-too-long, unknown-family, guessed-identity, config, chat-template.
+narrowing-dtype, gradient-too-long, unknown-family, guessed-identity, config, chat-template,
+unused-parameter (a mergekit config's parameter its method does not use; ignored, as mergekit does).
 """
 
 

@@ -390,7 +390,8 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
             raise CheckpointError("tokenizer_config.json is not a JSON object", where=str(tc))
     small_files(ckpts[tok].path)  # links leading out of a model folder are refused in validate, not after the shards
     warnings += lint(plan, ckpts, stack, out_code)
-    warnings = [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config") for w in warnings]
+    warnings = list(plan.doc.notes) + [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config")
+                                       for w in warnings]
     return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
                    merger, chat)
 

@@ -65,7 +65,7 @@ def header_view(repo_id: str, revision: str | None, where: str | None, *, offlin
 
 def _repo_files(repo_id: str, rev: str, where: str | None) -> tuple[str, list[str]]:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=rev)
@@ -75,7 +75,7 @@ def _repo_files(repo_id: str, rev: str, where: str | None) -> tuple[str, list[st
     except RevisionNotFoundError:
         raise CheckpointError(f"hub model {repo_id!r} has no revision {rev!r}", where=where,
                               fix="check the branch, tag or commit") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except Exception as e:  # the HTTP stack (httpx, hub errors) raises many types; each means: unreachable
         raise CheckpointError(f"cannot reach the hub for {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
                               fix="check the network, HF_ENDPOINT and your token, or use --offline with a cached model") from None
     if not info.sha or not re.fullmatch(r"[0-9a-fA-F]{7,64}", info.sha):

@@ -17,7 +17,7 @@ from .checkpoint import DTYPES, FLOAT_CODES, dtype_name
 from .errors import Problem
 
 CODES = ("duplicated-layers", "vocab-mismatch", "rope-mismatch", "narrowing-dtype", "gradient-too-long",
-         "unknown-family", "guessed-identity", "config", "chat-template")
+         "unknown-family", "guessed-identity", "config", "chat-template", "unused-parameter")
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
 
 

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .errors import PlanError, Problem
 from .settings import to_mergekit
 from .yamlio import Located
@@ -103,7 +104,27 @@ def translate(doc: Located) -> Located:
     def line(path: tuple) -> int:
         return doc.lines.get(path) or doc.lines.get(path[:-1]) or doc.lines.get(()) or 1
 
-    top = data.get("parameters") or {}
+    spec = registry.current().resolve_method(method) if method != "passthrough" else None
+    known = {"scale"} if method == "passthrough" else ({p.name for p in spec.params} if spec is not None else None)
+
+    def params(v: Any, path: tuple) -> dict:
+        """A `parameters:` mapping, less the parameters the method does not use: mergekit resolves only
+        the parameters a method declares and ignores the rest; surgery does the same and says so."""
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise PlanError(f"`parameters` must be a mapping of name: value, got {type(v).__name__} {v!r}"[:200],
+                            where=at(path), fix="write e.g. `parameters: {weight: 0.5}`")
+        if known is None:  # an unknown method: the plan's check names it
+            return v
+        for k in v:
+            if k not in known:
+                doc.notes.append(Problem(at(path + (k,)), f"{method} does not use parameter {k!r}; mergekit ignores it, "
+                                         "and so does surgery", f"remove it ({method}'s parameters: "
+                                         f"{', '.join(sorted(known)) or 'none'})", code="unused-parameter"))
+        return {k: x for k, x in v.items() if k in known}
+
+    top = params(data.get("parameters"), ("parameters",))
     base = name(data["base_model"], ("base_model",)) if data.get("base_model") else None
     steps: list[dict] = []
     if models is not None:
@@ -113,7 +134,8 @@ def translate(doc: Located) -> Located:
         for i, m in enumerate(models):
             if not isinstance(m, dict) or "model" not in m:
                 raise PlanError("each entry of `models` is {model: ..., parameters: ...}", where=at(("models", i)))
-            items.append((name(m["model"], ("models", i, "model")), m.get("parameters") or {}, ("models", i)))
+            items.append((name(m["model"], ("models", i, "model")), params(m.get("parameters"), ("models", i, "parameters")),
+                          ("models", i)))
         slice_defs = [(items, {}, base, ("models",))]
     else:
         if not isinstance(slices, list) or not slices:
@@ -123,16 +145,19 @@ def translate(doc: Located) -> Located:
             if not isinstance(sl, dict) or "sources" not in sl:
                 raise PlanError("each slice is {sources: [...], parameters: ..., base_model: ...}", where=at(("slices", i)))
             srcs = []
-            for j, src in enumerate(sl["sources"] or []):
+            if not isinstance(sl["sources"], list) or not sl["sources"]:
+                raise PlanError(f"`sources` must be a non-empty list, got {sl['sources']!r}"[:200], where=at(("slices", i, "sources")),
+                                fix="write `sources: [{model: ..., layer_range: [start, end]}]`")
+            for j, src in enumerate(sl["sources"]):
                 p = ("slices", i, "sources", j)
                 if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                     raise PlanError("each source is {model: ..., layer_range: [start, end]}", where=at(p))
                 lr = src["layer_range"]
                 if not (isinstance(lr, list) and len(lr) == 2):
                     raise PlanError(f"layer_range must be [start, end], got {lr!r}", where=at(p + ("layer_range",)))
-                srcs.append((name(src["model"], p + ("model",)), src.get("parameters") or {}, p, lr))
+                srcs.append((name(src["model"], p + ("model",)), params(src.get("parameters"), p + ("parameters",)), p, lr))
             sb = name(sl["base_model"], ("slices", i, "base_model")) if sl.get("base_model") else base
-            slice_defs.append((srcs, sl.get("parameters") or {}, sb, ("slices", i)))
+            slice_defs.append((srcs, params(sl.get("parameters"), ("slices", i, "parameters")), sb, ("slices", i)))
 
     for srcs, slice_params, sbase, spath in slice_defs:
         if method == "passthrough":
@@ -147,9 +172,6 @@ def translate(doc: Located) -> Located:
             scale = to_mergekit(src[1].get("scale"), slice_params.get("scale"), top.get("scale"))
             if scale is not None:
                 step["scale"] = scale
-            extra = sorted((set(src[1]) | set(slice_params) | set(top)) - {"scale"})
-            if extra:
-                problems.append(Problem(at(spath), f"passthrough has no parameter {extra[0]!r}", "passthrough takes `scale`"))
             steps.append({"take": step})
             lines[("steps", len(steps) - 1)] = line(spath)
             lines[("steps", len(steps) - 1, "take", "layers")] = line(src[2] + ("layer_range",))
@@ -204,4 +226,4 @@ def translate(doc: Located) -> Located:
                                "tokenizer": "tokenizer_source"}.get(key, key),))
     for n in names:
         lines[("models", n)] = lines[("models",)]
-    return Located(plan, doc.source, lines)
+    return Located(plan, doc.source, lines, notes=list(doc.notes))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      WithJsonSchema, field_validator, model_validator)
+                      ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from typing_extensions import Annotated
 
 from .checkpoint import DTYPE_NAMES
@@ -176,9 +176,10 @@ class Merge(Step):
     _g = field_validator("t")(lambda v: v if v is None else check_gradient(v))
 
     @model_validator(mode="after")
-    def _params(self):
+    def _params(self, info: ValidationInfo):
         from .methods import get_method
 
+        mergekit = bool(info.context and info.context.get("mergekit"))
         spec = get_method(self.method)  # a SurgeryError (a ValueError) lists the methods
         n = len(self.models)
         names = [m if isinstance(m, str) else m.model for m in self.models]
@@ -207,16 +208,27 @@ class Merge(Step):
             unknown = sorted(set(params) - known)
             if unknown:
                 raise ValueError(f"{where}: {self.method} has no parameter {unknown[0]!r}; its parameters: {', '.join(sorted(known))}")
+        base = self.base if self.base is not None else (names[0] if spec.base == "required" else None)
         for p in spec.params:
             if not p.required:
                 continue
             sugar = {"t": self.t is not None, "weight": self.weights is not None}.get(p.name, False)
-            everywhere = p.name in self.parameters or sugar or (p.scope != "shared" and all(
-                not isinstance(m, str) and p.name in m.parameters for m in self.models))
-            if not everywhere:
-                hint = {"t": "`t: 0.5`", "weight": "`weights: [0.5, 0.5]`"}.get(p.name, f"`parameters: {{{p.name}: ...}}`")
-                raise ValueError(f"{self.method} needs `{p.name}`" + (" for every model" if p.scope != "shared" else "")
-                                 + f"; give e.g. {hint}")
+            # a non_base parameter (ties' weight and density, ...) is not asked of the base, as mergekit resolves it
+            needing = [m for m in self.models if p.scope == "input" or (m if isinstance(m, str) else m.model) != base]
+            missing = [m if isinstance(m, str) else m.model for m in needing
+                       if isinstance(m, str) or p.name not in m.parameters]
+            if not (p.name in self.parameters or sugar or (p.scope != "shared" and not missing)):
+                who = "" if p.scope == "shared" else (" for every model but the base" if p.scope == "non_base"
+                                                       else " for every model")
+                if mergekit:
+                    hint = (f"`parameters: {{{p.name}: ...}}` on each model (missing on {', '.join(missing)}) or at the top"
+                            if p.scope != "shared" else f"`parameters: {{{p.name}: ...}}`")
+                else:
+                    k = len(needing) if p.scope != "shared" else 0
+                    hint = {"t": "`t: 0.5`", "weight": f"`weights: [{', '.join(['0.5'] * len(self.models))}]`"}.get(
+                        p.name, f"`parameters: {{{p.name}: ...}}`") if k == len(self.models) or p.name != "weight" else \
+                        f"`parameters: {{weight: ...}}` on each of {', '.join(missing)}"
+                raise ValueError(f"{self.method} needs `{p.name}`{who}; give e.g. {hint}")
         if self.normalize is not None and spec.param("normalize") is None:
             raise ValueError(f"{self.method} takes no `normalize`")
         inputs = n + (1 if self.base is not None and self.base not in names else 0)
@@ -389,7 +401,7 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
     raw_steps = data.get("steps")
     if isinstance(raw_steps, list):
         for i, raw in enumerate(raw_steps):
-            step = _parse_step(raw, i, doc, problems)
+            step = _parse_step(raw, i, doc, problems, mergekit is not None)
             if step is not None:
                 steps.append(step)
                 s_index[id(step)] = i
@@ -433,7 +445,7 @@ def _model_mentions(s: Step):
             yield ("base",), s.base
 
 
-def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem]) -> Step | None:
+def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem], mergekit: bool = False) -> Step | None:
     where = doc.where(("steps", i))
     types = step_types()
     ops = ", ".join(types)
@@ -450,7 +462,7 @@ def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem]) -> Step
     if body is None:
         body = {}
     try:
-        return cls.model_validate(body)
+        return cls.model_validate(body, context={"mergekit": mergekit})
     except ValidationError as e:
         problems += _problems(e, doc, ("steps", i, op), cls, body)
         return None

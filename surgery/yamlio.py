@@ -35,6 +35,7 @@ class Located:
     data: Any
     source: str  # file name shown in errors
     lines: dict[tuple, int] = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # located warnings made while reading (e.g. a translated mergekit config)
 
     def where(self, path: tuple = ()) -> str:
         """`file:line` for the deepest recorded prefix of `path`."""

@@ -1,0 +1,351 @@
+"""Integrity: no change, race, fault or hostile input publishes wrong weights or loses a folder.
+
+Each test is one class of fault, tried through more than one instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery import engine
+from surgery.cli import main
+from surgery.errors import OutputError, SurgeryError
+from surgery.outdir import COMPLETE, OutputFolder
+
+from .conftest import load_tensors, write_plan
+
+
+def _interrupt_after(monkeypatch, n: int):
+    """Make the engine stop (as Ctrl-C does, leaving the side folder) after `n` shards."""
+    real = engine.write_shard
+    calls = {"n": 0}
+
+    def write_shard(*a, **kw):
+        if calls["n"] >= n:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "write_shard", write_shard)
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
+
+
+MERGE = """models: {{a: {a}, b: {b}}}
+steps: [{{merge: {{method: linear, models: [a, b], weights: [{w}, {v}]}}}}]
+output: {{shard_size: 40KB}}
+"""
+
+
+@pytest.mark.parametrize("change", ["weights", "source"])
+def test_resume_after_a_change_rewrites_what_the_change_touches(models, tmp_path, monkeypatch, change):
+    a = models("llama")
+    b = tmp_path / "b"
+    shutil.copytree(models("llama", noise=0.02), b)
+    plan = write_plan(tmp_path, MERGE.format(a=a, b=b, w=0.3, v=0.7))
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, out, progress=False)
+    staging = tmp_path / ".out.surgery-partial"
+    assert len(list(staging.glob("model-*.safetensors"))) == 3 and not out.exists()
+    if change == "weights":
+        write_plan(tmp_path, MERGE.format(a=a, b=b, w=0.6, v=0.4))
+    else:  # another checkpoint of the same shapes put in place of b
+        other = models("llama", noise=0.05)
+        for f in other.glob("*.safetensors"):
+            shutil.copy(f, b / f.name)
+    surgery.apply(plan, out, progress=False, resume=True)
+    fresh = surgery.apply(plan, tmp_path / "fresh", progress=False)
+    assert _bytes(out) == _bytes(fresh.path)
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_resume_without_a_change_keeps_the_finished_shards(models, tmp_path, monkeypatch):
+    plan = write_plan(tmp_path, MERGE.format(a=models("llama"), b=models("llama", noise=0.02), w=0.3, v=0.7))
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, out, progress=False)
+    staging = tmp_path / ".out.surgery-partial"
+    inodes = {f.name: f.stat().st_ino for f in staging.glob("model-*.safetensors")}
+    surgery.apply(plan, out, progress=False, resume=True)
+    assert {n: (out / n).stat().st_ino for n in inodes} == inodes  # kept, not rewritten
+    assert _bytes(out) == _bytes(surgery.apply(plan, tmp_path / "fresh", progress=False).path)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(models, tmp_path):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    out = tmp_path / "out"
+    with OutputFolder(out.absolute()):  # another process would hold the same lock
+        code = ("import surgery, sys\n"
+                f"try:\n    surgery.apply({str(plan)!r}, {str(out)!r}, progress=False)\n"
+                "except surgery.errors.OutputError as e:\n    print(e); sys.exit(3)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 3 and f"already being written by PID {os.getpid()}" in r.stdout, r.stdout + r.stderr
+        assert not out.exists()
+    surgery.apply(plan, out, progress=False)  # released: the next run works
+    assert (out / "model.safetensors.index.json").is_file() and not (tmp_path / ".out.surgery-lock").exists()
+
+
+def test_a_source_replaced_by_rename_during_the_run_is_harmless(models, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{scale: {{factor: 0.5}}}}]\n")
+    want = _bytes(surgery.apply(plan, tmp_path / "ref", progress=False).path)
+    real = engine.Sources.open_all
+
+    def open_then_swap(self, program):
+        real(self, program)
+        t = load_tensors(src)  # the same tensors, other values, saved in another order
+        swapped = tmp_path / "swap.safetensors"
+        save_file({k: t[k] * 3 for k in sorted(t, reverse=True)}, str(swapped))
+        os.replace(swapped, src / "model.safetensors")
+
+    monkeypatch.setattr(engine.Sources, "open_all", open_then_swap)
+    got = surgery.apply(plan, tmp_path / "out", progress=False)
+    assert _bytes(got.path) == want
+
+
+def test_a_source_changed_in_place_during_the_run_fails_it(models, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{scale: {{factor: 0.5}}}}]\n")
+    real = engine.Sources.open_all
+
+    def open_then_scribble(self, program):
+        real(self, program)
+        f = src / "model.safetensors"
+        with open(f, "r+b") as fh:
+            fh.seek(-4, os.SEEK_END)
+            fh.write(b"\x01\x02\x03\x04")
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(engine.Sources, "open_all", open_then_scribble)
+    with pytest.raises(OutputError, match="modified while surgery read it"):
+        surgery.apply(plan, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.surgery-partial").exists()
+
+
+def test_a_source_changed_between_compile_and_run_is_refused(models, tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    from surgery.api import compile_plan
+
+    program = compile_plan(surgery.load_plan(plan))
+    t = load_tensors(src)
+    save_file({k: t[k] for k in sorted(t, reverse=True)}, str(src / "model.safetensors"))  # offsets moved
+    with pytest.raises(OutputError, match="changed since the plan was compiled"):
+        engine.execute(program, tmp_path / "out", progress=False)
+
+
+# --force -------------------------------------------------------------------------------------
+
+def test_force_never_replaces_what_is_not_a_model_output(models, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    plan = write_plan(work, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+    for target, expect in ((".", "current directory"), ("", "output path is empty"), (str(tmp_path), "current directory")):
+        r = runner.invoke(main, ["apply", str(plan), "-o", target, "--force", "-q"])
+        assert r.exit_code == 1 and expect in r.output, (target, r.output)
+        assert plan.is_file()
+    # a folder holding the plan (not the cwd)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(main, ["apply", str(plan), "-o", str(work), "--force", "-q"])
+    assert r.exit_code == 1 and "holds the plan" in r.output and plan.is_file()
+    # a parent of a source model
+    src = tmp_path / "models" / "a"
+    shutil.copytree(models("llama"), src)
+    plan2 = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n", "p2.yaml")
+    r = runner.invoke(main, ["apply", str(plan2), "-o", str(tmp_path / "models"), "--force", "-q"])
+    assert r.exit_code == 1 and "holds source model 'a'" in r.output and (src / "config.json").is_file()
+    # a link to a folder: refused, and nothing dangling is left behind
+    real = tmp_path / "real-out"
+    assert runner.invoke(main, ["apply", str(plan2), "-o", str(real), "-q"]).exit_code == 0
+    link = tmp_path / "link-out"
+    link.symlink_to(real)
+    r = runner.invoke(main, ["apply", str(plan2), "-o", str(link), "--force", "-q"])
+    assert r.exit_code == 1 and "symbolic link" in r.output
+    assert link.is_symlink() and (real / "model.safetensors.index.json").is_file()
+    assert not list(tmp_path.glob(".link-out.*"))
+    # and a real output is replaced
+    assert runner.invoke(main, ["apply", str(plan2), "-o", str(real), "-q", "--force"]).exit_code == 0
+
+
+# a kill during publish ---------------------------------------------------------------------------
+
+def _half_publish(monkeypatch, stop_after: str):
+    """Make OutputFolder.publish stop like a kill would, after `stop_after` ('marker' or 'aside')."""
+    def publish(self):
+        from surgery.outdir import fsync_tree
+
+        fsync_tree(self.staging)
+        (self.staging / COMPLETE).write_text("")
+        if stop_after == "aside" and self.out.exists():
+            os.replace(self.out, self.old)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputFolder, "publish", publish)
+
+
+@pytest.mark.parametrize("stop_after", ["marker", "aside"])
+@pytest.mark.parametrize("how", ["resume", "rerun"])
+def test_a_kill_during_publish_is_finished_by_the_next_run(models, tmp_path, monkeypatch, stop_after, how):
+    plan_old = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n", "old.yaml")
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}, {{scale: {{factor: 2}}}}]\n")
+    out = tmp_path / "out"
+    surgery.apply(plan_old, out, progress=False)
+    want = _bytes(surgery.apply(plan, tmp_path / "ref", progress=False).path)
+    with monkeypatch.context() as m:
+        _half_publish(m, stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, out, progress=False, force=True)
+    if how == "resume":
+        res = surgery.apply(plan, out, progress=False, resume=True, force=True)
+        assert res.path == out
+    else:  # a plain rerun finishes the publish first, then (as always) needs --force for an existing output
+        with pytest.raises(OutputError, match="already exists"):
+            surgery.apply(plan, out, progress=False)
+    assert _bytes(out) == want
+    assert not (tmp_path / ".out.surgery-old").exists() and not (tmp_path / ".out.surgery-partial").exists()
+    assert not (out / COMPLETE).exists()
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_an_incomplete_publish_puts_the_old_output_back(models, tmp_path):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    out = tmp_path / "out"
+    surgery.apply(plan, out, progress=False)
+    before = _bytes(out)
+    os.replace(out, tmp_path / ".out.surgery-old")  # moved aside, and the new one never finished
+    (tmp_path / ".out.surgery-partial").mkdir()
+    surgery.apply(plan, tmp_path / "out", progress=False, force=True)
+    assert _bytes(out) == before and not (tmp_path / ".out.surgery-old").exists()
+
+
+def test_shards_are_fsynced_before_publish(models, tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    surgery.apply(plan, tmp_path / "out", progress=False)
+    names = {Path(p).name for p in synced}
+    assert {"model-00001-of-00001.safetensors.tmp", "surgery.json.tmp", "model.safetensors.index.json.tmp",
+            ".out.surgery-partial", tmp_path.name} <= names
+
+
+# data that leaks in ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "/dev/zero"])
+def test_a_linked_tokenizer_file_leading_out_of_the_model_is_refused(models, tmp_path, target):
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    (src / "special_tokens_map.json").unlink(missing_ok=True)
+    (src / "special_tokens_map.json").symlink_to(target)
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    rep = surgery.validate(plan)
+    assert not rep.valid and "special_tokens_map.json" in str(rep.problems[0])
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "special_tokens_map.json" in r.output and not (tmp_path / "out").exists()
+
+
+def test_a_link_inside_the_model_folder_is_fine(models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    (src / "blobs").mkdir()
+    os.replace(src / "tokenizer_config.json", src / "blobs" / "abc")
+    (src / "tokenizer_config.json").symlink_to(src / "blobs" / "abc")
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False).path
+    assert not (out / "tokenizer_config.json").is_symlink() and (out / "tokenizer_config.json").is_file()
+
+
+# verify checks the data ---------------------------------------------------------------------------
+
+def test_verify_catches_a_flipped_byte_and_a_zeroed_half(models, tmp_path):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
+                                "output: {shard_size: 40KB}\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False).path
+    runner = CliRunner()
+    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    data = bytearray(shards[0].read_bytes())
+    data[-100] ^= 0x01
+    shards[0].write_bytes(bytes(data))
+    size = shards[1].stat().st_size
+    with open(shards[1], "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    r = runner.invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and r.output.count("sha256 mismatch") == 2, r.output
+
+
+@pytest.mark.parametrize("prov", [
+    {"output": {"shards": [{"name": "../../../etc/passwd", "bytes": 1, "header_sha256": "x", "sha256": "y"}]}},
+    {"output": {"shards": [{"name": "model.safetensors", "bytes": "12", "header_sha256": "x"}]}},
+    {"output": {"shards": "nope"}},
+    [1, 2],
+])
+def test_verify_of_a_hostile_surgery_json_is_a_clear_failure(models, tmp_path, prov):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False).path
+    (out / "surgery.json").write_text(json.dumps(prov))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "passwd" not in r.output or "not a file in this folder" in r.output
+
+
+def test_verify_of_deep_json_and_a_missing_folder(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    (out / "surgery.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "nested" in r.output
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "absent")])
+    assert r.exit_code == 1 and r.output.count("no such folder") == 1 and "missing" not in r.output
+
+
+# train: a kill during a checkpoint save -------------------------------------------------------------
+
+def test_resume_skips_a_checkpoint_whose_save_was_torn(tmp_path):
+    from surgery.train.run import CHECKPOINT_DONE, last_complete_checkpoint, prune_checkpoints
+
+    ck = tmp_path / "checkpoints"
+    for step, done in ((10, True), (20, True), (30, False)):
+        d = ck / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        if done:
+            (d / CHECKPOINT_DONE).write_text("")
+    notes = []
+    assert last_complete_checkpoint(ck, notes.append) == str(ck / "checkpoint-20")
+    assert not (ck / "checkpoint-30").exists() and "checkpoint-30 was not saved completely" in notes[0]
+    prune_checkpoints(ck, 1)
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-20"]
+    shutil.rmtree(ck)
+    ck.mkdir()
+    (ck / "checkpoint-5").mkdir()  # torn, and the only one: the stage starts over
+    assert last_complete_checkpoint(ck, notes.append) is None

@@ -1,0 +1,152 @@
+"""mergekit's own test configurations, rebuilt here: every one runs in surgery and agrees with
+mergekit-yaml.
+
+mergekit's tests (tests/test_basic_merges.py) give every model `parameters: {weight: 0.6}` /
+`{weight: 0.4}` whatever the method, and the hand-written form of ties/task_arithmetic lists the
+base among the models without parameters. mergekit ignores parameters a method does not declare
+and asks non-base parameters only of non-base models; so must surgery (with located
+`unused-parameter` warnings that `--strict` can turn into failures)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+
+from .conftest import load_tensors, write_plan
+from .test_mergekit_compat import MERGEKIT, within_ulps
+from .test_mergekit_methods import FLOAT32_KERNELS, MK_RUNNER
+
+pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is in the test extra; install it")
+
+# name -> (method, first model, second model, base (a letter or None), shared parameters), as in
+# mergekit's test_basic_merges.two_model_config: a, b, c are its model_a, model_b, model_c
+PEER = {
+    "linear": ("linear", "a", "b", None, None),
+    "slerp": ("slerp", "a", "b", "a", {"t": 0.35}),
+    "task_arithmetic": ("task_arithmetic", "a", "b", "c", None),
+    "breadcrumbs": ("breadcrumbs", "a", "b", "c", None),
+    "ties": ("ties", "a", "b", "c", {"density": 0.3}),
+    "sce": ("sce", "a", "b", "c", {"select_topk": 0.5}),
+    "ram": ("ram", "a", "b", "c", None),
+    "ramplus_tl": ("ramplus_tl", "a", "b", "c", {"r": 0.05, "alpha": 1.0}),
+    "multislerp": ("multislerp", "a", "b", "c", None),
+    "model_stock": ("model_stock", "b", "c", "a", None),
+    "model_stock_filterwise": ("model_stock", "b", "c", "a", {"filter_wise": True}),
+    "arcee_fusion": ("arcee_fusion", "a", "b", "a", None),
+    "nearswap": ("nearswap", "a", "b", "a", {"t": 0.0001}),
+    "karcher": ("karcher", "a", "b", "c", {"max_iter": 5, "tol": 1e-5}),
+    "della_dense": ("della", "a", "b", "c", {"density": 1.0, "epsilon": 0.0, "lambda": 0.5}),
+}
+
+# the hand-written form: the base listed among the models, without parameters
+HAND = {
+    f"hand-{m}": f"""models:
+  - model: {{c}}
+  - model: {{a}}
+    parameters: {{{{density: 1.0, weight: 0.5}}}}
+  - model: {{b}}
+    parameters: {{{{density: 1.0, weight: 0.5}}}}
+merge_method: {m}
+base_model: {{c}}
+dtype: bfloat16
+""" for m in ("ties", "task_arithmetic", "dare_ties")
+}
+
+
+def peer_config(name: str, paths: dict) -> str:
+    method, m1, m2, base, params = PEER[name]
+    lines = ["merge_method: " + method]
+    if base:
+        lines.append(f"base_model: {paths[base]}")
+    lines += ["models:", f"  - model: {paths[m1]}", "    parameters: {weight: 0.6}",
+              f"  - model: {paths[m2]}", "    parameters: {weight: 0.4}", "dtype: bfloat16"]
+    if params:
+        lines.append(f"parameters: {params}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def peer_outputs(models, tmp_path_factory):
+    """Like mergekit's picollama fixtures: three tiny Llama-shaped models (Mistral: no biases)."""
+    paths = {"a": models("mistral", seed=0), "b": models("mistral", seed=0, noise=0.02),
+             "c": models("mistral", seed=0, noise=0.04)}
+    root = tmp_path_factory.mktemp("mk-peer")
+    args = []
+    for name in PEER:
+        cfg = write_plan(root / name, peer_config(name, paths), "config.yml")
+        args += [str(cfg), str(root / name / "mergekit")]
+    for name, text in HAND.items():
+        cfg = write_plan(root / name, text.format(**paths), "config.yml")
+        args += [str(cfg), str(root / name / "mergekit")]
+    p = subprocess.run([sys.executable, "-c", MK_RUNNER, *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(PEER) + list(HAND))
+def test_peer_config_matches_mergekit(name, peer_outputs):
+    folder = peer_outputs / name
+    res = surgery.apply(folder / "config.yml", folder / "surgery", progress=False)
+    ours, theirs = load_tensors(res.path), load_tensors(folder / "mergekit")
+    assert sorted(ours) == sorted(theirs)
+    method = PEER[name][0] if name in PEER else name.removeprefix("hand-")
+    for k in theirs:
+        t = theirs[k]
+        if method in FLOAT32_KERNELS and t.dtype == torch.float32:
+            t = t.to(torch.bfloat16)  # see test_mergekit_methods: mergekit ignores dtype for this kernel
+        assert ours[k].dtype == torch.bfloat16 and within_ulps(ours[k], t), f"{name} {k}"
+
+
+def test_unused_parameters_are_located_warnings_that_strict_refuses(peer_outputs):
+    cfg = peer_outputs / "slerp" / "config.yml"
+    rep = surgery.validate(cfg)
+    unused = [w for w in rep.warnings if w.code == "unused-parameter"]
+    assert rep.valid and len(unused) == 2
+    assert all("config.yml:" in w.where and "'weight'" in w.what for w in unused)
+    assert {w.where.rpartition(":")[2] for w in unused} == {"5", "7"}  # each model's own parameters line
+    r = CliRunner().invoke(main, ["validate", str(cfg), "--strict"])
+    assert r.exit_code == 1 and "unused-parameter" in r.output
+    ok = ["validate", str(cfg), "--strict", "--ignore", "unused-parameter", "--ignore", "narrowing-dtype"]
+    assert CliRunner().invoke(main, ok).exit_code == 0
+
+
+def test_native_plans_stay_strict_about_parameters(models, tmp_path):
+    a = models("mistral")
+    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {a}}}\n"
+                                "steps: [{merge: {method: slerp, models: [a, {model: b, parameters: {weight: 0.4}}], t: 0.5}}]\n")
+    rep = surgery.validate(plan)
+    assert not rep.valid and "slerp has no parameter 'weight'" in str(rep.problems[0])
+
+
+def test_missing_non_base_parameter_names_the_models_in_mergekit_terms(models, tmp_path):
+    a, b = models("mistral"), models("mistral", noise=0.02)
+    cfg = write_plan(tmp_path, f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: task_arithmetic\n"
+                               f"base_model: {a}\n", "config.yml")
+    rep = surgery.validate(cfg)
+    assert not rep.valid
+    msg = str(rep.problems[0])
+    assert "for every model but the base" in msg and "parameters: {weight: ...}" in msg and b.name in msg
+
+
+@pytest.mark.parametrize("bad, where", [
+    ("parameters: 3", "parameters"),
+    ("sources: 1", "sources"),
+])
+def test_wrong_types_in_a_mergekit_config_are_located(models, tmp_path, bad, where):
+    a = models("mistral")
+    if where == "parameters":
+        text = f"models:\n  - model: {a}\n    {bad}\n  - model: {a}\nmerge_method: linear\n"
+    else:
+        text = f"slices:\n  - {bad}\nmerge_method: passthrough\n"
+    cfg = write_plan(tmp_path, text, "config.yml")
+    for cmd in (["validate", str(cfg)], ["apply", str(cfg), "-o", str(tmp_path / "out")]):
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 1 and "config.yml:" in r.output and "Traceback" not in r.output, r.output
+        assert isinstance(r.exception, SystemExit)
