@@ -354,8 +354,19 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
                                 code="unknown-family"))
     out_code = DTYPE_NAMES[plan.body.output.dtype] if plan.body.output.dtype else base.dtype
 
+    tok = plan.body.tokenizer or config_model
+    realign = None  # the tokenizer source that realigns token-indexed tensors, decided before shapes are compared
+    if tok not in ckpts:  # a tokenizer source from a plugin, e.g. "union"
+        realign = tok
+    elif plan.body.tokenizer is not None and _vocabularies_differ(plan, ckpts, family, tok):
+        if "model" not in registry.current().tokenizer_sources:
+            raise PlanError(Problem(plan.where("tokenizer"), f"the models' vocabularies differ from {tok!r}'s; realigning "
+                                    "their embeddings to its tokenizer (as mergekit's tokenizer_source does) needs the "
+                                    "mergekit plugin", "pip install -e plugins/surgery-mergekit"))
+        realign = "model"
+    vocab_rows_free = (set(family.embeddings) | {family.lm_head}) if realign else set()
     tensors: list[OutTensor] = []
-    pre, post = _non_layer(plan, ckpts, base, first, out_code, warnings)
+    pre, post = _non_layer(plan, ckpts, base, first, out_code, warnings, vocab_rows_free)
     tensors += pre
     problems: list[Problem] = []
     for j, spec in enumerate(stack):
@@ -374,13 +385,14 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
                                 "check `surgery validate --tensors`, or register an architecture entry", code="guessed-identity"))
     config, changes = _output_config(base, ckpts, stack, family, out_code, warnings)
     shards = _schedule(tensors, plan.body.output.shard_size)
-    tok = plan.body.tokenizer or config_model
     merger = None
-    if tok not in ckpts:  # a tokenizer source from a plugin, e.g. "union"
-        tensors, merger = _realign_vocab(plan, ckpts, family, tensors, tok, config_model)
+    if realign is not None:
+        tensors, merger = _realign_vocab(plan, ckpts, family, tensors, realign, config_model,
+                                         tok if realign == "model" else None)
         old_v = config.get("vocab_size")
         config["vocab_size"] = merger.vocab_size
-        changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {tok})")
+        if old_v != merger.vocab_size:
+            changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {plan.body.tokenizer})")
         tok = config_model
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
@@ -438,16 +450,39 @@ def _chat_template(plan: Plan, ckpts, warnings) -> str | None:
     return text
 
 
-def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str):
-    """Rewrite every token-indexed tensor's inputs to the merged vocabulary of `source`."""
-    from dataclasses import replace as dc_replace
+def _vocab_models(plan) -> list[str]:
+    used = {m for s in plan.steps for m in _step_models(s)}
+    if plan.body.tokenizer in plan.body.models:
+        used.add(plan.body.tokenizer)
+    return sorted(used, key=list(plan.body.models).index)
 
-    from .recipes import VocabPermute
 
-    used = sorted({m for s in plan.steps for m in _step_models(s)}, key=list(plan.body.models).index)
+def _vocabularies_differ(plan, ckpts, family: Family, tok: str) -> bool:
+    """Do the models' token-indexed tensors or tokenizers differ from `tok`'s (so they need realigning)?"""
+    names = set(family.embeddings) | {family.lm_head}
+    ref = ckpts[tok]
+    for m in _vocab_models(plan):
+        ck = ckpts[m]
+        if any(n in ck.tensors and n in ref.tensors and ck.tensors[n].shape[:1] != ref.tensors[n].shape[:1] for n in names):
+            return True
+        a, b = ck.path / "tokenizer.json", ref.path / "tokenizer.json"
+        if a.is_file() and b.is_file() and (a.stat().st_size != b.stat().st_size or a.read_bytes() != b.read_bytes()):
+            return True
+    return False
+
+
+def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str,
+                   model: str | None = None):
+    """Rewrite every token-indexed tensor's inputs to the vocabulary of `source` (a tokenizer source
+    such as "union"; "model": the tokenizer of plan model `model`, the others realigned to it)."""
+    from .recipes import VocabPermute, map_children
+
+    used = _vocab_models(plan)
     first = plan.steps[0]
     base = first.base_model if isinstance(first, Merge) and first.base_model else config_model
-    merger = registry.current().tokenizer_sources[source]({m: ckpts[m].path for m in used}, base)
+    build = registry.current().tokenizer_sources[source]
+    paths = {m: ckpts[m].path for m in used}
+    merger = build(paths, base, model) if source == "model" else build(paths, base)
     vocab_names = set(family.embeddings) | {family.lm_head}
 
     def rewrite(r: Recipe) -> Recipe:
@@ -455,13 +490,7 @@ def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source
             terms = tuple(Read(ckpts[m].tensors[r.src.name], m) for m in used if r.src.name in ckpts[m].tensors)
             ids = tuple(t.model for t in terms)
             return VocabPermute(terms, ids, ids.index(r.model), merger.vocab_size, merger)
-        fields = {}
-        for attr in ("inner", "a", "b", "base"):
-            if getattr(r, attr, None) is not None:
-                fields[attr] = rewrite(getattr(r, attr))
-        if hasattr(r, "terms") and not isinstance(r, VocabPermute):
-            fields["terms"] = tuple(rewrite(t) for t in r.terms)
-        return dc_replace(r, **fields) if fields else r
+        return r if isinstance(r, VocabPermute) else map_children(r, rewrite)
 
     return [OutTensor(t.name, rewrite(t.recipe)) if t.name in vocab_names else t for t in tensors], merger
 
@@ -481,10 +510,12 @@ def _cast(r: Recipe, code: str) -> Recipe:
 
 
 def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str,
-            input_dtype: str | None, seed: int | None = None) -> Recipe:
-    """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order."""
+            input_dtype: str | None, seed: int | None = None, rows_free: bool = False) -> Recipe:
+    """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order.
+    `rows_free`: a token-indexed tensor that is realigned to one vocabulary afterwards, so only its
+    other dimensions must agree now."""
     reads = [_read(ckpts, model, n, input_dtype) for model, n in names]
-    shapes = {r.shape for r in reads}
+    shapes = {r.shape[1:] if rows_free else r.shape for r in reads}
     if len(shapes) != 1:
         desc = ", ".join(f"{model}:{n} {list(r.shape)}" for (model, n), r in zip(names, reads))
         raise PlanError(Problem(where, f"cannot merge tensors of different shapes for {out_name}: {desc}",
@@ -515,7 +546,7 @@ def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: flo
     if spec.build is not None:
         return spec.build(reads, base_index, shared, per_input)
     return External(m.method, tuple(reads), tuple(models), base_index, tuple(sorted(shared.items())),
-                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, reads[0].dtype, seed)
+                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, reads[0].dtype, seed, where)
 
 
 def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
@@ -523,7 +554,7 @@ def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
     return _cast(r, input_dtype) if input_dtype else r
 
 
-def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
+def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings, rows_free: set[str] = frozenset()):
     """Embeddings, final norm, lm_head: from `non_layer`'s model; or, when the plan names none,
     made like the first step's layers (embeddings) and the first or last step's (`post_from`:
     final norm, lm_head), merged at the gradient's start or scaled, as mergekit does."""
@@ -543,7 +574,8 @@ def _non_layer(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings):
             missing = [s.model for s in step.sources if name not in ckpts[s.model].tensors]
             if missing:
                 raise PlanError(Problem(where, f"cannot merge {name}: models {missing} do not have it"))
-            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed)
+            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed,
+                        rows_free=name in rows_free)
         elif isinstance(step, Take):
             if name not in ckpts[step.model].tensors:
                 raise PlanError(Problem(where, f"model {step.model!r} has no tensor {name!r}"))

@@ -222,7 +222,14 @@ class Evaluator:
         elif isinstance(r, External):
             from .registry import current as _registry
 
-            out = _registry().kernel(r.method)([self.full(t) for t in r.terms], r).to(torch_dtype(r.dtype))
+            inputs = [self.full(t) for t in r.terms]
+            try:
+                out = _registry().kernel(r.method)(inputs, r).to(torch_dtype(r.dtype))
+            except Exception as e:  # the plugin's kernel refused its parameters (e.g. della's epsilon)
+                params = ", ".join(f"{k}={v}" for k, v in r.shared)
+                raise OutputError(f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): "
+                                  f"{type(e).__name__}: {str(e)[:300]}", where=r.where,
+                                  fix=f"check the {r.method} parameters against its documentation") from None
         elif isinstance(r, VocabPermute):
             key = ("vocab", r.terms, r.ids)
             if key not in self._full:

@@ -198,6 +198,7 @@ class External(Recipe):
     name: str
     dtype: str
     seed: Optional[int] = None
+    where: Optional[str] = field(default=None, compare=False, hash=False)  # the merge step's plan line, for errors
 
     whole_tensor = True
 
@@ -279,6 +280,8 @@ def fingerprint(r: object) -> object:
         out: dict = {"kind": type(r).__name__}
         for f in dataclasses.fields(r):
             v = getattr(r, f.name)
+            if not f.compare and f.name != "merger":
+                continue  # bookkeeping (a plan line), not what decides the bytes
             if f.name == "merger":
                 fp = getattr(v, "fingerprint", None)
                 out[f.name] = fp() if callable(fp) else f"{type(v).__module__}.{type(v).__qualname__}:{getattr(v, 'vocab_size', '')}"
@@ -292,3 +295,18 @@ def fingerprint(r: object) -> object:
     if r is None or isinstance(r, (bool, int, str)):
         return r
     return repr(r)
+
+
+def map_children(r: Recipe, fn) -> Recipe:
+    """`r` with `fn` applied to each recipe it is made from (the fields `children()` returns, found
+    by type, so a new recipe class needs no change here)."""
+    import dataclasses
+
+    changes = {}
+    for f in dataclasses.fields(r):
+        v = getattr(r, f.name)
+        if isinstance(v, Recipe):
+            changes[f.name] = fn(v)
+        elif isinstance(v, tuple) and v and all(isinstance(x, Recipe) for x in v):
+            changes[f.name] = tuple(fn(x) for x in v)
+    return dataclasses.replace(r, **changes) if changes else r

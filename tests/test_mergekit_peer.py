@@ -150,3 +150,75 @@ def test_wrong_types_in_a_mergekit_config_are_located(models, tmp_path, bad, whe
         r = CliRunner().invoke(main, cmd)
         assert r.exit_code == 1 and "config.yml:" in r.output and "Traceback" not in r.output, r.output
         assert isinstance(r.exception, SystemExit)
+
+
+def test_a_kernel_that_refuses_its_parameters_is_a_located_error(models, tmp_path):
+    """mergekit's test_della_invalid_epsilon: epsilon 1.35 makes della raise; no traceback."""
+    a, b, c = models("mistral"), models("mistral", noise=0.02), models("mistral", noise=0.04)
+    cfg = write_plan(tmp_path, f"models:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n"
+                               f"    parameters: {{weight: 0.4}}\nmerge_method: della\nbase_model: {c}\n"
+                               "parameters: {density: 0.66, epsilon: 1.35, lambda: 0.5}\ndtype: bfloat16\n", "config.yml")
+    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "merge method della failed" in r.output and "config.yml:" in r.output, r.output
+    assert isinstance(r.exception, SystemExit) and not (tmp_path / "out").exists()
+
+
+def _grow_vocab(src, dst, extra: list[str], seed: int = 1):
+    """A copy of a tiny model with `extra` tokens added to its tokenizer and new embedding rows (as
+    mergekit's test_tokenizer builds model_chatml: 64 -> 66)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    n0 = len(vocab)
+    for i, t in enumerate(extra):
+        vocab[t] = n0 + i
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((dst / "config.json").read_text())
+    tensors = load_tensors(dst)
+    g = torch.Generator().manual_seed(seed)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in tensors:
+            t = tensors[k]
+            tensors[k] = torch.cat([t, torch.randn(len(extra), t.shape[1], generator=g, dtype=t.dtype) * 0.02])
+    cfg["vocab_size"] = tensors["model.embed_tokens.weight"].shape[0]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("source", ["union", "base", "chatml"])
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_differing_vocabularies_are_realigned_as_mergekit_does(models, tmp_path, source, method):
+    import transformers
+
+    from .test_mergekit_compat import run_both
+
+    base = models("mistral")
+    chatml = _grow_vocab(models("mistral", noise=0.02), tmp_path / "chatml", ["<|im_start|>", "<|im_end|>"])
+    ts = {"union": "union", "base": "base", "chatml": str(chatml)}[source]
+    params = ("parameters: {t: 0.5}\n" if method == "slerp" else "")
+    weights = ("" if method == "slerp" else "    parameters: {weight: 0.5}\n")
+    ours, theirs, out = run_both(tmp_path, f"models:\n  - model: {base}\n{weights}  - model: {chatml}\n{weights}"
+                                           f"merge_method: {method}\nbase_model: {base}\n{params}"
+                                           f"tokenizer_source: {ts}\ndtype: bfloat16\n")
+    va = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    vm = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    assert set(va) == set(vm)
+    assert ("<|im_start|>" in va) == (source != "base")
+    for k in theirs:
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert ours[k].shape[0] == len(va) == theirs[k].shape[0], k
+            rows_a = torch.stack([ours[k][va[t]] for t in sorted(va)])
+            rows_m = torch.stack([theirs[k][vm[t]] for t in sorted(va)])
+            assert within_ulps(rows_a, rows_m), k
+        else:
+            assert within_ulps(ours[k], theirs[k]), k
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(va)

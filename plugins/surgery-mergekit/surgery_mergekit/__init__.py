@@ -35,6 +35,9 @@ def register(api) -> None:
     for name in METHODS:
         api.lazy_merge_method(name, functools.partial(method_spec, name), kernel)
     api.tokenizer_source("union", UnionTokenizer)
+    # `tokenizer: MODEL` (mergekit's `tokenizer_source: base` or a model) when vocabularies differ:
+    # that model's tokenizer, every model's embeddings realigned to it, as mergekit does
+    api.tokenizer_source("model", ModelTokenizer)
     api.chat_templates(chat_template)
     from .commands import mergekit_command
 
@@ -86,14 +89,16 @@ class UnionTokenizer:
     """mergekit's union tokenizer and its embedding realignment, for `tokenizer: union` in a plan
     (or `tokenizer_source: union` in a mergekit config)."""
 
-    def __init__(self, models: dict, base: str):
+    def __init__(self, models: dict, base: str, source: str = "union"):
         from mergekit.common import ModelReference
         from mergekit.tokenizer.build import build_tokenizer
 
         self.refs = {name: ModelReference.model_validate(str(path)) for name, path in models.items()}
         self.base = base
+        # mergekit's tokenizer_source: "union", "base", or a model reference
+        self.source = source if source in ("union", "base") else self.refs[source]
         self.info = build_tokenizer(base_model=self.refs[base], referenced_models=list(self.refs.values()),
-                                    tokenizer_source="union", trust_remote_code=False, add_tokens=[])
+                                    tokenizer_source=self.source, trust_remote_code=False, add_tokens=[])
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +113,7 @@ class UnionTokenizer:
         task = PermutedVocabulary(
             gather_tensors=GatherTensors(weight_info=ImmutableMap(data={})),
             tokenizer_task=BuildTokenizer(base_model=self.refs[self.base], referenced_models=tuple(self.refs.values()),
-                                          tokenizer_source="union", add_tokens=()),
+                                          tokenizer_source=self.source, add_tokens=()),
             tokens=None, pad_to_multiple_of=None, base_model=self.refs[self.base], vocabulary_axis=0)
         out = task.execute(tokenizer_info=self.info, tensors={self.refs[n]: t for n, t in tensors.items()})
         names = {ref: n for n, ref in self.refs.items()}
@@ -124,8 +129,13 @@ class UnionTokenizer:
 
         perms = {str(ref): sorted((int(k), int(v)) for k, v in p.items())
                  for ref, p in sorted(self.info.permutations.items(), key=lambda kv: str(kv[0]))}
-        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base])
+        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base, str(self.source)])
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def ModelTokenizer(models: dict, base: str, source: str) -> UnionTokenizer:
+    """One model's tokenizer (mergekit's `tokenizer_source: base` or a model), the others realigned."""
+    return UnionTokenizer(models, base, "base" if source == base else source)
 
 
 def chat_template(name: str):
