@@ -43,6 +43,12 @@ class Family:
     layer_threshold_config: tuple[str, ...] = ()
     position_dependent_config: tuple[str, ...] = ()
     notes: str = ""
+    # vision-language checkpoints: the key of the nested config that holds the language model's
+    # settings (layer count, per-layer lists, vocab_size), e.g. "text_config" for LLaVA
+    text_config: str = ""
+    # other tensor-name layouts of the same model_type (e.g. LLaVA saved before and after
+    # transformers 4.52): each a {layer_prefix, embeddings, lm_head} override, chosen by the tensor names
+    name_variants: tuple = ()
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -62,6 +68,9 @@ class Family:
                    "output_projections", "norms"} - set(d)
         if missing:
             raise SurgeryError(f"architecture entry lacks {sorted(missing)}", where=origin)
+        for v in d.get("name_variants", ()):
+            if not isinstance(v, dict) or not set(v) <= {"layer_prefix", "embeddings", "lm_head"} or "layer_prefix" not in v:
+                raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?}", where=origin)
         tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
         return cls(**{**d, **tuples})
 
@@ -85,7 +94,25 @@ class Family:
     def is_norm(self, suffix: str) -> bool:
         return self._norm_re.fullmatch(suffix) is not None
 
+    def lm_config(self, config: dict) -> dict:
+        """The (mutable) part of `config` that describes the language model's layers."""
+        sub = config.get(self.text_config) if self.text_config else None
+        return sub if isinstance(sub, dict) else config
+
+    def for_tensors(self, names: list[str]) -> "Family":
+        """This family in the tensor-name layout `names` use (see name_variants)."""
+        if any(n.startswith(self.layer_prefix) for n in names):
+            return self
+        import dataclasses
+
+        for v in self.name_variants:
+            if any(n.startswith(v["layer_prefix"]) for n in names):
+                return dataclasses.replace(self, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()},
+                                           name_variants=())
+        return self
+
     def num_layers(self, config: dict) -> int | None:
+        config = self.lm_config(config)
         for key in (self.num_layers_key, "num_hidden_layers", "n_layer", "num_layers"):
             v = config.get(key)
             if isinstance(v, int) and not isinstance(v, bool):
@@ -114,7 +141,7 @@ def detect_family(config: dict, tensor_names: list[str], where: str) -> Family:
     by_type = registry.current().by_model_type
     mt = config.get("model_type")
     if isinstance(mt, str) and mt in by_type:
-        return by_type[mt]
+        return by_type[mt].for_tensors(tensor_names)
     return _guess_family(config, tensor_names, where)
 
 

@@ -83,7 +83,10 @@ class Checkpoint:
 
     @property
     def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        v = self.config.get("tie_word_embeddings")
+        if v is None:
+            v = self.family.lm_config(self.config).get("tie_word_embeddings", False)
+        return bool(v)
 
     @property
     def dtype(self) -> str:
@@ -326,6 +329,9 @@ def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = Fal
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", where=str(cfg_path))
     check_config_types(config, str(cfg_path))
+    for nested in ("text_config", "language_config", "llm_config"):
+        if isinstance(config.get(nested), dict):
+            check_config_types(config[nested], f"{cfg_path}: {nested}")
 
     tensors, hashes, pickled = _read_weights(path, where, allow_pickle)
     family = detect_family(config, list(tensors), where)

@@ -340,7 +340,8 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
                                 "start with `take` or `merge`"))
     config_model = plan.body.non_layer or first_model
     base = ckpts[config_model]
-    default_std = float(base.config.get("initializer_range", 0.02) or 0.02)
+    default_std = float(base.family.lm_config(base.config).get("initializer_range", 0.02)
+                        or base.config.get("initializer_range", 0.02) or 0.02)
 
     stack: list[LayerSpec] = []
     for i, step in enumerate(plan.steps):
@@ -389,8 +390,9 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     if realign is not None:
         tensors, merger = _realign_vocab(plan, ckpts, family, tensors, realign, config_model,
                                          tok if realign == "model" else None)
-        old_v = config.get("vocab_size")
-        config["vocab_size"] = merger.vocab_size
+        lm = family.lm_config(config)
+        old_v = lm.get("vocab_size")
+        lm["vocab_size"] = merger.vocab_size
         if old_v != merger.vocab_size:
             changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {plan.body.tokenizer})")
         tok = config_model
@@ -636,7 +638,8 @@ def _layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpo
 
 
 def _output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Family, out_code: str, warnings):
-    cfg = copy.deepcopy(base.config)
+    full = copy.deepcopy(base.config)
+    cfg = family.lm_config(full)  # a VLM's text_config: the layer settings live there
     n_old, n_new = base.num_layers, len(stack)
     changes = []
     for key in {family.num_layers_key} | ({"num_hidden_layers"} & set(cfg)):
@@ -655,7 +658,7 @@ def _output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Fami
         new = []
         for spec in stack:
             m, li = spec.sources[0]
-            lst = ckpts[m].config.get(key)
+            lst = family.lm_config(ckpts[m].config).get(key)
             new.append(lst[li] if isinstance(lst, list) and len(lst) == ckpts[m].num_layers else cfg[key][min(li, n_old - 1)])
         cfg[key] = new
         changes.append(f"{key}: {n_old} entries -> {n_new}, following the layer map")
@@ -679,13 +682,14 @@ def _output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Fami
         if cfg.get(key):
             warnings.append(f"config {key} is set: layers behave differently at different depths, so moved copies are not exact copies of their function")
     tname = dtype_name(out_code)
-    for key in ("dtype", "torch_dtype"):
-        if key in cfg and cfg[key] != tname:
-            changes.append(f"{key}: {cfg[key]} -> {tname}")
-            cfg[key] = tname
-    if "dtype" not in cfg and "torch_dtype" not in cfg:
-        cfg["dtype"] = tname
-    return cfg, changes
+    for c in ([full, cfg] if cfg is not full else [full]):
+        for key in ("dtype", "torch_dtype"):
+            if key in c and c[key] != tname:
+                changes.append(f"{key}: {c[key]} -> {tname}")
+                c[key] = tname
+    if "dtype" not in full and "torch_dtype" not in full:
+        full["dtype"] = tname
+    return full, changes
 
 
 def shard_name(i: int, n: int) -> str:

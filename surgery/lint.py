@@ -50,10 +50,10 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
             continue
         names = [m.model for m in step.sources]
         where = plan.step_where(i)
-        vocab = {n: ckpts[n].config.get("vocab_size") for n in names}
+        vocab = {n: ckpts[n].family.lm_config(ckpts[n].config).get("vocab_size") for n in names}
         toks = {n: _tokenizer_digest(ckpts[n].path) for n in names}
-        if plan.body.tokenizer == "union":
-            pass  # the vocabularies are merged and the embeddings realigned
+        if plan.body.tokenizer is not None:
+            pass  # a tokenizer source is set: differing vocabularies are realigned to it (compile)
         elif len(set(vocab.values())) > 1:
             out.append(Problem(where, "merge of models with different vocabularies: " + ", ".join(f"{n} {v}" for n, v in vocab.items()),
                                "token ids do not line up; use `tokenizer: union` (mergekit plugin) or models from one release",
@@ -63,7 +63,7 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                                "although the vocabulary sizes match", "the same id may be a different token in each model; "
                                "check that they share a tokenizer, or use `tokenizer: union` (mergekit plugin)",
                                code="vocab-mismatch"))
-        ropes = {n: rope_settings(ckpts[n].config) for n in names}
+        ropes = {n: rope_settings(ckpts[n].family.lm_config(ckpts[n].config)) for n in names}
         for key in sorted({k for r in ropes.values() for k in r}):
             vals = {n: r.get(key) for n, r in ropes.items()}
             if len({repr(v) for v in vals.values()}) > 1:

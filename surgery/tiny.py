@@ -102,3 +102,43 @@ def logits(path: str | Path, input_ids=None):
         input_ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=g)
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def build_tiny_llava(path: str | Path, *, seed: int = 0, noise: float = 0.0, text_layers: int = 2) -> Path:
+    """A tiny LLaVA (CLIP vision tower + Llama language model), shaped like mergekit's test model
+    (its tests/common.py make_picoLlaVa): text vocab 64, hidden 32, 16 heads."""
+    import torch
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+                                           hidden_size=64, intermediate_size=128)
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
+                                    num_hidden_layers=text_layers, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=63)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif noise:
+                p.add_(noise * torch.randn(p.shape, generator=g))
+    path = Path(path)
+    model.save_pretrained(path)
+    _write_tokenizer(path, 64)
+    return path
+
+
+def llava_logits(path: str | Path, seed: int = 0):
+    """Logits of a tiny LLaVA on fixed text and a fixed image (loaded with the image-text-to-text auto class)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (1, 72), generator=g)
+    ids[0, 2:66] = model.config.image_token_index  # one position per image patch: (32 / 4)^2
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits
