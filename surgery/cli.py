@@ -132,7 +132,7 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
     from .plan import parse_size
 
     try:
-        limit = parse_size(max_memory, "", 1 << 20) if max_memory is not None else None
+        limit = parse_size(max_memory, "", 1024) if max_memory is not None else None
     except ValueError as e:
         raise SurgeryError(f"--max-memory: {e}") from None
     res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,

@@ -359,11 +359,12 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     realign = None  # the tokenizer source that realigns token-indexed tensors, decided before shapes are compared
     if tok not in ckpts:  # a tokenizer source from a plugin, e.g. "union"
         realign = tok
-    elif plan.body.tokenizer is not None and _vocabularies_differ(plan, ckpts, family, tok):
+    elif plan.body.tokenizer is not None and (plan.body.tokenizer_options is not None
+                                              or _vocabularies_differ(plan, ckpts, family, tok)):
         if "model" not in registry.current().tokenizer_sources:
             raise PlanError(Problem(plan.where("tokenizer"), f"the models' vocabularies differ from {tok!r}'s; realigning "
-                                    "their embeddings to its tokenizer (as mergekit's tokenizer_source does) needs the "
-                                    "mergekit plugin", "pip install -e plugins/surgery-mergekit"))
+                                    "their embeddings to its tokenizer (as mergekit's tokenizer_source does), or "
+                                    "tokenizer_options, needs the mergekit plugin", "pip install -e plugins/surgery-mergekit"))
         realign = "model"
     vocab_rows_free = (set(family.embeddings) | {family.lm_head}) if realign else set()
     tensors: list[OutTensor] = []
@@ -456,6 +457,12 @@ def _vocab_models(plan) -> list[str]:
     used = {m for s in plan.steps for m in _step_models(s)}
     if plan.body.tokenizer in plan.body.models:
         used.add(plan.body.tokenizer)
+    opts = plan.body.tokenizer_options
+    for setting in (opts.tokens.values() if opts is not None else ()):
+        src = setting.source
+        model = src if isinstance(src, str) else getattr(src, "model", None)
+        if model:
+            used.add(model)
     return sorted(used, key=list(plan.body.models).index)
 
 
@@ -484,7 +491,16 @@ def _realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source
     base = first.base_model if isinstance(first, Merge) and first.base_model else config_model
     build = registry.current().tokenizer_sources[source]
     paths = {m: ckpts[m].path for m in used}
-    merger = build(paths, base, model) if source == "model" else build(paths, base)
+    opts = plan.body.tokenizer_options
+    extra = {"options": opts.model_dump(exclude_none=True)} if opts is not None else {}
+    try:
+        merger = build(paths, base, model, **extra) if source == "model" else build(paths, base, **extra)
+    except SurgeryError:
+        raise
+    except Exception as e:  # the plugin's tokenizer code (a token that does not exist, ...)
+        raise PlanError(Problem(plan.where("tokenizer_options" if opts is not None else "tokenizer"),
+                                f"building the output tokenizer failed: {type(e).__name__}: {str(e)[:300]}",
+                                "check the tokenizer settings and the models' tokenizer files")) from None
     vocab_names = set(family.embeddings) | {family.lm_head}
 
     def rewrite(r: Recipe) -> Recipe:

@@ -78,8 +78,7 @@ def translate(doc: Located) -> Located:
     if unknown:
         raise PlanError(f"unknown mergekit key {unknown[0]!r}", where=at((unknown[0],)),
                         fix=f"mergekit 0.1.5 keys: {', '.join(sorted(TOP_KEYS))}")
-    for key, why in (("modules", "multi-module (vision-language) configs"),
-                     ("tokenizer", "the `tokenizer:` block (token surgery)")):
+    for key, why in (("modules", "multi-module (vision-language) configs"),):
         if data.get(key) is not None:
             problems.append(Problem(at((key,)), f"{why} are not supported by surgery yet",
                                     "run this config with mergekit itself (`surgery mergekit CONFIG OUT` with the plugin)"))
@@ -215,15 +214,49 @@ def translate(doc: Located) -> Located:
     if out_dtype:
         plan["output"] = {"dtype": out_dtype}
     ts = data.get("tokenizer_source")
+    block = data.get("tokenizer")
+    if block is not None:
+        if ts is not None:
+            raise PlanError("give the tokenizer once: `tokenizer_source:` or the `tokenizer:` block", where=at(("tokenizer",)))
+        if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
+            raise PlanError("the `tokenizer:` block is {source, tokens, pad_to_multiple_of}", where=at(("tokenizer",)),
+                            fix="see mergekit's docs/tokenizer (TokenizerConfig)")
+        ts = block.get("source", "union")
+        opts: dict[str, Any] = {}
+        if block.get("pad_to_multiple_of") is not None:
+            opts["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+        tokens = block.get("tokens") or {}
+        if not isinstance(tokens, dict):
+            raise PlanError("`tokens` is a mapping of token: {source, force}", where=at(("tokenizer", "tokens")))
+        opts["tokens"] = {}
+        for tok, setting in tokens.items():
+            p = ("tokenizer", "tokens", tok)
+            if not isinstance(setting, dict):
+                raise PlanError("a token's setting is {source: ..., force: true|false}", where=at(p))
+            setting = dict(setting)
+            src = setting.get("source")
+            if isinstance(src, dict) and src.get("kind") == "model_token" and "model" in src:
+                setting["source"] = {**src, "model": name(src["model"], p + ("source", "model"))}
+            elif src is not None and not isinstance(src, dict):
+                setting["source"] = name(src, p + ("source",))
+            opts["tokens"][str(tok)] = setting
+        plan_opts = opts
+    else:
+        plan_opts = None
     if ts is not None:
         plan["tokenizer"] = "union" if ts == "union" else base if ts == "base" else name(ts, ("tokenizer_source",))
         if plan["tokenizer"] is None:
             raise PlanError("tokenizer_source: base needs a base_model", where=at(("tokenizer_source",)))
         plan["models"] = {n: ({"path": p, "revision": revisions[n]} if revisions.get(n) else p) for n, p in names.items()}
+    if plan_opts is not None:
+        plan["tokenizer_options"] = plan_opts
+        lines[("tokenizer_options",)] = line(("tokenizer",))
+        for tok in plan_opts.get("tokens", {}):
+            lines[("tokenizer_options", "tokens", tok)] = line(("tokenizer", "tokens", tok))
     # every path of the translated plan points at the config's lines
     for key in ("models", "input_dtype", "output", "tokenizer", "name", "chat_template"):
         lines[(key,)] = line(({"input_dtype": "dtype", "output": "out_dtype" if data.get("out_dtype") else "dtype",
-                               "tokenizer": "tokenizer_source"}.get(key, key),))
+                               "tokenizer": "tokenizer" if block is not None else "tokenizer_source"}.get(key, key),))
     for n in names:
         lines[("models", n)] = lines[("models",)]
     return Located(plan, doc.source, lines, notes=list(doc.notes))

@@ -297,6 +297,31 @@ def parse_size(v: Any, what: str = "shard size", minimum: int = 1024) -> int:
     return n
 
 
+class TokenSource(Strict):
+    kind: Literal["model_token", "zero"]
+    model: Optional[StrictStr] = None
+    token_id: Optional[StrictInt] = Field(default=None, ge=0)
+    token: Optional[StrictStr] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.kind == "model_token" and (self.model is None or (self.token_id is None) == (self.token is None)):
+            raise ValueError("a model_token source names `model` and exactly one of `token_id` or `token`")
+        if self.kind == "zero" and (self.model or self.token_id is not None or self.token):
+            raise ValueError("a zero source takes no other keys")
+        return self
+
+
+class TokenSetting(Strict):
+    source: Union[StrictStr, TokenSource, None] = None  # a model name, a model's token, or zero
+    force: bool = False
+
+
+class TokenizerOptions(Strict):
+    tokens: dict[StrictStr, TokenSetting] = {}
+    pad_to_multiple_of: Optional[StrictInt] = Field(default=None, ge=1, le=4096)
+
+
 class ModelRef(Strict):
     path: StrictStr
     revision: Optional[StrictStr] = None
@@ -336,6 +361,10 @@ class PlanBody(Strict):
     non_layer: Optional[StrictStr] = None
     post_from: Literal["first", "last"] = "first"  # without non_layer: the step final norm and lm_head follow
     tokenizer: Optional[StrictStr] = None
+    # mergekit's `tokenizer:` block beyond its source (mergekit plugin): per-token embedding sources
+    # {token: {source: MODEL | {kind: model_token, model: MODEL, token_id | token} | {kind: zero}, force}}
+    # and pad_to_multiple_of (embedding rows padded, the tokenizer not)
+    tokenizer_options: Optional[TokenizerOptions] = None
     output: Output = Output()
 
     @field_validator("models")
@@ -413,6 +442,17 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
                 if model not in declared:
                     problems.append(Problem(doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}",
                                             f"models in this plan: {names}"))
+        opts = data.get("tokenizer_options")
+        if isinstance(opts, dict) and isinstance(opts.get("tokens"), dict):
+            for tok, setting in opts["tokens"].items():
+                src = setting.get("source") if isinstance(setting, dict) else None
+                model = src if isinstance(src, str) else src.get("model") if isinstance(src, dict) else None
+                if isinstance(model, str) and model not in declared:
+                    problems.append(Problem(doc.where(("tokenizer_options", "tokens", tok)), f"unknown model {model!r}",
+                                            f"models in this plan: {names}"))
+        if isinstance(opts, dict) and data.get("tokenizer") is None:
+            problems.append(Problem(doc.where(("tokenizer_options",)), "tokenizer_options needs `tokenizer:` (union or a model)",
+                                    "set `tokenizer: union` or the model whose tokenizer the output keeps"))
         tokenizer_sources = registry.current().tokenizer_sources
         for key in ("non_layer", "tokenizer"):
             v = data.get(key)

@@ -222,3 +222,115 @@ def test_differing_vocabularies_are_realigned_as_mergekit_does(models, tmp_path,
         else:
             assert within_ulps(ours[k], theirs[k]), k
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(va)
+
+
+# mergekit's tests/test_tokenizer.py, rebuilt: BPE tokenizers of `_tok_{i}` tokens, a base of 64,
+# a chatml model of 66 (two added tokens, two more embedding rows) and a padded one (added tokens
+# that no embedding row uses)
+def _bpe_tokenizer(folder, vocab_size: int, added: list[str]):
+    import json as _json
+
+    import tokenizers
+    import transformers
+
+    tokens = (["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)])[:vocab_size]
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))), "merges": []},
+            "added_tokens": []}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(_json.dumps(data)),
+                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_tokens(added)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tok_models(tmp_path_factory):
+    from surgery.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("mk-tok")
+    base = build_tiny("llama", root / "model_base", vocab_size=64, mlp_bias=False, attention_bias=False)
+    _bpe_tokenizer(base, 64, [])
+    chatml = build_tiny("llama", root / "model_chatml", vocab_size=66, noise=0.02, mlp_bias=False, attention_bias=False)
+    _bpe_tokenizer(chatml, 64, ["<|im_start|>", "<|im_end|>"])
+    padded = build_tiny("llama", root / "model_padded", vocab_size=64, noise=0.04, mlp_bias=False, attention_bias=False)
+    _bpe_tokenizer(padded, 64, [f"<UNUSED_{i}>" for i in range(4)])
+    return {"base": base, "chatml": chatml, "padded": padded}
+
+
+TOKENIZER_CASES = {
+    "source_base": (["base", "padded", "chatml"], "linear", "tokenizer_source: base\n"),
+    "source_union": (["base", "padded", "chatml"], "linear", "tokenizer_source: union\n"),
+    "source_model": (["base", "padded", "chatml"], "linear", "tokenizer_source: {chatml}\n"),
+    "slerp_union": (["base", "chatml"], "slerp", "tokenizer_source: union\nparameters: {{t: 0.5}}\n"),
+    "force_token": (["base", "chatml"], "linear", "tokenizer:\n  source: union\n  tokens:\n"
+                    "    _tok_10: {{source: {chatml}, force: true}}\n    _tok_11: {{source: {base}, force: true}}\n"),
+    "model_token_id": (["base", "chatml"], "linear", "tokenizer:\n  source: base\n  tokens:\n    _tok_20:\n"
+                       "      source: {{kind: model_token, model: {chatml}, token_id: 64}}\n      force: true\n"
+                       "    _tok_21:\n      source: {{kind: model_token, model: {base}, token: '<s>'}}\n      force: true\n"),
+    "pad_to_multiple_of": (["chatml"], "linear", "tokenizer:\n  source: base\n  pad_to_multiple_of: 16\n"),
+}
+
+
+def _tok_config(name: str, paths: dict) -> str:
+    models, method, extra = TOKENIZER_CASES[name]
+    base = paths["chatml"] if name == "pad_to_multiple_of" else paths["base"]
+    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: float32", "models:"]
+    for m in models:
+        lines += [f"  - model: {paths[m]}", "    parameters: {weight: 1.0}"]
+    return "\n".join(lines) + "\n" + extra.format(**paths)
+
+
+@pytest.fixture(scope="module")
+def tok_outputs(tok_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mk-tok-out")
+    args = []
+    for name in TOKENIZER_CASES:
+        cfg = write_plan(root / name, _tok_config(name, tok_models), "config.yml")
+        args += [str(cfg), str(root / name / "mergekit")]
+    p = subprocess.run([sys.executable, "-c", MK_RUNNER, *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(TOKENIZER_CASES))
+def test_mergekit_tokenizer_configs_agree_token_by_token(name, tok_outputs, tok_models):
+    import json as _json
+
+    import transformers
+
+    folder = tok_outputs / name
+    out = surgery.apply(folder / "config.yml", folder / "surgery", progress=False).path
+    ours, theirs = load_tensors(out), load_tensors(folder / "mergekit")
+    va = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    vm = transformers.AutoTokenizer.from_pretrained(folder / "mergekit").get_vocab()
+    assert set(va) == set(vm)
+    n_cfg = _json.loads((out / "config.json").read_text())["vocab_size"]
+    assert n_cfg == _json.loads((folder / "mergekit" / "config.json").read_text())["vocab_size"]
+    if TOKENIZER_CASES[name][1] == "slerp":  # float32 slerp: ~1e-7 relative, as the README's table says
+        def within_ulps(a, b):
+            return torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    else:
+        from .test_mergekit_compat import within_ulps
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, k
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows_a = torch.stack([ours[k][va[t]] for t in sorted(va)])
+            rows_m = torch.stack([theirs[k][vm[t]] for t in sorted(va)])
+            assert within_ulps(rows_a, rows_m), k
+            assert torch.equal(ours[k][len(va):], theirs[k][len(vm):]), k  # padding rows
+        else:
+            assert within_ulps(ours[k], theirs[k]), k
+    if name == "pad_to_multiple_of":
+        assert n_cfg == 80 and len(va) == 66
+    if name == "model_token_id":  # _tok_20 is chatml's row 64, _tok_21 base's <s>
+        chat, base = load_tensors(tok_models["chatml"]), load_tensors(tok_models["base"])
+        assert torch.equal(ours["model.embed_tokens.weight"][va["_tok_20"]], chat["model.embed_tokens.weight"][64])
+        assert torch.equal(ours["model.embed_tokens.weight"][va["_tok_21"]], base["model.embed_tokens.weight"][1])
+
+
+def test_tokenizer_block_errors_are_located(tok_models, tmp_path):
+    cfg = write_plan(tmp_path, _tok_config("force_token", tok_models).replace("force: true}", "force: true, color: red}", 1),
+                     "config.yml")
+    r = CliRunner().invoke(main, ["validate", str(cfg)])
+    assert r.exit_code == 1 and "config.yml:" in r.output and "color" in r.output, r.output

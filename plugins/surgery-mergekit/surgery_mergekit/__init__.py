@@ -89,20 +89,36 @@ class UnionTokenizer:
     """mergekit's union tokenizer and its embedding realignment, for `tokenizer: union` in a plan
     (or `tokenizer_source: union` in a mergekit config)."""
 
-    def __init__(self, models: dict, base: str, source: str = "union"):
-        from mergekit.common import ModelReference
+    def __init__(self, models: dict, base: str, source: str = "union", options: dict | None = None):
+        from mergekit.common import ImmutableMap, ModelReference
         from mergekit.tokenizer.build import build_tokenizer
+        from mergekit.tokenizer.config import TokenEmbeddingConfig
 
         self.refs = {name: ModelReference.model_validate(str(path)) for name, path in models.items()}
         self.base = base
         # mergekit's tokenizer_source: "union", "base", or a model reference
         self.source = source if source in ("union", "base") else self.refs[source]
+        options = options or {}
+        self.pad_to_multiple_of = options.get("pad_to_multiple_of")
+        tokens = {}
+        for tok, setting in (options.get("tokens") or {}).items():  # plan model names -> mergekit references
+            s = dict(setting)
+            src = s.get("source")
+            if isinstance(src, str):
+                s["source"] = self.refs[src]
+            elif isinstance(src, dict) and src.get("model"):
+                s["source"] = {**src, "model": self.refs[src["model"]]}
+            tokens[tok] = TokenEmbeddingConfig.model_validate(s)
+        self.tokens = ImmutableMap(data=tokens) if tokens else None
         self.info = build_tokenizer(base_model=self.refs[base], referenced_models=list(self.refs.values()),
-                                    tokenizer_source=self.source, trust_remote_code=False, add_tokens=[])
+                                    tokenizer_source=self.source, trust_remote_code=False, add_tokens=list(tokens))
 
     @property
     def vocab_size(self) -> int:
-        return len(self.info.tokenizer.get_vocab())
+        """Rows of every realigned token-indexed tensor (the tokenizer's size, padded as configured)."""
+        n = len(self.info.tokenizer.get_vocab())
+        m = self.pad_to_multiple_of
+        return (n // m + 1) * m if m and n % m else n
 
     def permute(self, tensors: dict) -> dict:
         from mergekit.common import ImmutableMap
@@ -113,8 +129,9 @@ class UnionTokenizer:
         task = PermutedVocabulary(
             gather_tensors=GatherTensors(weight_info=ImmutableMap(data={})),
             tokenizer_task=BuildTokenizer(base_model=self.refs[self.base], referenced_models=tuple(self.refs.values()),
-                                          tokenizer_source=self.source, add_tokens=()),
-            tokens=None, pad_to_multiple_of=None, base_model=self.refs[self.base], vocabulary_axis=0)
+                                          tokenizer_source=self.source, add_tokens=tuple(self.tokens.keys()) if self.tokens else ()),
+            tokens=self.tokens, pad_to_multiple_of=self.pad_to_multiple_of, base_model=self.refs[self.base],
+            vocabulary_axis=0)
         out = task.execute(tokenizer_info=self.info, tensors={self.refs[n]: t for n, t in tensors.items()})
         names = {ref: n for n, ref in self.refs.items()}
         return {names[ref]: t for ref, t in out.items()}
@@ -129,13 +146,14 @@ class UnionTokenizer:
 
         perms = {str(ref): sorted((int(k), int(v)) for k, v in p.items())
                  for ref, p in sorted(self.info.permutations.items(), key=lambda kv: str(kv[0]))}
-        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base, str(self.source)])
+        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base, str(self.source),
+                           repr(self.tokens), self.pad_to_multiple_of])
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def ModelTokenizer(models: dict, base: str, source: str) -> UnionTokenizer:
+def ModelTokenizer(models: dict, base: str, source: str, options: dict | None = None) -> UnionTokenizer:
     """One model's tokenizer (mergekit's `tokenizer_source: base` or a model), the others realigned."""
-    return UnionTokenizer(models, base, "base" if source == base else source)
+    return UnionTokenizer(models, base, "base" if source == base else source, options)
 
 
 def chat_template(name: str):
