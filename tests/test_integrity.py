@@ -349,3 +349,60 @@ def test_resume_skips_a_checkpoint_whose_save_was_torn(tmp_path):
     ck.mkdir()
     (ck / "checkpoint-5").mkdir()  # torn, and the only one: the stage starts over
     assert last_complete_checkpoint(ck, notes.append) is None
+
+
+# train and eval: models that would run code or unpickle, data that is not what it says ----------------
+
+def _train_cfg(tmp_path, model, data_line="data: {files: [train.jsonl], seq_len: 32}") -> Path:
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": "hello world " * 20}) + "\n" for _ in range(40)))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\n{data_line}\nsteps: 2\nmicro_batch: 2\n")
+    return cfg
+
+
+@pytest.mark.parametrize("hazard, message", [
+    ("auto_map", "needs remote code"),
+    ("pickle", "only pickled weights"),
+    ("model_type", "is not one transformers"),
+])
+def test_train_and_eval_refuse_models_that_would_run_code(models, tmp_path, hazard, message):
+    src = tmp_path / "m"
+    shutil.copytree(models("llama"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    if hazard == "auto_map":
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+        (src / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    elif hazard == "pickle":
+        t = load_tensors(src)
+        for f in src.glob("*.safetensors"):
+            f.unlink()
+        torch.save(t, src / "pytorch_model.bin")
+    else:
+        cfg["model_type"] = "no-such-arch"
+    (src / "config.json").write_text(json.dumps(cfg))
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", str(_train_cfg(tmp_path, src))])
+    assert r.exit_code == 1 and message in r.output and "remote code ran" not in r.output, r.output
+    assert isinstance(r.exception, SystemExit)
+    (tmp_path / "held.txt").write_text("some held-out text " * 50)
+    r = runner.invoke(main, ["eval", str(src), "--data", str(tmp_path / "held.txt")])
+    assert r.exit_code == 1 and message in r.output, r.output
+
+
+def test_corrupt_parquet_and_non_text_records_are_reported(models, tmp_path, capfd):
+    from surgery.train.data import Source, read_pieces
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet PAR1")
+    with pytest.raises(SurgeryError, match="not a readable parquet file"):
+        list(read_pieces(Source("parquet", str(bad), "data.files[0]"), None))
+    jl = tmp_path / "mixed.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in ["ok", 3, ["a"], None, "fine"]) + "\n")
+    got = [p[0] for p in read_pieces(Source("jsonl", str(jl), "data.files[0]"), None)]
+    assert got == ["ok", "fine"]
+    err = capfd.readouterr().err
+    assert "skipped 3 record(s) whose 'text' is not text (first at line 2: int)" in err
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(SurgeryError, match="deep.jsonl:1: the line is nested"):
+        list(read_pieces(Source("jsonl", str(deep), "data.files[0]"), None))

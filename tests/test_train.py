@@ -303,7 +303,7 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
     ("model: {m}\ndata: {{files: [missing.jsonl], seq_len: 64}}\nsteps: 2\n", "", "data file not found"),
     ("model: {m}\ndata: {{files: [data.csv], seq_len: 64}}\nsteps: 2\n", "", "unknown data format '.csv'"),
-    ("model: {m}\ndata: {{files: [broken.jsonl], seq_len: 64}}\nsteps: 2\n", "", "broken.jsonl:2: not a JSON object"),
+    ("model: {m}\ndata: {{files: [broken.jsonl], seq_len: 64}}\nsteps: 2\n", "", "broken.jsonl:2: the line is not valid JSON"),
     ("model: {m}\ndata: {{files: [p.parquet], seq_len: 64}}\nsteps: 2\n", "", "no column 'text' (columns: body)"),
     ("model: {m}\ndata: {{files: [{c}], eval_files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "less than one sequence of 64"),
     ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: nope.yaml}}\n", "",

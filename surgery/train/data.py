@@ -20,6 +20,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import PlanError, SurgeryError
+from ..jsonio import parse_json
 from ..yamlio import resolve_path
 
 FORMAT = "surgery-tokens/1"
@@ -146,36 +148,77 @@ def _txt(path: str, separator: str | None):
 
 
 def _jsonl(src: Source):
+    skipped = _Skipped(src, "line")
     with open(src.path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SurgeryError(f"{src.path}:{n}: not a JSON object ({e.msg})", where=src.where,
+                rec = parse_json(line, f"{src.path}:{n}", what="the line")
+            except SurgeryError as e:
+                raise SurgeryError(f"{e.problems[0].where}: {e.problems[0].what}", where=src.where,
                                    fix="JSON Lines files hold one JSON object per line") from None
             if not isinstance(rec, dict) or src.text_field not in rec:
                 keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
                 raise SurgeryError(f"{src.path}:{n}: no field {src.text_field!r} (has: {keys})", where=src.where,
                                    fix="set data.text_field to the field that holds the text")
             text = rec[src.text_field]
-            if isinstance(text, str) and text:
-                yield text, True, True
+            if isinstance(text, str):
+                if text:
+                    yield text, True, True
+            else:
+                skipped.add(n, text)
+    skipped.report()
+
+
+class _Skipped:
+    """Records whose text field holds no text (a number, a list, null): skipped, and said so."""
+
+    def __init__(self, src: Source, unit: str):
+        self.src, self.unit, self.count, self.first = src, unit, 0, None
+
+    def add(self, at, value) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = (at, type(value).__name__)
+
+    def report(self) -> None:
+        if self.count:
+            at, kind = self.first
+            print(f"note: {self.src.path}: skipped {self.count:,} record(s) whose {self.src.text_field!r} is not text "
+                  f"(first at {self.unit} {at}: {kind})", file=sys.stderr)
 
 
 def _parquet(src: Source):
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(src.path)
-    cols = pf.schema_arrow.names
+    try:
+        pf = pq.ParquetFile(src.path)
+        cols = pf.schema_arrow.names
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: the file is not readable parquet
+        raise SurgeryError(f"{src.path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})",
+                           where=src.where, fix="check the file (a partial download?), or convert it to .jsonl") from None
     if src.text_field not in cols:
         raise SurgeryError(f"{src.path}: no column {src.text_field!r} (columns: {', '.join(cols)})", where=src.where,
                            fix="set data.text_field to the column that holds the text")
-    for batch in pf.iter_batches(batch_size=1024, columns=[src.text_field]):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text:
-                yield text, True, True
+    skipped = _Skipped(src, "row")
+    row = 0
+    try:
+        batches = pf.iter_batches(batch_size=1024, columns=[src.text_field])
+        for batch in batches:
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if isinstance(text, str):
+                    if text:
+                        yield text, True, True
+                else:
+                    skipped.add(row, text)
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"{src.path}: reading parquet failed near row {row:,} ({type(e).__name__}: {str(e)[:200]})",
+                           where=src.where, fix="check the file (a partial download?), or convert it to .jsonl") from None
+    skipped.report()
 
 
 def _hf(src: Source):
@@ -201,10 +244,15 @@ def _hf(src: Source):
     if src.text_field not in ds.column_names:
         raise SurgeryError(f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
                            where=src.where, fix="set text_field on the dataset entry or data.text_field")
-    for rec in ds.select_columns([src.text_field]):
+    skipped = _Skipped(src, "row")
+    for i, rec in enumerate(ds.select_columns([src.text_field]), 1):
         text = rec[src.text_field]
-        if isinstance(text, str) and text:
-            yield text, True, True
+        if isinstance(text, str):
+            if text:
+                yield text, True, True
+        else:
+            skipped.add(i, text)
+    skipped.report()
 
 
 # ---- tokenizing into the cache ----

@@ -28,13 +28,17 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
     transformers.utils.logging.set_verbosity_error()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+    from .loadable import check_loadable
+
     mdir = resolve_ref(str(model), Path.cwd())
+    check_loadable(mdir, f"model {model}")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     tok = transformers.AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
     m = transformers.AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, trust_remote_code=False).to(dev).eval()
     base = None
     if against is not None:
         bdir = resolve_ref(str(against), Path.cwd())
+        check_loadable(bdir, f"--against {against}")
         base = transformers.AutoModelForCausalLM.from_pretrained(bdir, dtype=torch.float32, trust_remote_code=False).to(dev).eval()
         if base.config.vocab_size != m.config.vocab_size:
             raise PlanError(f"--against {against}: vocabulary {base.config.vocab_size} differs from the model's {m.config.vocab_size}",

@@ -469,6 +469,9 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         out = cfg.path(b.output)
     out = output_path(out)
     model_dir = resolve_ref(b.model, cfg.base_dir, where=cfg.where("model"))
+    from .loadable import check_loadable
+
+    check_loadable(model_dir, cfg.where("model"))
     if model_dir == out.resolve() or model_dir in out.resolve().parents:
         raise OutputError(f"the output {out} is inside the model being trained ({model_dir})", fix="choose another output folder")
     protected = {"the model being trained": model_dir}
