@@ -460,6 +460,28 @@ def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device
 
 
 @main.command()
+@click.option("--device", default="auto", show_default=True, help="The device to check: auto, cpu, cuda, cuda:N.")
+@click.option("--bench", is_flag=True, help="Also time the device paths against the CPU.")
+@_user_errors
+def selftest(device, bench):
+    """Check that this machine's device path writes the right bytes.
+
+    Builds two small synthetic checkpoints and applies a plan using every recipe the engine
+    computes (copies, casts, scales, linear, slerp, nuslerp, random and identity blocks, a plugin
+    kernel when the mergekit plugin is there) on the CPU and on DEVICE, with the default
+    synchronous staging and with `--pipeline on`; copies must match bit for bit, computed tensors
+    within 1 ulp. Run it once on a new GPU setup before trusting `--device cuda`."""
+    from .selftest import selftest as run
+
+    if not run(device, bench=bench, echo=click.echo):
+        from .errors import SurgeryError
+
+        raise SurgeryError("selftest failed: the device path disagrees with the CPU",
+                           fix="use --device cpu (and --pipeline off), and report the table above")
+    click.echo("selftest passed")
+
+
+@main.command()
 @click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("surgery-demo"), show_default=True,
               help="Where the tiny model, plans and outputs go.")
 @click.option("--force", is_flag=True, help="Replace an existing demo folder.")

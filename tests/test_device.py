@@ -115,3 +115,18 @@ def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monke
     for k in once:
         assert torch.equal(once[k].view(torch.uint8), twice[k].view(torch.uint8)), k
     assert reads.count(q) - n_once == 2  # the slerp's second pass read both models' tensor again
+
+
+def test_selftest_passes_here_and_catches_a_faulty_device_path(monkeypatch):
+    r = CliRunner().invoke(main, ["selftest", "--device", "cpu"])
+    assert r.exit_code == 0 and "selftest passed" in r.output and "ok" in r.output, r.output
+    from surgery.engine import StagedIO
+
+    real = StagedIO.download
+
+    def corrupt(self, x):  # a synchronisation bug would look like this: a chunk written with stale data
+        return real(self, x * 1.5)
+
+    monkeypatch.setattr(StagedIO, "download", corrupt)
+    r = CliRunner().invoke(main, ["selftest", "--device", "cpu"])
+    assert r.exit_code == 1 and "MISMATCH" in r.output and "selftest failed" in r.output, r.output
