@@ -95,7 +95,7 @@ def run_surgery(root: Path, size: str, model_dir: Path, data: Path, compile_: bo
     return {"wall_s": round(wall, 1), "tokens_per_s": statistics.median(rates[len(rates) // 4:] or rates)}
 
 
-BASELINE = r'''
+BASELINE = r"""
 import json, statistics, sys, time, torch, transformers
 from pathlib import Path
 from surgery.train.config import config_from_text
@@ -116,19 +116,34 @@ class T(transformers.TrainerCallback):
     def on_step_end(self, a, s, c, **k):
         if torch.cuda.is_available(): torch.cuda.synchronize()
         times.append(time.perf_counter())
-tr = transformers.Trainer(model=model, args=args, train_dataset=corpus.train, data_collator=transformers.default_data_collator, callbacks=[T()])
+tr = transformers.Trainer(model=model, args=args, train_dataset=corpus.train,
+                              data_collator=transformers.default_data_collator, callbacks=[T()])
 tr.train()
 dts = [b - a for a, b in zip(times, times[1:])][steps // 4:]
 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 print(json.dumps({"tokens_per_s": mb * seq / statistics.median(dts), "peak_gpu_gib": peak}))
-'''
+"""
 
 
 def run_baseline(root: Path, size: str, model_dir: Path, data: Path, compile_: bool) -> dict:
     h, L, inter, vocab, heads, kv, seq, mb, steps = SIZES[size]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", BASELINE, str(model_dir), str(data), str(seq), str(mb), str(steps),
-                        "1" if compile_ else "0", str(root / "cache")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BASELINE,
+            str(model_dir),
+            str(data),
+            str(seq),
+            str(mb),
+            str(steps),
+            "1" if compile_ else "0",
+            str(root / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise SystemExit(f"baseline failed:\n{r.stderr[-4000:]}")
     return {"wall_s": round(time.perf_counter() - t0, 1), **json.loads(r.stdout.strip().splitlines()[-1])}
@@ -146,25 +161,36 @@ def main():
     model_dir, data = build(a.work, a.size)
     fpt, n = flops_per_token(a.size)
     rows = []
-    for compile_ in ([False, True] if a.compile else [False]):
+    for compile_ in [False, True] if a.compile else [False]:
         for name, fn in (("HF Trainer (plain)", run_baseline), ("surgery train", run_surgery)):
             res = fn(a.work, a.size, model_dir, data, compile_)
-            res.update(variant=name + (" + compile" if compile_ else ""),
-                       mfu=res["tokens_per_s"] * fpt / (a.peak_tflops * 1e12))
+            res.update(variant=name + (" + compile" if compile_ else ""), mfu=res["tokens_per_s"] * fpt / (a.peak_tflops * 1e12))
             rows.append(res)
             print(f"{res['variant']:32s} {res['tokens_per_s']:>12,.0f} tokens/s  MFU {res['mfu']:.3f}", flush=True)
     import torch
 
-    meta = {"size": a.size, "params": n, "flops_per_token": fpt, "peak_tflops": a.peak_tflops, "host": platform.node(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-            "time": dt.datetime.now().isoformat(timespec="seconds")}
+    meta = {
+        "size": a.size,
+        "params": n,
+        "flops_per_token": fpt,
+        "peak_tflops": a.peak_tflops,
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "time": dt.datetime.now().isoformat(timespec="seconds"),
+    }
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = a.results
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train-{a.size}-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = [f"# surgery train throughput ({a.size}, {meta['device']}, {meta['time']})", "",
-          f"{n / 1e9:.3f}B parameters, {fpt / 1e9:.2f} GFLOP per token, peak {a.peak_tflops} TFLOP/s", "",
-          "| variant | tokens/s | MFU | wall s |", "| --- | ---: | ---: | ---: |"]
+    md = [
+        f"# surgery train throughput ({a.size}, {meta['device']}, {meta['time']})",
+        "",
+        f"{n / 1e9:.3f}B parameters, {fpt / 1e9:.2f} GFLOP per token, peak {a.peak_tflops} TFLOP/s",
+        "",
+        "| variant | tokens/s | MFU | wall s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     md += [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | {r['wall_s']} |" for r in rows]
     (out / f"train-{a.size}-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -7,10 +7,9 @@ The Python API mirrors the CLI, which is a thin layer over it:
     result = surgery.apply(plan, "out/")     # streams the new checkpoint
 """
 
-__version__ = "0.1.0"
-
-from .api import apply, inspect_model, load_plan, validate  # noqa: E402
-from .errors import CheckpointError, OutputError, PlanError, Problem, SurgeryError  # noqa: E402
+from surgery._version import __version__
+from surgery.api import apply, inspect_model, load_plan, validate
+from surgery.errors import CheckpointError, OutputError, PlanError, Problem, SurgeryError
 
 __all__ = ["apply", "validate", "load_plan", "inspect_model", "SurgeryError", "PlanError", "CheckpointError",
            "OutputError", "Problem", "__version__"]

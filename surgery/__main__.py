@@ -1,5 +1,5 @@
 """`python -m surgery ...` (what `torchrun -m surgery train CONFIG` launches on every rank)."""
 
-from .cli import main
+from surgery.cli import main
 
 main()

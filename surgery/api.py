@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import open_checkpoint, resolve_ref
-from .compile import Program, compile_plan
-from .engine import Result, execute
-from .errors import OutputError, SurgeryError
-from .plan import Plan, load_plan
-from .report import Report, source_summary
+from surgery.io.checkpoint import open_checkpoint, resolve_ref
+from surgery.compile import Program, compile_plan
+from surgery.engine import Result, execute
+from surgery.errors import OutputError, SurgeryError
+from surgery.plan import Plan, load_plan
+from surgery.report.summary import Report, source_summary
 
 __all__ = ["load_plan", "validate", "apply", "inspect_model", "compile_plan"]
 
@@ -38,7 +38,7 @@ def validate_many(patterns, **kw) -> list[Report]:
     """`validate` for several plan files or globs (`plans/**/*.yaml`), in a stable order."""
     import glob
 
-    from .errors import Problem
+    from surgery.errors import Problem
 
     reports: list[Report] = []
     for pat in patterns:
@@ -66,7 +66,7 @@ def apply(plan: Plan | str | Path, out: str | Path | None = None, *, force: bool
     is where computed tensors are made (copies never leave the host); `max_memory` (bytes) bounds
     the compute working set; `pipeline` ("off", "on", "host") and `stats` (a file for device and
     memory figures) are for GPU tuning and bench/ (see engine.execute)."""
-    from .outdir import output_path
+    from surgery.io.outdir import output_path
 
     p = _as_plan(plan)
     if seed is not None:

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import registry
-from .errors import SurgeryError
+from surgery import registry
+from surgery.errors import SurgeryError
 
 # Output projections of blocks in families surgery has no entry for: a guess, reported as such.
 _GUESS_OUTPUT_PROJECTIONS = (

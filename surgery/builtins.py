@@ -3,14 +3,14 @@ and the architecture families in `surgery/architectures/`. Called once by `regis
 
 from __future__ import annotations
 
-from .registry import Registry
+from surgery.registry import Registry
 
 
 def register(reg: Registry) -> None:
-    from .arch import builtin_families
-    from .compile import BUILTIN_OPS
-    from .methods import BUILTIN_METHODS
-    from .plan import BUILTIN_STEPS
+    from surgery.arch import builtin_families
+    from surgery.compile import BUILTIN_OPS
+    from surgery.methods import BUILTIN_METHODS
+    from surgery.plan import BUILTIN_STEPS
 
     for schema in BUILTIN_STEPS:
         reg.add_step(schema, BUILTIN_OPS[schema.op])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from surgery._version import __version__
 
 EPILOG_APPLY = """\b
 Examples:
@@ -26,7 +26,7 @@ Examples:
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from .errors import SurgeryError
+        from surgery.errors import SurgeryError
 
         try:
             return fn(*a, **kw)
@@ -59,8 +59,8 @@ class _Group(click.Group):
     """Adds subcommands that plugins provide (e.g. `surgery mergekit` from the mergekit plugin)."""
 
     def _plugin_commands(self) -> dict:
-        from .errors import SurgeryError
-        from .registry import current
+        from surgery.errors import SurgeryError
+        from surgery.registry import current
 
         try:
             return dict(current().commands)
@@ -107,17 +107,32 @@ def main():
               "only a model folder, never one holding the plan, a source or the current directory).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU).")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=None, help="Writer threads (default 8; computed tensors use at most one per CPU)."
+)
 @click.option("--seed", type=int, default=None, help="Seed for random merge methods (dare, della, ...); overrides the plan's `seed`.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where merges, casts and random init run: auto, cpu, cuda, cuda:N. Copies never touch the device.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where merges, casts and random init run: auto, cpu, cuda, cuda:N. Copies never touch the device.",
+)
 @click.option("--max-memory", default=None, help="Bound on the compute working set, e.g. 2GB (chunks shrink to fit).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards that match the plan are kept.")
-@click.option("--pipeline", type=click.Choice(["off", "on", "host"]), default="off", show_default=True,
-              help="Device staging: off = per chunk copy in, compute, copy back; on = pinned buffers and overlapping "
-                   "streams (opt-in until measured on your GPU: check with `surgery selftest`); host = that pipeline on the CPU.")
-@click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write device and memory figures of the run to this file (for bench/).")
+@click.option(
+    "--pipeline",
+    type=click.Choice(["off", "on", "host"]),
+    default="off",
+    show_default=True,
+    help="Device staging: off = per chunk copy in, compute, copy back; on = pinned buffers and overlapping "
+    "streams (opt-in until measured on your GPU: check with `surgery selftest`); host = that pipeline on the CPU.",
+)
+@click.option(
+    "--stats-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write device and memory figures of the run to this file (for bench/).",
+)
 @_user_errors
 def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memory, resume, pipeline, stats_json):
     """Apply PLAN and write the new checkpoint.
@@ -125,11 +140,11 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
     The output is built in a hidden side folder and renamed into place when complete, with
     config.json, tokenizer files, a model card (README.md) and surgery.json (the plan, the
     sources and the layer map; which layers are new, for `surgery train`)."""
-    from .api import apply as do_apply
-    from .report import human_bytes
+    from surgery.api import apply as do_apply
+    from surgery.report.summary import human_bytes
 
-    from .errors import SurgeryError
-    from .plan import parse_size
+    from surgery.errors import SurgeryError
+    from surgery.plan import parse_size
 
     try:
         limit = parse_size(max_memory, "", 1024) if max_memory is not None else None
@@ -139,9 +154,11 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
                    seed=seed, device=device, max_memory=limit, resume=resume, pipeline=pipeline, stats=stats_json)
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
-        click.echo(f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
-                   f"in {len(res.shards)} shard(s), {res.seconds:.2f} s ({rate:.2f} GB/s)"
-                   + (f"; new layers {res.new_layers}" if res.new_layers else ""))
+        click.echo(
+            f"wrote {res.path}: {res.num_layers} layers, {res.num_params:,} params, {human_bytes(res.bytes_written)} "
+            f"in {len(res.shards)} shard(s), {res.seconds:.2f} s ({rate:.2f} GB/s)"
+            + (f"; new layers {res.new_layers}" if res.new_layers else "")
+        )
 
 
 EPILOG_VALIDATE = """\b
@@ -160,8 +177,14 @@ unused-parameter (a mergekit config's parameter its method does not use; ignored
 
 @main.command(epilog=EPILOG_VALIDATE)
 @click.argument("plans", nargs=-1, required=True)
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
-              help="text: the layer map; json: a versioned report; github: workflow annotations (::error file=,line=::).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+    help="text: the layer map; json: a versioned report; github: workflow annotations (::error file=,line=::).",
+)
 @click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1).")
 @click.option("--ignore", "ignore", multiple=True, metavar="CODE", help="Drop warnings with this code (repeatable).")
 @click.option("--offline", is_flag=True, help="Use only the local caches (hub cache, surgery's header cache); no network.")
@@ -175,9 +198,9 @@ def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
     write: the layer map (output layer <- source model[layer], how it is made), parameters,
     bytes read and written, config changes and warnings. Exit 0 when every plan is valid
     (and, with --strict, warning-free), 1 otherwise."""
-    from .api import validate_many
-    from .lint import CODES
-    from .report import as_github, envelope
+    from surgery.api import validate_many
+    from surgery.compile.lint import CODES
+    from surgery.report.summary import as_github, envelope
 
     bad = sorted(set(ignore) - set(CODES))
     if bad:
@@ -216,7 +239,8 @@ def schema(which, out):
     yaml-language-server client): save it once and point a plan at it on its first line:
       surgery schema -o .surgery-plan.schema.json
       # yaml-language-server: $schema=./.surgery-plan.schema.json"""
-    from .schema import plan_schema, report_schema, train_schema
+    from surgery.plan.schema import plan_schema, report_schema
+    from surgery.train.config import train_schema
 
     doc = {"train": train_schema, "report": report_schema}.get(which, plan_schema)()
     text = json.dumps(doc, indent=2) + "\n"
@@ -229,17 +253,22 @@ def schema(which, out):
 
 @main.command()
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="map.svg or map.png (default: PLAN's name with .svg).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="map.svg or map.png (default: PLAN's name with .svg).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing picture.")
 @click.option("--offline", is_flag=True, help="Use only the local caches for hub models.")
 @_user_errors
 def show(plan, out, force, offline):
     """Draw PLAN's layer map: source layers left, output layers right, lines coloured by how each
     output layer is made (copy, identity, merge, random, zero). Reads headers only, like validate."""
-    from .api import compile_plan, load_plan
-    from .errors import OutputError
-    from .show import draw_layer_map
+    from surgery.api import compile_plan, load_plan
+    from surgery.errors import OutputError
+    from surgery.report.show import draw_layer_map
 
     out = out or plan.with_suffix(".svg")
     if out.exists() and not force:
@@ -255,15 +284,17 @@ def show(plan, out, force, offline):
 @_user_errors
 def inspect(model, fmt, allow_pickle):
     """Describe MODEL (a folder or hub id): family, layers, parameters, dtypes, shards, tied embeddings."""
-    from .api import inspect_model
-    from .report import human_bytes, human_count
+    from surgery.api import inspect_model
+    from surgery.report.summary import human_bytes, human_count
 
     info = inspect_model(model, allow_pickle=allow_pickle)
     if fmt == "json":
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{info['path']}")
-    click.echo(f"  family: {info['family']} (model_type {info['model_type']}){'  [guessed from tensor names]' if info['family_guessed'] else ''}")
+    click.echo(
+        f"  family: {info['family']} (model_type {info['model_type']}){'  [guessed from tensor names]' if info['family_guessed'] else ''}"
+    )
     click.echo(f"  layers: {info['num_layers']} under '{info['layer_prefix']}{{i}}.'")
     click.echo(f"  parameters: {human_count(info['parameters'])} ({info['parameters']:,}), {human_bytes(info['bytes'])}")
     click.echo("  dtypes: " + ", ".join(f"{k} {human_count(v)}" for k, v in info["dtypes"].items()))
@@ -285,9 +316,9 @@ def export(plan, fmt, out, force):
     Identity blocks become passthrough slices with `scale: 0` on that family's output
     projections. A plan mergekit cannot express (random init, two merge methods, copies mixed
     with merges, `non_layer`) is refused with the step and the reason."""
-    from .api import compile_plan, load_plan
-    from .errors import OutputError
-    from .export import to_mergekit_yaml
+    from surgery.api import compile_plan, load_plan
+    from surgery.errors import OutputError
+    from surgery.compile.export import to_mergekit_yaml
 
     text = to_mergekit_yaml(compile_plan(load_plan(plan)))
     if out is None:
@@ -301,34 +332,41 @@ def export(plan, fmt, out, force):
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--sources", "recompute", is_flag=True,
+              help="Also recompute every tensor from the sources surgery.json records (they must still be there) and compare.")
 @_user_errors
-def verify(out):
-    """Check an output folder: every shard's header against the index and against the sizes and
-    header hashes recorded in surgery.json. Exit 0 when whole, 1 with the problems listed."""
-    from .verify import verify_output
+def verify(out, recompute):
+    """Check an output folder: every shard's size, header and sha256 against surgery.json, the
+    tensors against the index; with --sources, every tensor recomputed from the recorded sources.
+    Exit 0 when whole, 1 with the problems listed."""
+    from surgery.io.verify import verify_output
 
     problems = verify_output(out)
+    if not problems and recompute:
+        from surgery.engine.recompute import recompute as redo
+
+        problems = redo(out)
     if problems:
-        from .errors import OutputError
+        from surgery.errors import OutputError
 
         raise OutputError(problems)
-    click.echo(f"ok: {out} is complete; every shard's size, header and sha256 match its surgery.json")
+    click.echo(f"ok: {out} is complete; every shard's size, header and sha256 match its surgery.json"
+               + ("; every tensor equals its recomputation from the sources" if recompute else ""))
 
 
 @main.command()
 @_user_errors
 def plugins():
     """List installed plugins (entry points in the `surgery.plugins` group) and what each adds."""
-    from .methods import method_names
-    from .plugins import load_plugins
+    from surgery.methods import method_names
+    from surgery.plugins import load_plugins
 
     found = load_plugins()
     if not found:
         click.echo("no plugins installed (plugins/surgery-mergekit is the first-party one)")
     for p in found:
         click.echo(f"{p.name}: {p.origin}")
-        for kind, names in (("merge methods", p.methods), ("steps", p.steps), ("architectures", p.families),
-                            ("commands", p.commands)):
+        for kind, names in (("merge methods", p.methods), ("steps", p.steps), ("architectures", p.families), ("commands", p.commands)):
             if names:
                 click.echo(f"  {kind}: {', '.join(names)}")
     click.echo(f"merge methods available: {', '.join(method_names())}")
@@ -349,10 +387,9 @@ def _train_extra():
     from importlib.util import find_spec
 
     if find_spec("accelerate") is None or find_spec("transformers") is None:
-        from .errors import SurgeryError
+        from surgery.errors import SurgeryError
 
-        raise SurgeryError("training needs transformers and accelerate, which are not installed",
-                           fix="pip install 'surgery[train]'")
+        raise SurgeryError("training needs transformers and accelerate, which are not installed", fix="pip install 'surgery[train]'")
 
 
 @main.command(epilog=EPILOG_TRAIN)
@@ -371,11 +408,30 @@ def _train_extra():
 @click.option("--seed", type=int)
 @click.option("--force", is_flag=True, help="Replace an existing output (when the new one is complete) or discard an interrupted run.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
-@click.option("--stop-after", type=click.IntRange(1), help="Stop after this many steps of the current stage, with a checkpoint to --resume from.")
+@click.option(
+    "--stop-after", type=click.IntRange(1), help="Stop after this many steps of the current stage, with a checkpoint to --resume from."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
-def train(config, out, model, files, tokens, steps, lr, trainable, micro_batch, grad_accum, seq_len, precision, seed,
-          force, resume, stop_after, quiet):
+def train(
+    config,
+    out,
+    model,
+    files,
+    tokens,
+    steps,
+    lr,
+    trainable,
+    micro_batch,
+    grad_accum,
+    seq_len,
+    precision,
+    seed,
+    force,
+    resume,
+    stop_after,
+    quiet,
+):
     """Continue pretraining a checkpoint (typically a `surgery apply` output), optionally growing it.
 
     \b
@@ -393,14 +449,32 @@ def train(config, out, model, files, tokens, steps, lr, trainable, micro_batch, 
     loss.png, train.json and a model card; OUT appears only when the run is complete. Built on
     HF Trainer + accelerate: launch with torchrun or `accelerate launch` for many GPUs/machines."""
     _train_extra()
-    from .train import train as do_train
+    from surgery.train import train as do_train
 
-    overrides = {"model": model, "files": list(files) or None, "tokens": tokens, "steps": steps, "lr": lr,
-                 "trainable": trainable, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
-                 "precision": precision, "seed": seed}
-    res = do_train(config, out=out, force=force, resume=resume, stop_after=stop_after, progress=False if quiet else None,
-                   echo=click.echo, overrides=overrides)
-    from .train.run import is_main
+    overrides = {
+        "model": model,
+        "files": list(files) or None,
+        "tokens": tokens,
+        "steps": steps,
+        "lr": lr,
+        "trainable": trainable,
+        "micro_batch": micro_batch,
+        "grad_accum": grad_accum,
+        "seq_len": seq_len,
+        "precision": precision,
+        "seed": seed,
+    }
+    res = do_train(
+        config,
+        out=out,
+        force=force,
+        resume=resume,
+        stop_after=stop_after,
+        progress=False if quiet else None,
+        echo=click.echo,
+        overrides=overrides,
+    )
+    from surgery.train.run import is_main
 
     if res.path is not None and is_main():
         ppl = f"; held-out loss {res.eval_loss:.4f}, perplexity {res.perplexity:.3f}" if res.perplexity is not None else ""
@@ -420,9 +494,9 @@ def advise(params, tokens, layers, fmt):
     Train a model 4x shallower for d tokens, stack it 4x, continue to D:
       log10(d) = 0.88*log10(N) + 163.27/log10(C) - 5.74,   C = 6*N*D
     e.g. `surgery advise -N 7B -D 2T` gives d = 11.11B tokens (Llama2-7B)."""
-    from .errors import SurgeryError
-    from .train.advise import advice, advice_text
-    from .train.config import parse_count
+    from surgery.errors import SurgeryError
+    from surgery.train.advise import advice, advice_text
+    from surgery.train.config import parse_count
 
     try:
         a = advice(parse_count(params), parse_count(tokens), layers)
@@ -434,7 +508,9 @@ def advise(params, tokens, layers, fmt):
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--data", "files", multiple=True, required=True, help="Held-out text: .txt, .jsonl or .parquet files or globs (repeatable).")
-@click.option("--against", help="Another checkpoint: also report its perplexity and the max |logit difference| (0 for an identity expansion).")
+@click.option(
+    "--against", help="Another checkpoint: also report its perplexity and the max |logit difference| (0 for an identity expansion)."
+)
 @click.option("--seq-len", type=int, help="Window length (default: the model's context, at most 2048).")
 @click.option("--stride", type=int, help="Window step (default: half the window).")
 @click.option("--max-tokens", type=int, help="Score at most this many tokens.")
@@ -445,15 +521,17 @@ def advise(params, tokens, layers, fmt):
 def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device, fmt):
     """Perplexity of MODEL on held-out text (strided windows); `--against BASE` compares logits."""
     _train_extra()
-    from .train.evaluate import evaluate
+    from surgery.train.evaluate import evaluate
 
     r = evaluate(model, list(files), seq_len=seq_len, stride=stride, against=against, text_field=text_field,
                  max_tokens=max_tokens, device=device, progress=sys.stderr.isatty() and fmt == "text")
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"{r['model']}: perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f}) on {r['scored_tokens']:,} tokens, "
-               f"windows of {r['seq_len']} every {r['stride']}")
+    click.echo(
+        f"{r['model']}: perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f}) on {r['scored_tokens']:,} tokens, "
+        f"windows of {r['seq_len']} every {r['stride']}"
+    )
     if "against" in r:
         click.echo(f"{r['against']}: perplexity {r['against_perplexity']:.4f} (loss {r['against_loss']:.4f})")
         click.echo(f"logits: max |difference| {r['max_abs_logit_diff']:.3g}, mean {r['mean_abs_logit_diff']:.3g}")
@@ -471,19 +549,27 @@ def selftest(device, bench):
     kernel when the mergekit plugin is there) on the CPU and on DEVICE, with the default
     synchronous staging and with `--pipeline on`; copies must match bit for bit, computed tensors
     within 1 ulp. Run it once on a new GPU setup before trusting `--device cuda`."""
-    from .selftest import selftest as run
+    from surgery.selftest import selftest as run
 
     if not run(device, bench=bench, echo=click.echo):
-        from .errors import SurgeryError
+        from surgery.errors import SurgeryError
 
-        raise SurgeryError("selftest failed: the device path disagrees with the CPU",
-                           fix="use --device cpu (and --pipeline off), and report the table above")
+        raise SurgeryError(
+            "selftest failed: the device path disagrees with the CPU",
+            fix="use --device cpu (and --pipeline off), and report the table above",
+        )
     click.echo("selftest passed")
 
 
 @main.command()
-@click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("surgery-demo"), show_default=True,
-              help="Where the tiny model, plans and outputs go.")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(path_type=Path),
+    default=Path("surgery-demo"),
+    show_default=True,
+    help="Where the tiny model, plans and outputs go.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--no-train", is_flag=True, help="Skip the grow-then-train run.")
 @_user_errors
@@ -495,7 +581,7 @@ def demo(folder, force, no_train):
     checks that the identity expansion computes exactly what the original did. With the
     `train` extra, then grows-and-trains in one command (Gstack: train, stack 4x, continue)
     on Python's own documentation text, writing metrics.jsonl and loss.png."""
-    from .demo import run_demo
+    from surgery.demo import run_demo
 
     run_demo(folder, force=force, echo=click.echo, train=not no_train)
 

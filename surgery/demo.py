@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import OutputError
+from surgery.errors import OutputError
 
 PLANS = {
     "llama-pro.yaml": """\
@@ -58,11 +58,11 @@ grow:
 
 def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = True) -> dict:
     try:
-        from .tiny import build_tiny, logits
+        from surgery.tiny import build_tiny, logits
     except ImportError:  # pragma: no cover - the message is the point
         raise OutputError("the demo builds its model with transformers, which is not installed",
                           fix="pip install 'surgery[models]'") from None
-    from .api import apply, validate
+    from surgery.api import apply, validate
 
     folder = Path(folder)
     if folder.exists():
@@ -106,8 +106,8 @@ def _grow_train(folder: Path, echo):
     if find_spec("accelerate") is None:
         echo("\n(skipped grow-then-train: `pip install 'surgery[train]'` adds `surgery train`)")
         return None
-    from .train import train
-    from .train.corpus import write_pydoc_corpus
+    from surgery.train import train
+    from surgery.train.corpus import write_pydoc_corpus
 
     write_pydoc_corpus(folder / "corpus" / "train.jsonl", eval_path=folder / "corpus" / "eval.jsonl")
     cfg = folder / "grow-train.yaml"

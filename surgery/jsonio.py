@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import SurgeryError
+from surgery.errors import SurgeryError
 
 MAX_JSON_BYTES = 64 << 20  # config.json, indexes and surgery.json are far smaller
 MAX_DEPTH = 256
@@ -22,9 +22,9 @@ def parse_json(text: str | bytes, where: str, *, error: type[SurgeryError] = Sur
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise error(f"{what} is not UTF-8 ({e.reason} at byte {e.start})", where=where) from None
-    depth = _max_depth(text)
+    depth = bracket_depth(text)
     if depth > MAX_DEPTH:
-        raise error(f"{what} is nested {depth} levels deep; the limit is {MAX_DEPTH} (corrupt or hostile file)", where=where)
+        raise error(f"{what} is nested more than {MAX_DEPTH} levels deep (corrupt or hostile file)", where=where)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -51,19 +51,21 @@ _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
-def _max_depth(text: str) -> int:
-    """The deepest nesting of [ and { outside strings (regular expressions in C, then a scan of
-    the brackets only: no recursion, linear time)."""
+def bracket_depth(text: str, skip: re.Pattern = _STRING, limit: int = MAX_DEPTH) -> int:
+    """How deep [ and { nest in `text` outside what `skip` matches (strings; for YAML also quotes
+    and comments), stopping early past `limit`: regular expressions in C, then a scan of the
+    brackets only, so no recursion and linear time. Parsers recurse on nesting, so hostile
+    documents are measured before they are parsed."""
     if "[" not in text and "{" not in text:
         return 0
     depth = best = 0
-    for ch in _BRACKETS.findall(_STRING.sub("", text)):
+    for ch in _BRACKETS.findall(skip.sub("", text)):
         if ch in "[{":
             depth += 1
             if depth > best:
                 best = depth
-                if best > MAX_DEPTH:
+                if best > limit:
                     return best
         else:
-            depth -= 1
+            depth = max(0, depth - 1)
     return best

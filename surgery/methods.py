@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import registry
-from .errors import SurgeryError
-from .recipes import Linear, Nuslerp, Recipe, Slerp
+from surgery import registry
+from surgery.errors import SurgeryError
+from surgery.recipes import Linear, Nuslerp, Recipe, Slerp
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from . import registry
-from .errors import SurgeryError
-from .registry import GROUP, PluginInfo, Registry
+from surgery import registry
+from surgery.errors import SurgeryError
+from surgery.registry import GROUP, PluginInfo, Registry
 
 __all__ = ["GROUP", "PluginAPI", "PluginInfo", "load_plugins"]
 
@@ -74,11 +74,44 @@ class PluginAPI:
 
     def family(self, entry: dict) -> None:
         """Add an architecture entry (the same keys as surgery/architectures/*.json)."""
-        from .arch import Family
+        from surgery.arch import Family
 
         fam = Family.from_dict(entry, f"plugin {self.info.name}")
         self._reg.add_family(fam, origin=self.info.origin)
         self.info.families.append(fam.name)
+
+
+def load_into(reg: Registry, entry_points=None) -> list[PluginInfo]:
+    """Run each plugin's `register(api)` against `reg`, in name order, each as one transaction."""
+    if entry_points is None:
+        from importlib.metadata import entry_points as eps
+
+        entry_points = eps(group=GROUP)
+    added = []
+    for ep in sorted(entry_points, key=lambda e: e.name):
+        if any(p.name == ep.name for p in reg.plugins):
+            continue
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name}=={dist.version} ({ep.value})" if dist is not None else ep.value
+        info = PluginInfo(ep.name, origin)
+        try:
+            register = ep.load()
+        except Exception as e:  # any import failure of third-party code
+            raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed to load: {type(e).__name__}: {e}",
+                               fix=f"fix or uninstall the package that provides it (entry point group {GROUP!r})") from None
+        if not callable(register):
+            raise SurgeryError(f"plugin {ep.name!r} ({origin}): the entry point must name a function register(api)")
+        with reg.transaction():
+            try:
+                register(PluginAPI(info, reg))
+            except SurgeryError:
+                raise
+            except Exception as e:
+                raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed while registering: {type(e).__name__}: {e}",
+                                   fix="fix or uninstall the package that provides it") from None
+            reg.plugins.append(info)
+        added.append(info)
+    return added
 
 
 def load_plugins(entry_points=None) -> list[PluginInfo]:
@@ -86,5 +119,5 @@ def load_plugins(entry_points=None) -> list[PluginInfo]:
     into the active registry (use `registry.scoped()` around it)."""
     reg = registry.current()
     if entry_points is not None:
-        registry.load_plugins(reg, entry_points)
+        load_into(reg, entry_points)
     return list(reg.plugins)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .checkpoint import TensorInfo
+from surgery.io.safetensors import TensorInfo
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Recipe:
 
     @property
     def nbytes(self) -> int:
-        from .checkpoint import itemsize
+        from surgery.io.safetensors import itemsize
 
         return self.numel * itemsize(self.dtype)  # type: ignore[attr-defined]
 
@@ -128,7 +128,7 @@ class Linear(Recipe):
         return self.terms
 
     def describe(self) -> str:
-        parts = " + ".join(f"{w:g}*{t.describe().removeprefix('copy ')}" for w, t in zip(self.weights, self.terms))
+        parts = " + ".join(f"{w:g}*{t.describe().removeprefix('copy ')}" for w, t in zip(self.weights, self.terms, strict=True))
         return f"linear({parts}{', normalized' if self.normalize else ''})"
 
 

@@ -13,7 +13,8 @@ in its `register`) leaves the registry exactly as it was before it started.
 
 Tests use `scoped()` to work on a copy and throw it away afterwards.
 
-This module sits at the bottom of the package: it imports only `errors`. What it stores is
+This module sits at the bottom of the package: it imports only `errors`; the built-ins and the
+plugin loader, which sit above it, are imported by name when the registry is first filled. What it stores is
 described by the Protocols below; the concrete classes live in the layers above.
 """
 
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .errors import SurgeryError
+from surgery.errors import SurgeryError
 
 
 class StepSchema(Protocol):
@@ -218,48 +219,14 @@ def load(entry_points: Any = None) -> Registry:
     with _LOCK:
         if _ACTIVE is None:
             reg = builtin_registry()
-            load_plugins(reg, entry_points)
+            # surgery.plugins sits above this module: imported by name, like surgery.builtins
+            importlib.import_module("surgery.plugins").load_into(reg, entry_points)
             _ACTIVE = reg
         return _ACTIVE
 
 
 def current() -> Registry:
     return _ACTIVE if _ACTIVE is not None else load()
-
-
-def load_plugins(reg: Registry, entry_points: Any = None) -> list[PluginInfo]:
-    """Run each plugin's `register(api)` against `reg`, in name order, each as one transaction."""
-    from .plugins import PluginAPI
-
-    if entry_points is None:
-        from importlib.metadata import entry_points as eps
-
-        entry_points = eps(group=GROUP)
-    added = []
-    for ep in sorted(entry_points, key=lambda e: e.name):
-        if any(p.name == ep.name for p in reg.plugins):
-            continue
-        dist = getattr(ep, "dist", None)
-        origin = f"{dist.name}=={dist.version} ({ep.value})" if dist is not None else ep.value
-        info = PluginInfo(ep.name, origin)
-        try:
-            register = ep.load()
-        except Exception as e:  # any import failure of third-party code
-            raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed to load: {type(e).__name__}: {e}",
-                               fix=f"fix or uninstall the package that provides it (entry point group {GROUP!r})") from None
-        if not callable(register):
-            raise SurgeryError(f"plugin {ep.name!r} ({origin}): the entry point must name a function register(api)")
-        with reg.transaction():
-            try:
-                register(PluginAPI(info, reg))
-            except SurgeryError:
-                raise
-            except Exception as e:
-                raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed while registering: {type(e).__name__}: {e}",
-                                   fix="fix or uninstall the package that provides it") from None
-            reg.plugins.append(info)
-        added.append(info)
-    return added
 
 
 @contextmanager

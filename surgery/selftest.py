@@ -33,11 +33,11 @@ PLUGIN_STEP = "  - merge: {method: ties, models: [a, b], base: a, parameters: {w
 def selftest(device: str = "auto", *, work: str | Path | None = None, bench: bool = False, echo=print) -> bool:
     import torch
 
-    from .api import apply
-    from .engine import resolve_device
-    from .plan import plan_from_text
-    from .registry import current
-    from .synthetic import write_synthetic_llama
+    from surgery.api import apply
+    from surgery.engine import resolve_device
+    from surgery.plan import plan_from_text
+    from surgery.registry import current
+    from surgery.synthetic import write_synthetic_llama
 
     dev = resolve_device(device)
     root = Path(work) if work else Path(tempfile.mkdtemp(prefix="surgery-selftest-"))

@@ -207,7 +207,7 @@ def test_golden_json_and_github_reports(plans):
     doc = json.loads(r.output)
     assert doc["format"] == "surgery.validate/2" and [p["passed"] for p in doc["plans"]] == [False, True, True]
     import jsonschema
-    from surgery.schema import report_schema
+    from surgery.plan.schema import report_schema
 
     jsonschema.validate(doc, report_schema())
 
@@ -275,8 +275,14 @@ def test_pre_commit_hook_on_a_good_and_a_bad_plan(tmp_path, models):
     subprocess.run(git + ["commit", "-qm", "hooks"], cwd=hook_repo, check=True)
 
     def run(*files):
-        return subprocess.run([sys.executable, "-m", "pre_commit", "try-repo", str(hook_repo), "surgery-validate-system", "--files", *files],
-                              cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pre_commit", "try-repo", str(hook_repo), "surgery-validate-system", "--files", *files],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
 
     good = run("plans/good.yaml")
     assert good.returncode == 0, good.stdout + good.stderr
@@ -317,8 +323,7 @@ def test_merging_models_with_different_tokenizers_warns(tmp_path, models):
     keys = list(vocab)
     vocab[keys[5]], vocab[keys[6]] = vocab[keys[6]], vocab[keys[5]]  # two tokens swap ids: same size, other tokenizer
     (b / "tokenizer.json").write_text(json.dumps(tok))
-    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], "
-                                "weights: [0.5, 0.5]}\n")
+    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], weights: [0.5, 0.5]}}\n")
     rep = surgery.validate(plan)
     assert rep.valid and [(w.code, w.where.rpartition(":")[2]) for w in rep.warnings] == [("vocab-mismatch", "3")]
     assert "tokenizers differ" in rep.warnings[0].what

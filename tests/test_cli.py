@@ -37,7 +37,9 @@ def test_inspect_text_and_json(models):
 
 def test_validate_json_and_tensor_listing(models, tmp_path):
     src = models("gpt2")
-    plan = write_plan(tmp_path, f"models: {{g: {src}}}\nsteps: [{{take: {{model: g}}}}, {{expand: {{groups: 2}}}}]\noutput: {{dtype: float16}}\n")
+    plan = write_plan(
+        tmp_path, f"models: {{g: {src}}}\nsteps: [{{take: {{model: g}}}}, {{expand: {{groups: 2}}}}]\noutput: {{dtype: float16}}\n"
+    )
     r = cli("validate", plan, "--format", "json")
     assert r.exit_code == 0
     doc = json.loads(r.output)

@@ -103,6 +103,7 @@ def test_staging_pool_reuses_buffers_and_bounds_what_it_keeps():
 def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monkeypatch):
     """Small slerp inputs are kept from the statistics pass; larger ones are read again: same bytes."""
     import surgery.engine as engine
+    import surgery.engine.evaluate  # noqa: F401  (engine.evaluate below)
 
     reads = []
     real = engine.Sources.read
@@ -110,7 +111,7 @@ def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monke
     once = load_tensors(surgery.apply(mixed_plan, tmp_path / "once", progress=False).path)
     q = "model.layers.1.self_attn.q_proj.weight"  # a slerp input (layer 1 of both models), used by other steps too
     n_once, reads[:] = reads.count(q), []
-    monkeypatch.setattr(engine, "SLERP_KEEP_PER_ELEMENT", 0)
+    monkeypatch.setattr(engine.evaluate, "SLERP_KEEP_PER_ELEMENT", 0)
     twice = load_tensors(surgery.apply(mixed_plan, tmp_path / "twice", progress=False).path)
     for k in once:
         assert torch.equal(once[k].view(torch.uint8), twice[k].view(torch.uint8)), k

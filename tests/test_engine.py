@@ -46,7 +46,9 @@ output: {{dtype: bfloat16}}
 
 def test_small_shards_load(models, tmp_path):
     src = models("qwen3")
-    plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{dus: {{trim: 1}}}}]\noutput: {{shard_size: 40KB}}\n")
+    plan = write_plan(
+        tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{dus: {{trim: 1}}}}]\noutput: {{shard_size: 40KB}}\n"
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     assert len(res.shards) > 3
     index = read_json(res.path / "model.safetensors.index.json")
@@ -71,7 +73,9 @@ def test_init_modes(models, tmp_path):
     outs = {}
     for init in ("zero", "random", "copy"):
         extra = ", std: 0.05, seed: 7" if init == "random" else ""
-        plan = write_plan(tmp_path / init, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: {init}{extra}}}}}]\n")
+        plan = write_plan(
+            tmp_path / init, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: {init}{extra}}}}}]\n"
+        )
         outs[init] = load_tensors(surgery.apply(plan, tmp_path / init / "out", progress=False).path)
     for name, t in outs["zero"].items():
         if name.startswith("model.layers.4."):
@@ -90,10 +94,16 @@ def test_init_modes(models, tmp_path):
         if name.startswith("model.layers.4."):
             assert torch.equal(t, srcs[name.replace("layers.4.", "layers.3.")])
     # seeded: the same plan gives the same bytes; another seed does not
-    plan = write_plan(tmp_path / "r2", f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: random, std: 0.05, seed: 7}}}}]\n")
+    plan = write_plan(
+        tmp_path / "r2",
+        f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: random, std: 0.05, seed: 7}}}}]\n",
+    )
     again = load_tensors(surgery.apply(plan, tmp_path / "r2" / "out", progress=False).path)
     assert torch.equal(again["model.layers.4.mlp.up_proj.weight"], w)
-    plan = write_plan(tmp_path / "r3", f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: random, std: 0.05, seed: 8}}}}]\n")
+    plan = write_plan(
+        tmp_path / "r3",
+        f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 1, init: random, std: 0.05, seed: 8}}}}]\n",
+    )
     other = load_tensors(surgery.apply(plan, tmp_path / "r3" / "out", progress=False).path)
     assert not torch.equal(other["model.layers.4.mlp.up_proj.weight"], w)
     assert read_json(tmp_path / "r3" / "out" / "surgery.json")["new_layers"] == [4]
@@ -108,7 +118,9 @@ def test_random_default_std_from_config(models, tmp_path):
 
 def test_scale_is_exact(models, tmp_path):
     src = models("llama")
-    plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{scale: {{factor: 0.25, layers: [1, 2], filter: down_proj}}}}]\n")
+    plan = write_plan(
+        tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{scale: {{factor: 0.25, layers: [1, 2], filter: down_proj}}}}]\n"
+    )
     out = load_tensors(surgery.apply(plan, tmp_path / "out", progress=False).path)
     s = load_tensors(src)
     assert torch.equal(out["model.layers.1.mlp.down_proj.weight"], s["model.layers.1.mlp.down_proj.weight"] * 0.25)
@@ -122,6 +134,7 @@ def test_validate_reads_no_tensor_data(models, tmp_path, monkeypatch):
 
     def forbidden(*a, **k):
         raise AssertionError("validate read tensor data")
+
     monkeypatch.setattr(os, "pread", forbidden)
     monkeypatch.setattr(os, "preadv", forbidden)
     monkeypatch.setattr(os, "copy_file_range", forbidden)
@@ -134,7 +147,9 @@ def test_validate_reads_no_tensor_data(models, tmp_path, monkeypatch):
 
 def test_provenance_and_model_card(models, tmp_path):
     src = models("mistral")
-    plan = write_plan(tmp_path, f"name: tiny mistral pro\nmodels: {{base: {src}}}\nsteps: [{{take: {{model: base}}}}, {{expand: {{groups: 4}}}}]\n")
+    plan = write_plan(
+        tmp_path, f"name: tiny mistral pro\nmodels: {{base: {src}}}\nsteps: [{{take: {{model: base}}}}, {{expand: {{groups: 4}}}}]\n"
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     prov = read_json(res.path / "surgery.json")
     assert prov["new_layers"] == [1, 3, 5, 7]
@@ -179,8 +194,11 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path):
     """20 SIGKILLs at random moments, each run after the first with --resume: after every kill no
     folder with an index exists unless complete, and the final output equals a clean run's bytes."""
     src = write_synthetic_llama(tmp_path / "src", (256, 8, 1024, 16000, 4, 2, False), dtype="float32")
-    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{expand: {{groups: 8, init: random}}}}]\n"
-                                "output: {dtype: bfloat16, shard_size: 2MB}\n")
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{expand: {{groups: 8, init: random}}}}]\n"
+        "output: {dtype: bfloat16, shard_size: 2MB}\n",
+    )
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-q", "--workers", "1"]
@@ -219,8 +237,7 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path):
             assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
             shutil.rmtree(out)
     assert resumed_shards > 0  # some kills happened after shards were finished, so resume had work to keep
-    subprocess.run(base + ["-o", str(out)] + (["--resume"] if (tmp_path / ".out.surgery-partial").exists() else []),
-                   check=True, env=env)
+    subprocess.run(base + ["-o", str(out)] + (["--resume"] if (tmp_path / ".out.surgery-partial").exists() else []), check=True, env=env)
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
     assert not (tmp_path / ".out.surgery-partial").exists()
 
@@ -267,8 +284,12 @@ def test_disk_full_names_the_file_and_leaves_nothing(models, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-    p = subprocess.run([sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "out")],
-                       capture_output=True, text=True, preexec_fn=small_disk)
+    p = subprocess.run(
+        [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "out of space writing" in p.stderr and "model-00001-of-00001.safetensors" in p.stderr and "bytes" in p.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.surgery-partial").exists()

@@ -79,7 +79,9 @@ def test_merging_different_shapes(tmp_path, base, models):
     from surgery.tiny import build_tiny
 
     other = build_tiny("llama", tmp_path / "wide", intermediate_size=48)
-    out = validate_error(tmp_path, f"models: {{a: {base}, b: {other}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], weights: [1, 1]}}\n")
+    out = validate_error(
+        tmp_path, f"models: {{a: {base}, b: {other}}}\nsteps:\n  - merge: {{method: linear, models: [a, b], weights: [1, 1]}}\n"
+    )
     assert "plan.yaml:3: cannot merge tensors of different shapes" in out and "mlp.down_proj.weight" in out
 
 
@@ -125,31 +127,37 @@ def test_pickle_with_code_is_refused_even_with_opt_in(tmp_path, base):
 def _rewrite_header(path, mutate):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     mutate(header)
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
-    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
 
 
 def _first(h):
     return next(k for k in h if k != "__metadata__")
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"), "header claims 1000000000000 bytes; the limit is"),
-    (lambda p: p.write_bytes(struct.pack("<Q", 5000) + b"{}" * 10), "header claims 5000 bytes but the file has only"),
-    (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json"), "header is not valid JSON"),
-    (lambda p: p.write_bytes(b"abc"), "too short for a safetensors header"),
-    (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(dtype="F33")), "unknown dtype 'F33'"),
-    (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[-1, 4])), "invalid shape [-1, 4]"),
-    (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[3, 3])), "does not match dtype"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "the file is truncated"),
-    (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "safetensors data is contiguous"),
-    (lambda p: _rewrite_header(p, lambda h: h.pop(sorted((k for k in h if k != "__metadata__"),
-                                                         key=lambda k: h[k]["data_offsets"][0])[1])),
-     "leaving a gap after tensor"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"), "header claims 1000000000000 bytes; the limit is"),
+        (lambda p: p.write_bytes(struct.pack("<Q", 5000) + b"{}" * 10), "header claims 5000 bytes but the file has only"),
+        (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json"), "header is not valid JSON"),
+        (lambda p: p.write_bytes(b"abc"), "too short for a safetensors header"),
+        (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(dtype="F33")), "unknown dtype 'F33'"),
+        (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[-1, 4])), "invalid shape [-1, 4]"),
+        (lambda p: _rewrite_header(p, lambda h: h[_first(h)].update(shape=[3, 3])), "does not match dtype"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "the file is truncated"),
+        (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "safetensors data is contiguous"),
+        (
+            lambda p: _rewrite_header(
+                p, lambda h: h.pop(sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])[1])
+            ),
+            "leaving a gap after tensor",
+        ),
+    ],
+)
 def test_corrupt_safetensors_header(tmp_path, base, corrupt, message):
     import resource
 
@@ -178,6 +186,7 @@ def test_overlapping_offsets(tmp_path, base):
         names = [k for k in h if k != "__metadata__"]
         a, b = sorted(names, key=lambda k: h[k]["data_offsets"][0])[:2]
         h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + (h[b]["data_offsets"][1] - h[b]["data_offsets"][0])]
+
     _rewrite_header(base / "model.safetensors", overlap)
     out = validate_error(tmp_path, f"models: {{base: {base}}}\nsteps: [{{take: {{model: base}}}}]\n")
     assert "overlap tensor" in out
@@ -234,7 +243,8 @@ def test_output_inside_source_refused(tmp_path, base):
 
 def test_yaml_hazards(tmp_path):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
     with pytest.raises(PlanError, match="alias bomb"):
         surgery.load_plan(write_plan(tmp_path, bomb, "bomb.yaml"))
     with pytest.raises(PlanError, match=r"dup.yaml:3: duplicate key 'steps'"):
@@ -258,7 +268,6 @@ def test_all_errors_are_value_errors(tmp_path):
 
 def test_cli_real_process_prints_no_traceback(tmp_path):
     plan = write_plan(tmp_path, "models:\n  base: ./nowhere\nsteps:\n  - take: {model: base}\n")
-    p = subprocess.run([sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr

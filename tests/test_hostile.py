@@ -22,7 +22,9 @@ from .conftest import load_tensors, write_plan
 def sharded(models, tmp_path):
     """A private copy of the tiny Llama split into two shards with an index."""
     dst = tmp_path / "sharded"
-    plan = write_plan(tmp_path / "mk", f"models: {{b: {models('llama')}}}\nsteps: [{{take: {{model: b}}}}]\noutput: {{shard_size: 100KB}}\n")
+    plan = write_plan(
+        tmp_path / "mk", f"models: {{b: {models('llama')}}}\nsteps: [{{take: {{model: b}}}}]\noutput: {{shard_size: 100KB}}\n"
+    )
     surgery.apply(plan, dst, progress=False)
     return dst
 
@@ -46,8 +48,9 @@ def test_missing_shard_and_tensor_in_two_shards(sharded, tmp_path):
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     # the index places a tensor in a file whose header does not hold it
-    index["weight_map"]["model.norm.weight"] = shards[0].name if index["weight_map"]["model.norm.weight"] != shards[0].name \
-        else shards[1].name
+    index["weight_map"]["model.norm.weight"] = (
+        shards[0].name if index["weight_map"]["model.norm.weight"] != shards[0].name else shards[1].name
+    )
     index_path.write_text(json.dumps(index))
     assert "says tensor 'model.norm.weight' is in" in invalid(tmp_path, sharded)
     # no index, and two files holding the same tensors
@@ -62,11 +65,14 @@ def test_missing_shard_and_tensor_in_two_shards(sharded, tmp_path):
     assert f"names '{shards[1].name}', which is missing" in invalid(tmp_path, sharded)
 
 
-@pytest.mark.parametrize("step, message", [
-    ("stack: {times: 1000000000}", "less than or equal to 64"),
-    ("take: {model: a, layers: [0, 99999999999]}", "exceeds the limit of 10000 layers"),
-    ("expand: {groups: 1, per_group: 100000}", "less than or equal to 64"),
-])
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ("stack: {times: 1000000000}", "less than or equal to 64"),
+        ("take: {model: a, layers: [0, 99999999999]}", "exceeds the limit of 10000 layers"),
+        ("expand: {groups: 1, per_group: 100000}", "less than or equal to 64"),
+    ],
+)
 def test_huge_requests_are_refused_before_any_work(models, tmp_path, step, message):
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps:\n  - take: {{model: a}}\n  - {step}\n")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -105,8 +111,11 @@ def step(draw):
         "expand": {"groups": draw(st.integers(0, 5)), "init": draw(st.sampled_from(["identity", "copy", "zero", "random", "x"]))},
         "drop": {"layers": rng or [0, 1]},
         "scale": {"factor": draw(st.floats(-2, 2, allow_nan=False)), **({"layers": rng} if rng else {})},
-        "merge": {"method": draw(st.sampled_from(["slerp", "linear", "nope"])), "models": ["a", "b"],
-                  **draw(st.sampled_from([{"t": 0.5}, {"weights": [1, 2]}, {}]))},
+        "merge": {
+            "method": draw(st.sampled_from(["slerp", "linear", "nope"])),
+            "models": ["a", "b"],
+            **draw(st.sampled_from([{"t": 0.5}, {"weights": [1, 2]}, {}])),
+        },
         "bogus": {"x": 1},
     }[op]
     if draw(st.booleans()) and draw(st.booleans()):

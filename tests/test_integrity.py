@@ -17,16 +17,17 @@ from click.testing import CliRunner
 
 import surgery
 from surgery import engine
+from surgery.engine import write as engine_write
 from surgery.cli import main
 from surgery.errors import OutputError, SurgeryError
-from surgery.outdir import COMPLETE, OutputFolder
+from surgery.io.outdir import COMPLETE, OutputFolder
 
 from .conftest import load_tensors, write_plan
 
 
 def _interrupt_after(monkeypatch, n: int):
     """Make the engine stop (as Ctrl-C does, leaving the side folder) after `n` shards."""
-    real = engine.write_shard
+    real = engine_write.write_shard
     calls = {"n": 0}
 
     def write_shard(*a, **kw):
@@ -35,7 +36,7 @@ def _interrupt_after(monkeypatch, n: int):
         calls["n"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(engine, "write_shard", write_shard)
+    monkeypatch.setattr(engine_write, "write_shard", write_shard)
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -198,7 +199,7 @@ def test_force_never_replaces_what_is_not_a_model_output(models, tmp_path, monke
 def _half_publish(monkeypatch, stop_after: str):
     """Make OutputFolder.publish stop like a kill would, after `stop_after` ('marker' or 'aside')."""
     def publish(self):
-        from surgery.outdir import fsync_tree
+        from surgery.io.outdir import fsync_tree
 
         fsync_tree(self.staging)
         (self.staging / COMPLETE).write_text("")
@@ -406,3 +407,29 @@ def test_corrupt_parquet_and_non_text_records_are_reported(models, tmp_path, cap
     deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(SurgeryError, match="deep.jsonl:1: the line is nested"):
         list(read_pieces(Source("jsonl", str(deep), "data.files[0]"), None))
+
+
+def test_verify_sources_recomputes_every_tensor(models, tmp_path):
+    a, b = models("llama"), models("llama", noise=0.02)
+    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: slerp, models: [a, b], t: [0, 1]}}\n"
+                                "  - expand: {groups: 2, init: random, std: 0.02, seed: 4}\noutput: {dtype: bfloat16}\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False, seed=9).path
+    runner = CliRunner()
+    r = runner.invoke(main, ["verify", str(out), "--sources"])
+    assert r.exit_code == 0 and "recomputation" in r.output, r.output
+    # a wrong value whose hash was recorded as is (the sha256 check alone cannot see it)
+    shard = next(out.glob("model-*.safetensors"))
+    from surgery.io.safetensors import file_sha256, read_safetensors_header
+
+    info = read_safetensors_header(shard)[0]["model.layers.1.mlp.up_proj.weight"]
+    with open(shard, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\x00\x01")
+    prov = json.loads((out / "surgery.json").read_text())
+    for s in prov["output"]["shards"]:
+        if s["name"] == shard.name:
+            s["sha256"] = file_sha256(shard)
+    (out / "surgery.json").write_text(json.dumps(prov))
+    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+    r = runner.invoke(main, ["verify", str(out), "--sources"])
+    assert r.exit_code == 1 and "model.layers.1.mlp.up_proj.weight" in r.output and "recomputation" in r.output, r.output

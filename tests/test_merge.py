@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.settings import gradient_at
+from surgery.plan.settings import gradient_at
 
 from .conftest import load_tensors, read_json, write_plan
 
@@ -29,7 +29,7 @@ def slerp_ref(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear_ref(ws, xs, normalize=True):
-    res = sum(w * x.double() for w, x in zip(ws, xs))
+    res = sum(w * x.double() for w, x in zip(ws, xs, strict=True))
     return res / sum(ws) if normalize else res
 
 

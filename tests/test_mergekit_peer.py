@@ -234,7 +234,7 @@ def _bpe_tokenizer(folder, vocab_size: int, added: list[str]):
     import transformers
 
     tokens = (["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)])[:vocab_size]
-    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))), "merges": []},
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size), strict=True)), "merges": []},
             "added_tokens": []}
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(_json.dumps(data)),
                                                bos_token="<s>", eos_token="</s>", unk_token="<unk>")

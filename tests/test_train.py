@@ -148,7 +148,8 @@ def test_resume_continues_the_same_run(tmp_path, corpus, models):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise: optimizer, schedule, RNG and data order restored
     la = [json.loads(x) for x in (full.path / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (again.path / "metrics.jsonl").read_text().splitlines()]
-    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in la], [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lb]
+    strip = ([{k: v for k, v in r.items() if k != "tokens_per_s"} for r in la],
+             [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lb])
     assert strip[0] == strip[1]  # records after the last checkpoint of the interrupted run were dropped
     assert not (b / ".out.surgery-train").exists()
 
@@ -180,7 +181,7 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     if schedule == "reset":  # warmup again: the first stage-2 step is at a fresh warmup's LR
         assert lr2[0] == pytest.approx(lr1[0]) and max(lr2) > lr1[-1]
     else:  # one schedule over both stages: stage 2 goes on decaying from where stage 1 stopped
-        assert lr2[0] < lr1[-1] and all(x >= y for x, y in zip(lr2, lr2[1:]))
+        assert lr2[0] < lr1[-1] and all(x >= y for x, y in zip(lr2, lr2[1:], strict=False))
     summary = read_json(res.path / "train.json")
     assert [s["layers"] for s in summary["stages"]] == [4, 16]
     assert res.steps == 14 and res.tokens == 14 * 512
@@ -196,8 +197,25 @@ def test_two_processes_with_gloo_through_torchrun_ddp_and_fsdp2(tmp_path, corpus
         d = tmp_path / mode
         d.mkdir()
         cfg = config(d, corpus, models("llama"), "fsdp: true\n" if mode == "fsdp" else "", steps=4)
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "surgery", "train", str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "surgery",
+                "train",
+                str(cfg),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         s = read_json(d / "out" / "train.json")
         assert s["world_size"] == 2 and s["tokens"] == 4 * 8 * 64 * 2  # two ranks, each a micro batch per step
@@ -219,11 +237,23 @@ def test_eval_perplexity_and_logit_difference(tmp_path, corpus, models, llama_pr
     r = evaluate(llama_pro, [str(corpus / "eval.jsonl")], against=models("llama"), seq_len=64, max_tokens=3000)
     assert r["max_abs_logit_diff"] == 0.0 and r["perplexity"] == r["against_perplexity"]
     assert 0 < r["scored_tokens"] < r["tokens"]  # document starts are not scored across boundaries
-    other = evaluate(models("llama", seed=1), [str(corpus / "eval.jsonl")], against=models("llama"), seq_len=64, stride=64,
-                     max_tokens=640)
+    other = evaluate(models("llama", seed=1), [str(corpus / "eval.jsonl")], against=models("llama"), seq_len=64, stride=64, max_tokens=640)
     assert other["max_abs_logit_diff"] > 0.1
-    cli = CliRunner().invoke(main, ["eval", str(llama_pro), "--data", str(corpus / "eval.jsonl"), "--against",
-                                    str(models("llama")), "--seq-len", "64", "--max-tokens", "1000"])
+    cli = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(llama_pro),
+            "--data",
+            str(corpus / "eval.jsonl"),
+            "--against",
+            str(models("llama")),
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "1000",
+        ],
+    )
     assert cli.exit_code == 0, cli.output
     assert "max |difference| 0," in cli.output
 
@@ -253,7 +283,7 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
     starts = {sum(len(d) + 1 for d in docs[:i]) for i in range(len(docs))}
     for i in range(len(seq)):
         item = seq[i]
-        assert item["input_ids"].tolist() == expect[8 * i: 8 * i + 8]
+        assert item["input_ids"].tolist() == expect[8 * i : 8 * i + 8]
         masked = {8 * i + j for j in range(8) if item["labels"][j] == -100}
         assert masked == {s for s in starts if 8 * i < s < 8 * i + 8}  # position 0 is never a target anyway
     # the cache is reused, not rebuilt
@@ -278,6 +308,7 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
 
 def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     import datasets
+
     datasets.Dataset.from_dict({"text": ["hello world"] * 200}).save_to_disk(str(tmp_path / "ds"))
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"model: {models('llama')}\ndata: {{files: [{{dataset: ./ds}}], seq_len: 32, eval_fraction: 0}}\nsteps: 2\n")
@@ -285,34 +316,55 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     assert res.path.is_dir() and res.eval_loss is None
 
 
-@pytest.mark.parametrize("text,extra,expect", [
-    ("model: {m}\ndata: {{files: [{c}]}}\n", "", "give exactly one budget"),
-    ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\nlearning_rate: 1\n", "", "unknown key 'learning_rate'"),
-    ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "", "not all, new-layers or a parameter-name"),
-    ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
-    ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'nope.*'\n", "", "match no parameter"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 1M, plan: {{models: {{s: X}}, steps: [{{take: {{model: s}}}}]}}}}\n",
-     "", "is not before the end of the run"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X}}, steps: [{{take: {{model: t}}}}]}}}}\n",
-     "", "unknown model 't'"),
-    ("model: {m}\ndata: {{files: [{c}], text_field: body, seq_len: 64}}\nsteps: 2\n", "", "no field 'body'"),
-    ("model: {m}\ndata: {{files: [{{dataset: no-org/not-cached}}], seq_len: 64}}\nsteps: 2\n", "", "from the local cache"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 100000}}\nsteps: 2\n", "", "exceeds the model's context (128"),
-    ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
-    ("model: {m}\ndata: {{files: [missing.jsonl], seq_len: 64}}\nsteps: 2\n", "", "data file not found"),
-    ("model: {m}\ndata: {{files: [data.csv], seq_len: 64}}\nsteps: 2\n", "", "unknown data format '.csv'"),
-    ("model: {m}\ndata: {{files: [broken.jsonl], seq_len: 64}}\nsteps: 2\n", "", "broken.jsonl:2: the line is not valid JSON"),
-    ("model: {m}\ndata: {{files: [p.parquet], seq_len: 64}}\nsteps: 2\n", "", "no column 'text' (columns: body)"),
-    ("model: {m}\ndata: {{files: [{c}], eval_files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "less than one sequence of 64"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: nope.yaml}}\n", "",
-     "grow plan not found"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X, t: Y}}, "
-     "steps: [{{take: {{model: s}}}}]}}}}\n", "", "names exactly one model"),
-    ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'model.embed_tokens.*'\nfreeze_embeddings: true\n",
-     "", "every parameter is frozen"),
-])
+@pytest.mark.parametrize(
+    "text,extra,expect",
+    [
+        ("model: {m}\ndata: {{files: [{c}]}}\n", "", "give exactly one budget"),
+        ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\nlearning_rate: 1\n", "", "unknown key 'learning_rate'"),
+        ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "", "not all, new-layers or a parameter-name"),
+        ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
+        ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
+        ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),
+        ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'nope.*'\n", "", "match no parameter"),
+        (
+            "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\n"
+            "grow: {{at_tokens: 1M, plan: {{models: {{s: X}}, steps: [{{take: {{model: s}}}}]}}}}\n",
+            "",
+            "is not before the end of the run",
+        ),
+        (
+            "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\n"
+            "grow: {{at_tokens: 512, plan: {{models: {{s: X}}, steps: [{{take: {{model: t}}}}]}}}}\n",
+            "",
+            "unknown model 't'",
+        ),
+        ("model: {m}\ndata: {{files: [{c}], text_field: body, seq_len: 64}}\nsteps: 2\n", "", "no field 'body'"),
+        ("model: {m}\ndata: {{files: [{{dataset: no-org/not-cached}}], seq_len: 64}}\nsteps: 2\n", "", "from the local cache"),
+        ("model: {m}\ndata: {{files: [{c}], seq_len: 100000}}\nsteps: 2\n", "", "exceeds the model's context (128"),
+        ("model: {m}\ndata: {{files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "not enough for one training sequence"),
+        ("model: {m}\ndata: {{files: [missing.jsonl], seq_len: 64}}\nsteps: 2\n", "", "data file not found"),
+        ("model: {m}\ndata: {{files: [data.csv], seq_len: 64}}\nsteps: 2\n", "", "unknown data format '.csv'"),
+        ("model: {m}\ndata: {{files: [broken.jsonl], seq_len: 64}}\nsteps: 2\n", "", "broken.jsonl:2: the line is not valid JSON"),
+        ("model: {m}\ndata: {{files: [p.parquet], seq_len: 64}}\nsteps: 2\n", "", "no column 'text' (columns: body)"),
+        ("model: {m}\ndata: {{files: [{c}], eval_files: [{t}], seq_len: 64}}\nsteps: 2\n", "", "less than one sequence of 64"),
+        (
+            "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: nope.yaml}}\n",
+            "",
+            "grow plan not found",
+        ),
+        (
+            "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\ngrow: {{at_tokens: 512, plan: {{models: {{s: X, t: Y}}, "
+            "steps: [{{take: {{model: s}}}}]}}}}\n",
+            "",
+            "names exactly one model",
+        ),
+        (
+            "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'model.embed_tokens.*'\nfreeze_embeddings: true\n",
+            "",
+            "every parameter is frozen",
+        ),
+    ],
+)
 def test_bad_configs_are_located_errors(tmp_path, corpus, models, text, extra, expect):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -336,9 +388,11 @@ def test_output_and_layer_map_errors(tmp_path, corpus, models):
     apply(plan_from_text(f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}]\n"), copy, progress=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {copy}\ndata: {{files: [{corpus / 'train.jsonl'}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n")
-    for args, expect in ((["-o", str(tmp_path / "o")], "the plan added no new layers"),
-                         ([], "no output folder given"),
-                         (["-o", str(copy / "inside")], "is inside the model being trained")):
+    for args, expect in (
+        (["-o", str(tmp_path / "o")], "the plan added no new layers"),
+        ([], "no output folder given"),
+        (["-o", str(copy / "inside")], "is inside the model being trained"),
+    ):
         r = CliRunner().invoke(main, ["train", str(cfg), "-q", *args])
         assert r.exit_code == 1 and expect in r.output and "Traceback" not in r.output, r.output
         assert "c.yaml" in r.output or str(copy) in r.output
@@ -351,10 +405,12 @@ def test_eval_errors(tmp_path, corpus, models):
     other = build_tiny("llama", tmp_path / "v96", vocab_size=96)
     (tmp_path / "one.txt").write_text("  \n")  # no document at all
     ev = str(corpus / "eval.jsonl")
-    for args, expect in (([str(models("llama")), "--data", ev, "--against", str(other)], "vocabulary 96 differs from the model's 128"),
-                         ([str(models("llama")), "--data", ev, "--seq-len", "16", "--stride", "32"], "--stride 32 must be"),
-                         ([str(models("llama")), "--data", str(tmp_path / "one.txt")], "perplexity needs at least 2"),
-                         ([str(models("llama")), "--data", str(tmp_path / "none.txt")], "data file not found")):
+    for args, expect in (
+        ([str(models("llama")), "--data", ev, "--against", str(other)], "vocabulary 96 differs from the model's 128"),
+        ([str(models("llama")), "--data", ev, "--seq-len", "16", "--stride", "32"], "--stride 32 must be"),
+        ([str(models("llama")), "--data", str(tmp_path / "one.txt")], "perplexity needs at least 2"),
+        ([str(models("llama")), "--data", str(tmp_path / "none.txt")], "data file not found"),
+    ):
         r = CliRunner().invoke(main, ["eval", *args])
         assert r.exit_code == 1 and expect in r.output and "Traceback" not in r.output, r.output
 
@@ -415,8 +471,13 @@ def test_held_out_text_is_capped(tmp_path, corpus, models):
 
 def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):
     src = models("llama")
-    res = train(config(tmp_path, corpus, src, "trainable: ['model.layers.0.*']\ngrad_accum: 2\nschedule: linear\nwarmup: 0\n"
-                       "log_every: 1\n", steps=6), progress=False, echo=quiet)
+    res = train(
+        config(
+            tmp_path, corpus, src, "trainable: ['model.layers.0.*']\ngrad_accum: 2\nschedule: linear\nwarmup: 0\nlog_every: 1\n", steps=6
+        ),
+        progress=False,
+        echo=quiet,
+    )
     before, after = load_tensors(src), load_tensors(res.path)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith("model.layers.0.")}
@@ -432,8 +493,10 @@ def test_hf_dataset_built_from_a_local_folder(tmp_path, models):
     (tmp_path / "jsondir").mkdir()
     (tmp_path / "jsondir" / "part.jsonl").write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(f"model: {models('llama')}\ndata: {{files: [{{dataset: ./jsondir, text_field: body}}], seq_len: 32, "
-                   "eval_fraction: 0.1}\nsteps: 2\n")
+    cfg.write_text(
+        f"model: {models('llama')}\ndata: {{files: [{{dataset: ./jsondir, text_field: body}}], seq_len: 32, "
+        "eval_fraction: 0.1}\nsteps: 2\n"
+    )
     res = train(cfg, out=tmp_path / "o", progress=False, echo=quiet)
     assert res.eval_loss is not None and read_json(res.path / "train.json")["steps"] == 2
 
@@ -464,7 +527,7 @@ def test_packing_invariants_for_any_documents():
         for i in range(len(seq)):
             item = seq[i]
             lo = i * L
-            assert item["input_ids"].tolist() == expect[lo: lo + L]
+            assert item["input_ids"].tolist() == expect[lo : lo + L]
             masked = {lo + j for j in range(L) if item["labels"][j] == -100}
             assert masked == {s for s in starts if lo < s < lo + L}
 
@@ -475,13 +538,16 @@ def test_packing_invariants_for_any_documents():
 def test_new_layers_training_in_every_family(tmp_path, corpus, models, family):
     """LLaMA Pro on each architecture: identity blocks inserted, then only they train."""
     src = tmp_path / "pro"
-    res0 = apply(plan_from_text(f"models: {{base: {models(family)}}}\nsteps:\n - take: {{model: base}}\n"
-                                " - expand: {groups: 2, init: identity}\n"), src, progress=False)
+    res0 = apply(
+        plan_from_text(f"models: {{base: {models(family)}}}\nsteps:\n - take: {{model: base}}\n - expand: {{groups: 2, init: identity}}\n"),
+        src,
+        progress=False,
+    )
     assert res0.new_layers == [2, 5]
     res = train(config(tmp_path, corpus, src, "trainable: new-layers\n", steps=2), progress=False, echo=quiet)
     before, after = load_tensors(src), load_tensors(res.path)
     assert set(before) == set(after)
-    from surgery.checkpoint import open_checkpoint
+    from surgery.io.checkpoint import open_checkpoint
 
     prefix = open_checkpoint("m", "m", src).family.layer_prefix
     new = {k for k in before if k.startswith((f"{prefix}2.", f"{prefix}5."))}

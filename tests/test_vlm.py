@@ -68,7 +68,7 @@ VLM_METHODS = {
 @pytest.mark.parametrize("method", list(VLM_METHODS))
 def test_mergekit_vlm_configs_run_and_load(llavas, tmp_path, method):
     """mergekit's test_basic_merges VLM configs (two_model_config on tiny LLaVAs)."""
-    paths = dict(zip("abc", llavas))
+    paths = dict(zip("abc", llavas, strict=True))
     params, pair, base = VLM_METHODS[method]
     m1, m2 = paths[pair[0]], paths[pair[1]]
     cfg = write_plan(tmp_path, f"merge_method: {method.removesuffix('_filterwise')}\n"

@@ -16,9 +16,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from typing_extensions import Annotated
 
-from ..errors import PlanError
-from ..plan import Strict, _problems
-from ..yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
+from surgery.errors import PlanError
+from surgery.plan import Strict, _problems
+from surgery.plan.yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGBT]?)\s*$", re.I)  # 2M, 1.5B, 7e9, 2e12
 _MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
@@ -173,3 +173,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 def config_from_text(text: str, base_dir: str | Path = ".", overrides: dict | None = None, source: str = "<config>") -> Config:
     return config_from_doc(load_yaml_text(text, source), Path(base_dir).resolve(), overrides)
+
+
+def train_schema() -> dict:
+    """The JSON schema of training configs (`surgery schema --train`)."""
+    from surgery.plan.schema import DIALECT
+
+    s = TrainConfig.model_json_schema()
+    s.update({"$schema": DIALECT, "$id": "https://surgery.dev/schemas/train.schema.json", "title": "surgery train config"})
+    return s

@@ -27,9 +27,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import PlanError, SurgeryError
-from ..jsonio import parse_json
-from ..yamlio import resolve_path
+from surgery.errors import PlanError, SurgeryError
+from surgery.jsonio import parse_json
+from surgery.plan.yamlio import resolve_path
 
 FORMAT = "surgery-tokens/1"
 PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters
@@ -148,7 +148,10 @@ def _txt(path: str, separator: str | None):
 
 
 def _jsonl(src: Source):
-    skipped = _Skipped(src, "line")
+    yield from _texts(src, "line", _jsonl_values(src))
+
+
+def _jsonl_values(src: Source):
     with open(src.path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -162,12 +165,19 @@ def _jsonl(src: Source):
                 keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
                 raise SurgeryError(f"{src.path}:{n}: no field {src.text_field!r} (has: {keys})", where=src.where,
                                    fix="set data.text_field to the field that holds the text")
-            text = rec[src.text_field]
-            if isinstance(text, str):
-                if text:
-                    yield text, True, True
-            else:
-                skipped.add(n, text)
+            yield n, rec[src.text_field]
+
+
+def _texts(src: Source, unit: str, values):
+    """(text, True, True) for each value that is text; the others (a number, a list, null) are
+    counted and reported, never silently dropped."""
+    skipped = _Skipped(src, unit)
+    for at, text in values:
+        if isinstance(text, str):
+            if text:
+                yield text, True, True
+        else:
+            skipped.add(at, text)
     skipped.report()
 
 
@@ -201,24 +211,19 @@ def _parquet(src: Source):
     if src.text_field not in cols:
         raise SurgeryError(f"{src.path}: no column {src.text_field!r} (columns: {', '.join(cols)})", where=src.where,
                            fix="set data.text_field to the column that holds the text")
-    skipped = _Skipped(src, "row")
+    yield from _texts(src, "row", _parquet_values(src, pf))
+
+
+def _parquet_values(src: Source, pf):
     row = 0
     try:
-        batches = pf.iter_batches(batch_size=1024, columns=[src.text_field])
-        for batch in batches:
+        for batch in pf.iter_batches(batch_size=1024, columns=[src.text_field]):
             for text in batch.column(0).to_pylist():
                 row += 1
-                if isinstance(text, str):
-                    if text:
-                        yield text, True, True
-                else:
-                    skipped.add(row, text)
-    except SurgeryError:
-        raise
-    except Exception as e:
+                yield row, text
+    except Exception as e:  # pyarrow's errors: a damaged file
         raise SurgeryError(f"{src.path}: reading parquet failed near row {row:,} ({type(e).__name__}: {str(e)[:200]})",
                            where=src.where, fix="check the file (a partial download?), or convert it to .jsonl") from None
-    skipped.report()
 
 
 def _hf(src: Source):
@@ -244,15 +249,7 @@ def _hf(src: Source):
     if src.text_field not in ds.column_names:
         raise SurgeryError(f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
                            where=src.where, fix="set text_field on the dataset entry or data.text_field")
-    skipped = _Skipped(src, "row")
-    for i, rec in enumerate(ds.select_columns([src.text_field]), 1):
-        text = rec[src.text_field]
-        if isinstance(text, str):
-            if text:
-                yield text, True, True
-        else:
-            skipped.add(i, text)
-    skipped.report()
+    yield from _texts(src, "row", ((i, rec[src.text_field]) for i, rec in enumerate(ds.select_columns([src.text_field]), 1)))
 
 
 # ---- tokenizing into the cache ----
@@ -308,7 +305,7 @@ def _build(src: Source, tokenizer, stem: Path, separator: str | None, progress) 
             nonlocal n_tok, n_doc
             ids = tokenizer([t for t, _, _ in batch], add_special_tokens=False)["input_ids"]
             starts = []
-            for (_, first, last), piece in zip(batch, ids):
+            for (_, first, last), piece in zip(batch, ids, strict=True):
                 seq = ([bos] if first and bos is not None else []) + piece + ([eos] if last and eos is not None else [])
                 if first:
                     starts.append(n_tok)
@@ -342,7 +339,7 @@ class Stream:
     def __init__(self, parts: list[Tokens]):
         self.parts = [p for p in parts if len(p)]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.doc_starts = (np.concatenate([p.doc_starts + o for p, o in zip(self.parts, self.offsets)])
+        self.doc_starts = (np.concatenate([p.doc_starts + o for p, o in zip(self.parts, self.offsets[:-1], strict=True)])
                            if self.parts else np.zeros(0, np.int64))
         self.doc_starts.sort()
 

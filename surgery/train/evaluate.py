@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import PlanError
+from surgery.errors import PlanError
 
 
 def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None, stride: int | None = None,
@@ -22,13 +22,13 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
     import torch
     import transformers
 
-    from ..checkpoint import resolve_ref
-    from .data import default_cache_dir, expand_sources, token_stream
+    from surgery.io.checkpoint import resolve_ref
+    from surgery.train.data import default_cache_dir, expand_sources, token_stream
 
     transformers.utils.logging.set_verbosity_error()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
-    from .loadable import check_loadable
+    from surgery.train.loadable import check_loadable
 
     mdir = resolve_ref(str(model), Path.cwd())
     check_loadable(mdir, f"model {model}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import PICKLE_SUFFIXES
-from ..errors import CheckpointError
-from ..jsonio import read_json
+from surgery.io.checkpoint import PICKLE_SUFFIXES
+from surgery.errors import CheckpointError
+from surgery.jsonio import read_json
 
 
 def check_loadable(path: Path, where: str | None = None) -> None:

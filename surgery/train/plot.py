@@ -27,9 +27,9 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), lw=1.2, label="training loss")
+        ax.plot(*zip(*train, strict=True), lw=1.2, label="training loss")
     if evals:
-        ax.plot(*zip(*evals), "o", ms=4, label="held-out loss")
+        ax.plot(*zip(*evals, strict=True), "o", ms=4, label="held-out loss")
     stages = {}
     for r in recs:
         stages.setdefault(r["stage"], r["tokens"])

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..errors import OutputError, PlanError
-from ..outdir import OutputFolder, output_path
-from .config import Config, load_config
+from surgery.errors import OutputError, PlanError
+from surgery.io.outdir import OutputFolder, output_path
+from surgery.train.config import Config, load_config
 
 
 @dataclass
@@ -96,7 +96,7 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
         if not new:
             raise PlanError(f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
                             where=where, fix="use trainable: all, or patterns")
-        from ..checkpoint import open_checkpoint
+        from surgery.io.checkpoint import open_checkpoint
 
         prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
         patterns = [f"{prefix}{i}.*" for i in new]
@@ -150,8 +150,8 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
 
 def load_grow_plan(cfg: Config, model_path: Path):
     """The growth plan with its one model pointed at `model_path`."""
-    from ..plan import plan_from_doc
-    from ..yamlio import Located, load_yaml_file
+    from surgery.plan import plan_from_doc
+    from surgery.plan.yamlio import Located, load_yaml_file
 
     g = cfg.body.grow
     if isinstance(g.plan, str):
@@ -242,7 +242,7 @@ CHECKPOINT_DONE = "surgery-complete"
 
 
 def mark_checkpoint_complete(folder: Path) -> None:
-    from ..outdir import fsync_path, fsync_tree
+    from surgery.io.outdir import fsync_path, fsync_tree
 
     fsync_tree(folder)
     (folder / CHECKPOINT_DONE).write_text("")
@@ -391,7 +391,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
                progress: bool, echo):
     import torch
     import transformers
-    from .data import build_corpus
+    from surgery.train.data import build_corpus
 
     b = cfg.body
     sdir = work / f"stage-{stage.index}"
@@ -454,7 +454,7 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
     that `resume=True` continues (for preemptible or time-limited jobs)."""
     import transformers
 
-    from ..checkpoint import resolve_ref
+    from surgery.io.checkpoint import resolve_ref
 
     t0 = time.perf_counter()
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -469,7 +469,7 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         out = cfg.path(b.output)
     out = output_path(out)
     model_dir = resolve_ref(b.model, cfg.base_dir, where=cfg.where("model"))
-    from .loadable import check_loadable
+    from surgery.train.loadable import check_loadable
 
     check_loadable(model_dir, cfg.where("model"))
     if model_dir == out.resolve() or model_dir in out.resolve().parents:
@@ -511,7 +511,7 @@ def _train(cfg: Config, out: Path, model_dir: Path, folder: OutputFolder, *, for
         b = cfg.body = b.model_copy(update={"data": b.data.model_copy(update={"seq_len": min(2048, ctx)})})
     stages, tps = plan_stages(cfg, model_dir)
     if b.grow is not None:
-        from ..api import compile_plan
+        from surgery.api import compile_plan
 
         compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
     if resume:
@@ -592,7 +592,7 @@ def _save_stage(trainer, folder: Path) -> None:
 
 def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
     """Apply the grow plan to the previous stage's final model (rank 0), everyone waits for it."""
-    from ..api import apply
+    from surgery.api import apply
 
     grown = work / "grown"
     if is_main() and not (grown / "config.json").exists():
@@ -630,7 +630,7 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in train.json
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
-    from .plot import loss_curve
+    from surgery.train.plot import loss_curve
 
     plotted = loss_curve(work / "metrics.jsonl", staging / "loss.png", title=out.name)
     summary = {"format": "surgery-train/1", "config": b.model_dump(mode="json"), "config_source": cfg.source,

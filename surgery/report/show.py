@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import OutputError
+from surgery.errors import OutputError
 
 COLOURS = {"copy": "#4C72B0", "identity": "#55A868", "merge": "#8172B2", "random": "#DD8452", "zero": "#8C8C8C"}
 LABELS = {"copy": "copy", "identity": "identity (outputs zeroed)", "merge": "merge", "random": "random init", "zero": "zero"}

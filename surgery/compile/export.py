@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import dtype_name
-from .compile import LayerSpec, Program, merge_conditions
-from .errors import PlanError, Problem
-from .settings import to_mergekit as setting_yaml
+from surgery.io.safetensors import dtype_name
+from surgery.compile.program import Program
+from surgery.compile.stack import LayerSpec, merge_conditions
+from surgery.errors import PlanError, Problem
+from surgery.plan.settings import to_mergekit as setting_yaml
 
 
 def _ref(program: Program, model: str) -> str:
@@ -58,15 +59,29 @@ def to_mergekit(program: Program) -> dict:
         if s.init == "random":
             problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))
         if s.take_scale and (s.init != "copy" or s.scales):
-            problems.append(Problem(s.where, "a take's own `scale` combined with other changes to the same layer cannot be written as one mergekit slice"))
+            problems.append(
+                Problem(
+                    s.where, "a take's own `scale` combined with other changes to the same layer cannot be written as one mergekit slice"
+                )
+            )
     if plan.body.non_layer is not None:
-        problems.append(Problem(plan.where("non_layer"), "mergekit takes embeddings from the first slice and lm_head from the last; "
-                                "`non_layer` cannot be expressed", "drop `non_layer` and order the steps accordingly"))
+        problems.append(
+            Problem(
+                plan.where("non_layer"),
+                "mergekit takes embeddings from the first slice and lm_head from the last; `non_layer` cannot be expressed",
+                "drop `non_layer` and order the steps accordingly",
+            )
+        )
     if plan.body.post_from != "last" and program.stack:
         first_m, last_m = stack[0].sources[0][0], stack[-1].sources[0][0]
         if first_m != last_m and not methods:
-            problems.append(Problem(plan.source, f"final norm and lm_head come from {first_m!r} here, but mergekit takes them "
-                                    f"from the last slice ({last_m!r})", "set `post_from: last` in the plan to match mergekit"))
+            problems.append(
+                Problem(
+                    plan.source,
+                    f"final norm and lm_head come from {first_m!r} here, but mergekit takes them from the last slice ({last_m!r})",
+                    "set `post_from: last` in the plan to match mergekit",
+                )
+            )
     if problems:
         raise PlanError(problems)
 
@@ -80,10 +95,15 @@ def to_mergekit(program: Program) -> dict:
             while j < len(stack) and stack[j].merge is m:
                 j += 1
             block = stack[i:j]
-            if any(b.sources != tuple((src, li + k) for src, li in block[0].sources) for k, b in enumerate(block)) or \
-                    [b.t for b in block] != [(k / (len(block) - 1) if len(block) > 1 else 1.0) for k in range(len(block))]:
-                raise PlanError(Problem(block[0].where, "this merge's layers were reordered or cut by later steps; "
-                                        "mergekit interpolates gradients over whole slices"))
+            if any(b.sources != tuple((src, li + k) for src, li in block[0].sources) for k, b in enumerate(block)) or [
+                b.t for b in block
+            ] != [(k / (len(block) - 1) if len(block) > 1 else 1.0) for k in range(len(block))]:
+                raise PlanError(
+                    Problem(
+                        block[0].where,
+                        "this merge's layers were reordered or cut by later steps; mergekit interpolates gradients over whole slices",
+                    )
+                )
             shared, per_source = merge_conditions(m)
             sources = []
             for k, (model, li) in enumerate(block[0].sources):
@@ -102,7 +122,7 @@ def to_mergekit(program: Program) -> dict:
         if len(bases) == 1 and None not in bases:
             cfg["base_model"] = _ref(program, bases.pop())
         elif len(bases) > 1:
-            for sl, s in zip(slices, [x for k, x in enumerate(stack) if k == 0 or x.merge is not stack[k - 1].merge]):
+            for sl, s in zip(slices, [x for k, x in enumerate(stack) if k == 0 or x.merge is not stack[k - 1].merge], strict=True):
                 if s.merge.base_model:
                     sl["base_model"] = _ref(program, s.merge.base_model)
     else:
@@ -114,8 +134,12 @@ def to_mergekit(program: Program) -> dict:
             scales = _layer_scales(program, s, i)
             j = i + 1
             if not scales and not s.take_scale:
-                while (j < len(stack) and stack[j].sources[0] == (model, li + (j - i)) and not stack[j].take_scale
-                       and not _layer_scales(program, stack[j], j)):
+                while (
+                    j < len(stack)
+                    and stack[j].sources[0] == (model, li + (j - i))
+                    and not stack[j].take_scale
+                    and not _layer_scales(program, stack[j], j)
+                ):
                     j += 1
             src: dict[str, Any] = {"model": _ref(program, model), "layer_range": [li, li + (j - i)]}
             if scales:

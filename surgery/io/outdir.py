@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import OutputError
+from surgery.errors import OutputError
 
 PARTIAL, OLD, LOCK, COMPLETE = ".surgery-partial", ".surgery-old", ".surgery-lock", ".surgery-complete"
 OUTPUT_MARKERS = ("model.safetensors.index.json", "surgery.json", "train.json")

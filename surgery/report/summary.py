@@ -7,10 +7,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .checkpoint import Checkpoint, dtype_name
-from .compile import Program
-from .errors import Problem
+from surgery._version import __version__
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.safetensors import dtype_name
+from surgery.compile import Program
+from surgery.errors import Problem
 
 REPORT_FORMAT = "surgery.validate/2"
 
@@ -111,7 +112,7 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
     return {
         "format": "surgery/1",
         "surgery_version": __version__,
-        "plan": {"source": plan.source, "content": plan.raw,
+        "plan": {"source": plan.source, "content": plan.raw, "seed": plan.body.seed,
                  **({"mergekit_config": plan.mergekit} if plan.mergekit is not None else {})},
         "sources": {n: {**source_summary(c), "header_sha256": c.header_hashes} for n, c in program.ckpts.items()},
         "config_model": program.config_model,
@@ -124,7 +125,7 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
 
 
 def _shown_path(c: Checkpoint) -> str:
-    from .hub import manifest
+    from surgery.io.hub import manifest
 
     m = manifest(c.path)
     if m is not None:  # a header-only view of a hub model

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import yaml
 
-from .checkpoint import dtype_name
-from .compile import Program
-from .report import human_bytes, human_count
+from surgery.io.safetensors import dtype_name
+from surgery.compile import Program
+from surgery.report.summary import human_bytes, human_count
 
 
 def model_card(p: Program) -> str:

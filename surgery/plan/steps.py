@@ -17,10 +17,10 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat,
                       ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from typing_extensions import Annotated
 
-from .checkpoint import DTYPE_NAMES
-from . import registry
-from .errors import PlanError, Problem
-from .yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
+from surgery.io.safetensors import DTYPE_NAMES
+from surgery import registry
+from surgery.errors import PlanError, Problem
+from surgery.plan.yamlio import FromDocument, Located, load_yaml_file, load_yaml_text
 
 MAX_LAYERS = 10_000  # no real model comes near; bounds `times`, ranges and the work a plan can ask for
 
@@ -177,7 +177,7 @@ class Merge(Step):
 
     @model_validator(mode="after")
     def _params(self, info: ValidationInfo):
-        from .methods import get_method
+        from surgery.methods import get_method
 
         mergekit = bool(info.context and info.context.get("mergekit"))
         spec = get_method(self.method)  # a SurgeryError (a ValueError) lists the methods
@@ -250,7 +250,7 @@ class Merge(Step):
 
     @property
     def base_model(self) -> Optional[str]:
-        from .methods import get_method
+        from surgery.methods import get_method
 
         spec = get_method(self.method)
         if self.base is not None:
@@ -352,7 +352,7 @@ class Output(Strict):
 
 class PlanBody(Strict):
     name: Optional[StrictStr] = None
-    input_dtype: Annotated[Optional[StrictStr], DTYPE_SCHEMA] = None  # cast every source tensor to this before anything else (mergekit's `dtype`)
+    input_dtype: Annotated[Optional[StrictStr], DTYPE_SCHEMA] = None
     seed: Optional[StrictInt] = None  # for random merge methods (dare, della, ...): seeded per tensor, reproducible
     chat_template: Optional[StrictStr] = None  # a Jinja template, "auto" (the models' most common), or a plugin's named one
     _in_dtype = field_validator("input_dtype")(lambda v: Output._dtype(v))
@@ -401,7 +401,8 @@ class Plan(FromDocument):
 def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file (or a mergekit config, translated). Raises `PlanError` listing
     every problem with its file:line."""
-    from .mergekit_config import is_mergekit, translate
+    from surgery.plan.mergekit import is_mergekit, translate
+
     path = Path(path)
     doc = load_yaml_file(path)
     if is_mergekit(doc.data):
@@ -417,8 +418,11 @@ def plan_from_text(text: str, base_dir: str | Path = ".", source: str = "<plan>"
 def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
     data = doc.data
     if not isinstance(data, dict):
-        raise PlanError("a plan is a YAML mapping with `models:` and `steps:`", where=doc.where(),
-                        fix="see `surgery schema` or the README's plan reference")
+        raise PlanError(
+            "a plan is a YAML mapping with `models:` and `steps:`",
+            where=doc.where(),
+            fix="see `surgery schema` or the README's plan reference",
+        )
     problems: list[Problem] = []
     try:
         body = PlanBody.model_validate(data)
@@ -440,31 +444,53 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
         for s in steps:
             for key, model in _model_mentions(s):
                 if model not in declared:
-                    problems.append(Problem(doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}",
-                                            f"models in this plan: {names}"))
+                    problems.append(
+                        Problem(
+                            doc.where(("steps", s_index[id(s)], s.op) + key), f"unknown model {model!r}", f"models in this plan: {names}"
+                        )
+                    )
         opts = data.get("tokenizer_options")
         if isinstance(opts, dict) and isinstance(opts.get("tokens"), dict):
             for tok, setting in opts["tokens"].items():
                 src = setting.get("source") if isinstance(setting, dict) else None
                 model = src if isinstance(src, str) else src.get("model") if isinstance(src, dict) else None
                 if isinstance(model, str) and model not in declared:
-                    problems.append(Problem(doc.where(("tokenizer_options", "tokens", tok)), f"unknown model {model!r}",
-                                            f"models in this plan: {names}"))
+                    problems.append(
+                        Problem(
+                            doc.where(("tokenizer_options", "tokens", tok)), f"unknown model {model!r}", f"models in this plan: {names}"
+                        )
+                    )
         if isinstance(opts, dict) and data.get("tokenizer") is None:
-            problems.append(Problem(doc.where(("tokenizer_options",)), "tokenizer_options needs `tokenizer:` (union or a model)",
-                                    "set `tokenizer: union` or the model whose tokenizer the output keeps"))
+            problems.append(
+                Problem(
+                    doc.where(("tokenizer_options",)),
+                    "tokenizer_options needs `tokenizer:` (union or a model)",
+                    "set `tokenizer: union` or the model whose tokenizer the output keeps",
+                )
+            )
         tokenizer_sources = registry.current().tokenizer_sources
         for key in ("non_layer", "tokenizer"):
             v = data.get(key)
             if key == "tokenizer" and v in tokenizer_sources:
                 continue
             if key == "tokenizer" and v == "union":
-                problems.append(Problem(doc.where((key,)), "tokenizer: union merges the models' vocabularies with "
-                                        "mergekit's tokenizer code, and the mergekit plugin is not installed",
-                                        "pip install -e plugins/surgery-mergekit"))
+                problems.append(
+                    Problem(
+                        doc.where((key,)),
+                        "tokenizer: union merges the models' vocabularies with "
+                        "mergekit's tokenizer code, and the mergekit plugin is not installed",
+                        "pip install -e plugins/surgery-mergekit",
+                    )
+                )
             elif isinstance(v, str) and v not in declared:
-                problems.append(Problem(doc.where((key,)), f"unknown model {v!r}", f"models in this plan: {names}"
-                                        + (f"; tokenizer sources: {', '.join(tokenizer_sources)}" if key == "tokenizer" and tokenizer_sources else "")))
+                problems.append(
+                    Problem(
+                        doc.where((key,)),
+                        f"unknown model {v!r}",
+                        f"models in this plan: {names}"
+                        + (f"; tokenizer sources: {', '.join(tokenizer_sources)}" if key == "tokenizer" and tokenizer_sources else ""),
+                    )
+                )
     if problems:
         raise PlanError(sorted(problems, key=_line_of))
     return Plan(body=body, steps=tuple(steps), doc=doc, base_dir=base_dir, mergekit=mergekit)
@@ -491,10 +517,15 @@ def _parse_step(raw: Any, i: int, doc: Located, problems: list[Problem], mergeki
     ops = ", ".join(types)
     if not isinstance(raw, dict) or len(raw) != 1:
         got = f"keys {list(raw)}" if isinstance(raw, dict) else type(raw).__name__
-        problems.append(Problem(where, f"a step is a mapping with exactly one operation, got {got}",
-                                f"write e.g. `- take: {{model: base}}`; operations: {ops}"))
+        problems.append(
+            Problem(
+                where,
+                f"a step is a mapping with exactly one operation, got {got}",
+                f"write e.g. `- take: {{model: base}}`; operations: {ops}",
+            )
+        )
         return None
-    (op, body), = raw.items()
+    ((op, body),) = raw.items()
     cls = types.get(op)
     if cls is None:
         problems.append(Problem(doc.where(("steps", i, op)), f"unknown operation {op!r}", f"valid operations: {ops}"))

@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
+from surgery.errors import CheckpointError
 
 MANIFEST = ".surgery-remote.json"
 
@@ -118,7 +118,7 @@ def _get(url: str, where: str | None, *, limit: int, start: int = 0) -> tuple[by
 def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | None) -> None:
     from huggingface_hub import hf_hub_url
 
-    from .checkpoint import header_length
+    from surgery.io.safetensors import header_length
 
     def url(f):
         return hf_hub_url(repo_id, f, revision=sha, endpoint=_endpoint())

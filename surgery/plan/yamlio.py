@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from .errors import PlanError
+from surgery.errors import PlanError
+from surgery.jsonio import bracket_depth
+from surgery.io.paths import resolve_path  # noqa: F401  (FromDocument.path; train imports it from here)
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
@@ -46,17 +48,6 @@ class Located:
         return f"{self.source}:{line}" if line else self.source
 
 
-def resolve_path(p: str | Path, base: Path) -> Path:
-    """A path written in a plan or config: `~` expanded; a relative one is taken from `base` (the file's folder)."""
-    if "\0" in str(p):
-        raise PlanError(f"path {str(p)[:80]!r} contains a NUL byte", fix="write a plain path")
-    try:
-        q = Path(p).expanduser()
-    except RuntimeError:  # ~nouser/...
-        raise PlanError(f"cannot expand {str(p)[:80]!r}: no such user", fix="write the path out in full") from None
-    return q if q.is_absolute() else base / q
-
-
 class FromDocument:
     """For objects made from a located document (`doc`) in a folder (`base_dir`): plans and training
     configs. Where a value came from (`file:line`), and paths relative to the file."""
@@ -78,9 +69,9 @@ class FromDocument:
 def load_yaml_text(text: str, source: str) -> Located:
     if len(text) > MAX_BYTES:
         raise PlanError(f"file is {len(text)} bytes; plans are limited to {MAX_BYTES}", where=source)
-    depth = _flow_depth(text)
+    depth = bracket_depth(text, _QUOTED, MAX_DEPTH)
     if depth > MAX_DEPTH:
-        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels ({depth} brackets deep)", where=source,
+        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels of brackets", where=source,
                         fix="plans are shallow: write the lists and mappings out")
     loader = yaml.SafeLoader(text)
     try:
@@ -128,23 +119,7 @@ def load_yaml_file(path: str | Path) -> Located:
     return load_yaml_text(text, str(path))
 
 
-_QUOTED = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|\'[^\']*(?:\'\'[^\']*)*\'|#[^\n]*')
-_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-def _flow_depth(text: str) -> int:
-    """How deep flow brackets nest outside quotes and comments (YAML's parser recurses on them, so
-    a hostile document must be refused before it is parsed)."""
-    if "[" not in text and "{" not in text:
-        return 0
-    depth = best = 0
-    for ch in _BRACKETS.findall(_QUOTED.sub("", text)):
-        if ch in "[{":
-            depth += 1
-            best = max(best, depth)
-        else:
-            depth = max(0, depth - 1)
-    return best
+_QUOTED = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|\'[^\']*(?:\'\'[^\']*)*\'|#[^\n]*')  # strings and comments
 
 
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")

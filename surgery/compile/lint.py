@@ -13,8 +13,8 @@ and ignore the ones a team has decided are fine (`--ignore duplicated-layers`):
 
 from __future__ import annotations
 
-from .checkpoint import DTYPES, FLOAT_CODES, dtype_name
-from .errors import Problem
+from surgery.io.safetensors import DTYPES, FLOAT_CODES, dtype_name
+from surgery.errors import Problem
 
 CODES = ("duplicated-layers", "vocab-mismatch", "rope-mismatch", "narrowing-dtype", "gradient-too-long",
          "unknown-family", "guessed-identity", "config", "chat-template", "unused-parameter")
@@ -22,8 +22,8 @@ ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_fa
 
 
 def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
-    from .compile import merge_ranges
-    from .plan import Merge
+    from surgery.compile.stack import merge_ranges
+    from surgery.plan import Merge
 
     out: list[Problem] = []
     # layers made the same way twice (plain copies, or copies of one merged layer), reported at the

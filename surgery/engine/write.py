@@ -1,17 +1,6 @@
-"""The streaming engine: executes a Program into a checkpoint folder.
-
-- Every output tensor's name, dtype, shape and byte offset is known before any byte is read, so
-  each shard's header is written first and tensors are written at their final offsets
-  (`pwrite`), by a small pool of threads, in any order.
-- A tensor whose recipe is a plain copy with the same dtype is copied as raw bytes
-  (`os.copy_file_range`, in the kernel where the filesystem allows; `pread`/`pwrite` otherwise),
-  never decoded by torch. Any other recipe is evaluated in fixed-size chunks of elements, so
-  memory is bounded by (workers x chunk), never by tensor, shard or model size.
-- The output is built in a hidden side folder next to the destination; shards are written as
-  `*.tmp` and renamed when whole; `surgery.json` and then the index are written last; then the side
-  folder is renamed into place in one step. An interrupted run never leaves a folder that looks
-  complete.
-"""
+"""Writing an output: shard headers, raw copies (copy_file_range) and computed tensors placed with
+pwrite, each shard hashed as it is finished, the resume record, the metadata, and the output-folder
+protocol (surgery.io.outdir) around it all."""
 
 from __future__ import annotations
 
@@ -30,26 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import __version__
-from .checkpoint import TensorInfo, dtype_name, header_sha256, itemsize, read_header_fd
-from .compile import OutTensor, Program, Shard
-from .errors import OutputError
-from .jsonio import read_json
-from .outdir import OutputFolder, atomic_write, output_path
-from .recipes import (Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros,
+from surgery._version import __version__
+from surgery.io.safetensors import file_sha256, header_sha256, itemsize
+from surgery.compile import OutTensor, Program, Shard
+from surgery.errors import OutputError
+from surgery.jsonio import read_json
+from surgery.io.outdir import OutputFolder, atomic_write, output_path
+from surgery.recipes import (Cast, Read, Zeros,
                       fingerprint)
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 # torch is imported only when a recipe needs computing: copy-only plans (slicing, stacking,
 # depth up-scaling) never pay its import time.
 
-CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB of fp32 per intermediate
-SLERP_KEEP_PER_ELEMENT = 24  # slerp inputs up to 24 bytes x chunk (96 MB by default) are read once, kept from pass 1
+from surgery.engine.evaluate import Evaluator
+from surgery.engine.read import CHUNK_ELEMENTS, Sources, torch_dtype
+from surgery.engine.staging import StagedIO
+
+
 COPY_CHUNK = 64 << 20
-SLERP_DOT_THRESHOLD = 0.9995
-SLERP_EPS = 1e-8
 
 
 @dataclass
@@ -62,269 +52,6 @@ class Result:
     seconds: float
     new_layers: list[int]
 
-
-def torch_dtype(code: str) -> "torch.dtype":
-    import torch
-
-    return getattr(torch, dtype_name(code))
-
-
-# ---------------------------------------------------------------------------------------------
-# reading and evaluating recipes in chunks
-
-class Sources:
-    """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
-
-    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None,
-                 staging: "StagedIO | None" = None):
-        self._fds: dict[Path, int] = {}
-        self._stat: dict[Path, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-        self.compute_slots = threading.BoundedSemaphore(compute_slots)
-        self.device = device  # where computed recipes run; reads and writes stay on the host
-        self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
-        self.io = staging  # pinned buffers and copy streams between host and device (None: plain host tensors)
-
-    def open_all(self, program: Program) -> None:
-        """Open every source file the program reads, once, before any work, and check each against
-        the header read when the plan was compiled. Reads then go through these descriptors only,
-        so a file replaced by rename during the run is harmless (and one changed in place is
-        caught by `check_unchanged`)."""
-        files: dict[Path, str | None] = {}
-        for t in program.tensors:
-            for i in t.recipe.inputs():
-                if i.in_memory is None:
-                    files.setdefault(i.file, None)
-        for ck in program.ckpts.values():
-            for fname, digest in ck.header_hashes.items():
-                f = ck.path / fname
-                if f in files:
-                    files[f] = digest
-        for f, digest in files.items():
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError as e:
-                raise OutputError(f"cannot open source file: {e.strerror}", where=str(f)) from None
-            self._fds[f] = fd
-            st = os.fstat(fd)
-            self._stat[f] = (st.st_size, st.st_mtime_ns)
-            if digest is not None and hashlib.sha256(read_header_fd(fd, str(f))).hexdigest() != digest:
-                raise OutputError("source file changed since the plan was compiled (its header differs)", where=str(f),
-                                  fix="run again; do not change source models while surgery reads them")
-
-    def check_unchanged(self) -> None:
-        """A source file changed in place during the run (size or mtime differ) fails it."""
-        for f, fd in self._fds.items():
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != self._stat[f]:
-                raise OutputError("source file was modified while surgery read it; the output may mix old and new "
-                                  "data and was not published", where=str(f),
-                                  fix="run again once the file no longer changes")
-
-    def identity(self) -> dict[str, list[int]]:
-        """Size and mtime of every source file, for the resume record."""
-        return {str(f): list(v) for f, v in sorted(self._stat.items())}
-
-    def fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:  # a file open_all did not see (only in unit tests that skip it)
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                st = os.fstat(fd)
-                self._stat[path] = (st.st_size, st.st_mtime_ns)
-            return fd
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def read(self, t: TensorInfo, e0: int, e1: int) -> "torch.Tensor":
-        import torch
-
-        dt = torch_dtype(t.dtype)
-        if t.in_memory is not None:
-            return t.in_memory.reshape(-1)[e0:e1]
-        buf = bytearray((e1 - e0) * itemsize(t.dtype))
-        self.read_into(t, e0, memoryview(buf))
-        return torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
-
-    def read_into(self, t: TensorInfo, e0: int, view) -> None:
-        """pread elements from `e0` of `t` into the writable buffer `view` (its length decides how many)."""
-        view = memoryview(view).cast("B")
-        fd, pos, done = self.fd(t.file), t.offset + e0 * itemsize(t.dtype), 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n == 0:
-                raise OutputError(f"unexpected end of file reading tensor {t.name!r} (the file changed or is truncated)",
-                                  where=str(t.file))
-            done += n
-
-    def read_device(self, t: TensorInfo, e0: int, e1: int) -> "torch.Tensor":
-        """Elements [e0, e1) of `t` on the compute device, staged through a pinned buffer."""
-        if t.in_memory is not None or self.io is None:
-            return self.read(t, e0, e1).to(self.device)
-        return self.io.upload(lambda view: self.read_into(t, e0, view), (e1 - e0) * itemsize(t.dtype), torch_dtype(t.dtype))
-
-
-class Evaluator:
-    """Evaluates recipes chunk by chunk (elements [e0, e1) of the flattened tensor)."""
-
-    def __init__(self, sources: Sources):
-        self.src = sources
-        self._slerp: dict = {}  # Slerp -> (coef_a, coef_b)
-        self._kept: dict = {}  # (Slerp, e0, e1) -> its input chunks from pass 1, when the tensor is small enough
-        self._full: dict = {}  # whole-tensor results, for this output tensor
-
-    def chunk(self, r: Recipe, e0: int, e1: int) -> "torch.Tensor":
-        """Elements [e0, e1) of the flattened output of `r`, in r's dtype."""
-        import torch
-
-        if r.whole_tensor:
-            return self.full(r).reshape(-1)[e0:e1]
-        if isinstance(r, Read):
-            if self.src.device == "cpu" and self.src.io is None:
-                return self.src.read(r.src, e0, e1)
-            return self.src.read_device(r.src, e0, e1)
-        if isinstance(r, Zeros):
-            return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype), device=self.src.device)
-        if isinstance(r, Cast):
-            return self.chunk(r.inner, e0, e1).to(torch_dtype(r.dtype))
-        if isinstance(r, Scale):
-            return self.chunk(r.inner, e0, e1) * r.factor
-        if isinstance(r, Linear):
-            first = torch_dtype(r.terms[0].dtype)
-            cd = torch.float64 if first == torch.float64 else torch.float32
-            w = torch.tensor(r.weights, dtype=cd, device=self.src.device)
-            acc = torch.zeros(e1 - e0, dtype=cd, device=self.src.device)
-            for term, wi in zip(r.terms, w.unbind(0)):
-                acc.addcmul_(self.chunk(term, e0, e1), wi.reshape(1))
-            if r.normalize:
-                acc.div_(w.sum())
-            return acc.to(first)
-        if isinstance(r, Slerp):
-            coef_a, coef_b = self._slerp_coefs(r)
-            cd = coef_a.dtype
-            kept = self._kept.pop((r, e0, e1), None)  # the inputs pass 1 already read
-            x, y = kept if kept is not None else (self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1))
-            return (coef_a * x.to(cd) + coef_b * y.to(cd)).to(torch_dtype(r.dtype))
-        if isinstance(r, RandomNormal):
-            return self._random(r, e0, e1)
-        raise AssertionError(f"no evaluator for {type(r).__name__}")
-
-    def full(self, r: Recipe) -> "torch.Tensor":
-        """The whole output of `r`, shaped. Recipes that need whole input tensors (nuslerp, plugin
-        kernels, vocabulary realignment) are computed once per output tensor and cached."""
-        if r in self._full:
-            return self._full[r]
-        if isinstance(r, Nuslerp):
-            out = _nuslerp(r, self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None)
-        elif isinstance(r, External):
-            from .registry import current as _registry
-
-            inputs = [self.full(t) for t in r.terms]
-            try:
-                out = _registry().kernel(r.method)(inputs, r).to(torch_dtype(r.dtype))
-            except Exception as e:  # the plugin's kernel refused its parameters (e.g. della's epsilon)
-                params = ", ".join(f"{k}={v}" for k, v in r.shared)
-                raise OutputError(f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): "
-                                  f"{type(e).__name__}: {str(e)[:300]}", where=r.where,
-                                  fix=f"check the {r.method} parameters against its documentation") from None
-        elif isinstance(r, VocabPermute):
-            key = ("vocab", r.terms, r.ids)
-            if key not in self._full:
-                self._full[key] = r.merger.permute({i: self.full(t) for i, t in zip(r.ids, r.terms)})
-            out = self._full[key][r.ids[r.index]].to(torch_dtype(r.dtype))
-        else:
-            return self.chunk(r, 0, r.numel).reshape(r.shape)
-        assert tuple(out.shape) == tuple(r.shape), (type(r).__name__, out.shape, r.shape)
-        self._full[r] = out
-        return out
-
-    def _slerp_coefs(self, r: Slerp):
-        import torch
-
-        if r in self._slerp:
-            return self._slerp[r]
-        # Pass 1: whole-tensor statistics in float64, chunk by chunk.
-        ssa = ssb = sab = 0.0
-        n = r.numel
-        step = self.src.chunk_elements
-        # a tensor whose inputs fit the budget keeps pass 1's chunks for pass 2: read once, not twice
-        keep = n * (itemsize(r.a.dtype) + itemsize(r.b.dtype)) <= self.src.chunk_elements * SLERP_KEEP_PER_ELEMENT
-        for e0 in range(0, n, step):
-            e1 = min(n, e0 + step)
-            xa, yb = self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1)
-            if keep:
-                self._kept[(r, e0, e1)] = (xa, yb)
-            x, y = xa.to(torch.float64), yb.to(torch.float64)
-            ssa += float(torch.dot(x, x))
-            ssb += float(torch.dot(y, y))
-            sab += float(torch.dot(x, y))
-        na, nb = ssa ** 0.5, ssb ** 0.5
-        na = na if na > SLERP_EPS else 1.0
-        nb = nb if nb > SLERP_EPS else 1.0
-        # Coefficients as mergekit 0.1.5 computes them: float32 (float64 for float64 inputs).
-        cd = torch.float64 if r.a.dtype == "F64" else torch.float32
-        dot = torch.tensor(sab / (na * nb), dtype=cd).clamp(-1, 1)
-        t = torch.tensor(r.t, dtype=cd)
-        linear = dot.abs() > SLERP_DOT_THRESHOLD
-        theta = torch.acos(torch.where(linear, torch.zeros((), dtype=cd), dot))
-        # (coefficients are computed on the host, so every device gets the same two numbers)
-        sin_theta = torch.sin(theta)
-        coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-        coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-        coef_a, coef_b = coef_a.to(self.src.device), coef_b.to(self.src.device)
-        self._slerp[r] = (coef_a, coef_b)
-        return coef_a, coef_b
-
-    def _random(self, r: RandomNormal, e0: int, e1: int) -> "torch.Tensor":
-        import torch
-
-        B = RandomNormal.BLOCK
-        parts = []
-        for b in range(e0 // B, (e1 - 1) // B + 1):
-            lo, hi = b * B, min(r.numel, (b + 1) * B)
-            g = torch.Generator().manual_seed(r.block_seed(b))
-            block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
-            parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
-        # drawn on the host: the same values whatever the device
-        return torch.cat(parts).to(torch_dtype(r.dtype)).to(self.src.device)
-
-
-def _nuslerp(r: Nuslerp, a, b, base):
-    """nuslerp in the inputs' (promoted) dtype on whole tensors, with mergekit 0.1.5's operation
-    order so results agree to the last bit where the arithmetic allows."""
-    import torch
-
-    dt = a.dtype
-    for x in (b, base):
-        if x is not None:
-            dt = torch.promote_types(dt, x.dtype)
-    a, b = a.to(dt), b.to(dt)
-    w0, w1 = r.weights
-    total = w0 + w1
-    t = 0.5 if abs(total) < 1e-6 else w1 / total
-    if base is not None:
-        base = base.to(dt)
-        a, b = a - base, b - base
-    shape = a.shape
-    dim = 0 if r.row_wise else -1
-    if r.flatten:
-        a, b = a.reshape(-1), b.reshape(-1)
-    elif dim != -1:
-        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
-    unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
-    unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
-    straight = (1 - cos.square()) <= 1e-8 ** 2
-    theta = torch.acos(torch.where(straight, 0, cos))
-    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    out = torch.where(straight, (1 - t) * a + t * b, out)
-    if dim != -1 and not r.flatten:
-        out = out.transpose(dim, -1)
-    out = out.reshape(shape)
-    return base + out if base is not None else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +116,7 @@ def shard_header(shard: Shard, metadata: dict[str, str]) -> tuple[bytes, list[in
         pos += t.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     pad = -(8 + len(hb)) % 8
-    pieces = copy_pieces([(t, off) for t, off in zip(shard.tensors, offsets) if _is_raw(t)], piece=1 << 62)
+    pieces = copy_pieces([(t, off) for t, off in zip(shard.tensors, offsets, strict=True) if _is_raw(t)], piece=1 << 62)
     if pieces:
         _, src_off, _, rel, _ = max(pieces, key=lambda p: p[2])
         want = (src_off - rel - 8 - len(hb)) % PAGE
@@ -529,130 +256,6 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
     if n == 0:
         progress.add(0, True)
 
-
-class StagedIO:
-    """Host <-> device traffic through a bounded pool of reusable (pinned, on CUDA) host buffers.
-
-    Uploads: the host preads into a pool buffer, the copy to the device is queued on the upload
-    stream with an event, and the compute stream waits for that event (not the host). Downloads:
-    the download stream waits for the compute stream, copies into a pool buffer and records an
-    event that the writer waits for before `pwrite`. A buffer goes back to the pool with the event
-    of its last copy and is reused only once that event has completed. Each worker thread
-    computes on its own stream, so two tensors' chunks overlap on the device too.
-
-    `backend="host"` runs the same pipeline with plain host tensors and completed events: what
-    the CPU tests use to check the staging logic (ordering, pool bounds, buffer reuse) without a GPU.
-    """
-
-    MIN_BUFFER = 1 << 20
-
-    def __init__(self, device: str, max_bytes: int, backend: str = "cuda"):
-        import torch
-
-        self.torch = torch
-        self.cuda = backend == "cuda"
-        self.device = torch.device(device)
-        self.max_bytes = max(max_bytes, 2 * self.MIN_BUFFER)  # free buffers kept for reuse
-        self.cached = 0  # bytes of free buffers
-        self.live = 0  # bytes of buffers alive (in use or free)
-        self.peak = 0
-        self._free: dict[int, list] = {}  # size class -> [(buffer, event)]
-        self._cond = threading.Condition()
-        self._local = threading.local()
-        if self.cuda:
-            self.up = torch.cuda.Stream(self.device)
-            self.down = torch.cuda.Stream(self.device)
-
-    # -- streams and events
-    def compute_stream(self):
-        import contextlib
-
-        if not self.cuda:
-            return contextlib.nullcontext()
-        s = getattr(self._local, "stream", None)
-        if s is None:
-            s = self._local.stream = self.torch.cuda.Stream(self.device)
-        return self.torch.cuda.stream(s)
-
-    def _event(self, stream):
-        if not self.cuda:
-            return None
-        e = self.torch.cuda.Event()
-        e.record(stream)
-        return e
-
-    def wait(self, event) -> None:
-        if event is not None:
-            event.synchronize()
-
-    # -- the buffer pool
-    def _class(self, nbytes: int) -> int:
-        return max(self.MIN_BUFFER, 1 << (max(1, nbytes) - 1).bit_length())
-
-    def acquire(self, nbytes: int):
-        """A buffer of at least `nbytes`: a free one of its size class (once its last copy is
-        over), or a new one. Never blocks on other threads, so a thread holding a buffer cannot
-        deadlock another: buffers in use are bounded by the pipeline's depth (per compute slot
-        one chunk being downloaded, one being written, one being uploaded), the free ones by `max_bytes`."""
-        size = self._class(nbytes)
-        with self._cond:
-            free = self._free.get(size)
-            item = free.pop() if free else None
-            if item is not None:
-                self.cached -= size
-            else:
-                self.live += size
-                self.peak = max(self.peak, self.live)
-        if item is not None:
-            self.wait(item[1])
-            return item[0]
-        return self.torch.empty(size, dtype=self.torch.uint8, pin_memory=self.cuda)
-
-    def release(self, buf, event) -> None:
-        """Back to the pool with the event of its last copy; dropped when the pool is full (the
-        pinned allocator keeps a dropped block until its queued copies are done)."""
-        size = buf.numel()
-        with self._cond:
-            if self.cached + size <= self.max_bytes:
-                self._free.setdefault(size, []).append((buf, event))
-                self.cached += size
-            else:
-                self.live -= size
-
-    # -- copies
-    def upload(self, fill, nbytes: int, dtype) -> "torch.Tensor":
-        torch = self.torch
-        buf = self.acquire(nbytes)
-        fill(buf[:nbytes].numpy())
-        if not self.cuda:
-            out = buf[:nbytes].clone().view(dtype)
-            self.release(buf, None)
-            return out
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.up):
-            # allocated on the upload stream, so the copy need not wait for queued compute work;
-            # record_stream keeps the memory from reuse until the compute stream is done with it
-            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dev.copy_(buf[:nbytes], non_blocking=True)
-        done = self._event(self.up)
-        compute.wait_event(done)
-        dev.record_stream(compute)
-        self.release(buf, done)
-        return dev.view(dtype)
-
-    def download(self, x: "torch.Tensor"):
-        torch = self.torch
-        flat = x.reshape(-1).view(torch.uint8)
-        nbytes = flat.numel()
-        buf = self.acquire(nbytes)
-        if not self.cuda:
-            buf[:nbytes].copy_(flat)
-            return buf, None
-        self.down.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.down):
-            buf[:nbytes].copy_(flat, non_blocking=True)
-        flat.record_stream(self.down)  # keep x's memory until the copy has run
-        return buf, self._event(self.down)
 
 
 def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor,
@@ -800,20 +403,6 @@ def _resumable(staging: Path, record: dict) -> dict[str, dict]:
     return kept
 
 
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    """sha256 of a whole file, read in blocks (hashlib releases the GIL on large updates)."""
-    h = hashlib.sha256()
-    buf = bytearray(block)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _shard_entry(info: dict) -> dict:
     return {k: info[k] for k in ("name", "bytes", "tensors", "header_sha256", "sha256")}
 
@@ -940,8 +529,8 @@ def _write_metadata(program: Program, folder: Path, shard_info: list[dict], buil
 
 
 def _write_metadata_files(program: Program, folder: Path, shard_info: list[dict], build: str):
-    from .card import model_card
-    from .report import provenance
+    from surgery.report.card import model_card
+    from surgery.report.summary import provenance
 
     if program.tokenizer_merger is not None:
         program.tokenizer_merger.save(folder)
@@ -959,7 +548,7 @@ def _write_metadata_files(program: Program, folder: Path, shard_info: list[dict]
             if cfg.pop("chat_template", None) is not None:
                 tc.write_text(json.dumps(cfg, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(program.config, indent=2, sort_keys=True) + "\n")
-    from .show import layer_map_svg
+    from surgery.report.show import layer_map_svg
 
     (folder / "layer_map.svg").write_text(layer_map_svg(program))
     (folder / "README.md").write_text(model_card(program))

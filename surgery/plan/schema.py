@@ -21,7 +21,7 @@ def _lift_defs(schema: dict, defs: dict) -> dict:
 
 
 def plan_schema() -> dict[str, Any]:
-    from .plan import PlanBody, step_types
+    from surgery.plan import PlanBody, step_types
 
     defs: dict[str, Any] = {}
     body = _lift_defs(PlanBody.model_json_schema(), defs)
@@ -41,14 +41,6 @@ def plan_schema() -> dict[str, Any]:
     return body
 
 
-def train_schema() -> dict[str, Any]:
-    from .train.config import TrainConfig
-
-    s = TrainConfig.model_json_schema()
-    s.update({"$schema": DIALECT, "$id": "https://surgery.dev/schemas/train.schema.json", "title": "surgery train config"})
-    return s
-
-
 _PROBLEM = {"type": "object", "required": ["where", "what", "fix"], "additionalProperties": False,
             "properties": {"where": {"type": ["string", "null"], "description": "plan file:line, tensor or file name"},
                            "what": {"type": "string"}, "fix": {"type": ["string", "null"]},
@@ -64,29 +56,73 @@ def report_schema() -> dict[str, Any]:
                              "parameters": {"type": "integer"}, "bytes": {"type": "integer"},
                              "tied_embeddings": {"type": "boolean"}, "files": {"type": "array", "items": {"type": "string"}},
                              "pickled": {"type": "boolean"}}}
-    layer = {"type": "object", "required": ["layer", "source", "how", "new", "sources", "step", "where"],
-             "properties": {"layer": {"type": "integer"}, "source": {"type": "string"}, "how": {"type": "string"},
-                            "new": {"type": "boolean"}, "made": {"type": "string"},
-                            "sources": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}},
-                            "step": {"type": "string"}, "where": {"type": "string"}}}
-    output = {"type": "object", "required": ["num_layers", "dtype", "parameters", "bytes", "bytes_read", "tensors", "shards",
-                                             "new_layers", "config_changes", "family"],
-              "properties": {"num_layers": {"type": "integer"}, "dtype": {"type": "string"}, "parameters": {"type": "integer"},
-                             "bytes": {"type": "integer"}, "bytes_read": {"type": "integer"}, "tensors": {"type": "integer"},
-                             "shards": {"type": "array", "items": {"type": "object", "required": ["name", "bytes", "tensors"]}},
-                             "new_layers": {"type": "array", "items": {"type": "integer"}},
-                             "config_changes": {"type": "array", "items": {"type": "string"}}, "family": {"type": "string"}}}
-    plan = {"type": "object", "required": ["plan", "valid", "passed", "errors", "warnings"],
-            "properties": {"plan": {"type": "string"}, "valid": {"type": "boolean"},
-                           "passed": {"type": "boolean", "description": "valid, and warning-free under --strict"},
-                           "errors": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
-                           "warnings": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
-                           "sources": {"type": "object", "additionalProperties": source},
-                           "output": output, "layer_map": {"type": "array", "items": layer}}}
-    return {"$schema": DIALECT, "$id": "https://surgery.dev/schemas/validate-report.schema.json",
-            "title": "surgery validate report", "type": "object",
-            "required": ["format", "surgery_version", "strict", "valid", "plans"],
-            "properties": {"format": {"const": "surgery.validate/2"}, "surgery_version": {"type": "string"},
-                           "strict": {"type": "boolean"}, "valid": {"type": "boolean", "description": "every plan passed"},
-                           "plans": {"type": "array", "items": plan}},
-            "$defs": {"problem": _PROBLEM}}
+    layer = {
+        "type": "object",
+        "required": ["layer", "source", "how", "new", "sources", "step", "where"],
+        "properties": {
+            "layer": {"type": "integer"},
+            "source": {"type": "string"},
+            "how": {"type": "string"},
+            "new": {"type": "boolean"},
+            "made": {"type": "string"},
+            "sources": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}},
+            "step": {"type": "string"},
+            "where": {"type": "string"},
+        },
+    }
+    output = {
+        "type": "object",
+        "required": [
+            "num_layers",
+            "dtype",
+            "parameters",
+            "bytes",
+            "bytes_read",
+            "tensors",
+            "shards",
+            "new_layers",
+            "config_changes",
+            "family",
+        ],
+        "properties": {
+            "num_layers": {"type": "integer"},
+            "dtype": {"type": "string"},
+            "parameters": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "bytes_read": {"type": "integer"},
+            "tensors": {"type": "integer"},
+            "shards": {"type": "array", "items": {"type": "object", "required": ["name", "bytes", "tensors"]}},
+            "new_layers": {"type": "array", "items": {"type": "integer"}},
+            "config_changes": {"type": "array", "items": {"type": "string"}},
+            "family": {"type": "string"},
+        },
+    }
+    plan = {
+        "type": "object",
+        "required": ["plan", "valid", "passed", "errors", "warnings"],
+        "properties": {
+            "plan": {"type": "string"},
+            "valid": {"type": "boolean"},
+            "passed": {"type": "boolean", "description": "valid, and warning-free under --strict"},
+            "errors": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
+            "warnings": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
+            "sources": {"type": "object", "additionalProperties": source},
+            "output": output,
+            "layer_map": {"type": "array", "items": layer},
+        },
+    }
+    return {
+        "$schema": DIALECT,
+        "$id": "https://surgery.dev/schemas/validate-report.schema.json",
+        "title": "surgery validate report",
+        "type": "object",
+        "required": ["format", "surgery_version", "strict", "valid", "plans"],
+        "properties": {
+            "format": {"const": "surgery.validate/2"},
+            "surgery_version": {"type": "string"},
+            "strict": {"type": "boolean"},
+            "valid": {"type": "boolean", "description": "every plan passed"},
+            "plans": {"type": "array", "items": plan},
+        },
+        "$defs": {"problem": _PROBLEM},
+    }

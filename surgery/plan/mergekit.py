@@ -25,10 +25,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import registry
-from .errors import PlanError, Problem
-from .settings import to_mergekit
-from .yamlio import Located
+from surgery import registry
+from surgery.errors import PlanError, Problem
+from surgery.plan.settings import to_mergekit
+from surgery.plan.yamlio import Located
 
 TOP_KEYS = {"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "tokenizer", "chat_template", "name", "modules"}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import header_sha256, read_safetensors_header
-from .engine import file_sha256
-from .errors import Problem, SurgeryError
-from .jsonio import read_json
+from surgery.io.safetensors import header_sha256, read_safetensors_header
+from surgery.io.safetensors import file_sha256
+from surgery.errors import Problem, SurgeryError
+from surgery.jsonio import read_json
 
 
 def verify_output(out: str | Path) -> list[Problem]:

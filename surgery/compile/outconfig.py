@@ -1,0 +1,73 @@
+"""The output config.json: a pure function of the base config, the layer map and the family (layer
+counts, per-layer lists from each output layer's own source, layer thresholds, dtype)."""
+
+from __future__ import annotations
+
+import copy
+
+from surgery.arch import Family
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.safetensors import dtype_name
+
+
+from surgery.compile.stack import LayerSpec
+
+
+def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Family, out_code: str, warnings):
+    full = copy.deepcopy(base.config)
+    cfg = family.lm_config(full)  # a VLM's text_config: the layer settings live there
+    n_old, n_new = base.num_layers, len(stack)
+    changes = []
+    for key in {family.num_layers_key} | ({"num_hidden_layers"} & set(cfg)):
+        if cfg.get(key) != n_new:
+            changes.append(f"{key}: {cfg.get(key)} -> {n_new}")
+        cfg[key] = n_new
+    declared = set(family.per_layer_config)
+    detected = {k for k, v in cfg.items() if isinstance(v, list) and len(v) == n_old and k not in declared
+                and k != "architectures" and n_old > 1}
+    for key in sorted(declared | detected):
+        if not isinstance(cfg.get(key), list):
+            continue
+        if len(cfg[key]) != n_old:
+            warnings.append(f"config {key} has {len(cfg[key])} entries for {n_old} layers; left as it is")
+            continue
+        new = []
+        for spec in stack:
+            m, li = spec.sources[0]
+            lst = family.lm_config(ckpts[m].config).get(key)
+            new.append(lst[li] if isinstance(lst, list) and len(lst) == ckpts[m].num_layers else cfg[key][min(li, n_old - 1)])
+        cfg[key] = new
+        changes.append(f"{key}: {n_old} entries -> {n_new}, following the layer map")
+        if key in detected:
+            warnings.append(
+                f"config {key!r} has one entry per layer, so it was remapped with the layers (not declared for family {family.name})"
+            )
+    for key in family.layer_threshold_config:
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            continue
+        below = [spec.sources[0][1] < v for spec in stack]
+        if all(below):
+            new_v = v if v >= n_new else n_new  # every layer stays below the threshold
+        else:
+            new_v = below.index(False)
+            if any(below[new_v:]):
+                warnings.append(f"config {key}={v}: after surgery the layers below it are no longer a prefix; set to {new_v}")
+        if new_v != v:
+            changes.append(f"{key}: {v} -> {new_v}")
+        cfg[key] = new_v
+    for key in family.position_dependent_config:
+        if cfg.get(key):
+            warnings.append(
+                f"config {key} is set: layers behave differently at different depths, "
+                "so moved copies are not exact copies of their function"
+            )
+    tname = dtype_name(out_code)
+    for c in [full, cfg] if cfg is not full else [full]:
+        for key in ("dtype", "torch_dtype"):
+            if key in c and c[key] != tname:
+                changes.append(f"{key}: {c[key]} -> {tname}")
+                c[key] = tname
+    if "dtype" not in full and "torch_dtype" not in full:
+        full["dtype"] = tname
+    return full, changes

@@ -1,0 +1,231 @@
+"""Output tensors and their recipes: layer tensors from the layer map, non-layer tensors (embeddings,
+final norm, lm_head, a VLM's vision tower) made like the first or last step, merges resolved to
+recipes per tensor, and token-indexed tensors realigned to one vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from surgery import registry
+from surgery.arch import Family
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
+from surgery.errors import PlanError, Problem, SurgeryError
+from surgery.plan import Merge, Step, Take
+from surgery.methods import get_method
+from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Zeros
+from surgery.plan.settings import conditions_of, resolve
+
+
+from surgery.compile.stack import LayerSpec, merge_conditions
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    recipe: Recipe
+
+    @property
+    def nbytes(self) -> int:
+        return self.recipe.nbytes
+
+
+
+def _vocab_models(plan) -> list[str]:
+    used = {m for s in plan.steps for m in step_models(s)}
+    if plan.body.tokenizer in plan.body.models:
+        used.add(plan.body.tokenizer)
+    opts = plan.body.tokenizer_options
+    for setting in (opts.tokens.values() if opts is not None else ()):
+        src = setting.source
+        model = src if isinstance(src, str) else getattr(src, "model", None)
+        if model:
+            used.add(model)
+    return sorted(used, key=list(plan.body.models).index)
+
+
+def vocabularies_differ(plan, ckpts, family: Family, tok: str) -> bool:
+    """Do the models' token-indexed tensors or tokenizers differ from `tok`'s (so they need realigning)?"""
+    names = set(family.embeddings) | {family.lm_head}
+    ref = ckpts[tok]
+    for m in _vocab_models(plan):
+        ck = ckpts[m]
+        if any(n in ck.tensors and n in ref.tensors and ck.tensors[n].shape[:1] != ref.tensors[n].shape[:1] for n in names):
+            return True
+        a, b = ck.path / "tokenizer.json", ref.path / "tokenizer.json"
+        if a.is_file() and b.is_file() and (a.stat().st_size != b.stat().st_size or a.read_bytes() != b.read_bytes()):
+            return True
+    return False
+
+
+def realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str,
+                   model: str | None = None):
+    """Rewrite every token-indexed tensor's inputs to the vocabulary of `source` (a tokenizer source
+    such as "union"; "model": the tokenizer of plan model `model`, the others realigned to it)."""
+    from surgery.recipes import VocabPermute, map_children
+
+    used = _vocab_models(plan)
+    first = plan.steps[0]
+    base = first.base_model if isinstance(first, Merge) and first.base_model else config_model
+    build = registry.current().tokenizer_sources[source]
+    paths = {m: ckpts[m].path for m in used}
+    opts = plan.body.tokenizer_options
+    extra = {"options": opts.model_dump(exclude_none=True)} if opts is not None else {}
+    try:
+        merger = build(paths, base, model, **extra) if source == "model" else build(paths, base, **extra)
+    except SurgeryError:
+        raise
+    except Exception as e:  # the plugin's tokenizer code (a token that does not exist, ...)
+        raise PlanError(Problem(plan.where("tokenizer_options" if opts is not None else "tokenizer"),
+                                f"building the output tokenizer failed: {type(e).__name__}: {str(e)[:300]}",
+                                "check the tokenizer settings and the models' tokenizer files")) from None
+    vocab_names = set(family.embeddings) | {family.lm_head}
+
+    def rewrite(r: Recipe) -> Recipe:
+        if isinstance(r, Read) and r.src.name in vocab_names:
+            terms = tuple(Read(ckpts[m].tensors[r.src.name], m) for m in used if r.src.name in ckpts[m].tensors)
+            ids = tuple(t.model for t in terms)
+            return VocabPermute(terms, ids, ids.index(r.model), merger.vocab_size, merger)
+        return r if isinstance(r, VocabPermute) else map_children(r, rewrite)
+
+    return [OutTensor(t.name, rewrite(t.recipe)) if t.name in vocab_names else t for t in tensors], merger
+
+
+def step_models(s: Step) -> list[str]:
+    if isinstance(s, Take):
+        return [s.model]
+    if isinstance(s, Merge):
+        return [src.model for src in s.sources]
+    return []
+
+
+def _cast(r: Recipe, code: str) -> Recipe:
+    if r.dtype != code and r.dtype in FLOAT_CODES:
+        return Cast(r, code)
+    return r
+
+
+def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str,
+            input_dtype: str | None, seed: int | None = None, rows_free: bool = False) -> Recipe:
+    """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order.
+    `rows_free`: a token-indexed tensor that is realigned to one vocabulary afterwards, so only its
+    other dimensions must agree now."""
+    reads = [_read(ckpts, model, n, input_dtype) for model, n in names]
+    shapes = {r.shape[1:] if rows_free else r.shape for r in reads}
+    if len(shapes) != 1:
+        desc = ", ".join(f"{model}:{n} {list(r.shape)}" for (model, n), r in zip(names, reads, strict=True))
+        raise PlanError(Problem(where, f"cannot merge tensors of different shapes for {out_name}: {desc}",
+                                "merge models of the same architecture and size"))
+    for (model, n), r in zip(names, reads, strict=True):
+        if r.dtype not in FLOAT_CODES:
+            raise PlanError(Problem(where, f"cannot merge {model}:{n}: dtype {r.dtype} is not floating point"))
+    spec = get_method(m.method, where)
+    shared_c, per_c = merge_conditions(m)
+    base = m.base_model
+    models = [model for model, _ in names]
+    base_index = models.index(base) if base is not None else None
+
+    def value(p, conds, name):
+        v = resolve(conds, name, t, None)
+        if v is None:
+            if p.required:
+                raise PlanError(Problem(where, f"{m.method} needs parameter {p.name!r} for {name}",
+                                        f"set `{p.name}` on the merge (or per model)"))
+            return p.default
+        return v
+
+    shared = {p.name: value(p, shared_c.get(p.name, ()), out_name) for p in spec.shared}
+    per_input = []
+    for i, (model, n) in enumerate(names):
+        per_input.append({p.name: value(p, per_c[i].get(p.name, ()) + shared_c.get(p.name, ()), n)
+                          for p in spec.per_input if p.scope == "input" or i != base_index})
+    if spec.build is not None:
+        return spec.build(reads, base_index, shared, per_input)
+    return External(m.method, tuple(reads), tuple(models), base_index, tuple(sorted(shared.items())),
+                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, reads[0].dtype, seed, where)
+
+
+def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
+    r: Recipe = Read(ckpts[model].tensors[name], model)
+    return _cast(r, input_dtype) if input_dtype else r
+
+
+def non_layer_tensors(plan, ckpts, base: Checkpoint, first: Step, out_code, warnings, rows_free: set[str] = frozenset()):
+    """Embeddings, final norm, lm_head: from `non_layer`'s model; or, when the plan names none,
+    made like the first step's layers (embeddings) and the first or last step's (`post_from`:
+    final norm, lm_head), merged at the gradient's start or scaled, as mergekit does."""
+    family = base.family
+    in_dt = DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None
+    makers = [s for s in plan.steps if isinstance(s, (Take, Merge))]
+    post_step = makers[-1] if plan.body.post_from == "last" else first
+    skip = {family.lm_head} if base.tied else set()
+    pre, post = [], []
+    for name in base.non_layer:
+        if name in skip:
+            continue
+        is_pre = (name in family.embeddings or any(k in name for k in ("embed", "wte", "wpe"))) and name != family.lm_head
+        step = None if plan.body.non_layer is not None else (first if is_pre else post_step)
+        where = plan.step_where(list(plan.steps).index(step)) if step is not None else plan.where("non_layer")
+        if isinstance(step, Merge):
+            missing = [s.model for s in step.sources if name not in ckpts[s.model].tensors]
+            if missing:
+                raise PlanError(Problem(where, f"cannot merge {name}: models {missing} do not have it"))
+            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed,
+                        rows_free=name in rows_free)
+        elif isinstance(step, Take):
+            if name not in ckpts[step.model].tensors:
+                raise PlanError(Problem(where, f"model {step.model!r} has no tensor {name!r}"))
+            r = _scaled(_read(ckpts, step.model, name, in_dt), conditions_of(step.scale), name, 0.0)
+        else:
+            r = _read(ckpts, base.name, name, in_dt)
+        (pre if is_pre else post).append(OutTensor(name, _cast(r, out_code)))
+    return pre, post
+
+
+def _scaled(r: Recipe, conds: tuple, name: str, t: float) -> Recipe:
+    v = resolve(conds, name, t) if conds else None
+    return r if v is None else Scale(r, float(v))
+
+
+def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
+                   in_dt: str | None = None, seed: int | None = None) -> list[OutTensor]:
+    m0, l0 = spec.sources[0]
+    src_layer = ckpts[m0].layers[l0]
+    ref_layer = base.layers[0]
+    if set(src_layer) != set(ref_layer):
+        extra = sorted(set(src_layer) ^ set(ref_layer))[:4]
+        raise PlanError(Problem(spec.where, f"layer {l0} of {m0!r} does not have the tensors of {base.name!r}'s layers "
+                                f"(differs in {extra})", "all layers in one output must come from the same architecture"))
+    out: list[OutTensor] = []
+    zeroed = 0
+    for suffix, name in src_layer.items():
+        out_name = family.layer_name(j, suffix)
+        if spec.merge is not None:
+            names = []
+            for m, li in spec.sources:
+                n = ckpts[m].layers[li].get(suffix)
+                if n is None:
+                    raise PlanError(Problem(spec.where, f"cannot merge {out_name}: {m}[{li}] has no tensor '{suffix}'"))
+                names.append((m, n))
+            r: Recipe = _merged(spec.merge, names, ckpts, out_name, spec.t, spec.where, in_dt, seed)
+        else:
+            r = _scaled(_read(ckpts, m0, name, in_dt), spec.take_scale, name, spec.t)
+        if r.shape != ckpts[base.name].tensors[ref_layer[suffix]].shape:
+            raise PlanError(Problem(spec.where, f"{m0}:{name} has shape {list(r.shape)} but the output's layers "
+                                    f"({base.name!r}) need {list(base.tensors[ref_layer[suffix]].shape)}",
+                                    "all layers in one output must come from models of the same size"))
+        if spec.init == "identity" and family.is_output_projection(suffix):
+            r, zeroed = Zeros(r.shape, r.dtype), zeroed + 1
+        elif spec.init == "zero" and not family.is_norm(suffix):
+            r = Zeros(r.shape, r.dtype)
+        elif spec.init == "random" and not family.is_norm(suffix):
+            r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
+        for filt, k in spec.scales:
+            if filt is None or filt in out_name:
+                r = Scale(r, k)
+        out.append(OutTensor(out_name, _cast(r, out_code)))
+    if spec.init == "identity" and not zeroed:
+        raise PlanError(Problem(spec.where, f"identity init: no output projections found in layer {l0} of {m0!r} "
+                                f"(family {family.name}); the copy would not be function-preserving",
+                                "use init: copy, or register an architecture entry naming the output projections"))
+    return out

@@ -1,0 +1,136 @@
+"""Evaluating recipes chunk by chunk (elementwise recipes) or on whole tensors (nuslerp, plugin
+kernels, vocabulary realignment). The merge arithmetic itself is in surgery.merge."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from surgery.io.safetensors import itemsize
+from surgery.errors import OutputError
+from surgery.recipes import (Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, VocabPermute, Zeros)
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only when a recipe needs computing: copy-only plans (slicing, stacking,
+# depth up-scaling) never pay its import time.
+
+from surgery.engine.read import Sources, torch_dtype
+from surgery.merge import nuslerp, slerp_coefficients
+
+
+SLERP_KEEP_PER_ELEMENT = 24  # slerp inputs up to 24 bytes x chunk (96 MB by default) are read once, kept from pass 1
+
+
+class Evaluator:
+    """Evaluates recipes chunk by chunk (elements [e0, e1) of the flattened tensor)."""
+
+    def __init__(self, sources: Sources):
+        self.src = sources
+        self._slerp: dict = {}  # Slerp -> (coef_a, coef_b)
+        self._kept: dict = {}  # (Slerp, e0, e1) -> its input chunks from pass 1, when the tensor is small enough
+        self._full: dict = {}  # whole-tensor results, for this output tensor
+
+    def chunk(self, r: Recipe, e0: int, e1: int) -> "torch.Tensor":
+        """Elements [e0, e1) of the flattened output of `r`, in r's dtype."""
+        import torch
+
+        if r.whole_tensor:
+            return self.full(r).reshape(-1)[e0:e1]
+        if isinstance(r, Read):
+            if self.src.device == "cpu" and self.src.io is None:
+                return self.src.read(r.src, e0, e1)
+            return self.src.read_device(r.src, e0, e1)
+        if isinstance(r, Zeros):
+            return torch.zeros(e1 - e0, dtype=torch_dtype(r.dtype), device=self.src.device)
+        if isinstance(r, Cast):
+            return self.chunk(r.inner, e0, e1).to(torch_dtype(r.dtype))
+        if isinstance(r, Scale):
+            return self.chunk(r.inner, e0, e1) * r.factor
+        if isinstance(r, Linear):
+            first = torch_dtype(r.terms[0].dtype)
+            cd = torch.float64 if first == torch.float64 else torch.float32
+            w = torch.tensor(r.weights, dtype=cd, device=self.src.device)
+            acc = torch.zeros(e1 - e0, dtype=cd, device=self.src.device)
+            for term, wi in zip(r.terms, w.unbind(0), strict=True):
+                acc.addcmul_(self.chunk(term, e0, e1), wi.reshape(1))
+            if r.normalize:
+                acc.div_(w.sum())
+            return acc.to(first)
+        if isinstance(r, Slerp):
+            coef_a, coef_b = self._slerp_coefs(r)
+            cd = coef_a.dtype
+            kept = self._kept.pop((r, e0, e1), None)  # the inputs pass 1 already read
+            x, y = kept if kept is not None else (self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1))
+            return (coef_a * x.to(cd) + coef_b * y.to(cd)).to(torch_dtype(r.dtype))
+        if isinstance(r, RandomNormal):
+            return self._random(r, e0, e1)
+        raise AssertionError(f"no evaluator for {type(r).__name__}")
+
+    def full(self, r: Recipe) -> "torch.Tensor":
+        """The whole output of `r`, shaped. Recipes that need whole input tensors (nuslerp, plugin
+        kernels, vocabulary realignment) are computed once per output tensor and cached."""
+        if r in self._full:
+            return self._full[r]
+        if isinstance(r, Nuslerp):
+            out = nuslerp(self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None,
+                          r.weights, r.row_wise, r.flatten)
+        elif isinstance(r, External):
+            from surgery.registry import current as _registry
+
+            inputs = [self.full(t) for t in r.terms]
+            try:
+                out = _registry().kernel(r.method)(inputs, r).to(torch_dtype(r.dtype))
+            except Exception as e:  # the plugin's kernel refused its parameters (e.g. della's epsilon)
+                params = ", ".join(f"{k}={v}" for k, v in r.shared)
+                raise OutputError(f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): "
+                                  f"{type(e).__name__}: {str(e)[:300]}", where=r.where,
+                                  fix=f"check the {r.method} parameters against its documentation") from None
+        elif isinstance(r, VocabPermute):
+            key = ("vocab", r.terms, r.ids)
+            if key not in self._full:
+                self._full[key] = r.merger.permute({i: self.full(t) for i, t in zip(r.ids, r.terms, strict=True)})
+            out = self._full[key][r.ids[r.index]].to(torch_dtype(r.dtype))
+        else:
+            return self.chunk(r, 0, r.numel).reshape(r.shape)
+        assert tuple(out.shape) == tuple(r.shape), (type(r).__name__, out.shape, r.shape)
+        self._full[r] = out
+        return out
+
+    def _slerp_coefs(self, r: Slerp):
+        import torch
+
+        if r in self._slerp:
+            return self._slerp[r]
+        # Pass 1: whole-tensor statistics in float64, chunk by chunk.
+        ssa = ssb = sab = 0.0
+        n = r.numel
+        step = self.src.chunk_elements
+        # a tensor whose inputs fit the budget keeps pass 1's chunks for pass 2: read once, not twice
+        keep = n * (itemsize(r.a.dtype) + itemsize(r.b.dtype)) <= self.src.chunk_elements * SLERP_KEEP_PER_ELEMENT
+        for e0 in range(0, n, step):
+            e1 = min(n, e0 + step)
+            xa, yb = self.chunk(r.a, e0, e1), self.chunk(r.b, e0, e1)
+            if keep:
+                self._kept[(r, e0, e1)] = (xa, yb)
+            x, y = xa.to(torch.float64), yb.to(torch.float64)
+            ssa += float(torch.dot(x, x))
+            ssb += float(torch.dot(y, y))
+            sab += float(torch.dot(x, y))
+        coef_a, coef_b = slerp_coefficients(ssa, ssb, sab, r.t, float64=r.a.dtype == "F64")
+        coef_a, coef_b = coef_a.to(self.src.device), coef_b.to(self.src.device)
+        self._slerp[r] = (coef_a, coef_b)
+        return coef_a, coef_b
+
+    def _random(self, r: RandomNormal, e0: int, e1: int) -> "torch.Tensor":
+        import torch
+
+        B = RandomNormal.BLOCK
+        parts = []
+        for b in range(e0 // B, (e1 - 1) // B + 1):
+            lo, hi = b * B, min(r.numel, (b + 1) * B)
+            g = torch.Generator().manual_seed(r.block_seed(b))
+            block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
+            parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
+        # drawn on the host: the same values whatever the device
+        return torch.cat(parts).to(torch_dtype(r.dtype)).to(self.src.device)

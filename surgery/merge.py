@@ -1,0 +1,67 @@
+"""The merge arithmetic surgery computes itself, as pure functions on tensors (mergekit keeps each
+method's math next to its spec the same way; the specs are in surgery.methods).
+
+Each follows mergekit 0.1.5's operation order so results agree to the last bit where the
+arithmetic allows; where surgery differs (slerp's statistics in float64, gathered chunk by
+chunk), the README's compatibility table says so.
+"""
+
+from __future__ import annotations
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit's DOT_THRESHOLD: above it, slerp is a lerp
+SLERP_EPS = 1e-8
+
+
+def slerp_coefficients(sum_aa: float, sum_bb: float, sum_ab: float, t: float, float64: bool = False):
+    """(coef_a, coef_b) with slerp(a, b, t) = coef_a * a + coef_b * b, from the whole tensors'
+    sums of squares and dot product; computed as mergekit 0.1.5 does, in float32 (float64 for
+    float64 inputs), on the host so every device gets the same two numbers."""
+    import torch
+
+    na, nb = sum_aa ** 0.5, sum_bb ** 0.5
+    na = na if na > SLERP_EPS else 1.0
+    nb = nb if nb > SLERP_EPS else 1.0
+    cd = torch.float64 if float64 else torch.float32
+    dot = torch.tensor(sum_ab / (na * nb), dtype=cd).clamp(-1, 1)
+    tt = torch.tensor(t, dtype=cd)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, torch.zeros((), dtype=cd), dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def nuslerp(a, b, base, weights: tuple[float, float], row_wise: bool, flatten: bool):
+    """nuslerp in the inputs' (promoted) dtype on whole tensors, with mergekit 0.1.5's operation
+    order so results agree to the last bit where the arithmetic allows."""
+    import torch
+
+    dt = a.dtype
+    for x in (b, base):
+        if x is not None:
+            dt = torch.promote_types(dt, x.dtype)
+    a, b = a.to(dt), b.to(dt)
+    w0, w1 = weights
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    if base is not None:
+        base = base.to(dt)
+        a, b = a - base, b - base
+    shape = a.shape
+    dim = 0 if row_wise else -1
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif dim != -1:
+        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
+    unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
+    straight = (1 - cos.square()) <= 1e-8 ** 2
+    theta = torch.acos(torch.where(straight, 0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(straight, (1 - t) * a + t * b, out)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    out = out.reshape(shape)
+    return base + out if base is not None else out
