@@ -40,7 +40,7 @@ CASES = {
 def config(method: str, a, b, c) -> str:
     base, per, shared = CASES[method]
     lines = ["models:"]
-    for m, params in zip((b, c), per, strict=True):
+    for m, params in zip((b, c)[: len(per)], per, strict=True):
         lines.append(f"  - model: {m}")
         if params:
             lines.append(f"    parameters: {params}")

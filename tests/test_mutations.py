@@ -110,3 +110,11 @@ def test_grow_interrupted_and_resumed_equals_one_run(tmp_path, models, stop_afte
     strip = [[{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
               for x in (r.path / "metrics.jsonl").read_text().splitlines()] for r in (full, again)]
     assert strip[0] == strip[1]
+
+
+def test_config_warnings_point_at_the_step_that_caused_them(models, tmp_path):
+    a = models("qwen2")
+    plan = write_plan(tmp_path, f"models: {{a: {a}}}\nsteps:\n  - take: {{model: a, layers: [2, 4]}}\n  - take: {{model: a}}\n")
+    rep = surgery.validate(plan)
+    w = next(w for w in rep.warnings if "max_window_layers" in w.what)
+    assert w.code == "config" and w.where == f"{plan}:4"  # the second take brought layers 0, 1 after layer 3

@@ -7,6 +7,7 @@ import copy
 
 from surgery.arch import Family
 from surgery.io.checkpoint import Checkpoint
+from surgery.errors import Problem
 from surgery.io.safetensors import dtype_name
 
 
@@ -18,6 +19,13 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
     cfg = family.lm_config(full)  # a VLM's text_config: the layer settings live there
     n_old, n_new = base.num_layers, len(stack)
     changes = []
+    # where a config note points: the first step that moved a layer (else the first step)
+    moved = next((spec for j, spec in enumerate(stack) if spec.sources[0][1] != j or spec.new), stack[0] if stack else None)
+    at = moved.where if moved is not None else None
+
+    def note(msg: str, spec: LayerSpec | None = None) -> None:
+        warnings.append(Problem((spec.where if spec is not None else at), msg, code="config"))
+
     for key in {family.num_layers_key} | ({"num_hidden_layers"} & set(cfg)):
         if cfg.get(key) != n_new:
             changes.append(f"{key}: {cfg.get(key)} -> {n_new}")
@@ -29,7 +37,7 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         if not isinstance(cfg.get(key), list):
             continue
         if len(cfg[key]) != n_old:
-            warnings.append(f"config {key} has {len(cfg[key])} entries for {n_old} layers; left as it is")
+            note(f"config {key} has {len(cfg[key])} entries for {n_old} layers; left as it is")
             continue
         new = []
         for spec in stack:
@@ -39,9 +47,8 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         cfg[key] = new
         changes.append(f"{key}: {n_old} entries -> {n_new}, following the layer map")
         if key in detected:
-            warnings.append(
-                f"config {key!r} has one entry per layer, so it was remapped with the layers (not declared for family {family.name})"
-            )
+            note(f"config {key!r} has one entry per layer, so it was remapped with the layers "
+                 f"(not declared for family {family.name})")
     for key in family.layer_threshold_config:
         v = cfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool):
@@ -52,16 +59,15 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         else:
             new_v = below.index(False)
             if any(below[new_v:]):
-                warnings.append(f"config {key}={v}: after surgery the layers below it are no longer a prefix; set to {new_v}")
+                stray = stack[new_v + below[new_v:].index(True)]
+                note(f"config {key}={v}: after surgery the layers below it are no longer a prefix; set to {new_v}", stray)
         if new_v != v:
             changes.append(f"{key}: {v} -> {new_v}")
         cfg[key] = new_v
     for key in family.position_dependent_config:
         if cfg.get(key):
-            warnings.append(
-                f"config {key} is set: layers behave differently at different depths, "
-                "so moved copies are not exact copies of their function"
-            )
+            note(f"config {key} is set: layers behave differently at different depths, "
+                 "so moved copies are not exact copies of their function")
     tname = dtype_name(out_code)
     for c in [full, cfg] if cfg is not full else [full]:
         for key in ("dtype", "torch_dtype"):

@@ -25,7 +25,7 @@ def recompute(out: str | Path, *, allow_pickle: bool = False) -> list[Problem]:
     prov_path = out / "surgery.json"
     prov = read_json(prov_path)
     try:
-        content, source = prov["plan"]["content"], prov["plan"]["source"]
+        content = prov["plan"]["content"]
         sources = {n: s["path"] for n, s in prov["sources"].items()}
         seed = prov["plan"].get("seed")
     except (KeyError, TypeError):
