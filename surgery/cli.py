@@ -336,7 +336,7 @@ def export(plan, fmt, out, force):
               help="Also recompute every tensor from the sources surgery.json records (they must still be there) and compare.")
 @_user_errors
 def verify(out, recompute):
-    """Check an output folder: every shard's size, header and sha256 against surgery.json, the
+    """Check an output folder: every shard's size, header and CRC-32 against surgery.json, the
     tensors against the index; with --sources, every tensor recomputed from the recorded sources.
     Exit 0 when whole, 1 with the problems listed."""
     from surgery.io.verify import verify_output
@@ -350,7 +350,7 @@ def verify(out, recompute):
         from surgery.errors import OutputError
 
         raise OutputError(problems)
-    click.echo(f"ok: {out} is complete; every shard's size, header and sha256 match its surgery.json"
+    click.echo(f"ok: {out} is complete; every shard's size, header and CRC-32 match its surgery.json"
                + ("; every tensor equals its recomputation from the sources" if recompute else ""))
 
 
@@ -535,6 +535,74 @@ def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device
     if "against" in r:
         click.echo(f"{r['against']}: perplexity {r['against_perplexity']:.4f} (loss {r['against_loss']:.4f})")
         click.echo(f"logits: max |difference| {r['max_abs_logit_diff']:.3g}, mean {r['mean_abs_logit_diff']:.3g}")
+
+
+EPILOG_ANALYZE = """\b
+Examples:
+  surgery analyze ./model --data held-out.jsonl                    the layer table, best block per size
+  surgery analyze ./model --data 'docs/*.txt' -o analysis/         + analysis.json, analysis.txt, layers.png
+  surgery analyze ./model --data d.jsonl --suggest drop:4 > p.yaml a plan dropping the most redundant 4 layers
+  surgery analyze ./merged --data d.jsonl --against ./parent        per-layer cosine and CKA against a parent
+"""
+
+
+@main.command(epilog=EPILOG_ANALYZE)
+@click.argument("model")
+@click.option("--data", "files", multiple=True, required=True, help="Held-out text: .txt, .jsonl or .parquet files or globs.")
+@click.option("--samples", type=click.IntRange(1, 100_000), default=256, show_default=True, help="Sequences to run.")
+@click.option("--seq-len", type=click.IntRange(2, 1 << 16), default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--micro-batch", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Sequences per forward call (memory: one layer plus all samples' states at one depth).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL/parquet field holding the text.")
+@click.option("--suggest", "suggestions", multiple=True, metavar="drop:N|dus:S|expand:K",
+              help="Print a plan: drop the N most redundant contiguous layers; SOLAR up-scale to S layers; K identity blocks.")
+@click.option("--against", default=None, help="Another model to compare layer by layer (same samples): cosine and CKA.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("-o", "--out", default=None, help="Write analysis.json, analysis.txt and layers.png to this folder.")
+@click.option("--force", is_flag=True, help="Replace an existing report folder.")
+@_user_errors
+def analyze(model, files, samples, seq_len, micro_batch, device, text_field, suggestions, against, fmt, out, force):
+    """Measure which layers change the representation least, streamed one layer at a time.
+
+    For every layer l and span n, the angular distance between the hidden states entering layer l
+    and layer l + n (last token; Gromov et al. 2024), Block Influence per layer (all tokens;
+    ShortGPT), and hidden-state norms; the most redundant block of each size. Peak memory is about
+    one layer plus the activations, whatever the depth. --suggest turns the result into a plan."""
+    import json as _json
+
+    from surgery.analyze import analyze as run, compare, suggest, text_report, write_report
+
+    show = sys.stderr.isatty() and fmt == "text"
+    a = run(model, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
+            text_field=text_field, progress=show)
+    doc = a.as_dict()
+    if against:
+        b = run(against, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
+                text_field=text_field, progress=show)
+        doc["against"] = {"model": str(against), **compare(a, b)}
+    plans = []
+    for what in suggestions:
+        text, why = suggest(a, what, "m", str(Path(model).resolve()) if Path(model).exists() else str(model))
+        plans.append((what, text, why))
+    doc["suggestions"] = [{"suggest": w, "plan": t, "why": y} for w, t, y in plans]
+    if out:
+        write_report(a, out, force=force, extra=doc)
+    if fmt == "json":
+        click.echo(_json.dumps(doc, indent=2))
+        return
+    if plans and not out and len(plans) == 1 and not sys.stdout.isatty():
+        click.echo(plans[0][1], nl=False)  # `--suggest drop:4 > plan.yaml`
+        click.echo(f"# {plans[0][2]}")
+        return
+    click.echo(text_report(a))
+    if against:
+        click.echo(f"\nagainst {against}: boundary  cosine  CKA (last token)")
+        for i, (c, k) in enumerate(zip(doc["against"]["cosine_last_token"], doc["against"]["linear_cka_last_token"],
+                                       strict=True)):
+            click.echo(f"  {i:>4}  {c:8.5f}  {k:8.5f}")
+    for what, text, why in plans:
+        click.echo(f"\n--suggest {what}: {why}\n{text}")
 
 
 @main.command()

@@ -251,9 +251,12 @@ def test_shards_are_fsynced_before_publish(models, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     surgery.apply(plan, tmp_path / "out", progress=False)
-    names = {Path(p).name for p in synced}
-    assert {"model-00001-of-00001.safetensors.tmp", "surgery.json.tmp", "model.safetensors.index.json.tmp",
-            ".out.surgery-partial", tmp_path.name} <= names
+    names = [Path(p).name for p in synced]
+    assert {"model-00001-of-00001.safetensors", "surgery.json.tmp", "model.safetensors.index.json.tmp",
+            ".out.surgery-partial", tmp_path.name} <= set(names)
+    # the shard is durable before the resume record calls it done, and before the completion marker
+    assert names.index("model-00001-of-00001.safetensors") < names.index(".surgery-shards.json.tmp", 1)
+    assert names.index("model-00001-of-00001.safetensors") < names.index(".surgery-complete")
 
 
 # data that leaks in ------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def test_verify_catches_a_flipped_byte_and_a_zeroed_half(models, tmp_path):
         f.seek(size // 2)
         f.write(bytes(size - size // 2))
     r = runner.invoke(main, ["verify", str(out)])
-    assert r.exit_code == 1 and r.output.count("sha256 mismatch") == 2, r.output
+    assert r.exit_code == 1 and r.output.count("crc32 mismatch") == 2, r.output
 
 
 @pytest.mark.parametrize("prov", [
@@ -417,9 +420,9 @@ def test_verify_sources_recomputes_every_tensor(models, tmp_path):
     runner = CliRunner()
     r = runner.invoke(main, ["verify", str(out), "--sources"])
     assert r.exit_code == 0 and "recomputation" in r.output, r.output
-    # a wrong value whose hash was recorded as is (the sha256 check alone cannot see it)
+    # a wrong value whose checksum was recorded as is (the crc32 check alone cannot see it)
     shard = next(out.glob("model-*.safetensors"))
-    from surgery.io.safetensors import file_sha256, read_safetensors_header
+    from surgery.io.safetensors import file_crc32, read_safetensors_header
 
     info = read_safetensors_header(shard)[0]["model.layers.1.mlp.up_proj.weight"]
     with open(shard, "r+b") as f:
@@ -428,8 +431,46 @@ def test_verify_sources_recomputes_every_tensor(models, tmp_path):
     prov = json.loads((out / "surgery.json").read_text())
     for s in prov["output"]["shards"]:
         if s["name"] == shard.name:
-            s["sha256"] = file_sha256(shard)
+            s["crc32"] = file_crc32(shard)
     (out / "surgery.json").write_text(json.dumps(prov))
     assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
     r = runner.invoke(main, ["verify", str(out), "--sources"])
     assert r.exit_code == 1 and "model.layers.1.mlp.up_proj.weight" in r.output and "recomputation" in r.output, r.output
+
+
+def test_disk_full_while_tokenizer_files_are_copied(models, tmp_path, monkeypatch):
+    import errno
+
+    from surgery.engine import write as w
+
+    def full(src, dst, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(w.shutil, "copy2", full)
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "out of space" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.surgery-partial").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_located_error(models, tmp_path, monkeypatch):
+    from surgery.io import outdir
+
+    real = outdir.Path.mkdir
+
+    def deny(self, *a, **k):
+        if self.name.endswith(".surgery-partial"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(outdir.Path, "mkdir", deny)
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "cannot create the side folder: Permission denied" in r.output, r.output
+
+
+def test_a_train_run_holds_its_output_too(models, tmp_path):
+    cfg = _train_cfg(tmp_path, models("llama"))
+    with OutputFolder((tmp_path / "out").absolute()):
+        r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
+    assert r.exit_code == 1 and f"already being written by PID {os.getpid()}" in r.output, r.output

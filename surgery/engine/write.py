@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from surgery._version import __version__
-from surgery.io.safetensors import file_sha256, header_sha256, itemsize
+from surgery.io.safetensors import file_crc32, header_sha256, itemsize
 from surgery.compile import OutTensor, Program, Shard
 from surgery.errors import OutputError
 from surgery.jsonio import read_json
@@ -285,7 +285,6 @@ def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, src
         for f in futures:
             f.result()
         _check_allocated(fd, total, where)
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, folder / shard.name)
@@ -397,14 +396,14 @@ def _resumable(staging: Path, record: dict) -> dict[str, dict]:
             continue
         if header_sha256(f) != info["header_sha256"]:
             continue
-        kept[info["name"]] = {**info, "sha256": digest}
+        kept[info["name"]] = {**info, "crc32": digest}
     for leftover in staging.glob("*.tmp"):
         leftover.unlink()
     return kept
 
 
 def _shard_entry(info: dict) -> dict:
-    return {k: info[k] for k in ("name", "bytes", "tensors", "header_sha256", "sha256")}
+    return {k: info[k] for k in ("name", "bytes", "tensors", "header_sha256", "crc32")}
 
 
 def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
@@ -454,13 +453,13 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             if resume and not kept and not staging.exists():
                 raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
                                   fix="run without --resume")
-            done = {k: v["sha256"] for k, v in kept.items()}
+            done = {k: v["crc32"] for k, v in kept.items()}
             if not kept:
                 folder.fresh_staging()
                 atomic_write(staging / RECORD, json.dumps(record))
             _run_shards(program, headers, staging, srcs, record, done, kept, workers, show)
             srcs.check_unchanged()
-            infos = [_shard_entry({**i, "sha256": done[i["name"]]}) for i in record["shards"]]
+            infos = [_shard_entry({**i, "crc32": done[i["name"]]}) for i in record["shards"]]
             (staging / RECORD).unlink()
             _write_metadata(program, staging, infos, build)
             folder.publish()
@@ -493,7 +492,7 @@ def _run_shards(program: Program, headers, staging: Path, srcs: Sources, record:
     lock = threading.Lock()
 
     def hashed(name: str) -> None:
-        digest = file_sha256(staging / name)
+        digest = file_crc32(staging / name, fsync=True)  # durable before it is recorded as done
         with lock:
             done[name] = digest
             atomic_write(staging / RECORD, json.dumps({**record, "done": done}))

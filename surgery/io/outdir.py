@@ -100,12 +100,10 @@ def atomic_write(path: Path, text: str) -> None:
 class OutputFolder:
     """Owns OUT while one run writes it: `with OutputFolder(out, force=...) as o: ... o.publish()`."""
 
-    def __init__(self, out: Path, *, force: bool = False, protected: dict[str, Path] | None = None,
-                 verb: str = "apply"):
+    def __init__(self, out: Path, *, force: bool = False, protected: dict[str, Path] | None = None):
         self.out = out
         self.force = force
         self.protected = {k: Path(v) for k, v in (protected or {}).items()}
-        self.verb = verb
         self.staging = out.parent / f".{out.name}{PARTIAL}"
         self.old = out.parent / f".{out.name}{OLD}"
         self.lock_path = out.parent / f".{out.name}{LOCK}"

@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,12 @@ def header_sha256(path: Path) -> str | None:
         os.close(fd)
 
 
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    """sha256 of a whole file, read in blocks (hashlib releases the GIL on large updates)."""
-    h = hashlib.sha256()
+def file_crc32(path: Path, *, fsync: bool = False, block: int = 8 << 20) -> str:
+    """CRC-32 of a whole file as 8 hex digits, read in blocks (zlib releases the GIL on large
+    buffers), optionally fsyncing the file afterwards. A checksum, not a cryptographic hash: it
+    catches damaged data (any burst of up to 32 bits, and all but 2^-32 of other corruption) at
+    7 GB/s where sha256 runs at 2.2 GB/s (bench/RESULTS.md: the cost on an 8B DUS)."""
+    crc = 0
     buf = bytearray(block)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -168,5 +172,7 @@ def file_sha256(path: Path, block: int = 8 << 20) -> str:
             n = f.readinto(buf)
             if not n:
                 break
-            h.update(view[:n])
-    return h.hexdigest()
+            crc = zlib.crc32(view[:n], crc)
+        if fsync:
+            os.fsync(f.fileno())
+    return f"{crc:08x}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.io.safetensors import header_sha256, read_safetensors_header
-from surgery.io.safetensors import file_sha256
+from surgery.io.safetensors import file_crc32
 from surgery.errors import Problem, SurgeryError
 from surgery.jsonio import read_json
 
@@ -67,12 +67,12 @@ def verify_output(out: str | Path) -> list[Problem]:
             diff = sorted(set(tensors) ^ by_file.get(fname, set()))[:3]
             problems.append(Problem(where, f"tensors disagree with the index (e.g. {diff})"))
             continue
-        digest = want.get("sha256")
+        digest = want.get("crc32")
         if digest is None:
             problems.append(Problem(where, "surgery.json records no content hash for this shard (written by an older "
                                     "surgery): only its size and header were checked", code="no-content-hash"))
-        elif file_sha256(path) != digest:
-            problems.append(Problem(where, "content differs from what was written (sha256 mismatch): the data is damaged",
+        elif file_crc32(path) != digest:
+            problems.append(Problem(where, "content differs from what was written (crc32 mismatch): the data is damaged",
                                     "apply the plan again"))
     return problems
 
@@ -80,7 +80,7 @@ def verify_output(out: str | Path) -> list[Problem]:
 def _valid_entry(e) -> bool:
     return (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("bytes"), int)
             and not isinstance(e.get("bytes"), bool) and isinstance(e.get("header_sha256"), str)
-            and isinstance(e.get("sha256"), (str, type(None))))
+            and isinstance(e.get("crc32"), (str, type(None))))
 
 
 def _plain_name(name: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from surgery import registry
 from surgery.errors import PlanError, Problem
@@ -32,6 +32,16 @@ from surgery.plan.yamlio import Located
 
 TOP_KEYS = {"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "tokenizer", "chat_template", "name", "modules"}
+
+
+class Input(NamedTuple):
+    """One model entry of a mergekit slice (or of `models`): its plan name, its parameters, where it
+    is in the config, and its layer range (None for a whole-model `models:` entry)."""
+
+    model: str
+    params: dict
+    path: tuple
+    layers: list | None = None
 
 
 def is_mergekit(data: Any) -> bool:
@@ -133,7 +143,7 @@ def translate(doc: Located) -> Located:
         for i, m in enumerate(models):
             if not isinstance(m, dict) or "model" not in m:
                 raise PlanError("each entry of `models` is {model: ..., parameters: ...}", where=at(("models", i)))
-            items.append((name(m["model"], ("models", i, "model")), params(m.get("parameters"), ("models", i, "parameters")),
+            items.append(Input(name(m["model"], ("models", i, "model")), params(m.get("parameters"), ("models", i, "parameters")),
                           ("models", i)))
         slice_defs = [(items, {}, base, ("models",))]
     else:
@@ -154,7 +164,7 @@ def translate(doc: Located) -> Located:
                 lr = src["layer_range"]
                 if not (isinstance(lr, list) and len(lr) == 2):
                     raise PlanError(f"layer_range must be [start, end], got {lr!r}", where=at(p + ("layer_range",)))
-                srcs.append((name(src["model"], p + ("model",)), params(src.get("parameters"), p + ("parameters",)), p, lr))
+                srcs.append(Input(name(src["model"], p + ("model",)), params(src.get("parameters"), p + ("parameters",)), p, lr))
             sb = name(sl["base_model"], ("slices", i, "base_model")) if sl.get("base_model") else base
             slice_defs.append((srcs, params(sl.get("parameters"), ("slices", i, "parameters")), sb, ("slices", i)))
 
@@ -165,24 +175,24 @@ def translate(doc: Located) -> Located:
                                         "split the slice, or use a merge method"))
                 continue
             src = srcs[0]
-            step: dict[str, Any] = {"model": src[0]}
-            if len(src) > 3:
-                step["layers"] = src[3]
-            scale = to_mergekit(src[1].get("scale"), slice_params.get("scale"), top.get("scale"))
+            step: dict[str, Any] = {"model": src.model}
+            if src.layers is not None:
+                step["layers"] = src.layers
+            scale = to_mergekit(src.params.get("scale"), slice_params.get("scale"), top.get("scale"))
             if scale is not None:
                 step["scale"] = scale
             steps.append({"take": step})
             lines[("steps", len(steps) - 1)] = line(spath)
-            lines[("steps", len(steps) - 1, "take", "layers")] = line(src[2] + ("layer_range",))
+            lines[("steps", len(steps) - 1, "take", "layers")] = line(src.path + ("layer_range",))
             continue
         mitems = []
         for src in srcs:
-            item: dict[str, Any] = {"model": src[0]}
-            if len(src) > 3:
-                item["layers"] = src[3]
-            params = {k: to_mergekit(v) for k, v in src[1].items()}
-            if params:
-                item["parameters"] = params
+            item: dict[str, Any] = {"model": src.model}
+            if src.layers is not None:
+                item["layers"] = src.layers
+            given = {k: to_mergekit(v) for k, v in src.params.items()}
+            if given:
+                item["parameters"] = given
             mitems.append(item)
         shared = {k: to_mergekit(slice_params.get(k), top.get(k)) for k in set(slice_params) | set(top)}
         step = {"method": method, "models": mitems}
@@ -194,8 +204,8 @@ def translate(doc: Located) -> Located:
         k = len(steps) - 1
         lines[("steps", k)] = line(spath)
         for j, src in enumerate(srcs):
-            lines[("steps", k, "merge", "models", j)] = line(src[2])
-            lines[("steps", k, "merge", "models", j, "layers")] = line(src[2] + ("layer_range",))
+            lines[("steps", k, "merge", "models", j)] = line(src.path)
+            lines[("steps", k, "merge", "models", j, "layers")] = line(src.path + ("layer_range",))
     if problems:
         raise PlanError(problems)
 

@@ -477,7 +477,7 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
     protected = {"the model being trained": model_dir}
     if Path(cfg.doc.source).is_file():
         protected["the training config"] = Path(cfg.doc.source)
-    folder = OutputFolder(out, force=force, protected=protected, verb="train")
+    folder = OutputFolder(out, force=force, protected=protected)
     if is_main():
         folder.acquire()  # held until the output is published (a second run gets "already being written")
         try:

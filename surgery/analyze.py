@@ -1,0 +1,469 @@
+"""`surgery analyze MODEL --data FILES`: which layers to cut, duplicate or insert after, measured
+from the model's own activations, streamed one decoder layer at a time.
+
+What it measures (docs/analyze.md has the equations):
+- angular distance d(l, n) = arccos(cos(x_l, x_{l+n})) / pi between the hidden states entering
+  layer l and layer l + n, of the last token, averaged over samples (Gromov et al. 2024, "The
+  Unreasonable Ineffectiveness of the Deeper Layers", eq. 7); the block [l, l + n) whose removal
+  changes the representation least is argmin_l d(l, n);
+- Block Influence BI_l = 1 - mean over all tokens of cos(x_l, x_{l+1}) (Men et al. 2024, ShortGPT,
+  eq. 1), and the all-token angular distance of each single layer;
+- per-layer hidden-state norms (the RMS of the states entering each layer, and leaving the last).
+
+How it runs: the model's own transformers classes do the work, with parameters on the meta device
+(accelerate's init_empty_weights) and only the token embedding rows that the data uses read from
+disk. One forward pass per micro-batch with every decoder layer replaced by a recorder captures the
+arguments each layer receives (position embeddings, its own attention mask) and the embedding
+output; then layer by layer, each layer's weights are read from the safetensors shards (through
+surgery's checkpoint reader), every micro-batch is run through it, and its weights are dropped.
+Peak memory is about one layer (in float32) plus the activations of all samples at one depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.errors import CheckpointError, PlanError, SurgeryError
+
+
+@dataclass
+class Analysis:
+    model: str
+    family: str
+    num_layers: int
+    samples: int
+    seq_len: int
+    # distance[n - 1][l]: last-token angular distance between the states entering l and l + n
+    distance: list[list[float]]
+    block_influence: list[float]  # per layer, all tokens
+    layer_distance_all_tokens: list[float]  # per layer, all-token angular distance (n = 1)
+    norms: list[float]  # RMS of the states entering each layer, then leaving the last (L + 1 values)
+    best_block: dict[int, int] = field(default_factory=dict)  # n -> start layer l of argmin_l d(l, n)
+    last_token: list = field(default_factory=list, repr=False)  # per boundary: the samples' last-token states
+
+    def as_dict(self) -> dict:
+        return {"format": "surgery.analyze/1", "model": self.model, "family": self.family, "num_layers": self.num_layers,
+                "samples": self.samples, "seq_len": self.seq_len, "distance_last_token": self.distance,
+                "block_influence": self.block_influence, "layer_distance_all_tokens": self.layer_distance_all_tokens,
+                "hidden_state_rms": self.norms, "best_block": {str(n): s for n, s in self.best_block.items()}}
+
+
+def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len: int = 128, micro_batch: int = 8,
+            device: str = "auto", text_field: str = "text", cache_dir: str | Path | None = None,
+            progress: bool = False, keep_states: bool = False) -> Analysis:
+    """Stream `model` over `samples` sequences of `seq_len` tokens from `files` (txt, jsonl, parquet)."""
+    import torch
+    import transformers
+
+    from surgery.io.checkpoint import open_checkpoint, resolve_ref
+    from surgery.train.data import default_cache_dir, expand_sources, token_stream
+    from surgery.train.loadable import check_loadable
+
+    transformers.utils.logging.set_verbosity_error()
+    mdir = resolve_ref(str(model), Path.cwd())
+    check_loadable(mdir, f"model {model}")
+    ck = open_checkpoint("model", str(model), mdir)
+    if ck.family.guessed or ck.family.text_config:
+        raise CheckpointError(f"surgery analyze streams language models of the families it knows; {ck.family.name} "
+                              + ("is guessed from tensor names" if ck.family.guessed else "is a vision-language model"),
+                              where=str(mdir), fix="analyze a supported family (surgery inspect shows the family)")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tok = transformers.AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
+    srcs = expand_sources(files, Path.cwd(), text_field, lambda i: f"--data {files[i]}")
+    stream = token_stream(srcs, tok, mdir, Path(cache_dir) if cache_dir else default_cache_dir(), None)
+    n_seq = min(samples, len(stream) // seq_len)
+    if n_seq < 1:
+        raise PlanError(f"the data holds {len(stream):,} tokens, less than one sequence of {seq_len}",
+                        where=f"--data {files[0] if files else ''}", fix="give more text or a smaller --seq-len")
+    # held-out sequences spread evenly over the stream
+    stride = len(stream) // n_seq
+    ids = torch.stack([torch.as_tensor(stream.slice(i * stride, i * stride + seq_len)) for i in range(n_seq)])
+    mb = max(1, min(micro_batch, n_seq))
+    batches = [ids[i:i + mb] for i in range(0, n_seq, mb)]
+
+    config = transformers.AutoConfig.from_pretrained(mdir, trust_remote_code=False)
+    config.use_cache = False
+    with _empty_weights():
+        base = transformers.AutoModel.from_config(config, trust_remote_code=False)
+    base.eval()
+    layers, layer_path = _layer_list(base, ck.family.layer_prefix)
+    base_prefix = ck.family.layer_prefix[: -len(layer_path) - 1]  # "model." for "model.layers."
+    reader = _Reader(ck)
+    # everything but the decoder layers and the token embedding: read (small), in float32
+    emb_name = next((n for n in ck.family.embeddings if n in ck.tensors), None)
+    for pname, _ in list(base.named_parameters()):
+        if pname.startswith(layer_path + ".") or base_prefix + pname == emb_name:
+            continue
+        _set_param(base, pname, reader.tensor(base_prefix + pname).float().to(dev))
+    for bname, buf in list(base.named_buffers()):
+        if buf.device.type != "meta":
+            _set_buffer(base, bname, buf.to(dev))
+    if emb_name is not None:
+        _stream_embedding(base, emb_name[len(base_prefix):].removesuffix(".weight"), reader, emb_name)
+
+    recorders = [_Recorder(layer) for layer in layers]
+    originals = list(layers)
+    for i, r in enumerate(recorders):
+        layers[i] = r
+    h0, calls = [], []
+    with torch.no_grad():
+        for b in batches:
+            for r in recorders:
+                r.calls.clear()
+            base(input_ids=b.to(dev), use_cache=False)
+            h0.append(recorders[0].calls[0][0])
+            calls.append([r.calls[0] for r in recorders])
+    for i, layer in enumerate(originals):
+        layers[i] = layer
+
+    L = len(originals)
+    last = [[None] * (L + 1) for _ in batches]  # normalised last-token states per boundary, per batch
+    norms = [0.0] * (L + 1)
+    bi, dist1 = [0.0] * L, [0.0] * L
+    states = [[] for _ in range(L + 1)] if keep_states else None
+    h = h0
+    bar = _bar(progress, L)
+    with torch.no_grad():
+        for i, layer in enumerate(originals):
+            _materialize(layer, reader, f"{ck.family.layer_prefix}{i}.", dev)
+            out = []
+            for k, x in enumerate(h):
+                _, args, kwargs = calls[k][i]
+                y = layer(x, *args, **kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                out.append(y)
+            _release(layer)
+            for k, (x, y) in enumerate(zip(h, out, strict=True)):
+                last[k][i] = _unit(x[:, -1].double())
+                norms[i] += float(x.double().pow(2).mean(-1).sqrt().sum())
+                ux, uy = _unit(x.double()), _unit(y.double())
+                bi[i] += float(((ux - uy).pow(2).sum(-1) / 2).sum())  # 1 - cos, exactly 0 for equal states
+                dist1[i] += float(_angle(ux, uy).sum())
+                if states is not None:
+                    states[i].append(x.cpu())
+            h = out
+            bar.update(1) if bar else None
+        for k, x in enumerate(h):
+            last[k][L] = _unit(x[:, -1].double())
+            norms[L] += float(x.double().pow(2).mean(-1).sqrt().sum())
+            if states is not None:
+                states[L].append(x.cpu())
+    if bar:
+        bar.close()
+    tokens = n_seq * seq_len
+    norms = [v / n_seq / seq_len for v in norms]
+    bi = [v / tokens for v in bi]
+    dist1 = [v / tokens for v in dist1]
+    distance = []
+    for n in range(1, L + 1):
+        row = []
+        for l0 in range(0, L - n + 1):
+            s = 0.0
+            for k in range(len(batches)):
+                s += float(_angle(last[k][l0], last[k][l0 + n]).sum())
+            row.append(s / n_seq)
+        distance.append(row)
+    best = {n: min(range(len(row)), key=row.__getitem__) for n, row in enumerate(distance, 1) if n < L}
+    res = Analysis(str(model), ck.family.name, L, n_seq, seq_len, distance, bi, dist1, norms, best,
+                   [torch.cat([last[k][i] for k in range(len(batches))]).float().cpu() for i in range(L + 1)])
+    if states is not None:  # for tests: every boundary's states, and the token ids they came from
+        res.states = [torch.cat(s) for s in states]  # type: ignore[attr-defined]
+        res.inputs = ids  # type: ignore[attr-defined]
+    return res
+
+
+def compare(a: Analysis, b: Analysis) -> dict:
+    """Layer by layer, two models on the same samples (e.g. a merge against a parent): the mean cosine
+    of their last-token states entering each layer, and linear CKA (Kornblith et al. 2019) of them."""
+    if a.samples != b.samples or a.seq_len != b.seq_len:
+        raise PlanError("--against: both models must see the same samples", fix="use the same --samples and --seq-len")
+    n = min(a.num_layers, b.num_layers) + 1
+    cos, cka = [], []
+    for i in range(n):
+        x, y = a.last_token[i].double(), b.last_token[i].double()
+        cos.append(float((x * y).sum(-1).mean()))
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        hsic = (xc.T @ yc).pow(2).sum()
+        norm = ((xc.T @ xc).pow(2).sum() * (yc.T @ yc).pow(2).sum()).sqrt()
+        cka.append(float(hsic / norm) if norm > 0 else 1.0)
+    return {"boundaries": n, "cosine_last_token": cos, "linear_cka_last_token": cka}
+
+
+# ---- suggestions ---------------------------------------------------------------------------------
+
+def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[str, str]:
+    """(plan YAML, one-line reason) for `drop:N`, `dus:S` or `expand:K`."""
+    kind, _, arg = what.partition(":")
+    try:
+        k = int(arg)
+    except ValueError:
+        raise PlanError(f"--suggest {what}: expected drop:N, dus:S or expand:K with a number",
+                        fix="e.g. --suggest drop:4") from None
+    L = a.num_layers
+    head = f"# suggested by surgery analyze ({a.samples} samples x {a.seq_len} tokens)\nmodels: {{{model_name}: {model_ref}}}\nsteps:\n"
+    if kind == "drop":
+        if not 1 <= k < L:
+            raise PlanError(f"--suggest drop:{k}: a {L}-layer model can drop 1 to {L - 1} layers")
+        s = a.best_block[k]
+        why = (f"layers [{s}, {s + k}) change the last-token representation least: angular distance "
+               f"{a.distance[k - 1][s]:.4f} (Gromov et al. 2024)")
+        return head + f"  - take: {{model: {model_name}}}\n  - drop: {{layers: [{s}, {s + k}]}}\n", why
+    if kind == "dus":
+        if k % 2 or not 2 <= k <= 2 * (L - 1):
+            raise PlanError(f"--suggest dus:{k}: depth up-scaling gives s = 2(n - m), so s is even and 2 <= s <= {2 * (L - 1)}")
+        m = L - k // 2
+        # SOLAR trims m layers from the seam: the bottom copy loses its top m, the top copy its bottom m.
+        # The seam duplicates layers [m, n - m); choose the trim whose duplicated block is the most redundant.
+        why = f"SOLAR's trim m = n - s/2 = {m} (the paper's default for s = {k}); the layers duplicated at the seam are [{m}, {L - m})"
+        if L - m > m:
+            d = a.distance[L - 2 * m - 1][m]
+            why += f", with last-token angular distance {d:.4f} across them"
+        return head + f"  - take: {{model: {model_name}}}\n  - dus: {{trim: {m}}}\n", why
+    if kind == "expand":
+        if not 1 <= k <= L:
+            raise PlanError(f"--suggest expand:{k}: at most {L} identity blocks for {L} layers")
+        if L % k == 0:
+            why = (f"LLaMA Pro's rule: {k} groups of {L // k} layers, an identity block after each group "
+                   f"(the layers with the largest Block Influence are {_top(a.block_influence, k)})")
+            return head + f"  - take: {{model: {model_name}}}\n  - expand: {{groups: {k}, init: identity}}\n", why
+        raise PlanError(f"--suggest expand:{k}: LLaMA Pro's even groups need K to divide the {L} layers",
+                        fix=f"use one of {[g for g in range(1, L + 1) if L % g == 0]}")
+    raise PlanError(f"--suggest {what}: unknown suggestion {kind!r}", fix="use drop:N, dus:S or expand:K")
+
+
+def _top(values: list[float], k: int) -> list[int]:
+    return sorted(sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k])
+
+
+# ---- reports ---------------------------------------------------------------------------------------
+
+def text_report(a: Analysis) -> str:
+    lines = [f"{a.model}: {a.family}, {a.num_layers} layers; {a.samples} samples x {a.seq_len} tokens",
+             "", "layer   BI (ShortGPT)   angular d(l,1) all tokens   last token   hidden RMS"]
+    for i in range(a.num_layers):
+        lines.append(f"{i:>5}   {a.block_influence[i]:>13.5f}   {a.layer_distance_all_tokens[i]:>26.5f}   "
+                     f"{a.distance[0][i]:>10.5f}   {a.norms[i]:>10.3f}")
+    lines += ["", "n   block to drop   d(l, n) last token"]
+    for n, s in a.best_block.items():
+        lines.append(f"{n:<3} [{s}, {s + n})  {a.distance[n - 1][s]:>14.5f}")
+    return "\n".join(lines)
+
+
+def plot(a: Analysis, path: Path) -> bool:
+    """layers.png: d(l, n) for every (l, n), the best block per n marked. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import numpy as np
+
+    L = a.num_layers
+    grid = np.full((L, L), np.nan)
+    for n, row in enumerate(a.distance, 1):
+        for l0, v in enumerate(row):
+            grid[n - 1, l0] = v
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    for n, s in a.best_block.items():
+        ax.plot(s, n - 1, "r.", ms=6)
+    ax.set_xlabel("first layer of the block (l)")
+    ax.set_ylabel("block size (n)")
+    ax.set_yticks(range(L))
+    ax.set_yticklabels([str(n) for n in range(1, L + 1)])
+    ax.set_title(f"angular distance d(l, n), last token: {Path(a.model).name}")
+    fig.colorbar(im, ax=ax, label="arccos(cos) / pi")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(a: Analysis, folder: Path, force: bool = False, extra: dict | None = None) -> list[Path]:
+    from surgery.io.outdir import OutputFolder, atomic_write, output_path
+
+    out = output_path(folder)
+    with OutputFolder(out, force=force) as f:
+        f.check_target()
+        staging = f.fresh_staging()
+        atomic_write(staging / "analysis.json", json.dumps(extra or a.as_dict(), indent=2) + "\n")
+        (staging / "analysis.txt").write_text(text_report(a) + "\n")
+        plot(a, staging / "layers.png")
+        f.publish()
+    return sorted(out.iterdir())
+
+
+# ---- streaming machinery -------------------------------------------------------------------------
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer during the capture pass: records the arguments it is called
+    with and returns its input, so the model's loop runs through without any layer's weights."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.calls: list = []
+        self.attention_type = getattr(layer, "attention_type", None)  # some models pick masks by it
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+class _Reader:
+    """Tensors of a checkpoint by name, read with pread through surgery's header catalog."""
+
+    def __init__(self, ck):
+        self.ck = ck
+        self.fds: dict = {}
+
+    def _fd(self, path):
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def tensor(self, name: str):
+        import torch
+
+        from surgery.engine.read import torch_dtype
+
+        info = self.ck.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name!r} is missing", where=str(self.ck.path))
+        buf = bytearray(os.pread(self._fd(info.file), info.nbytes, info.offset))
+        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape) if buf else \
+            torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+
+    def rows(self, name: str, ids):
+        """Rows `ids` (sorted unique) of a 2-D tensor, each read on its own."""
+        import torch
+
+        from surgery.engine.read import torch_dtype
+
+        info = self.ck.tensors[name]
+        width = info.shape[1] * (info.nbytes // max(1, math.prod(info.shape)))
+        out = bytearray()
+        fd = self._fd(info.file)
+        for i in ids:
+            out += os.pread(fd, width, info.offset + int(i) * width)
+        return torch.frombuffer(out, dtype=torch_dtype(info.dtype)).reshape(len(ids), info.shape[1])
+
+
+def _empty_weights():
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)  # parameters on meta; buffers (rotary inv_freq) real
+
+
+def _layer_list(base, layer_prefix: str):
+    import torch
+
+    for name, mod in base.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and layer_prefix.endswith(name + "."):
+            return mod, name
+    raise SurgeryError(f"cannot find the decoder layers ({layer_prefix}) in the transformers model")
+
+
+def _set_param(module, dotted: str, value) -> None:
+    import torch
+
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _set_buffer(module, dotted: str, value) -> None:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    module._buffers[leaf] = value
+
+
+def _stream_embedding(base, attr_path: str, reader: _Reader, name: str) -> None:
+    """Replace the token embedding by one that reads only the rows a batch uses."""
+    import torch
+
+    *path, leaf = attr_path.split(".")
+    owner = base
+    for p in path:
+        owner = getattr(owner, p)
+    old = getattr(owner, leaf)
+
+    class RowsFromDisk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding_dim = old.embedding_dim
+            self.padding_idx = getattr(old, "padding_idx", None)
+            self.scale = getattr(old, "embed_scale", None)  # Gemma's scaled embedding module
+
+        def forward(self, ids):
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            rows = reader.rows(name, uniq.tolist()).float().to(ids.device)
+            out = rows[inv]
+            if self.scale is not None:
+                out = out * self.scale.to(out.dtype)
+            return out
+
+    setattr(owner, leaf, RowsFromDisk())
+
+
+# transformers 5 fuses MoE experts in memory; checkpoints keep one tensor per expert:
+# in-memory name -> (per-expert names on disk, in the order they are concatenated)
+_FUSED_EXPERTS = {
+    "mlp.experts.gate_up_proj": (("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
+                                 ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+    "mlp.experts.down_proj": (("block_sparse_moe.experts.{e}.w2.weight",), ("mlp.experts.{e}.down_proj.weight",)),
+}
+_RENAMED = {"mlp.gate.weight": ("block_sparse_moe.gate.weight",)}
+
+
+def _materialize(layer, reader: _Reader, prefix: str, device: str) -> None:
+    for pname, p in list(layer.named_parameters()):
+        _set_param(layer, pname, _layer_tensor(reader, prefix, pname, tuple(p.shape)).float().to(device))
+
+
+def _layer_tensor(reader: _Reader, prefix: str, pname: str, shape: tuple):
+    if prefix + pname in reader.ck.tensors:
+        return reader.tensor(prefix + pname)
+    for alt in _RENAMED.get(pname, ()):
+        if prefix + alt in reader.ck.tensors:
+            return reader.tensor(prefix + alt)
+    for layout in _FUSED_EXPERTS.get(pname, ()):
+        if prefix + layout[0].format(e=0) in reader.ck.tensors:
+            return torch.stack([torch.cat([reader.tensor(prefix + part.format(e=e)) for part in layout], dim=0)
+                                for e in range(shape[0])])
+    raise CheckpointError(f"no tensor for {prefix}{pname} (shape {list(shape)}) in the checkpoint", where=str(reader.ck.path),
+                          fix="this layout is not one surgery analyze can stream yet")
+
+
+def _release(layer) -> None:
+    import torch
+
+    for pname, p in list(layer.named_parameters()):
+        _set_param(layer, pname, torch.empty(p.shape, device="meta"))
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _angle(u, v):
+    """arccos(u . v) / pi for unit vectors, as 2 atan2(|u - v|, |u + v|) / pi: stable near 0 and pi
+    (arccos of a cosine rounded to 1 - 1e-16 would give 1e-8, not 0, for two equal states)."""
+    return 2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) / math.pi
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="layers", unit="layer", dynamic_ncols=True)
