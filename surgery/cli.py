@@ -554,6 +554,8 @@ Examples:
 @click.option("--micro-batch", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Sequences per forward call (memory: one layer plus all samples' states at one depth).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", default="float32", show_default=True,
+              help="What the layers compute in: float32, bfloat16, float16, or auto (the checkpoint's); 16-bit halves memory.")
 @click.option("--text-field", default="text", show_default=True, help="JSONL/parquet field holding the text.")
 @click.option("--suggest", "suggestions", multiple=True, metavar="drop:N|dus:S|expand:K",
               help="Print a plan: drop the N most redundant contiguous layers; SOLAR up-scale to S layers; K identity blocks.")
@@ -562,7 +564,7 @@ Examples:
 @click.option("-o", "--out", default=None, help="Write analysis.json, analysis.txt and layers.png to this folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @_user_errors
-def analyze(model, files, samples, seq_len, micro_batch, device, text_field, suggestions, against, fmt, out, force):
+def analyze(model, files, samples, seq_len, micro_batch, device, dtype, text_field, suggestions, against, fmt, out, force):
     """Measure which layers change the representation least, streamed one layer at a time.
 
     For every layer l and span n, the angular distance between the hidden states entering layer l
@@ -575,11 +577,11 @@ def analyze(model, files, samples, seq_len, micro_batch, device, text_field, sug
 
     show = sys.stderr.isatty() and fmt == "text"
     a = run(model, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
-            text_field=text_field, progress=show)
+            text_field=text_field, progress=show, dtype=dtype)
     doc = a.as_dict()
     if against:
         b = run(against, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
-                text_field=text_field, progress=show)
+                text_field=text_field, progress=show, dtype=dtype)
         doc["against"] = {"model": str(against), **compare(a, b)}
     plans = []
     for what in suggestions:

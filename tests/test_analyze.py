@@ -57,6 +57,9 @@ def test_identity_blocks_measure_zero_and_are_dropped_first(models, held_out, tm
     assert pro.new_layers == [2, 5]
     a = analyze(pro.path, [str(held_out)], samples=6, seq_len=24)
     assert a.distance[0][2] == 0.0 and a.distance[0][5] == 0.0 and a.block_influence[2] == 0.0
+    half = analyze(pro.path, [str(held_out)], samples=6, seq_len=24, dtype="bfloat16")  # half the memory
+    assert half.distance[0][2] == 0.0 and half.best_block[1] == 2
+    assert abs(half.distance[0][0] - a.distance[0][0]) < 0.02
     assert all(a.distance[0][i] > 0 for i in (0, 1, 3, 4))
     assert a.best_block[1] == 2
     text, why = suggest(a, "drop:1", "m", str(pro.path))

@@ -194,23 +194,41 @@ def _grow_vocab(src, dst, extra: list[str], seed: int = 1):
     return dst
 
 
-@pytest.mark.parametrize("source", ["union", "base", "chatml"])
-@pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_differing_vocabularies_are_realigned_as_mergekit_does(models, tmp_path, source, method):
+VOCAB_CASES = [(m, s) for m in ("linear", "slerp") for s in ("union", "base", "chatml")]
+
+
+def _vocab_config(method: str, source: str, base, chatml) -> str:
+    ts = {"union": "union", "base": "base", "chatml": str(chatml)}[source]
+    params = "parameters: {t: 0.5}\n" if method == "slerp" else ""
+    weights = "" if method == "slerp" else "    parameters: {weight: 0.5}\n"
+    return (f"models:\n  - model: {base}\n{weights}  - model: {chatml}\n{weights}merge_method: {method}\n"
+            f"base_model: {base}\n{params}tokenizer_source: {ts}\ndtype: bfloat16\n")
+
+
+@pytest.fixture(scope="module")
+def vocab_outputs(models, tmp_path_factory):
+    """Models of 128 and 130 embedding rows; every case through mergekit in one process."""
+    root = tmp_path_factory.mktemp("mk-vocab")
+    base = models("mistral")
+    chatml = _grow_vocab(models("mistral", noise=0.02), root / "chatml", ["<|im_start|>", "<|im_end|>"])
+    args = []
+    for method, source in VOCAB_CASES:
+        cfg = write_plan(root / f"{method}-{source}", _vocab_config(method, source, base, chatml), "config.yml")
+        args += [str(cfg), str(root / f"{method}-{source}" / "mergekit")]
+    p = subprocess.run([sys.executable, "-c", MK_RUNNER, *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("method, source", VOCAB_CASES)
+def test_differing_vocabularies_are_realigned_as_mergekit_does(vocab_outputs, method, source):
     import transformers
 
-    from .test_mergekit_compat import run_both
-
-    base = models("mistral")
-    chatml = _grow_vocab(models("mistral", noise=0.02), tmp_path / "chatml", ["<|im_start|>", "<|im_end|>"])
-    ts = {"union": "union", "base": "base", "chatml": str(chatml)}[source]
-    params = ("parameters: {t: 0.5}\n" if method == "slerp" else "")
-    weights = ("" if method == "slerp" else "    parameters: {weight: 0.5}\n")
-    ours, theirs, out = run_both(tmp_path, f"models:\n  - model: {base}\n{weights}  - model: {chatml}\n{weights}"
-                                           f"merge_method: {method}\nbase_model: {base}\n{params}"
-                                           f"tokenizer_source: {ts}\ndtype: bfloat16\n")
+    folder = vocab_outputs / f"{method}-{source}"
+    out = surgery.apply(folder / "config.yml", folder / "surgery", progress=False).path
+    ours, theirs = load_tensors(out), load_tensors(folder / "mergekit")
     va = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
-    vm = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    vm = transformers.AutoTokenizer.from_pretrained(folder / "mergekit").get_vocab()
     assert set(va) == set(vm)
     assert ("<|im_start|>" in va) == (source != "base")
     for k in theirs:
