@@ -474,3 +474,31 @@ def test_a_train_run_holds_its_output_too(models, tmp_path):
     with OutputFolder((tmp_path / "out").absolute()):
         r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
     assert r.exit_code == 1 and f"already being written by PID {os.getpid()}" in r.output, r.output
+
+
+def test_what_apply_needs_is_checked_by_validate(models, tmp_path):
+    """A corrupt tokenizer_config.json that apply would rewrite (chat_template set) fails validate,
+    not apply after every shard is written."""
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    (src / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}", ')
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n"
+                                "chat_template: '{% for m in messages %}{{ m.content }}{% endfor %}'\n")
+    rep = surgery.validate(plan)
+    assert not rep.valid and "tokenizer_config.json" in str(rep.problems[0])
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "tokenizer_config.json" in r.output and not (tmp_path / ".out.surgery-partial").exists()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_unreachable_hub_is_a_located_error_in_every_format(tmp_path, monkeypatch, fmt):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "surgery-cache"))
+    plan = write_plan(tmp_path, "models: {a: some-org/some-model}\nsteps: [{take: {model: a}}]\n")
+    r = CliRunner().invoke(main, ["validate", str(plan), "--format", fmt])
+    assert r.exit_code == 1 and "Traceback" not in r.output and isinstance(r.exception, SystemExit), r.output
+    assert "some-org/some-model" in r.output
+    if fmt == "json":
+        doc = json.loads(r.output)
+        assert doc["plans"][0]["passed"] is False
