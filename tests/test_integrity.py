@@ -502,3 +502,18 @@ def test_an_unreachable_hub_is_a_located_error_in_every_format(tmp_path, monkeyp
     if fmt == "json":
         doc = json.loads(r.output)
         assert doc["plans"][0]["passed"] is False
+
+
+def test_train_killed_during_publish_is_finished_by_resume(models, tmp_path, monkeypatch):
+    from surgery.train import train
+
+    cfg = _train_cfg(tmp_path, models("llama"))
+    with monkeypatch.context() as m:
+        _half_publish(m, "marker")
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False, echo=lambda *a: None)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.surgery-partial" / COMPLETE).exists()
+    res = train(cfg, progress=False, echo=lambda *a: None, resume=True)
+    assert res.path == (tmp_path / "out").absolute() and (tmp_path / "out" / "train.json").is_file()
+    assert res.steps == 2 and not (tmp_path / ".out.surgery-train").exists()
+    assert not (tmp_path / "out" / COMPLETE).exists()

@@ -482,6 +482,15 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
         folder.acquire()  # held until the output is published (a second run gets "already being written")
         try:
             folder.recover()  # a half-done publish of an earlier run is finished (or undone) first
+            if resume and folder.notes and (out / "train.json").is_file():
+                # the interrupted run had finished: its output is now published, nothing is left to do
+                summary = json.loads((out / "train.json").read_text())
+                shutil.rmtree(out.parent / f".{out.name}.surgery-train", ignore_errors=True)
+                folder.release()
+                echo(f"the interrupted run had finished; its output is published at {out}")
+                return TrainResult(out, summary.get("steps", 0), summary.get("tokens", 0), summary.get("eval_loss"),
+                                   summary.get("perplexity"), time.perf_counter() - t0, summary.get("trainable_params", 0),
+                                   summary.get("params", 0), summary.get("stages", []))
             folder.check_target()
         except BaseException:
             folder.release()
