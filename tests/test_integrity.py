@@ -517,3 +517,14 @@ def test_train_killed_during_publish_is_finished_by_resume(models, tmp_path, mon
     assert res.path == (tmp_path / "out").absolute() and (tmp_path / "out" / "train.json").is_file()
     assert res.steps == 2 and not (tmp_path / ".out.surgery-train").exists()
     assert not (tmp_path / "out" / COMPLETE).exists()
+
+
+def test_a_weights_link_leading_out_blames_the_link_not_an_index(models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(models("llama"), src)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(src / "model.safetensors", outside)
+    (src / "model.safetensors").symlink_to(outside)
+    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    rep = surgery.validate(plan)
+    assert not rep.valid and "model.safetensors links to" in str(rep.problems[0]) and "index" not in str(rep.problems[0])

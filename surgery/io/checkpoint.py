@@ -251,10 +251,16 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
     problems: list[Problem] = []
     for fname, expected in files.items():
         fpath = _inside(path, fname)
+        indexed = index.is_file()
         if fpath is None:
+            if not indexed:  # no index: the file itself is a link leading out
+                raise CheckpointError(f"{fname} links to {(path / fname).resolve()}, outside the model folder", where=str(path / fname),
+                                      fix="replace the link with the file itself")
             raise CheckpointError(f"index names a file outside the model folder: {fname!r}", where=str(index),
                                   fix="a weight_map may only name files in the model's own folder")
         if not fpath.is_file():
+            if not indexed:
+                raise CheckpointError(f"{fname} is not a regular file", where=str(path / fname))
             raise CheckpointError(f"index names {fname!r}, which is missing", where=str(index),
                                   fix="the download is incomplete; fetch the missing shard")
         found, raw = read_safetensors_header(fpath, sizes.get(fname))
