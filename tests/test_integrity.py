@@ -528,3 +528,59 @@ def test_a_weights_link_leading_out_blames_the_link_not_an_index(models, tmp_pat
     plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
     rep = surgery.validate(plan)
     assert not rep.valid and "model.safetensors links to" in str(rep.problems[0]) and "index" not in str(rep.problems[0])
+
+
+# generated hostile JSON: every reader answers with located problems, never an exception --------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=30,
+)
+SHAPED = st.fixed_dictionaries({}, optional={
+    "output": st.fixed_dictionaries({}, optional={"shards": st.lists(JSON | st.fixed_dictionaries(
+        {"name": JSON, "bytes": JSON, "header_sha256": JSON}, optional={"crc32": JSON}), max_size=3)}),
+    "plan": JSON, "sources": JSON})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=JSON, prov=JSON | SHAPED, config=JSON)
+def test_verify_answers_any_json_with_problems(tmp_path_factory, index, prov, config):
+    from surgery.io.verify import verify_output
+
+    out = tmp_path_factory.mktemp("v")
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "surgery.json").write_text(json.dumps(prov))
+    (out / "config.json").write_text(json.dumps(config))
+    problems = verify_output(out)
+    assert problems and all(p.what for p in problems)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=JSON, noise=st.text(alphabet='[]{}",:0123456789e-\\ntrue', max_size=200))
+def test_parse_json_is_total(doc, noise):
+    from surgery.jsonio import parse_json
+
+    for text in (json.dumps(doc), noise, "[" * 300 + json.dumps(doc) + "]" * 300):
+        try:
+            parse_json(text, "x.json")
+        except SurgeryError as e:
+            assert e.problems[0].where == "x.json"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.dictionaries(st.sampled_from(["model_type", "num_hidden_layers", "vocab_size", "tie_word_embeddings",
+                                               "layer_types", "hidden_size", "text_config", "architectures"]), JSON,
+                              max_size=6))
+def test_any_config_json_is_a_located_answer(models, tmp_path_factory, config):
+    src = tmp_path_factory.mktemp("cfg") / "m"
+    shutil.copytree(models("llama"), src)
+    base = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**base, **config}))
+    plan = write_plan(src.parent, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    rep = surgery.validate(plan)  # valid or located problems; never an exception
+    assert rep.valid or all(p.what for p in rep.problems)
