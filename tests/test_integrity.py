@@ -584,3 +584,23 @@ def test_any_config_json_is_a_located_answer(models, tmp_path_factory, config):
     plan = write_plan(src.parent, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n")
     rep = surgery.validate(plan)  # valid or located problems; never an exception
     assert rep.valid or all(p.what for p in rep.problems)
+
+
+def test_links_planted_next_to_or_inside_the_output_are_never_written_through(models, tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
+                                "output: {shard_size: 40KB}\n")
+    (tmp_path / ".out.surgery-lock").symlink_to(victim)  # the lock's name
+    with monkeypatch.context() as m:  # an interrupted run, then links planted in its side folder
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, tmp_path / "out", progress=False)
+    staging = tmp_path / ".out.surgery-partial"
+    for name in ("config.json", "surgery.json.tmp", "model-00004-of-00005.safetensors.tmp", "README.md"):
+        (staging / name).unlink(missing_ok=True)
+        (staging / name).symlink_to(victim)
+    surgery.apply(plan, tmp_path / "out", progress=False, resume=True)
+    assert victim.read_text() == "precious"
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "out")]).exit_code == 0

@@ -24,7 +24,7 @@ from surgery.io.safetensors import file_crc32, header_sha256, itemsize
 from surgery.compile import OutTensor, Program, Shard
 from surgery.errors import OutputError
 from surgery.jsonio import read_json
-from surgery.io.outdir import OutputFolder, atomic_write, output_path
+from surgery.io.outdir import OutputFolder, atomic_write, create_file, output_path
 from surgery.recipes import (Cast, Read, Zeros,
                       fingerprint)
 
@@ -264,7 +264,7 @@ def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, src
     head, offsets = header
     tmp = folder / (shard.name + ".tmp")
     where = str(folder / shard.name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = create_file(tmp)
     try:
         total = len(head) + shard.nbytes
         try:
@@ -397,8 +397,13 @@ def _resumable(staging: Path, record: dict) -> dict[str, dict]:
         if header_sha256(f) != info["header_sha256"]:
             continue
         kept[info["name"]] = {**info, "crc32": digest}
-    for leftover in staging.glob("*.tmp"):
-        leftover.unlink()
+    # keep only the finished shards and the record: anything else (a .tmp, a planted link) goes
+    for entry in staging.iterdir():
+        if entry.name not in kept and entry.name != RECORD:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     return kept
 
 

@@ -90,11 +90,24 @@ def fsync_tree(folder: Path) -> None:
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary name, fsynced, so `path` is old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(create_file(tmp), "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def create_file(path: Path, mode: int = 0o644) -> int:
+    """Open `path` for writing, truncated, never following a symbolic link planted at that name
+    (a link there is replaced by a new file instead of writing through it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        return os.open(path, flags | os.O_EXCL, mode)
 
 
 class OutputFolder:
@@ -132,8 +145,11 @@ class OutputFolder:
                               fix="choose an output folder you can write to") from None
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:  # a link planted at the lock's name: never ours, never followed
+                    self.lock_path.unlink()
+                    continue
                 raise OutputError(f"cannot create the lock file next to the output: {e.strerror}", where=str(self.lock_path),
                                   fix="choose an output folder in a place you can write to") from None
             try:
@@ -175,6 +191,8 @@ class OutputFolder:
         """Finish or undo a publish that a kill interrupted (see the module's docstring)."""
         old_there = self.old.exists() or self.old.is_symlink()
         out_there = self.out.exists() or self.out.is_symlink()
+        if self.staging.is_symlink():  # never ours: a side folder is always a real folder
+            _remove(self.staging)
         if self.staging_complete():
             # the interrupted run had finished its output (and, if OUT existed, had --force to replace it)
             if out_there:
