@@ -572,7 +572,7 @@ def test_parse_json_is_total(doc, noise):
             assert e.problems[0].where == "x.json"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=st.dictionaries(st.sampled_from(["model_type", "num_hidden_layers", "vocab_size", "tie_word_embeddings",
                                                "layer_types", "hidden_size", "text_config", "architectures"]), JSON,
                               max_size=6))
