@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from surgery.io.outdir import output_path
 from surgery.errors import OutputError
 
 PLANS = {
@@ -56,6 +57,26 @@ grow:
 """
 
 
+def _check_demo_folder(folder: Path) -> None:
+    """--force replaces only an earlier demo folder (or an empty one): never a link, the current
+    directory or one of its parents, or a folder holding anything else."""
+    cwd = Path.cwd().resolve()
+    if folder.is_symlink() or not folder.is_dir():
+        raise OutputError(f"demo folder {folder} is a link or not a folder; --force replaces only an earlier demo folder",
+                          fix="choose another --dir")
+    real = folder.resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"--force would replace {folder}, which is (or contains) the current directory",
+                          fix="choose a new --dir")
+    entries = {e.name for e in folder.iterdir()}
+    known = set(PLANS) | {"tiny-llama", "corpus", "grow-train.yaml"}
+    foreign = sorted(n for n in entries if not (n in known or n.startswith("out-") or (n.startswith(".") and ".surgery-" in n)))
+    if entries and (foreign or "tiny-llama" not in entries):
+        extra = foreign or sorted(entries)
+        raise OutputError(f"--force replaces only an earlier demo folder; {folder} holds other things (e.g. {extra[0]!r})",
+                          fix="choose a new --dir, or remove that folder yourself")
+
+
 def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = True) -> dict:
     try:
         from surgery.tiny import build_tiny, logits
@@ -64,10 +85,11 @@ def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = Tru
                           fix="pip install 'surgery[models]'") from None
     from surgery.api import apply, validate
 
-    folder = Path(folder)
-    if folder.exists():
+    folder = Path(output_path(folder, option="--dir"))
+    if folder.exists() or folder.is_symlink():
         if not force:
             raise OutputError(f"demo folder {folder} already exists", fix="pass --force to replace it, or --dir elsewhere")
+        _check_demo_folder(folder)
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     echo(f"building a tiny Llama (4 layers, hidden 32) in {folder / 'tiny-llama'}")

@@ -604,3 +604,14 @@ def test_links_planted_next_to_or_inside_the_output_are_never_written_through(mo
     assert victim.read_text() == "precious"
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
     assert CliRunner().invoke(main, ["verify", str(tmp_path / "out")]).exit_code == 0
+
+
+def test_demo_force_replaces_only_a_demo_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    runner = CliRunner()
+    for d, expect in ((".", "current directory"), ("mine", "holds other things")):
+        r = runner.invoke(main, ["demo", "--dir", d, "--force", "--no-train"])
+        assert r.exit_code == 1 and expect in r.output, r.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
