@@ -49,6 +49,12 @@ class Family:
     # other tensor-name layouts of the same model_type (e.g. LLaVA saved before and after
     # transformers 4.52): each a {layer_prefix, embeddings, lm_head} override, chosen by the tensor names
     name_variants: tuple = ()
+    # width growth (`widen`): the dense MLP's tensors whose `dim` indexes the intermediate units, as
+    # [suffix regex, dim, parts] (parts: 2 for a fused gate_up_proj, each half widened on its own);
+    # mlp_in: tensors producing the units (rows copied), mlp_out: reading them (columns split)
+    mlp_in: tuple = ()
+    mlp_out: tuple = ()
+    intermediate_key: str = "intermediate_size"
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -71,7 +77,7 @@ class Family:
         for v in d.get("name_variants", ()):
             if not isinstance(v, dict) or not set(v) <= {"layer_prefix", "embeddings", "lm_head"} or "layer_prefix" not in v:
                 raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?}", where=origin)
-        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        tuples = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) for k, v in d.items() if isinstance(v, list)}
         return cls(**{**d, **tuples})
 
     # -- tensor names ------------------------------------------------------------------------
@@ -90,6 +96,14 @@ class Family:
 
     def is_output_projection(self, suffix: str) -> bool:
         return self._out_re.fullmatch(suffix) is not None
+
+    def mlp_role(self, suffix: str) -> tuple[str, int, int] | None:
+        """("in" | "out", dim, parts) when `suffix` is a dense-MLP tensor indexed by the intermediate units."""
+        for role, entries in (("in", self.mlp_in), ("out", self.mlp_out)):
+            for pattern, dim, parts in entries:
+                if re.fullmatch(pattern, suffix):
+                    return role, int(dim), int(parts)
+        return None
 
     def is_norm(self, suffix: str) -> bool:
         return self._norm_re.fullmatch(suffix) is not None

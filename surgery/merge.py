@@ -65,3 +65,41 @@ def nuslerp(a, b, base, weights: tuple[float, float], row_wise: bool, flatten: b
         out = out.transpose(dim, -1)
     out = out.reshape(shape)
     return base + out if base is not None else out
+
+
+def widen(x, r):
+    """The widened tensor of a `surgery.recipes.Widen` recipe `r` from the whole input `x` (G_direct
+    in width, Net2Net's split, for `split`; G_zero and G_random for the others)."""
+    import torch
+
+    blocks = x.chunk(r.parts, dim=r.dim) if r.parts > 1 else (x,)
+    extra = r.new - r.old
+    src = torch.arange(r.old, r.new, device=x.device) % r.old  # new unit -> the unit it copies
+    out = []
+    for b, blk in enumerate(blocks):
+        if r.init == "split":
+            grown = torch.cat([blk, blk.index_select(r.dim, src)], dim=r.dim)
+            if r.role == "out":  # the columns reading a unit and its copies share its weight
+                counts = torch.ones(r.old, dtype=torch.float64, device=x.device)
+                counts.index_add_(0, src, torch.ones(extra, dtype=torch.float64, device=x.device))
+                scale = (1.0 / counts)[torch.cat([torch.arange(r.old, device=x.device), src])]
+                shape = [1] * grown.dim()
+                shape[r.dim] = -1
+                grown = (grown.double() * scale.reshape(shape)).to(blk.dtype)
+        else:
+            shape = list(blk.shape)
+            shape[r.dim] = extra
+            if r.init == "zero":
+                new = torch.zeros(shape, dtype=blk.dtype, device=x.device)
+            else:
+                g = torch.Generator().manual_seed(_seed(r.seed, f"{r.key}#{b}"))
+                new = torch.empty(shape, dtype=torch.float32).normal_(0.0, r.std, generator=g).to(blk.dtype).to(x.device)
+            grown = torch.cat([blk, new], dim=r.dim)
+        out.append(grown)
+    return torch.cat(out, dim=r.dim) if len(out) > 1 else out[0]
+
+
+def _seed(seed: int, key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)

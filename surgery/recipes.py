@@ -268,6 +268,44 @@ def leaves(r: Recipe) -> list[Recipe]:
     return [r] + [x for c in r.children() for x in leaves(c)]
 
 
+@dataclass(frozen=True)
+class Widen(Recipe):
+    """A dense-MLP tensor grown along `dim` from `old` to `new` intermediate units (in each of
+    `parts` equal blocks, for a fused gate_up_proj). New unit u >= old copies unit u mod old
+    (`split`), or is zero or normal(0, std) (`zero`, `random`). For a tensor that reads the units
+    (`role: out`), `split` divides each copied unit's column by the number of its copies, so the
+    sum over copies is the original: the MLP computes exactly what it did (any new size)."""
+
+    inner: Recipe
+    role: str  # in | out
+    dim: int
+    parts: int
+    old: int
+    new: int
+    init: str  # split | zero | random
+    std: float
+    seed: int
+    key: str
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        s = list(self.inner.shape)
+        s[self.dim] = self.new * self.parts
+        return tuple(s)
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def children(self):
+        return (self.inner,)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} widened {self.old} -> {self.new} units ({self.init})"
+
+
 def fingerprint(r: object) -> object:
     """A JSON-able value that changes whenever anything deciding `r`'s bytes changes: the recipe
     types, every parameter and seed, and each source tensor's file, offset, dtype and shape.

@@ -58,6 +58,8 @@ def to_mergekit(program: Program) -> dict:
     for s in stack:
         if s.init == "random":
             problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))
+        if s.widen is not None and not any(p.where == s.widen_where for p in problems):
+            problems.append(Problem(s.widen_where, "widen has no mergekit equivalent (mergekit keeps every tensor's shape)"))
         if s.take_scale and (s.init != "copy" or s.scales):
             problems.append(
                 Problem(

@@ -64,6 +64,11 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         if new_v != v:
             changes.append(f"{key}: {v} -> {new_v}")
         cfg[key] = new_v
+    if stack and stack[0].widen is not None and family.mlp_in:
+        key, new_i = family.intermediate_key, stack[0].widen.intermediate
+        if cfg.get(key) != new_i:
+            changes.append(f"{key}: {cfg.get(key)} -> {new_i} (widen)")
+            cfg[key] = new_i
     for key in family.position_dependent_config:
         if cfg.get(key):
             note(f"config {key} is set: layers behave differently at different depths, "

@@ -124,6 +124,11 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     for i, step in enumerate(plan.steps):
         stack = registry.current().ops[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
 
+    widths = {x.widen.intermediate if x.widen else None for x in stack}
+    if len(widths) > 1:
+        w = next(x for x in stack if x.widen is not None)
+        raise PlanError(Problem(w.widen_where, "some layers are widened and some are not: steps after `widen` added "
+                                "layers of the original width", "put `widen` after the last step that adds layers"))
     family = base.family
     warnings: list = []  # Problems with a code; plain strings (config notes) get the code `config` below
     if family.guessed:

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.errors import PlanError, Problem, SurgeryError
-from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take
+from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take, Widen
 from surgery.plan.settings import Cond, conditions_of
 
 
@@ -31,6 +31,8 @@ class LayerSpec:
     seed: int = 0
     scales: tuple[tuple[Optional[str], float], ...] = ()
     take_scale: tuple = ()  # conditions of a take's `scale` setting (mergekit passthrough), at position t
+    widen: Optional[Widen] = None  # a `widen` step applied to this layer's MLP
+    widen_where: Optional[str] = None  # that step's plan line
 
     @property
     def new(self) -> bool:
@@ -48,6 +50,8 @@ class LayerSpec:
         if self.merge is not None and self.init == "copy":
             text = "merge"
         text += f" [{self.step}]"
+        if self.widen is not None:
+            text += f", MLP widened to {self.widen.intermediate} ({self.widen.init})"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
         return text
@@ -158,6 +162,19 @@ def _expand(s: Expand, stack, ctx: Ctx):
         top = block[-1]
         out += [replace(top, init=s.init, std=std, seed=s.seed, step="expand", where=ctx.where)] * s.per_group
     return out
+
+
+@op("widen")
+def _widen(s: Widen, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    family = ctx.ckpts[stack[0].sources[0][0]].family
+    if not family.mlp_in:
+        raise ctx.fail(f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
+                       "MoE experts and unknown families)", "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, "
+                       "phi3, gpt2, gpt_neox, llava)", ("intermediate",))
+    if any(x.widen is not None for x in stack):
+        raise ctx.fail("the layers are widened already; give one `widen` step with the final size", key=("intermediate",))
+    return [replace(x, widen=s, widen_where=ctx.where) for x in stack]
 
 
 @op("drop")

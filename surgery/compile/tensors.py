@@ -13,7 +13,7 @@ from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
 from surgery.errors import PlanError, Problem, SurgeryError
 from surgery.plan import Merge, Step, Take
 from surgery.methods import get_method
-from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Zeros
+from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Widen, Zeros
 from surgery.plan.settings import conditions_of, resolve
 
 
@@ -187,6 +187,21 @@ def _scaled(r: Recipe, conds: tuple, name: str, t: float) -> Recipe:
     return r if v is None else Scale(r, float(v))
 
 
+def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffix: str, out_name: str) -> Recipe:
+    role = family.mlp_role(suffix)
+    if role is None:
+        return r
+    kind, dim, parts = role
+    old, new = r.shape[dim] // parts, spec.widen.intermediate
+    if new < old:
+        raise PlanError(Problem(spec.widen_where or spec.where, f"widen to {new} units: the MLP already has {old}; "
+                                "width growth only adds units", f"use intermediate >= {old}"))
+    if new == old:
+        return r
+    std = spec.widen.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
+    return Widen(r, kind, dim, parts, old, new, spec.widen.init, std, spec.widen.seed, out_name)
+
+
 def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
                    in_dt: str | None = None, seed: int | None = None) -> list[OutTensor]:
     m0, l0 = spec.sources[0]
@@ -220,6 +235,8 @@ def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoi
             r = Zeros(r.shape, r.dtype)
         elif spec.init == "random" and not family.is_norm(suffix):
             r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
+        if spec.widen is not None:
+            r = _widened(r, spec, family, base, suffix, out_name)
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)

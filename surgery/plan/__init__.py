@@ -9,9 +9,9 @@ resolved per tensor, mergekit configs translated, and the JSON schema of it all.
 """
 
 from surgery.plan.steps import (BUILTIN_STEPS, MAX_LAYERS, Drop, Dus, Expand, Merge, MergeSource, ModelRef, Output,
-                                Override, Plan, PlanBody, ScaleStep, Stack, Step, Strict, Take, TokenizerOptions,
+                                Override, Plan, PlanBody, ScaleStep, Stack, Step, Strict, Take, TokenizerOptions, Widen,
                                 _problems, load_plan, parse_size, plan_from_doc, plan_from_text, step_types)
 
 __all__ = ["BUILTIN_STEPS", "MAX_LAYERS", "Drop", "Dus", "Expand", "Merge", "MergeSource", "ModelRef", "Output",
-           "Override", "Plan", "PlanBody", "ScaleStep", "Stack", "Step", "Strict", "Take", "TokenizerOptions",
+           "Override", "Plan", "PlanBody", "ScaleStep", "Stack", "Step", "Strict", "Take", "TokenizerOptions", "Widen",
            "_problems", "load_plan", "parse_size", "plan_from_doc", "plan_from_text", "step_types"]

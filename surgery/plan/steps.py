@@ -109,6 +109,22 @@ class Expand(Step):
         return self
 
 
+class Widen(Step):
+    op: ClassVar[str] = "widen"
+    summary: ClassVar[str] = ("grow every layer's MLP to `intermediate` units (Gstack's width operators): split copies units "
+                              "and divides what reads them (the same function), zero and random add new units")
+    intermediate: StrictInt = Field(ge=1, le=1 << 20)
+    init: Literal["split", "zero", "random"] = "split"
+    std: Optional[StrictFloat] = Field(default=None, gt=0)
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _std(self):
+        if self.std is not None and self.init != "random":
+            raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
+        return self
+
+
 class Drop(Step):
     op: ClassVar[str] = "drop"
     summary: ClassVar[str] = "remove layers [start, end) of the current stack"
@@ -267,7 +283,7 @@ class ScaleStep(Step):
     _r = field_validator("layers")(check_range)
 
 
-BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep)
+BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep, Widen)
 
 
 def step_types() -> dict[str, type[Step]]:

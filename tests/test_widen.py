@@ -1,0 +1,83 @@
+"""`widen`: the MLP grows in width; split and zero keep the function exactly, random does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+from surgery.tiny import logits
+
+from .conftest import load_tensors, write_plan
+
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox"]
+
+
+def _inter(path) -> int:
+    c = json.loads((path / "config.json").read_text())
+    return c.get("intermediate_size") or c.get("n_inner") or 4 * c["n_embd"]
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_path, family):
+    m = models(family)
+    old = _inter(m)
+    base = logits(m)
+    for init, new in (("split", 2 * old), ("split", old + old // 2 + 3), ("zero", old + 16)):
+        plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
+                                    f"{{widen: {{intermediate: {new}, init: {init}}}}}]\n", f"{init}-{new}.yaml")
+        out = surgery.apply(plan, tmp_path / f"{init}-{new}", progress=False).path
+        assert _inter(out) == new
+        assert (logits(out) - base).abs().max().item() <= 1e-5, (family, init, new)
+
+
+def test_split_copies_rows_and_divides_columns(models, tmp_path):
+    m = models("llama")
+    plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 160}}}}]\n")
+    src, out = load_tensors(m), load_tensors(surgery.apply(plan, tmp_path / "o", progress=False).path)
+    up, down = "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    assert out[up].shape == (160, 32) and out[down].shape == (32, 160)
+    assert torch.equal(out[up][:64], src[up]) and torch.equal(out[up][64:128], src[up]) and torch.equal(out[up][128:], src[up][:32])
+    # units 0..31 have 3 copies (0, 64, 128), units 32..63 have 2
+    assert torch.allclose(out[down][:, 0], src[down][:, 0] / 3) and torch.allclose(out[down][:, 64], src[down][:, 0] / 3)
+    assert torch.allclose(out[down][:, 40], src[down][:, 40] / 2)
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], src["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_random_is_reproducible_and_changes_the_function(models, tmp_path):
+    m = models("llama")
+    text = f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 80, init: random, std: 0.05, seed: 3}}}}]\n"
+    a = surgery.apply(write_plan(tmp_path, text, "a.yaml"), tmp_path / "a", progress=False).path
+    b = surgery.apply(write_plan(tmp_path, text, "b.yaml"), tmp_path / "b", progress=False).path
+    ta, tb = load_tensors(a), load_tensors(b)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    new_rows = ta["model.layers.0.mlp.up_proj.weight"][64:]
+    assert 0.03 < new_rows.std().item() < 0.07
+    assert (logits(a) - logits(m)).abs().max().item() > 1e-4
+
+
+def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
+    m = models("llama")
+    ok = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
+                              "{stack: {times: 2}}]\n", "ok.yaml")
+    rep = surgery.validate(ok)
+    assert rep.valid and rep.program.num_layers == 8 and "MLP widened to 96 (split)" in rep.program.stack[7].how()
+    cases = {
+        "late.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
+                      "{take: {model: a}}]\n", "put `widen` after the last step"),
+        "shrink.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 32}}}}]\n",
+                        "only adds units"),
+        "moe.yaml": (f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}]\n",
+                     "not available for family mixtral"),
+        "std.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96, std: 0.1}}}}]\n",
+                     "`std` only applies"),
+    }
+    for name, (text, expect) in cases.items():
+        rep = surgery.validate(write_plan(tmp_path, text, name))
+        assert not rep.valid and expect in str(rep.problems[0]) and f"{name}:" in rep.problems[0].where, (name, rep.problems)
+    r = CliRunner().invoke(main, ["export", "--mergekit", str(ok)])
+    assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
