@@ -55,6 +55,14 @@ class Family:
     mlp_in: tuple = ()
     mlp_out: tuple = ()
     intermediate_key: str = "intermediate_size"
+    # hidden-size growth (`widen: {hidden}`): layer tensors reading the residual stream ([regex, dim]:
+    # that dim is the hidden one, split among the copies), writing it (copied), the final norm's
+    # name, whether norms scale by (1 + w) and the embedding by sqrt(hidden) (Gemma)
+    hidden_in: tuple = ()
+    hidden_out: tuple = ()
+    final_norm: str = ""
+    norm_plus_one: bool = False
+    embed_scaled: bool = False
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -103,6 +111,14 @@ class Family:
             for pattern, dim, parts in entries:
                 if re.fullmatch(pattern, suffix):
                     return role, int(dim), int(parts)
+        return None
+
+    def hidden_role(self, suffix: str) -> tuple[str, int] | None:
+        """("in" | "out", dim) for a layer tensor that reads or writes the residual stream."""
+        for role, entries in (("in", self.hidden_in), ("out", self.hidden_out)):
+            for pattern, dim in entries:
+                if re.fullmatch(pattern, suffix):
+                    return role, int(dim)
         return None
 
     def is_norm(self, suffix: str) -> bool:

@@ -103,3 +103,13 @@ def _seed(seed: int, key: str) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def tile(x, r):
+    """A `surgery.recipes.Tile`: `x` repeated r.k times along r.dim, times r.mul plus r.add."""
+    import torch
+
+    out = torch.cat([x] * r.k, dim=r.dim)
+    if r.mul != 1 or r.add:
+        out = (out.double() * r.mul + r.add).to(x.dtype)
+    return out

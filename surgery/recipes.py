@@ -306,6 +306,37 @@ class Widen(Recipe):
         return f"{self.inner.describe()} widened {self.old} -> {self.new} units ({self.init})"
 
 
+@dataclass(frozen=True)
+class Tile(Recipe):
+    """`inner` repeated `k` times along `dim`, then times `mul` plus `add` (hidden-size growth: a
+    residual stream duplicated k times keeps its RMS, mean and variance, so copying what writes it
+    and dividing what reads it by k keeps the function)."""
+
+    inner: Recipe
+    dim: int
+    k: int
+    mul: float = 1.0
+    add: float = 0.0
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        s = list(self.inner.shape)
+        s[self.dim] *= self.k
+        return tuple(s)
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def children(self):
+        return (self.inner,)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} tiled x{self.k} on dim {self.dim}" + (f" * {self.mul:g}" if self.mul != 1 else "")
+
+
 def fingerprint(r: object) -> object:
     """A JSON-able value that changes whenever anything deciding `r`'s bytes changes: the recipe
     types, every parameter and seed, and each source tensor's file, offset, dtype and shape.

@@ -81,3 +81,33 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
         assert not rep.valid and expect in str(rep.problems[0]) and f"{name}:" in rep.problems[0].where, (name, rep.problems)
     r = CliRunner().invoke(main, ["export", "--mergekit", str(ok)])
     assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "llama-tied"])
+def test_hidden_growth_keeps_the_function(models, tmp_path, family):
+    """The residual stream k times wider as k copies: norms see the same RMS, what reads it is divided
+    by k, Gemma's sqrt(hidden) embedding scale and tied embeddings are compensated."""
+    from surgery.tiny import build_tiny
+
+    m = build_tiny("llama", tmp_path / "tied", tie_word_embeddings=True) if family == "llama-tied" else models(family)
+    base = logits(m)
+    for w, hidden in (("{hidden: 64}", 64), ("{hidden: 96, intermediate: 100}", 96)):
+        plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {w}}}]\n", f"h{hidden}.yaml")
+        out = surgery.apply(plan, tmp_path / f"h{hidden}", progress=False).path
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["hidden_size"] == hidden and cfg["head_dim"] == 8
+        assert (logits(out) - base).abs().max().item() <= 5e-6, (family, w)
+
+
+def test_hidden_growth_errors(models, tmp_path):
+    m = models("llama")
+    for name, text, expect in (
+        ("odd.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 48}}}}]\n", "use a multiple of 32"),
+        ("gpt2.yaml", f"models: {{a: {models('gpt2')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
+         "hidden-size growth is not available for family gpt2"),
+        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n",
+         "`hidden` grows by splitting"),
+        ("none.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{}}}}]\n", "give `intermediate`"),
+    ):
+        rep = surgery.validate(write_plan(tmp_path, text, name))
+        assert not rep.valid and expect in str(rep.problems[0]) and name in rep.problems[0].where, (name, rep.problems)

@@ -64,8 +64,19 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         if new_v != v:
             changes.append(f"{key}: {v} -> {new_v}")
         cfg[key] = new_v
-    if stack and stack[0].widen is not None and family.mlp_in:
-        key, new_i = family.intermediate_key, stack[0].widen.intermediate
+    w = stack[0].widen if stack else None
+    if w is not None and w.hidden is not None:
+        h_old = cfg.get("hidden_size")
+        if isinstance(h_old, int) and w.hidden != h_old:
+            heads = cfg.get("num_attention_heads")
+            head_dim = cfg.get("head_dim") or (h_old // heads if isinstance(heads, int) and heads else None)
+            changes.append(f"hidden_size: {h_old} -> {w.hidden} (widen)")
+            cfg["hidden_size"] = w.hidden
+            if head_dim and cfg.get("head_dim") != head_dim:
+                changes.append(f"head_dim: {cfg.get('head_dim')} -> {head_dim} (kept: the heads keep their size)")
+                cfg["head_dim"] = head_dim
+    if w is not None and w.intermediate is not None and family.mlp_in:
+        key, new_i = family.intermediate_key, w.intermediate
         if cfg.get(key) != new_i:
             changes.append(f"{key}: {cfg.get(key)} -> {new_i} (widen)")
             cfg[key] = new_i

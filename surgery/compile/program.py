@@ -21,7 +21,7 @@ from surgery.plan import Merge, Plan, Take
 
 from surgery.compile.outconfig import output_config
 from surgery.compile.stack import Ctx, LayerSpec
-from surgery.compile.tensors import (OutTensor, layer_tensors, non_layer_tensors, realign_vocab, vocabularies_differ)
+from surgery.compile.tensors import (widen_hidden, OutTensor, layer_tensors, non_layer_tensors, realign_vocab, vocabularies_differ)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     for i, step in enumerate(plan.steps):
         stack = registry.current().ops[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
 
-    widths = {x.widen.intermediate if x.widen else None for x in stack}
+    widths = {(x.widen.intermediate, x.widen.hidden) if x.widen else None for x in stack}
     if len(widths) > 1:
         w = next(x for x in stack if x.widen is not None)
         raise PlanError(Problem(w.widen_where, "some layers are widened and some are not: steps after `widen` added "
@@ -179,6 +179,9 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         if old_v != merger.vocab_size:
             changes.append(f"vocab_size: {old_v} -> {merger.vocab_size} (tokenizer: {plan.body.tokenizer})")
         tok = config_model
+        shards = _schedule(tensors, plan.body.output.shard_size)
+    if stack and stack[0].widen is not None and stack[0].widen.hidden is not None:
+        tensors = widen_hidden(tensors, stack[0], family, base)
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
     if chat is not None:  # apply rewrites the copied tokenizer_config.json: it must parse now, in validate too

@@ -168,10 +168,13 @@ def _expand(s: Expand, stack, ctx: Ctx):
 def _widen(s: Widen, stack, ctx: Ctx):
     _need_stack(stack, ctx)
     family = ctx.ckpts[stack[0].sources[0][0]].family
-    if not family.mlp_in:
+    if s.intermediate is not None and not family.mlp_in:
         raise ctx.fail(f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
                        "MoE experts and unknown families)", "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, "
                        "phi3, gpt2, gpt_neox, llava)", ("intermediate",))
+    if s.hidden is not None and not family.hidden_in:
+        raise ctx.fail(f"hidden-size growth is not available for family {family.name} yet", "widen `intermediate` only, "
+                       "or a llama, mistral, qwen2/3, gemma or phi3 model", ("hidden",))
     if any(x.widen is not None for x in stack):
         raise ctx.fail("the layers are widened already; give one `widen` step with the final size", key=("intermediate",))
     return [replace(x, widen=s, widen_where=ctx.where) for x in stack]

@@ -13,7 +13,7 @@ from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
 from surgery.errors import PlanError, Problem, SurgeryError
 from surgery.plan import Merge, Step, Take
 from surgery.methods import get_method
-from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Widen, Zeros
+from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Tile, Widen, Zeros
 from surgery.plan.settings import conditions_of, resolve
 
 
@@ -189,7 +189,7 @@ def _scaled(r: Recipe, conds: tuple, name: str, t: float) -> Recipe:
 
 def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffix: str, out_name: str) -> Recipe:
     role = family.mlp_role(suffix)
-    if role is None:
+    if role is None or spec.widen.intermediate is None:
         return r
     kind, dim, parts = role
     old, new = r.shape[dim] // parts, spec.widen.intermediate
@@ -245,4 +245,53 @@ def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoi
         raise PlanError(Problem(spec.where, f"identity init: no output projections found in layer {l0} of {m0!r} "
                                 f"(family {family.name}); the copy would not be function-preserving",
                                 "use init: copy, or register an architecture entry naming the output projections"))
+    return out
+
+
+def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint) -> list[OutTensor]:
+    """The residual stream k times wider, as k copies: what writes it (embeddings, o_proj, down_proj,
+    norms) is copied, what reads it (q/k/v, gate/up, lm_head) is divided by k, so every layer sees
+    the same function. Gemma's embedding scale sqrt(hidden) grows by sqrt(k): its embedding is
+    divided by sqrt(k). A tied lm_head cannot be both copied and divided: the final norm's gain is
+    divided instead (by k; by sqrt(k) with Gemma's scaled embedding)."""
+    import math
+
+    h_old = family.lm_config(base.config).get("hidden_size")
+    w = spec.widen
+    if not isinstance(h_old, int) or w.hidden % h_old or w.hidden < h_old:
+        raise PlanError(Problem(spec.widen_where, f"widen hidden to {w.hidden}: the hidden size is {h_old}; it grows by "
+                                "whole copies of the residual stream", f"use a multiple of {h_old}, e.g. {2 * (h_old or 1)}"))
+    k = w.hidden // h_old
+    if k == 1:
+        return tensors
+    tied = base.tied
+    emb = set(family.embeddings)
+    root = 1 / math.sqrt(k)
+    out = []
+    for t in tensors:
+        r, name = t.recipe, t.name
+        split = family.split(name)
+        tile = None
+        if split is not None:
+            suffix = split[1]
+            role = family.hidden_role(suffix)
+            if role is not None:
+                kind, dim = role
+                tile = Tile(r, dim, k, 1 / k if kind == "in" else 1.0)
+            elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(suffix):
+                tile = Tile(r, 0, k)
+        elif name in emb:
+            tile = Tile(r, 1, k, root if family.embed_scaled else 1.0)
+        elif name == family.lm_head:
+            tile = Tile(r, 1, k, 1 / k)
+        elif name == family.final_norm:
+            if not tied:
+                tile = Tile(r, 0, k)
+            else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the 1/k
+                c = (root if family.embed_scaled else 1 / k)
+                tile = Tile(r, 0, k, c, c - 1 if family.norm_plus_one else 0.0)
+        if tile is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
+            raise PlanError(Problem(spec.widen_where, f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
+                                    f"but family {family.name} does not say how it grows", "report this family's layout"))
+        out.append(OutTensor(name, tile) if tile is not None else t)
     return out

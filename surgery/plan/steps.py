@@ -113,7 +113,8 @@ class Widen(Step):
     op: ClassVar[str] = "widen"
     summary: ClassVar[str] = ("grow every layer's MLP to `intermediate` units (Gstack's width operators): split copies units "
                               "and divides what reads them (the same function), zero and random add new units")
-    intermediate: StrictInt = Field(ge=1, le=1 << 20)
+    intermediate: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)
+    hidden: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)  # an integer multiple of the hidden size (split)
     init: Literal["split", "zero", "random"] = "split"
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
@@ -122,6 +123,11 @@ class Widen(Step):
     def _std(self):
         if self.std is not None and self.init != "random":
             raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
+        if self.intermediate is None and self.hidden is None:
+            raise ValueError("give `intermediate` (MLP units) and/or `hidden` (the residual stream's width)")
+        if self.hidden is not None and self.init != "split":
+            raise ValueError("`hidden` grows by splitting (copies of the residual stream); zero and random apply to "
+                             "`intermediate` only for now")
         return self
 
 
