@@ -63,6 +63,9 @@ class Family:
     final_norm: str = ""
     norm_plus_one: bool = False
     embed_scaled: bool = False
+    # head growth (`widen: {heads, kv_heads}`): attention projections by role: q, k, v (rows are
+    # heads x head_dim), or a fused qkv; o (columns are heads x head_dim)
+    attention: tuple = ()  # ((role, regex), ...), from a JSON object
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -86,6 +89,7 @@ class Family:
             if not isinstance(v, dict) or not set(v) <= {"layer_prefix", "embeddings", "lm_head"} or "layer_prefix" not in v:
                 raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?}", where=origin)
         tuples = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) for k, v in d.items() if isinstance(v, list)}
+        tuples.update({k: tuple(v.items()) for k, v in d.items() if isinstance(v, dict)})
         return cls(**{**d, **tuples})
 
     # -- tensor names ------------------------------------------------------------------------
@@ -119,6 +123,12 @@ class Family:
             for pattern, dim in entries:
                 if re.fullmatch(pattern, suffix):
                     return role, int(dim)
+        return None
+
+    def attention_role(self, suffix: str) -> str | None:
+        for role, pattern in self.attention:
+            if re.fullmatch(pattern, suffix):
+                return role
         return None
 
     def is_norm(self, suffix: str) -> bool:

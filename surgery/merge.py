@@ -113,3 +113,15 @@ def tile(x, r):
     if r.mul != 1 or r.add:
         out = (out.double() * r.mul + r.add).to(x.dtype)
     return out
+
+
+def gather(x, r):
+    """A `surgery.recipes.Gather`: slices of `x` along r.dim by r.index, each times r.scale[i]."""
+    import torch
+
+    out = x.index_select(r.dim, torch.tensor(r.index, dtype=torch.long, device=x.device))
+    if r.scale is not None:
+        shape = [1] * out.dim()
+        shape[r.dim] = -1
+        out = (out.double() * torch.tensor(r.scale, dtype=torch.float64, device=x.device).reshape(shape)).to(x.dtype)
+    return out

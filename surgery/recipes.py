@@ -337,6 +337,36 @@ class Tile(Recipe):
         return f"{self.inner.describe()} tiled x{self.k} on dim {self.dim}" + (f" * {self.mul:g}" if self.mul != 1 else "")
 
 
+@dataclass(frozen=True)
+class Gather(Recipe):
+    """Slices of `inner` along `dim` picked by `index` (output slice i is input slice index[i]),
+    each multiplied by scale[i] when given: attention heads copied (and the o_proj columns that
+    read a copied head shared among its copies)."""
+
+    inner: Recipe
+    dim: int
+    index: tuple[int, ...]
+    scale: Optional[tuple[float, ...]] = None
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        s = list(self.inner.shape)
+        s[self.dim] = len(self.index)
+        return tuple(s)
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def children(self):
+        return (self.inner,)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} regrouped to {len(self.index)} along dim {self.dim}"
+
+
 def fingerprint(r: object) -> object:
     """A JSON-able value that changes whenever anything deciding `r`'s bytes changes: the recipe
     types, every parameter and seed, and each source tensor's file, offset, dtype and shape.

@@ -106,8 +106,25 @@ def test_hidden_growth_errors(models, tmp_path):
         ("gpt2.yaml", f"models: {{a: {models('gpt2')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
          "hidden-size growth is not available for family gpt2"),
         ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n",
-         "`hidden` grows by splitting"),
+         "grow by splitting"),
         ("none.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{}}}}]\n", "give `intermediate`"),
     ):
         rep = surgery.validate(write_plan(tmp_path, text, name))
         assert not rep.valid and expect in str(rep.problems[0]) and name in rep.problems[0].where, (name, rep.problems)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_head_growth_keeps_the_function(models, tmp_path, family):
+    """Copied heads (with their key/value groups, GQA ratio kept) and o_proj columns shared among
+    the copies: the same attention output; combined with hidden and MLP growth."""
+    m = models(family)
+    base = logits(m)
+    for w in ("{heads: 8}", "{heads: 8, kv_heads: 4, hidden: 64, intermediate: 100}"):
+        plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {w}}}]\n", "h.yaml")
+        out = surgery.apply(plan, tmp_path / "o", progress=False, force=True).path
+        cfg = json.loads((out / "config.json").read_text())
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 4, 8)
+        assert (logits(out) - base).abs().max().item() <= 5e-6, (family, w)
+    rep = surgery.validate(write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
+                                                "{widen: {heads: 8, kv_heads: 3}}]\n", "bad.yaml"))
+    assert not rep.valid and "keep that ratio" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where

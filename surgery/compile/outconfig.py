@@ -75,6 +75,20 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             if head_dim and cfg.get("head_dim") != head_dim:
                 changes.append(f"head_dim: {cfg.get('head_dim')} -> {head_dim} (kept: the heads keep their size)")
                 cfg["head_dim"] = head_dim
+    if w is not None and (w.heads is not None or w.kv_heads is not None):
+        from surgery.compile.tensors import head_counts
+
+        a, k, a2, k2, d = head_counts(family, base, w)
+        for key, old, new in (("num_attention_heads", a, a2), ("num_key_value_heads", k, k2), ("head_dim", cfg.get("head_dim"), d)):
+            if cfg.get(key) != new:
+                changes.append(f"{key}: {old} -> {new} (widen)")
+                cfg[key] = new
+    if w is not None and (w.heads is not None or w.kv_heads is not None or w.hidden is not None):
+        h, a = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+        if isinstance(h, int) and isinstance(a, int) and a and h % a:
+            warnings.append(Problem(stack[0].widen_where, f"hidden_size {h} is not a multiple of num_attention_heads {a}: "
+                                    "transformers' Llama and Gemma configs refuse to load that (Qwen2/3 and Phi-3 load it)",
+                                    f"choose heads that divide {h}, or grow hidden too", code="config"))
     if w is not None and w.intermediate is not None and family.mlp_in:
         key, new_i = family.intermediate_key, w.intermediate
         if cfg.get(key) != new_i:

@@ -124,7 +124,7 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     for i, step in enumerate(plan.steps):
         stack = registry.current().ops[step.op](step, stack, Ctx(plan, ckpts, i, step, default_std))
 
-    widths = {(x.widen.intermediate, x.widen.hidden) if x.widen else None for x in stack}
+    widths = {x.widen for x in stack}
     if len(widths) > 1:
         w = next(x for x in stack if x.widen is not None)
         raise PlanError(Problem(w.widen_where, "some layers are widened and some are not: steps after `widen` added "

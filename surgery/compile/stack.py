@@ -172,6 +172,9 @@ def _widen(s: Widen, stack, ctx: Ctx):
         raise ctx.fail(f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
                        "MoE experts and unknown families)", "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, "
                        "phi3, gpt2, gpt_neox, llava)", ("intermediate",))
+    if (s.heads is not None or s.kv_heads is not None) and not family.attention:
+        raise ctx.fail(f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma or "
+                       "phi3 model", ("heads",))
     if s.hidden is not None and not family.hidden_in:
         raise ctx.fail(f"hidden-size growth is not available for family {family.name} yet", "widen `intermediate` only, "
                        "or a llama, mistral, qwen2/3, gemma or phi3 model", ("hidden",))

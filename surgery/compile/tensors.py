@@ -13,7 +13,7 @@ from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
 from surgery.errors import PlanError, Problem, SurgeryError
 from surgery.plan import Merge, Step, Take
 from surgery.methods import get_method
-from surgery.recipes import Cast, External, RandomNormal, Read, Recipe, Scale, Tile, Widen, Zeros
+from surgery.recipes import Cast, External, Gather, RandomNormal, Read, Recipe, Scale, Tile, Widen, Zeros
 from surgery.plan.settings import conditions_of, resolve
 
 
@@ -202,6 +202,52 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
     return Widen(r, kind, dim, parts, old, new, spec.widen.init, std, spec.widen.seed, out_name)
 
 
+def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int, int] | None:
+    """(A, K, A', K', head_dim) for a `widen` with heads/kv_heads, or None; the ratio A/K is kept."""
+    if w is None or (w.heads is None and w.kv_heads is None):
+        return None
+    cfg = family.lm_config(base.config)
+    a, k = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    h = cfg.get("hidden_size")
+    d = cfg.get("head_dim") or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
+    if not (isinstance(a, int) and isinstance(k, int) and isinstance(d, int) and k and a % k == 0):
+        raise PlanError(Problem(None, "widen heads: the config does not give num_attention_heads, num_key_value_heads and "
+                                "the head size"))
+    g = a // k
+    a2 = w.heads if w.heads is not None else w.kv_heads * g
+    k2 = w.kv_heads if w.kv_heads is not None else (a2 // g if a2 % g == 0 else None)
+    if k2 is None or a2 != k2 * g or a2 < a or k2 < k:
+        raise PlanError(Problem(None, f"widen heads: {a} heads share {k} key/value heads ({g} per group); the new counts "
+                                f"must keep that ratio and not shrink (got heads {a2}, kv_heads {k2})",
+                                f"e.g. heads: {2 * a}, kv_heads: {2 * k}"))
+    return a, k, a2, k2, d
+
+
+def _heads(r: Recipe, spec: LayerSpec, family: Family, counts, suffix: str) -> Recipe:
+    role = family.attention_role(suffix)
+    if counts is None or role is None:
+        return r
+    a, k, a2, k2, d = counts
+    g = a // k
+    kv_src = [j % k for j in range(k2)]
+    q_src = [kv_src[h // g] * g + h % g for h in range(a2)]
+    uses = [q_src.count(h) for h in range(a)]
+
+    def rows(src):
+        return [s * d + e for s in src for e in range(d)]
+
+    if role == "q":
+        return Gather(r, 0, tuple(rows(q_src)))
+    if role in ("k", "v"):
+        return Gather(r, 0, tuple(rows(kv_src)))
+    if role == "qkv":
+        idx = rows(q_src) + [a * d + i for i in rows(kv_src)] + [(a + k) * d + i for i in rows(kv_src)]
+        return Gather(r, 0, tuple(idx))
+    if role == "o":  # columns read the heads: a copied head's column is shared among its copies
+        return Gather(r, 1, tuple(rows(q_src)), tuple(1.0 / uses[s] for s in q_src for _ in range(d)))
+    return r
+
+
 def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
                    in_dt: str | None = None, seed: int | None = None) -> list[OutTensor]:
     m0, l0 = spec.sources[0]
@@ -237,6 +283,10 @@ def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoi
             r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
         if spec.widen is not None:
             r = _widened(r, spec, family, base, suffix, out_name)
+            try:
+                r = _heads(r, spec, family, head_counts(family, base, spec.widen), suffix)
+            except PlanError as e:
+                raise PlanError(Problem(spec.widen_where, e.problems[0].what, e.problems[0].fix)) from None
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)

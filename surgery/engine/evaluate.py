@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from surgery.io.safetensors import itemsize
 from surgery.errors import OutputError
-from surgery.recipes import (Cast, External, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, Tile, VocabPermute,
+from surgery.recipes import (Cast, External, Gather, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, Tile, VocabPermute,
                              Widen, Zeros)
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # depth up-scaling) never pay its import time.
 
 from surgery.engine.read import Sources, torch_dtype
-from surgery.merge import nuslerp, slerp_coefficients, tile, widen
+from surgery.merge import gather, nuslerp, slerp_coefficients, tile, widen
 
 
 SLERP_KEEP_PER_ELEMENT = 24  # slerp inputs up to 24 bytes x chunk (96 MB by default) are read once, kept from pass 1
@@ -87,6 +87,8 @@ class Evaluator:
                 raise OutputError(f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): "
                                   f"{type(e).__name__}: {str(e)[:300]}", where=r.where,
                                   fix=f"check the {r.method} parameters against its documentation") from None
+        elif isinstance(r, Gather):
+            out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, Tile):
             out = tile(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):

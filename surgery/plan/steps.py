@@ -115,6 +115,8 @@ class Widen(Step):
                               "and divides what reads them (the same function), zero and random add new units")
     intermediate: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)
     hidden: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)  # an integer multiple of the hidden size (split)
+    heads: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 14)  # attention heads (split; head_dim stays)
+    kv_heads: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 14)  # key/value heads (keep the heads/kv ratio)
     init: Literal["split", "zero", "random"] = "split"
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
@@ -123,10 +125,10 @@ class Widen(Step):
     def _std(self):
         if self.std is not None and self.init != "random":
             raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
-        if self.intermediate is None and self.hidden is None:
-            raise ValueError("give `intermediate` (MLP units) and/or `hidden` (the residual stream's width)")
-        if self.hidden is not None and self.init != "split":
-            raise ValueError("`hidden` grows by splitting (copies of the residual stream); zero and random apply to "
+        if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
+            raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
+        if (self.hidden is not None or self.heads is not None or self.kv_heads is not None) and self.init != "split":
+            raise ValueError("`hidden`, `heads` and `kv_heads` grow by splitting (copies); zero and random apply to "
                              "`intermediate` only for now")
         return self
 
