@@ -65,7 +65,7 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     ok = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
                               "{stack: {times: 2}}]\n", "ok.yaml")
     rep = surgery.validate(ok)
-    assert rep.valid and rep.program.num_layers == 8 and "MLP widened to 96 (split)" in rep.program.stack[7].how()
+    assert rep.valid and rep.program.num_layers == 8 and "widened: MLP 96 (split)" in rep.program.stack[7].how()
     cases = {
         "late.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
                       "{take: {model: a}}]\n", "put `widen` after the last step"),

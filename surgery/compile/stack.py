@@ -51,7 +51,10 @@ class LayerSpec:
             text = "merge"
         text += f" [{self.step}]"
         if self.widen is not None:
-            text += f", MLP widened to {self.widen.intermediate} ({self.widen.init})"
+            w = self.widen
+            parts = [f"{k} {v}" for k, v in (("MLP", w.intermediate), ("hidden", w.hidden), ("heads", w.heads),
+                                              ("kv heads", w.kv_heads)) if v is not None]
+            text += f", widened: {', '.join(parts)} ({w.init})"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
         return text
