@@ -409,3 +409,10 @@ def map_children(r: Recipe, fn) -> Recipe:
         elif isinstance(v, tuple) and v and all(isinstance(x, Recipe) for x in v):
             changes[f.name] = tuple(fn(x) for x in v)
     return dataclasses.replace(r, **changes) if changes else r
+
+
+def leaves_of(r: Recipe):
+    """`r` and every recipe it is made from, depth first."""
+    yield r
+    for c in r.children():
+        yield from leaves_of(c)

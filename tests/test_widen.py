@@ -128,3 +128,24 @@ def test_head_growth_keeps_the_function(models, tmp_path, family):
     rep = surgery.validate(write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
                                                 "{widen: {heads: 8, kv_heads: 3}}]\n", "bad.yaml"))
     assert not rep.valid and "keep that ratio" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where
+
+
+def test_surgery_json_records_what_grew_and_new_params_trains_it(models, tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    from surgery.train import train
+    from surgery.train.corpus import write_pydoc_corpus
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    m = models("llama")
+    plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}]\n")
+    out = surgery.apply(plan, tmp_path / "wide", progress=False).path
+    w = json.loads((out / "surgery.json").read_text())["widened"]
+    assert w["sizes"] == {"intermediate": 96} and len(w["tensors"]) == 4 * 5  # gate and up (weights, biases), down
+    write_pydoc_corpus(tmp_path / "train.jsonl", eval_path=tmp_path / "eval.jsonl")
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model: {out}\noutput: {tmp_path / 'trained'}\ndata: {{files: [{tmp_path / 'train.jsonl'}], seq_len: 32}}\n"
+                   "steps: 2\nmicro_batch: 2\ntrainable: new-params\nlr: 1e-2\n")
+    res = train(cfg, progress=False, echo=lambda *a: None)
+    before, after = load_tensors(out), load_tensors(res.path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(w["tensors"])

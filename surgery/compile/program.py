@@ -72,6 +72,18 @@ class Program:
                 seen[(i.file, i.name)] = i.nbytes
         return sum(seen.values())
 
+    def widened(self) -> dict:
+        """What a `widen` step grew: the sizes asked for and every tensor whose shape changed."""
+        w = self.stack[0].widen if self.stack else None
+        if w is None:
+            return {}
+        from surgery.recipes import Gather, Tile, Widen, leaves_of
+
+        grown = [t.name for t in self.tensors if any(isinstance(r, (Widen, Tile, Gather)) for r in leaves_of(t.recipe))]
+        sizes = {k: v for k, v in (("intermediate", w.intermediate), ("hidden", w.hidden), ("heads", w.heads),
+                                   ("kv_heads", w.kv_heads)) if v is not None}
+        return {"sizes": sizes, "init": w.init, "tensors": grown}
+
     @property
     def new_layers(self) -> list[int]:
         return [i for i, s in enumerate(self.stack) if s.new]

@@ -120,6 +120,7 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
                    "bytes": program.bytes_out, "shards": shard_info, "config_changes": program.config_changes},
         "layer_map": program.layer_map(),
         "new_layers": program.new_layers,
+        **({"widened": program.widened()} if program.widened() else {}),
         "warnings": [str(w) for w in program.warnings],
     }
 

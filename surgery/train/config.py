@@ -117,8 +117,8 @@ class TrainConfig(Strict):
     @field_validator("trainable")
     @classmethod
     def _trainable(cls, v):
-        if isinstance(v, str) and v not in ("all", "new-layers") and not any(c in v for c in "*?[."):
-            raise ValueError(f"trainable {v!r} is not all, new-layers or a parameter-name pattern "
+        if isinstance(v, str) and v not in ("all", "new-layers", "new-params") and not any(c in v for c in "*?[."):
+            raise ValueError(f"trainable {v!r} is not all, new-layers, new-params or a parameter-name pattern "
                              "(e.g. 'model.layers.1[0-9].*')")
         return v
 

@@ -101,6 +101,17 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
         prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
         patterns = [f"{prefix}{i}.*" for i in new]
         notes.append(f"new layers {new} (from surgery.json)")
+    elif spec == "new-params":
+        # a widened matrix holds old and new units side by side; requires_grad freezes whole tensors,
+        # so `new-params` trains every tensor that grew (old units in it too) and freezes the rest
+        prov = model_dir / "surgery.json"
+        grown = (json.loads(prov.read_text()).get("widened") or {}).get("tensors") if prov.is_file() else None
+        if not grown:
+            raise PlanError(f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has "
+                            + ("none" if prov.is_file() else "no surgery.json"), where=where,
+                            fix="train a `surgery apply` output of a plan with `widen`, or use all / patterns")
+        patterns = list(grown)
+        notes.append(f"{len(grown)} widened tensors train (whole tensors: their old units too)")
     else:
         patterns = [spec] if isinstance(spec, str) else list(spec)
     chosen = set()
