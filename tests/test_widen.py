@@ -14,7 +14,7 @@ from surgery.tiny import logits
 
 from .conftest import load_tensors, write_plan
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral"]
 
 
 def _inter(path) -> int:
@@ -27,7 +27,8 @@ def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_pat
     m = models(family)
     old = _inter(m)
     base = logits(m)
-    for init, new in (("split", 2 * old), ("split", old + old // 2 + 3), ("zero", old + 16)):
+    odd = old + old // 2 + (3 if family != "mixtral" else 4)  # transformers' fused MoE kernel needs 16-byte rows
+    for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16)):
         plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
                                     f"{{widen: {{intermediate: {new}, init: {init}}}}}]\n", f"{init}-{new}.yaml")
         out = surgery.apply(plan, tmp_path / f"{init}-{new}", progress=False).path
@@ -71,7 +72,7 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
                       "{take: {model: a}}]\n", "put `widen` after the last step"),
         "shrink.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 32}}}}]\n",
                         "only adds units"),
-        "moe.yaml": (f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}]\n",
+        "moe.yaml": (f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
                      "not available for family mixtral"),
         "std.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96, std: 0.1}}}}]\n",
                      "`std` only applies"),
