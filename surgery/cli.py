@@ -171,7 +171,8 @@ Examples:
 \b
 Warning codes (for --ignore): duplicated-layers, vocab-mismatch, rope-mismatch,
 narrowing-dtype, gradient-too-long, unknown-family, guessed-identity, config, chat-template,
-unused-parameter (a mergekit config's parameter its method does not use; ignored, as mergekit does).
+unused-parameter (a mergekit config's parameter its method does not use; ignored, as mergekit does),
+approximate-growth (widen hidden by a non-multiple: the function is kept only approximately).
 """
 
 

@@ -17,7 +17,8 @@ from surgery.io.safetensors import DTYPES, FLOAT_CODES, dtype_name
 from surgery.errors import Problem
 
 CODES = ("duplicated-layers", "vocab-mismatch", "rope-mismatch", "narrowing-dtype", "gradient-too-long",
-         "unknown-family", "guessed-identity", "config", "chat-template", "unused-parameter")
+         "unknown-family", "guessed-identity", "config", "chat-template", "unused-parameter",
+         "approximate-growth")
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
 
 

@@ -194,6 +194,12 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         shards = _schedule(tensors, plan.body.output.shard_size)
     if stack and stack[0].widen is not None and stack[0].widen.hidden is not None:
         tensors = widen_hidden(tensors, stack[0], family, base)
+        h_old = family.lm_config(base.config).get("hidden_size")
+        if isinstance(h_old, int) and stack[0].widen.hidden % h_old:
+            warnings.append(Problem(stack[0].widen_where, f"hidden {h_old} -> {stack[0].widen.hidden} is not a whole "
+                                    "multiple: units are copied unevenly, so norms see a different RMS and the grown model "
+                                    "computes the original function only approximately",
+                                    f"use a multiple of {h_old} (e.g. {2 * h_old}) for an exact copy", code="approximate-growth"))
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
     if chat is not None:  # apply rewrites the copied tokenizer_config.json: it must parse now, in validate too

@@ -308,9 +308,11 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
 
     h_old = family.lm_config(base.config).get("hidden_size")
     w = spec.widen
-    if not isinstance(h_old, int) or w.hidden % h_old or w.hidden < h_old:
-        raise PlanError(Problem(spec.widen_where, f"widen hidden to {w.hidden}: the hidden size is {h_old}; it grows by "
-                                "whole copies of the residual stream", f"use a multiple of {h_old}, e.g. {2 * (h_old or 1)}"))
+    if not isinstance(h_old, int) or w.hidden < h_old:
+        raise PlanError(Problem(spec.widen_where, f"widen hidden to {w.hidden}: the hidden size is {h_old}; width growth "
+                                "only adds units", f"use hidden >= {h_old}"))
+    if w.hidden % h_old:
+        return _widen_hidden_partial(tensors, spec, family, base, h_old)
     k = w.hidden // h_old
     if k == 1:
         return tensors
@@ -344,4 +346,43 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             raise PlanError(Problem(spec.widen_where, f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
                                     f"but family {family.name} does not say how it grows", "report this family's layout"))
         out.append(OutTensor(name, tile) if tile is not None else t)
+    return out
+
+
+def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint,
+                          h_old: int) -> list[OutTensor]:
+    """Hidden growth by a factor that is not a whole number: hidden unit j copies unit j mod H, and
+    what reads a unit is divided by its number of copies. Writers and readers agree exactly, but a
+    partly duplicated vector no longer has the original's RMS, so every norm output is slightly
+    off: the function is kept approximately (validate warns, with the code `approximate-growth`)."""
+    import math
+
+    new = spec.widen.hidden
+    src = [j % h_old for j in range(new)]
+    counts = [src.count(i) for i in range(h_old)]
+    share = tuple(1.0 / counts[s] for s in src)
+    if base.tied and family.embed_scaled:
+        raise PlanError(Problem(spec.widen_where, f"widen hidden to {new}: a non-multiple of {h_old} with Gemma's tied, "
+                                "scaled embedding is not supported", f"use a multiple of {h_old}"))
+    emb_scale = math.sqrt(h_old / new) if family.embed_scaled else 1.0
+    emb = set(family.embeddings)
+    out = []
+    for t in tensors:
+        r, name = t.recipe, t.name
+        g = None
+        split = family.split(name)
+        if split is not None:
+            role = family.hidden_role(split[1])
+            if role is not None:
+                kind, dim = role
+                g = Gather(r, dim, tuple(src), share if kind == "in" else None)
+            elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(split[1]):
+                g = Gather(r, 0, tuple(src))
+        elif name in emb:
+            g = Gather(r, 1, tuple(src), (emb_scale,) * new if emb_scale != 1 else None)
+        elif name == family.lm_head:
+            g = Gather(r, 1, tuple(src), share)
+        elif name == family.final_norm:
+            g = Gather(r, 0, tuple(src), share if base.tied else None)
+        out.append(OutTensor(name, g) if g is not None else t)
     return out
