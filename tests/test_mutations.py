@@ -118,3 +118,62 @@ def test_config_warnings_point_at_the_step_that_caused_them(models, tmp_path):
     rep = surgery.validate(plan)
     w = next(w for w in rep.warnings if "max_window_layers" in w.what)
     assert w.code == "config" and w.where == f"{plan}:4"  # the second take brought layers 0, 1 after layer 3
+
+
+MASKED = """\
+grow:
+  at_tokens: 2048
+  mask_steps: 6
+  plan:
+    models: {small: TRAINED}
+    steps:
+      - take: {model: small}
+      - expand: {groups: 2, init: random, std: 0.05}
+save_every: 1
+"""
+
+
+def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path, models):
+    """G_random with masks: at mask 0 the grown model is the small one; killed and resumed inside the
+    ramp, the run equals an uninterrupted one bitwise."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from surgery.train import train
+    from surgery.train.run import LayerMask, fade_in_new_layers
+
+    from .test_train import config, quiet, write_pydoc_corpus
+
+    small = models("llama")
+    grown = surgery.apply(write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, "
+                                               "{expand: {groups: 2, init: random, std: 0.05}}]\n", "g.yaml"),
+                          tmp_path / "grown", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+    cb = fade_in_new_layers(model, grown, 4, "cfg")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)  # mask 0: the small model
+        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
+        assert torch.equal(model(input_ids=ids).logits, unmasked)  # mask 1: the grown model, bit for bit
+    assert isinstance(LayerMask(3), LayerMask)
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    full = train(config(full_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet)
+    stopped = train(config(cut_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet, stop_after=5)
+    assert stopped.path is None
+    again = train(config(cut_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet, resume=True)
+    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    from surgery.errors import PlanError  # mask_steps longer than the steps after growth: a located error
+
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(PlanError, match="mask_steps 9 is longer"):
+        train(config(tmp_path / "bad", corpus, small, MASKED.replace("mask_steps: 6", "mask_steps: 9"), steps=10),
+              progress=False, echo=quiet)

@@ -76,6 +76,10 @@ class Grow(Strict):
     plan: Union[str, dict]  # a surgery plan (file or inline) with one model; its ref is replaced by the trained model
     schedule: Literal["reset", "continue"] = "reset"  # Gstack resets optimizer and schedule; `continue` keeps the LR curve
     trainable: Optional[Union[str, tuple[str, ...]]] = None  # what trains after growth (default: the top-level `trainable`)
+    # G_random with masks (Gstack's masked structural growth): each new layer's contribution to the
+    # residual stream is multiplied by min(1, step / mask_steps), so the grown model starts from the
+    # small model's function and the new layers fade in; the mask follows the step, so it resumes exactly
+    mask_steps: Optional[int] = Field(default=None, ge=1)
 
     _count = field_validator("at_tokens", mode="before")(lambda v: parse_count(v))
 

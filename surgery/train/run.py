@@ -155,6 +155,10 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
                         f"the run ({total} steps)", where=cfg.where("grow", "at_tokens"),
                         fix="grow earlier or raise the budget (`tokens` / `steps`)")
     keep = b.grow.schedule == "continue"
+    if b.grow.mask_steps is not None and b.grow.mask_steps > total - at:
+        raise PlanError(f"grow.mask_steps {b.grow.mask_steps} is longer than the {total - at} steps after growth: the saved "
+                        "model would still have its new layers partly masked", where=cfg.where("grow", "mask_steps"),
+                        fix=f"use mask_steps <= {total - at}")
     return [Stage(1, model_dir, at, "all", total if keep else at, 0, 0),
             Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at)], tps
 
@@ -293,6 +297,52 @@ def last_complete_checkpoint(folder: Path, echo=print) -> str | None:
                  f"{newest.name if newest else 'the start of the stage'}")
             shutil.rmtree(p, ignore_errors=True)
     return str(newest) if newest else None
+
+
+class LayerMask:
+    """m(step) = min(1, step / steps); a new layer's output x + f(x) becomes x + m f(x)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.value = steps, 0.0
+
+    def hook(self, module, args, kwargs, output):
+        if self.value >= 1.0:
+            return output  # fully faded in: the layer's own output, bit for bit
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        mixed = x + self.value * (y - x)
+        return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
+
+
+def fade_in_new_layers(model, model_dir: Path, steps: int, where: str):
+    """Hook the grown model's new layers (surgery.json's new_layers) with a LayerMask and return the
+    callback that sets it from the global step before every step (so a resumed run continues the ramp)."""
+    import transformers
+
+    from surgery.io.checkpoint import open_checkpoint
+
+    prov = model_dir / "surgery.json"
+    new = (json.loads(prov.read_text()).get("new_layers") or []) if prov.is_file() else []
+    if not new:
+        raise PlanError("grow.mask_steps fades in new layers, and the grow plan adds none (stacked copies are not new)",
+                        where=where, fix="grow with `expand` (init: random, zero or identity), or drop mask_steps")
+    prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
+    layers = model.get_submodule(prefix.rstrip("."))
+    mask = LayerMask(steps)
+    for i in new:
+        layers[i].register_forward_hook(mask.hook, with_kwargs=True)
+
+    class Fade(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            mask.value = min(1.0, state.global_step / steps)
+
+        def on_step_end(self, args, state, control, **kw):  # evaluations and the end of training see the new value
+            mask.value = min(1.0, state.global_step / steps)
+
+        def on_train_begin(self, args, state, control, **kw):
+            mask.value = min(1.0, state.global_step / steps)
+
+    return Fade()
 
 
 def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo):
@@ -440,10 +490,14 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
              + (f"; resuming from {Path(last).name}" if last else ""))
         if stage.steps * tps > corpus.train_tokens:
             echo(f"note: the budget ({stage.steps * tps:,} tokens) is {stage.steps * tps / corpus.train_tokens:.1f} passes over the data")
+    callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo)
+    if stage.index > 1 and b.grow is not None and b.grow.mask_steps:
+        callbacks.append(fade_in_new_layers(model, stage.model_dir, b.grow.mask_steps, cfg.where("grow", "mask_steps")))
+        if is_main():
+            echo(f"new layers fade in over {b.grow.mask_steps} steps (masked growth)")
     cls = _trainer_class()
     trainer = cls(model=model, args=args, train_dataset=corpus.train, eval_dataset=corpus.eval, processing_class=tok,
-                  data_collator=transformers.default_data_collator,
-                  callbacks=_callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo))
+                  data_collator=transformers.default_data_collator, callbacks=callbacks)
     for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
         trainer.remove_callback(cb)
     trainer.schedule_total, trainer.schedule_offset = stage.schedule_steps, stage.schedule_offset
