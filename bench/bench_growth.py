@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")) / "growth")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--lr", default="3e-3", help="peak learning rate of every run")
     args = ap.parse_args()
     deep, hidden, inter, steps, at, mb, seq = SIZES[args.size]
     small_layers = deep // 4
@@ -63,7 +64,7 @@ def main() -> int:
         models[name] = path
     tps = mb * seq
     common = (f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}}}\n"
-              f"lr: 3e-3\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {steps}\nseed: 0\n")
+              f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {steps}\nseed: 0\n")
     runs = {"scratch": f"model: {models['deep']}\n" + common}
     for name, step in GROWTH.items():
         text = f"model: {models['small']}\n" + common + (f"grow:\n  at_tokens: {at * tps}\n"
@@ -93,13 +94,13 @@ def main() -> int:
         r["flops_saved_vs_scratch"] = round(1 - r["flops"] / base, 3)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    doc = {"size": args.size, "deep_layers": deep, "small_layers": small_layers, "hidden": hidden, "steps": steps,
+    doc = {"size": args.size, "lr": args.lr, "deep_layers": deep, "small_layers": small_layers, "hidden": hidden, "steps": steps,
            "grow_at_step": at, "tokens_per_step": tps, "rows": rows}
-    (args.results / f"growth-{args.size}-{stamp}.json").write_text(json.dumps(doc, indent=2))
+    (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.json").write_text(json.dumps(doc, indent=2))
     lines = ["| run | held-out loss | perplexity | training FLOPs | FLOPs saved vs scratch |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['run']} | {r['eval_loss']:.4f} | {r['perplexity']:.2f} | {r['flops']:.3e} | "
               f"{r['flops_saved_vs_scratch']:.0%} |" for r in rows]
-    (args.results / f"growth-{args.size}-{stamp}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
