@@ -88,6 +88,8 @@ def main():
       surgery show plan.yaml         the layer map as a picture (SVG/PNG)
       surgery train cfg.yaml         continue pretraining the result, or grow-then-train
       surgery advise -N 7B -D 2T     when to grow (Gstack's guideline)
+      surgery analyze ./model --data d.jsonl which layers to cut (from activations)
+      surgery verify ./out           sizes, headers and checksums of an output
       surgery demo                   the whole flow on a tiny bundled model, offline
 
     \b
