@@ -321,7 +321,8 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     [
         ("model: {m}\ndata: {{files: [{c}]}}\n", "", "give exactly one budget"),
         ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\nlearning_rate: 1\n", "", "unknown key 'learning_rate'"),
-        ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "", "not all, new-layers, new-params or a parameter-name"),
+        ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "",
+         "not all, new-layers, new-params or a parameter-name"),
         ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
         ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
         ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),
