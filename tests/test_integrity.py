@@ -615,3 +615,21 @@ def test_demo_force_replaces_only_a_demo_folder(tmp_path, monkeypatch):
         r = runner.invoke(main, ["demo", "--dir", d, "--force", "--no-train"])
         assert r.exit_code == 1 and expect in r.output, r.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_refused_rerun_keeps_the_interrupted_side_folder(models, tmp_path, monkeypatch):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
+                                "output: {shard_size: 40KB}\n")
+    out = tmp_path / "out"
+    surgery.apply(plan, out, progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, out, progress=False, force=True)
+    staging = tmp_path / ".out.surgery-partial"
+    before = sorted(p.name for p in staging.iterdir())
+    with pytest.raises(OutputError, match="already exists"):  # forgot --force: refused, nothing lost
+        surgery.apply(plan, out, progress=False)
+    assert sorted(p.name for p in staging.iterdir()) == before
+    surgery.apply(plan, out, progress=False, force=True, resume=True)
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0

@@ -445,6 +445,7 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             staged_io = StagedIO(dev, pool_bytes, backend="cuda" if dev != "cpu" else "host")
         srcs = Sources(compute_slots=slots, device=dev, chunk_elements=chunk, staging=staged_io)
         try:
+            # checks first: a refusal here must not touch an interrupted run's side folder
             srcs.open_all(program)
             record = _shard_record(program, headers, srcs.identity())
             build = record_id(record)
@@ -458,22 +459,23 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             if resume and not kept and not staging.exists():
                 raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
                                   fix="run without --resume")
-            done = {k: v["crc32"] for k, v in kept.items()}
-            if not kept:
-                folder.fresh_staging()
-                atomic_write(staging / RECORD, json.dumps(record))
-            _run_shards(program, headers, staging, srcs, record, done, kept, workers, show)
-            srcs.check_unchanged()
-            infos = [_shard_entry({**i, "crc32": done[i["name"]]}) for i in record["shards"]]
-            (staging / RECORD).unlink()
-            _write_metadata(program, staging, infos, build)
-            folder.publish()
-        except BaseException:
-            # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
-            # never complete-looking, for --resume.
-            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                folder.discard_staging()
-            raise
+            try:
+                done = {k: v["crc32"] for k, v in kept.items()}
+                if not kept:
+                    folder.fresh_staging()
+                    atomic_write(staging / RECORD, json.dumps(record))
+                _run_shards(program, headers, staging, srcs, record, done, kept, workers, show)
+                srcs.check_unchanged()
+                infos = [_shard_entry({**i, "crc32": done[i["name"]]}) for i in record["shards"]]
+                (staging / RECORD).unlink()
+                _write_metadata(program, staging, infos, build)
+                folder.publish()
+            except BaseException:
+                # A failure of ours (disk full, a bad source) removes the partial output; a kill leaves it,
+                # never complete-looking, for --resume.
+                if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                    folder.discard_staging()
+                raise
         finally:
             srcs.close()
     if stats is not None:  # for bench/: what a process cannot see from outside
