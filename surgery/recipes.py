@@ -269,14 +269,22 @@ def leaves(r: Recipe) -> list[Recipe]:
 
 
 @dataclass(frozen=True)
-class Widen(Recipe):
+class Regrouped(Unary):
+    """A recipe that rearranges (and may scale) one input along `dim`: it keeps the input's dtype."""
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+
+@dataclass(frozen=True)
+class Widen(Regrouped):
     """A dense-MLP tensor grown along `dim` from `old` to `new` intermediate units (in each of
     `parts` equal blocks, for a fused gate_up_proj). New unit u >= old copies unit u mod old
     (`split`), or is zero or normal(0, std) (`zero`, `random`). For a tensor that reads the units
     (`role: out`), `split` divides each copied unit's column by the number of its copies, so the
     sum over copies is the original: the MLP computes exactly what it did (any new size)."""
 
-    inner: Recipe
     role: str  # in | out
     dim: int
     parts: int
@@ -295,24 +303,16 @@ class Widen(Recipe):
         s[self.dim] = self.new * self.parts
         return tuple(s)
 
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    def children(self):
-        return (self.inner,)
-
     def describe(self) -> str:
         return f"{self.inner.describe()} widened {self.old} -> {self.new} units ({self.init})"
 
 
 @dataclass(frozen=True)
-class Tile(Recipe):
+class Tile(Regrouped):
     """`inner` repeated `k` times along `dim`, then times `mul` plus `add` (hidden-size growth: a
     residual stream duplicated k times keeps its RMS, mean and variance, so copying what writes it
     and dividing what reads it by k keeps the function)."""
 
-    inner: Recipe
     dim: int
     k: int
     mul: float = 1.0
@@ -326,24 +326,16 @@ class Tile(Recipe):
         s[self.dim] *= self.k
         return tuple(s)
 
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    def children(self):
-        return (self.inner,)
-
     def describe(self) -> str:
         return f"{self.inner.describe()} tiled x{self.k} on dim {self.dim}" + (f" * {self.mul:g}" if self.mul != 1 else "")
 
 
 @dataclass(frozen=True)
-class Gather(Recipe):
+class Gather(Regrouped):
     """Slices of `inner` along `dim` picked by `index` (output slice i is input slice index[i]),
     each multiplied by scale[i] when given: attention heads copied (and the o_proj columns that
     read a copied head shared among its copies)."""
 
-    inner: Recipe
     dim: int
     index: tuple[int, ...]
     scale: Optional[tuple[float, ...]] = None
@@ -355,13 +347,6 @@ class Gather(Recipe):
         s = list(self.inner.shape)
         s[self.dim] = len(self.index)
         return tuple(s)
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    def children(self):
-        return (self.inner,)
 
     def describe(self) -> str:
         return f"{self.inner.describe()} regrouped to {len(self.index)} along dim {self.dim}"

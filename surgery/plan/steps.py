@@ -47,6 +47,13 @@ def check_range(v: Optional[Range]) -> Optional[Range]:
     return v
 
 
+def check_std(step):
+    """`std` belongs to `init: random` only (expand, widen)."""
+    if step.std is not None and step.init != "random":
+        raise ValueError(f"`std` only applies to `init: random` (this step has init: {step.init})")
+    return step
+
+
 def check_gradient(v: Gradient) -> Gradient:
     if isinstance(v, tuple) and not v:
         raise ValueError("a gradient list needs at least one value")
@@ -102,11 +109,7 @@ class Expand(Step):
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
 
-    @model_validator(mode="after")
-    def _std(self):
-        if self.std is not None and self.init != "random":
-            raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
-        return self
+    _std = model_validator(mode="after")(lambda self: check_std(self))
 
 
 class Widen(Step):
@@ -122,9 +125,8 @@ class Widen(Step):
     seed: StrictInt = 0
 
     @model_validator(mode="after")
-    def _std(self):
-        if self.std is not None and self.init != "random":
-            raise ValueError(f"`std` only applies to `init: random` (this step has init: {self.init})")
+    def _what(self):
+        check_std(self)
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
         if (self.hidden is not None or self.heads is not None or self.kv_heads is not None) and self.init != "split":
