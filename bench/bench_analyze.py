@@ -49,9 +49,27 @@ def main() -> int:
     layer_params = hidden * (heads * head_dim) * 2 + hidden * (kv * head_dim) * 2 + 3 * hidden * inter + 2 * hidden
     layer_bytes = layer_params * (4 if args.dtype == "float32" else 2)  # the layer as it is computed
     acts = samples * seq * hidden * 4 * 2
-    cmd = [sys.executable, "-m", "surgery.cli", "analyze", str(src), "--data", str(data), "--samples", str(samples),
-           "--seq-len", str(seq), "--micro-batch", "4", "--format", "json", "--device", "cpu",
-           "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        "-m",
+        "surgery.cli",
+        "analyze",
+        str(src),
+        "--data",
+        str(data),
+        "--samples",
+        str(samples),
+        "--seq-len",
+        str(seq),
+        "--micro-batch",
+        "4",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+        "--dtype",
+        args.dtype,
+    ]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -67,16 +85,28 @@ def main() -> int:
     q = subprocess.Popen(floor_cmd)
     _, _, ru0 = os.wait4(q.pid, 0)
     floor = ru0.ru_maxrss * 1024
-    row = {"size": args.size, "dtype": args.dtype, "layers": layers, "samples": samples, "seq_len": seq, "wall_s": round(wall, 1),
-           "peak_rss_mb": round(peak / 2**20), "layer_mb": round(layer_bytes / 2**20), "activations_mb": round(acts / 2**20),
-           "import_floor_mb": round(floor / 2**20), "ratio": round((peak - floor) / (layer_bytes + acts), 2),
-           "best_block_1": doc["best_block"].get("1")}
+    row = {
+        "size": args.size,
+        "dtype": args.dtype,
+        "layers": layers,
+        "samples": samples,
+        "seq_len": seq,
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak / 2**20),
+        "layer_mb": round(layer_bytes / 2**20),
+        "activations_mb": round(acts / 2**20),
+        "import_floor_mb": round(floor / 2**20),
+        "ratio": round((peak - floor) / (layer_bytes + acts), 2),
+        "best_block_1": doc["best_block"].get("1"),
+    }
     print(json.dumps(row))
     # the checkpoint's own size, for scale
-    print(f"checkpoint {sum(f.stat().st_size for f in src.glob('*.safetensors')) / 2**30:.2f} GiB; "
-          f"peak RSS {row['peak_rss_mb']} MB, of which {row['peak_rss_mb'] - row['import_floor_mb']} MB above the "
-          f"imports' {row['import_floor_mb']} MB = {row['ratio']} x (one layer {row['layer_mb']} MB + activations "
-          f"{row['activations_mb']} MB)")
+    print(
+        f"checkpoint {sum(f.stat().st_size for f in src.glob('*.safetensors')) / 2**30:.2f} GiB; "
+        f"peak RSS {row['peak_rss_mb']} MB, of which {row['peak_rss_mb'] - row['import_floor_mb']} MB above the "
+        f"imports' {row['import_floor_mb']} MB = {row['ratio']} x (one layer {row['layer_mb']} MB + activations "
+        f"{row['activations_mb']} MB)"
+    )
     return 0
 
 

@@ -54,8 +54,13 @@ SIZES_BENCH = {
     "tiny-1.7b": (64, 24, 128, 512, 4, 2, True),
 }
 # --size picks the two shapes the suite needs: (8B-like, 1.7B-like)
-SUITES = {"full": ("8b", "1.7b"), "small": ("small", "small-1.7b"), "tiny": ("tiny", "tiny-1.7b"), "8b": ("8b", None),
-          "1.7b": (None, "1.7b")}
+SUITES = {
+    "full": ("8b", "1.7b"),
+    "small": ("small", "small-1.7b"),
+    "tiny": ("tiny", "tiny-1.7b"),
+    "8b": ("8b", None),
+    "1.7b": (None, "1.7b"),
+}
 
 
 def folder_bytes(p: Path) -> int:
@@ -75,8 +80,7 @@ def timed(cmd: list[str], env=None) -> dict:
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     rc = os.waitstatus_to_exitcode(status)
     gpu = json.loads(stats.read_text()).get("peak_gpu_mb") if stats.exists() else None
-    return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "peak_gpu_mb": gpu, "rc": rc,
-            "stderr_tail": err[-800:] if rc else ""}
+    return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "peak_gpu_mb": gpu, "rc": rc, "stderr_tail": err[-800:] if rc else ""}
 
 
 def cases(big: Path | None, mid: Path | None, mid_b: Path | None, big_layers: int, device: str):
@@ -84,24 +88,44 @@ def cases(big: Path | None, mid: Path | None, mid_b: Path | None, big_layers: in
     out = []
     if big is not None:
         n, m = big_layers, big_layers // 4
-        out.append((f"solar-dus {n}->{2 * (n - m)}", "solar",
-                    f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - dus: {{trim: {m}}}\n",
-                    f"slices:\n  - sources: [{{model: {big}, layer_range: [0, {n - m}]}}]\n"
-                    f"  - sources: [{{model: {big}, layer_range: [{m}, {n}]}}]\nmerge_method: passthrough\ndtype: bfloat16\n"))
-        out.append((f"llama-pro {n}->{n + n // 4}", "llamapro",
-                    f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - expand: {{groups: {n // 4}, init: identity}}\n"
-                    "post_from: last\n", "export"))
+        out.append(
+            (
+                f"solar-dus {n}->{2 * (n - m)}",
+                "solar",
+                f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - dus: {{trim: {m}}}\n",
+                f"slices:\n  - sources: [{{model: {big}, layer_range: [0, {n - m}]}}]\n"
+                f"  - sources: [{{model: {big}, layer_range: [{m}, {n}]}}]\nmerge_method: passthrough\ndtype: bfloat16\n",
+            )
+        )
+        out.append(
+            (
+                f"llama-pro {n}->{n + n // 4}",
+                "llamapro",
+                f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - expand: {{groups: {n // 4}, init: identity}}\n"
+                "post_from: last\n",
+                "export",
+            )
+        )
     if mid is not None:
-        out.append(("gstack 4x first 6 layers", "gstack",
-                    f"models: {{small: {mid}}}\nsteps:\n  - take: {{model: small, layers: [0, 6]}}\n  - stack: {{times: 4}}\n"
-                    "post_from: last\n", "export"))
-        slerp = (f"slices:\n  - sources:\n      - {{model: {mid}, layer_range: [0, 24]}}\n"
-                 f"      - {{model: {mid_b}, layer_range: [0, 24]}}\nmerge_method: slerp\nbase_model: {mid}\n"
-                 "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
-                 "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\ndtype: bfloat16\n")
+        out.append(
+            (
+                "gstack 4x first 6 layers",
+                "gstack",
+                f"models: {{small: {mid}}}\nsteps:\n  - take: {{model: small, layers: [0, 6]}}\n  - stack: {{times: 4}}\npost_from: last\n",
+                "export",
+            )
+        )
+        slerp = (
+            f"slices:\n  - sources:\n      - {{model: {mid}, layer_range: [0, 24]}}\n"
+            f"      - {{model: {mid_b}, layer_range: [0, 24]}}\nmerge_method: slerp\nbase_model: {mid}\n"
+            "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
+            "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\ndtype: bfloat16\n"
+        )
         out.append((f"gradient-slerp ({device})", "slerp", slerp, slerp))
-        linear = (f"models:\n  - {{model: {mid}, parameters: {{weight: 0.5}}}}\n  - {{model: {mid_b}, parameters: {{weight: 0.5}}}}\n"
-                  "merge_method: linear\ndtype: bfloat16\n")
+        linear = (
+            f"models:\n  - {{model: {mid}, parameters: {{weight: 0.5}}}}\n  - {{model: {mid_b}, parameters: {{weight: 0.5}}}}\n"
+            "merge_method: linear\ndtype: bfloat16\n"
+        )
         out.append((f"linear ({device})", "linear", linear, linear))
     return out
 
@@ -110,15 +134,24 @@ def build(folder: Path, shape: tuple, seed: int):
     if not (folder / "model.safetensors.index.json").exists():
         print(f"building synthetic checkpoint {shape} in {folder} ...", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        subprocess.run([sys.executable, "-c", "import sys; from surgery.synthetic import write_synthetic_llama as w; "
-                        f"w(sys.argv[1], {shape!r}, seed={seed})", str(folder)], check=True, cwd=HERE.parent)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; from surgery.synthetic import write_synthetic_llama as w; w(sys.argv[1], {shape!r}, seed={seed})",
+                str(folder),
+            ],
+            check=True,
+            cwd=HERE.parent,
+        )
     return folder
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SUITES), default="small",
-                    help="full: 8B and 1.7B shapes (the targets); small: the same cases at 1/16 size")
+    ap.add_argument(
+        "--size", choices=sorted(SUITES), default="small", help="full: 8B and 1.7B shapes (the targets); small: the same cases at 1/16 size"
+    )
     ap.add_argument("--pipeline", choices=["off", "on"], default="off", help="surgery's device staging (apply --pipeline)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")))
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per command (the best is reported)")
@@ -138,6 +171,7 @@ def main():
     mid_b = build(work / mid_size / "src-b", SIZES_BENCH[mid_size], 1) if mid_size and want("slerp", "linear") else None
     mergekit = shutil.which("mergekit-yaml") if not args.no_mergekit else None
     results = []
+
     def run(label: str, kind: str, cmd: list[str], out: Path | None, baseline_bytes: int | None = None):
         best = None
         for k in range(args.repeat + (0 if args.cold else 1)):
@@ -153,11 +187,18 @@ def main():
             if best is None or r["wall_s"] < best["wall_s"]:
                 best = r
         nbytes = baseline_bytes if baseline_bytes is not None else (folder_bytes(out) if out and out.exists() else 0)
-        row = {"case": label, "tool": kind, "bytes": nbytes, **best,
-               "gb_per_s": nbytes / best["wall_s"] / 1e9 if best and not best["rc"] else None}
+        row = {
+            "case": label,
+            "tool": kind,
+            "bytes": nbytes,
+            **best,
+            "gb_per_s": nbytes / best["wall_s"] / 1e9 if best and not best["rc"] else None,
+        }
         results.append(row)
-        print(f"  {label:<28} {kind:<10} {row['wall_s']:8.2f} s  {row['peak_rss_mb']:8.0f} MB RSS  "
-              f"{(row['gb_per_s'] or 0):6.2f} GB/s", flush=True)
+        print(
+            f"  {label:<28} {kind:<10} {row['wall_s']:8.2f} s  {row['peak_rss_mb']:8.0f} MB RSS  {(row['gb_per_s'] or 0):6.2f} GB/s",
+            flush=True,
+        )
         return row
 
     if big is not None:
@@ -175,12 +216,31 @@ def main():
         plan = scratch / f"{key}.yaml"  # surgery reads plans and mergekit configs alike
         plan.write_text(text)
         out = scratch / f"{key}-surgery"
-        s = run(name, "surgery", [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(out), "-q", "--force",
-                                  "--device", args.device, "--pipeline", args.pipeline], out)
+        s = run(
+            name,
+            "surgery",
+            [
+                sys.executable,
+                "-m",
+                "surgery.cli",
+                "apply",
+                str(plan),
+                "-o",
+                str(out),
+                "-q",
+                "--force",
+                "--device",
+                args.device,
+                "--pipeline",
+                args.pipeline,
+            ],
+            out,
+        )
         shutil.rmtree(out, ignore_errors=True)
         if mk_text == "export":  # the equivalent mergekit config, written by surgery itself
-            p = subprocess.run([sys.executable, "-m", "surgery.cli", "export", "--mergekit", str(plan)],
-                               capture_output=True, text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, "-m", "surgery.cli", "export", "--mergekit", str(plan)], capture_output=True, text=True, check=True
+            )
             mk_text = p.stdout
         if mergekit and mk_text:
             cfg = scratch / f"{key}-mergekit.yml"
@@ -194,22 +254,32 @@ def main():
     for r in results:
         if cp and r["tool"] == "surgery" and r.get("gb_per_s"):
             r["gb_per_s_vs_cp"] = r["gb_per_s"] / cp["gb_per_s"]
-    meta = {"size": args.size, "device": args.device, "when": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "page_cache": "cold (first run)" if args.cold else "warm (one untimed run first)", "results": results}
+    meta = {
+        "size": args.size,
+        "device": args.device,
+        "when": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "page_cache": "cold (first run)" if args.cold else "warm (one untimed run first)",
+        "results": results,
+    }
     out_dir = args.results
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / f"{args.size}-{stamp}.json").write_text(json.dumps(meta, indent=2))
-    lines = [f"# surgery apply benchmark ({args.size}, device {args.device}, {meta['page_cache']})", "",
-             "| case | tool | wall s | GB/s out | peak RSS MB | peak GPU MB | vs cp (GB/s) | speed-up vs mergekit |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# surgery apply benchmark ({args.size}, device {args.device}, {meta['page_cache']})",
+        "",
+        "| case | tool | wall s | GB/s out | peak RSS MB | peak GPU MB | vs cp (GB/s) | speed-up vs mergekit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
         vs_cp = f"{r['gb_per_s_vs_cp']:.2f}" if r.get("gb_per_s_vs_cp") is not None else "-"
         vs_mk = f"{r['speedup_vs_mergekit']:.2f}" if r.get("speedup_vs_mergekit") is not None else "-"
-        lines.append(f"| {r['case']} | {r['tool']} | {r['wall_s']:.2f} | {(r['gb_per_s'] or 0):.2f} | {r['peak_rss_mb']:.0f} | {gpu} | "
-                     f"{vs_cp} | {vs_mk} |")
+        lines.append(
+            f"| {r['case']} | {r['tool']} | {r['wall_s']:.2f} | {(r['gb_per_s'] or 0):.2f} | {r['peak_rss_mb']:.0f} | {gpu} | "
+            f"{vs_cp} | {vs_mk} |"
+        )
     md = "\n".join(lines) + "\n"
     (out_dir / f"{args.size}-{stamp}.md").write_text(md)
     print("\n" + md)

@@ -63,14 +63,23 @@ def main() -> int:
             build_tiny("llama", path, seed=0, num_hidden_layers=layers, mlp_bias=False, attention_bias=False, **dims)
         models[name] = path
     tps = mb * seq
-    common = (f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}}}\n"
-              f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {steps}\nseed: 0\n")
+    common = (
+        f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}}}\n"
+        f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {steps}\nseed: 0\n"
+    )
     runs = {"scratch": f"model: {models['deep']}\n" + common}
     for name, step in GROWTH.items():
-        text = f"model: {models['small']}\n" + common + (f"grow:\n  at_tokens: {at * tps}\n"
-                                                        + (f"  mask_steps: {max(1, (steps - at) // 4)}\n" if "mask" in name else "")
-                                                        + "  plan:\n    models: {small: TRAINED}\n    steps:\n"
-                                                        + "      - take: {model: small}\n" + step.replace("GROUPS", str(small_layers)))
+        text = (
+            f"model: {models['small']}\n"
+            + common
+            + (
+                f"grow:\n  at_tokens: {at * tps}\n"
+                + (f"  mask_steps: {max(1, (steps - at) // 4)}\n" if "mask" in name else "")
+                + "  plan:\n    models: {small: TRAINED}\n    steps:\n"
+                + "      - take: {model: small}\n"
+                + step.replace("GROUPS", str(small_layers))
+            )
+        )
         runs[name] = text
     rows = []
     n_params = {}  # non-embedding parameters per depth
@@ -85,21 +94,42 @@ def main() -> int:
             flops = 6 * n_params[deep] * steps * tps
         else:
             flops = 6 * n_params[small_layers] * at * tps + 6 * n_params[deep] * (steps - at) * tps
-        rows.append({"run": name, "eval_loss": res.eval_loss, "perplexity": res.perplexity, "tokens": res.tokens,
-                     "flops": flops, "seconds": round(res.seconds, 1)})
-        print(f"  {name:<12} held-out loss {res.eval_loss:.4f}  ppl {res.perplexity:7.2f}  FLOPs {flops:.3e}  "
-              f"{res.seconds:6.1f} s", flush=True)
+        rows.append(
+            {
+                "run": name,
+                "eval_loss": res.eval_loss,
+                "perplexity": res.perplexity,
+                "tokens": res.tokens,
+                "flops": flops,
+                "seconds": round(res.seconds, 1),
+            }
+        )
+        print(
+            f"  {name:<12} held-out loss {res.eval_loss:.4f}  ppl {res.perplexity:7.2f}  FLOPs {flops:.3e}  {res.seconds:6.1f} s",
+            flush=True,
+        )
     base = rows[0]["flops"]
     for r in rows:
         r["flops_saved_vs_scratch"] = round(1 - r["flops"] / base, 3)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    doc = {"size": args.size, "lr": args.lr, "deep_layers": deep, "small_layers": small_layers, "hidden": hidden, "steps": steps,
-           "grow_at_step": at, "tokens_per_step": tps, "rows": rows}
+    doc = {
+        "size": args.size,
+        "lr": args.lr,
+        "deep_layers": deep,
+        "small_layers": small_layers,
+        "hidden": hidden,
+        "steps": steps,
+        "grow_at_step": at,
+        "tokens_per_step": tps,
+        "rows": rows,
+    }
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.json").write_text(json.dumps(doc, indent=2))
     lines = ["| run | held-out loss | perplexity | training FLOPs | FLOPs saved vs scratch |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['run']} | {r['eval_loss']:.4f} | {r['perplexity']:.2f} | {r['flops']:.3e} | "
-              f"{r['flops_saved_vs_scratch']:.0%} |" for r in rows]
+    lines += [
+        f"| {r['run']} | {r['eval_loss']:.4f} | {r['perplexity']:.2f} | {r['flops']:.3e} | {r['flops_saved_vs_scratch']:.0%} |"
+        for r in rows
+    ]
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -45,20 +45,39 @@ def build(root: Path, size: str) -> tuple[Path, Path]:
     h, L, inter, vocab, heads, kv, seq, mb, steps = SIZES[size]
     model_dir = root / f"llama-{size}"
     if not (model_dir / "config.json").exists():
-        cfg = transformers.LlamaConfig(hidden_size=h, num_hidden_layers=L, intermediate_size=inter, vocab_size=vocab,
-                                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq,
-                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = transformers.LlamaConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            intermediate_size=inter,
+            vocab_size=vocab,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=seq,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
         words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-        tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
-               "decoder": None, "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False,
-                                                  "rstrip": False, "normalized": False, "special": True}
-                                                 for c, i in list(words.items())[:3]],
-               "pre_tokenizer": {"type": "WhitespaceSplit"},
-               "model": {"type": "WordLevel", "vocab": words, "unk_token": "<pad>"}}
+        tok = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "normalizer": None,
+            "post_processor": None,
+            "decoder": None,
+            "added_tokens": [
+                {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+                for c, i in list(words.items())[:3]
+            ],
+            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "model": {"type": "WordLevel", "vocab": words, "unk_token": "<pad>"},
+        }
         (model_dir / "tokenizer.json").write_text(json.dumps(tok))
-        (model_dir / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+        (model_dir / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+        )
     data = root / f"words-{size}.jsonl"
     if not data.exists():
         rng = random.Random(0)
@@ -80,19 +99,20 @@ def run_surgery(root: Path, size: str, model_dir: Path, data: Path, compile_: bo
     h, L, inter, vocab, heads, kv, seq, mb, steps = SIZES[size]
     cfg = root / f"train-{size}{'-compile' if compile_ else ''}.yaml"
     out = root / f"out-{size}{'-compile' if compile_ else ''}"
-    cfg.write_text(f"model: {model_dir}\noutput: {out}\ndata: {{files: [{data}], seq_len: {seq}, eval_fraction: 0}}\n"
-                   f"steps: {steps}\nmicro_batch: {mb}\nlr: 3e-4\nwarmup: 2\nlog_every: 2\nsave_every: 100000\n"
-                   f"compile: {str(compile_).lower()}\n")
+    cfg.write_text(
+        f"model: {model_dir}\noutput: {out}\ndata: {{files: [{data}], seq_len: {seq}, eval_fraction: 0}}\n"
+        f"steps: {steps}\nmicro_batch: {mb}\nlr: 3e-4\nwarmup: 2\nlog_every: 2\nsave_every: 100000\n"
+        f"compile: {str(compile_).lower()}\n"
+    )
     env = {**os.environ, "SURGERY_CACHE": str(root / "cache")}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "surgery", "train", str(cfg), "--force", "-q"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "surgery", "train", str(cfg), "--force", "-q"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"surgery train failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [x["tokens_per_s"] for x in recs if x.get("tokens_per_s")]
-    return {"wall_s": round(wall, 1), "tokens_per_s": statistics.median(rates[len(rates) // 4:] or rates)}
+    return {"wall_s": round(wall, 1), "tokens_per_s": statistics.median(rates[len(rates) // 4 :] or rates)}
 
 
 BASELINE = r"""

@@ -11,5 +11,15 @@ from surgery._version import __version__
 from surgery.api import apply, inspect_model, load_plan, validate
 from surgery.errors import CheckpointError, OutputError, PlanError, Problem, SurgeryError
 
-__all__ = ["apply", "validate", "load_plan", "inspect_model", "SurgeryError", "PlanError", "CheckpointError",
-           "OutputError", "Problem", "__version__"]
+__all__ = [
+    "apply",
+    "validate",
+    "load_plan",
+    "inspect_model",
+    "SurgeryError",
+    "PlanError",
+    "CheckpointError",
+    "OutputError",
+    "Problem",
+    "__version__",
+]

@@ -48,15 +48,35 @@ class Analysis:
     last_token: list = field(default_factory=list, repr=False)  # per boundary: the samples' last-token states
 
     def as_dict(self) -> dict:
-        return {"format": "surgery.analyze/1", "model": self.model, "family": self.family, "num_layers": self.num_layers,
-                "samples": self.samples, "seq_len": self.seq_len, "distance_last_token": self.distance,
-                "block_influence": self.block_influence, "layer_distance_all_tokens": self.layer_distance_all_tokens,
-                "hidden_state_rms": self.norms, "best_block": {str(n): s for n, s in self.best_block.items()}}
+        return {
+            "format": "surgery.analyze/1",
+            "model": self.model,
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "distance_last_token": self.distance,
+            "block_influence": self.block_influence,
+            "layer_distance_all_tokens": self.layer_distance_all_tokens,
+            "hidden_state_rms": self.norms,
+            "best_block": {str(n): s for n, s in self.best_block.items()},
+        }
 
 
-def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len: int = 128, micro_batch: int = 8,
-            device: str = "auto", text_field: str = "text", cache_dir: str | Path | None = None,
-            progress: bool = False, keep_states: bool = False, dtype: str = "float32") -> Analysis:
+def analyze(
+    model: str | Path,
+    files: list[str],
+    *,
+    samples: int = 256,
+    seq_len: int = 128,
+    micro_batch: int = 8,
+    device: str = "auto",
+    text_field: str = "text",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    keep_states: bool = False,
+    dtype: str = "float32",
+) -> Analysis:
     """Stream `model` over `samples` sequences of `seq_len` tokens from `files` (txt, jsonl, parquet).
     `dtype`: what the layers compute in (float32, bfloat16, float16, or auto: the checkpoint's);
     a 16-bit dtype halves the layer's memory, the statistics are always float64."""
@@ -72,9 +92,12 @@ def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len:
     check_loadable(mdir, f"model {model}")
     ck = open_checkpoint("model", str(model), mdir)
     if ck.family.guessed or ck.family.text_config:
-        raise CheckpointError(f"surgery analyze streams language models of the families it knows; {ck.family.name} "
-                              + ("is guessed from tensor names" if ck.family.guessed else "is a vision-language model"),
-                              where=str(mdir), fix="analyze a supported family (surgery inspect shows the family)")
+        raise CheckpointError(
+            f"surgery analyze streams language models of the families it knows; {ck.family.name} "
+            + ("is guessed from tensor names" if ck.family.guessed else "is a vision-language model"),
+            where=str(mdir),
+            fix="analyze a supported family (surgery inspect shows the family)",
+        )
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     from surgery.io.safetensors import dtype_name
 
@@ -89,13 +112,16 @@ def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len:
     stream = token_stream(srcs, tok, mdir, Path(cache_dir) if cache_dir else default_cache_dir(), None)
     n_seq = min(samples, len(stream) // seq_len)
     if n_seq < 1:
-        raise PlanError(f"the data holds {len(stream):,} tokens, less than one sequence of {seq_len}",
-                        where=f"--data {files[0] if files else ''}", fix="give more text or a smaller --seq-len")
+        raise PlanError(
+            f"the data holds {len(stream):,} tokens, less than one sequence of {seq_len}",
+            where=f"--data {files[0] if files else ''}",
+            fix="give more text or a smaller --seq-len",
+        )
     # held-out sequences spread evenly over the stream
     stride = len(stream) // n_seq
     ids = torch.stack([torch.as_tensor(stream.slice(i * stride, i * stride + seq_len)) for i in range(n_seq)])
     mb = max(1, min(micro_batch, n_seq))
-    batches = [ids[i:i + mb] for i in range(0, n_seq, mb)]
+    batches = [ids[i : i + mb] for i in range(0, n_seq, mb)]
 
     config = transformers.AutoConfig.from_pretrained(mdir, trust_remote_code=False)
     config.use_cache = False
@@ -115,7 +141,7 @@ def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len:
         if buf.device.type != "meta":
             _set_buffer(base, bname, buf.to(dev))
     if emb_name is not None:
-        _stream_embedding(base, emb_name[len(base_prefix):].removesuffix(".weight"), reader, emb_name, cdt)
+        _stream_embedding(base, emb_name[len(base_prefix) :].removesuffix(".weight"), reader, emb_name, cdt)
 
     recorders = [_Recorder(layer) for layer in layers]
     originals = list(layers)
@@ -180,8 +206,19 @@ def analyze(model: str | Path, files: list[str], *, samples: int = 256, seq_len:
             row.append(s / n_seq)
         distance.append(row)
     best = {n: min(range(len(row)), key=row.__getitem__) for n, row in enumerate(distance, 1) if n < L}
-    res = Analysis(str(model), ck.family.name, L, n_seq, seq_len, distance, bi, dist1, norms, best,
-                   [torch.cat([last[k][i] for k in range(len(batches))]).float().cpu() for i in range(L + 1)])
+    res = Analysis(
+        str(model),
+        ck.family.name,
+        L,
+        n_seq,
+        seq_len,
+        distance,
+        bi,
+        dist1,
+        norms,
+        best,
+        [torch.cat([last[k][i] for k in range(len(batches))]).float().cpu() for i in range(L + 1)],
+    )
     if states is not None:  # for tests: every boundary's states, and the token ids they came from
         res.states = [torch.cat(s) for s in states]  # type: ignore[attr-defined]
         res.inputs = ids  # type: ignore[attr-defined]
@@ -207,22 +244,24 @@ def compare(a: Analysis, b: Analysis) -> dict:
 
 # ---- suggestions ---------------------------------------------------------------------------------
 
+
 def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[str, str]:
     """(plan YAML, one-line reason) for `drop:N`, `dus:S` or `expand:K`."""
     kind, _, arg = what.partition(":")
     try:
         k = int(arg)
     except ValueError:
-        raise PlanError(f"--suggest {what}: expected drop:N, dus:S or expand:K with a number",
-                        fix="e.g. --suggest drop:4") from None
+        raise PlanError(f"--suggest {what}: expected drop:N, dus:S or expand:K with a number", fix="e.g. --suggest drop:4") from None
     L = a.num_layers
     head = f"# suggested by surgery analyze ({a.samples} samples x {a.seq_len} tokens)\nmodels: {{{model_name}: {model_ref}}}\nsteps:\n"
     if kind == "drop":
         if not 1 <= k < L:
             raise PlanError(f"--suggest drop:{k}: a {L}-layer model can drop 1 to {L - 1} layers")
         s = a.best_block[k]
-        why = (f"layers [{s}, {s + k}) change the last-token representation least: angular distance "
-               f"{a.distance[k - 1][s]:.4f} (Gromov et al. 2024)")
+        why = (
+            f"layers [{s}, {s + k}) change the last-token representation least: angular distance "
+            f"{a.distance[k - 1][s]:.4f} (Gromov et al. 2024)"
+        )
         return head + f"  - take: {{model: {model_name}}}\n  - drop: {{layers: [{s}, {s + k}]}}\n", why
     if kind == "dus":
         if k % 2 or not 2 <= k <= 2 * (L - 1):
@@ -239,11 +278,15 @@ def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[st
         if not 1 <= k <= L:
             raise PlanError(f"--suggest expand:{k}: at most {L} identity blocks for {L} layers")
         if L % k == 0:
-            why = (f"LLaMA Pro's rule: {k} groups of {L // k} layers, an identity block after each group "
-                   f"(the layers with the largest Block Influence are {_top(a.block_influence, k)})")
+            why = (
+                f"LLaMA Pro's rule: {k} groups of {L // k} layers, an identity block after each group "
+                f"(the layers with the largest Block Influence are {_top(a.block_influence, k)})"
+            )
             return head + f"  - take: {{model: {model_name}}}\n  - expand: {{groups: {k}, init: identity}}\n", why
-        raise PlanError(f"--suggest expand:{k}: LLaMA Pro's even groups need K to divide the {L} layers",
-                        fix=f"use one of {[g for g in range(1, L + 1) if L % g == 0]}")
+        raise PlanError(
+            f"--suggest expand:{k}: LLaMA Pro's even groups need K to divide the {L} layers",
+            fix=f"use one of {[g for g in range(1, L + 1) if L % g == 0]}",
+        )
     raise PlanError(f"--suggest {what}: unknown suggestion {kind!r}", fix="use drop:N, dus:S or expand:K")
 
 
@@ -253,12 +296,18 @@ def _top(values: list[float], k: int) -> list[int]:
 
 # ---- reports ---------------------------------------------------------------------------------------
 
+
 def text_report(a: Analysis) -> str:
-    lines = [f"{a.model}: {a.family}, {a.num_layers} layers; {a.samples} samples x {a.seq_len} tokens",
-             "", "layer   BI (ShortGPT)   angular d(l,1) all tokens   last token   hidden RMS"]
+    lines = [
+        f"{a.model}: {a.family}, {a.num_layers} layers; {a.samples} samples x {a.seq_len} tokens",
+        "",
+        "layer   BI (ShortGPT)   angular d(l,1) all tokens   last token   hidden RMS",
+    ]
     for i in range(a.num_layers):
-        lines.append(f"{i:>5}   {a.block_influence[i]:>13.5f}   {a.layer_distance_all_tokens[i]:>26.5f}   "
-                     f"{a.distance[0][i]:>10.5f}   {a.norms[i]:>10.3f}")
+        lines.append(
+            f"{i:>5}   {a.block_influence[i]:>13.5f}   {a.layer_distance_all_tokens[i]:>26.5f}   "
+            f"{a.distance[0][i]:>10.5f}   {a.norms[i]:>10.3f}"
+        )
     lines += ["", "n   block to drop   d(l, n) last token"]
     for n, s in a.best_block.items():
         lines.append(f"{n:<3} [{s}, {s + n})  {a.distance[n - 1][s]:>14.5f}")
@@ -312,6 +361,7 @@ def write_report(a: Analysis, folder: Path, force: bool = False, extra: dict | N
 
 
 # ---- streaming machinery -------------------------------------------------------------------------
+
 
 class _Recorder(torch.nn.Module):
     """Stands in for a decoder layer during the capture pass: records the arguments it is called
@@ -433,8 +483,10 @@ def _stream_embedding(base, attr_path: str, reader: _Reader, name: str, dtype) -
 # transformers 5 fuses MoE experts in memory; checkpoints keep one tensor per expert:
 # in-memory name -> (per-expert names on disk, in the order they are concatenated)
 _FUSED_EXPERTS = {
-    "mlp.experts.gate_up_proj": (("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
-                                 ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+    "mlp.experts.gate_up_proj": (
+        ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
+        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+    ),
     "mlp.experts.down_proj": (("block_sparse_moe.experts.{e}.w2.weight",), ("mlp.experts.{e}.down_proj.weight",)),
 }
 _RENAMED = {"mlp.gate.weight": ("block_sparse_moe.gate.weight",)}
@@ -453,10 +505,12 @@ def _layer_tensor(reader: _Reader, prefix: str, pname: str, shape: tuple):
             return reader.tensor(prefix + alt)
     for layout in _FUSED_EXPERTS.get(pname, ()):
         if prefix + layout[0].format(e=0) in reader.ck.tensors:
-            return torch.stack([torch.cat([reader.tensor(prefix + part.format(e=e)) for part in layout], dim=0)
-                                for e in range(shape[0])])
-    raise CheckpointError(f"no tensor for {prefix}{pname} (shape {list(shape)}) in the checkpoint", where=str(reader.ck.path),
-                          fix="this layout is not one surgery analyze can stream yet")
+            return torch.stack([torch.cat([reader.tensor(prefix + part.format(e=e)) for part in layout], dim=0) for e in range(shape[0])])
+    raise CheckpointError(
+        f"no tensor for {prefix}{pname} (shape {list(shape)}) in the checkpoint",
+        where=str(reader.ck.path),
+        fix="this layout is not one surgery analyze can stream yet",
+    )
 
 
 def _release(layer) -> None:

@@ -79,10 +79,8 @@ class Family:
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_") and f != "guessed"}
         unknown = set(d) - known
         if unknown:
-            raise SurgeryError(f"unknown keys {sorted(unknown)} in architecture entry", where=origin,
-                               fix=f"valid keys: {sorted(known)}")
-        missing = {"name", "model_types", "layer_prefix", "num_layers_key", "embeddings", "lm_head",
-                   "output_projections", "norms"} - set(d)
+            raise SurgeryError(f"unknown keys {sorted(unknown)} in architecture entry", where=origin, fix=f"valid keys: {sorted(known)}")
+        missing = {"name", "model_types", "layer_prefix", "num_layers_key", "embeddings", "lm_head", "output_projections", "norms"} - set(d)
         if missing:
             raise SurgeryError(f"architecture entry lacks {sorted(missing)}", where=origin)
         for v in d.get("name_variants", ()):
@@ -97,7 +95,7 @@ class Family:
         """`model.layers.3.mlp.down_proj.weight` -> (3, "mlp.down_proj.weight"); None for non-layer tensors."""
         if not name.startswith(self.layer_prefix):
             return None
-        rest = name[len(self.layer_prefix):]
+        rest = name[len(self.layer_prefix) :]
         idx, dot, suffix = rest.partition(".")
         if not dot or not idx.isdigit():
             return None
@@ -147,8 +145,7 @@ class Family:
 
         for v in self.name_variants:
             if any(n.startswith(v["layer_prefix"]) for n in names):
-                return dataclasses.replace(self, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()},
-                                           name_variants=())
+                return dataclasses.replace(self, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}, name_variants=())
         return self
 
     def num_layers(self, config: dict) -> int | None:
@@ -195,9 +192,12 @@ def _guess_family(config: dict, tensor_names: list[str], where: str) -> Family:
         if m:
             counts.setdefault(m.group(1), set()).add(int(m.group(2)))
     if not counts:
-        raise SurgeryError(f"unknown model_type {config.get('model_type')!r} and no tensor names of the form "
-                           "'prefix.{i}.suffix', so the layers cannot be found", where=where,
-                           fix=f"known model types: {sorted(registry.current().by_model_type)}; or register an architecture entry")
+        raise SurgeryError(
+            f"unknown model_type {config.get('model_type')!r} and no tensor names of the form "
+            "'prefix.{i}.suffix', so the layers cannot be found",
+            where=where,
+            fix=f"known model types: {sorted(registry.current().by_model_type)}; or register an architecture entry",
+        )
     # The layer stack is the prefix with the most distinct indices (ties: the shortest prefix).
     prefix = max(counts, key=lambda p: (len(counts[p]), -len(p)))
     key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), "num_hidden_layers")

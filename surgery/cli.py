@@ -49,9 +49,12 @@ def _user_errors(fn):
         except Exception as e:  # a bug of ours or a dependency's: still one line, with how to see more
             if os.environ.get("SURGERY_DEBUG"):
                 raise
-            click.echo(f"internal error: {type(e).__name__}: {str(e)[:500]}\n  run with SURGERY_DEBUG=1 for the "
-                       "traceback, and please report it", err=True)
+            click.echo(
+                f"internal error: {type(e).__name__}: {str(e)[:500]}\n  run with SURGERY_DEBUG=1 for the traceback, and please report it",
+                err=True,
+            )
             sys.exit(2)
+
     return wrapper
 
 
@@ -105,8 +108,12 @@ def main():
 @main.command(epilog=EPILOG_APPLY)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", default=None, help="Output folder (overrides the plan's output.path).")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the new one is complete; "
-              "only a model folder, never one holding the plan, a source or the current directory).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the output folder if it exists (only once the new one is complete; "
+    "only a model folder, never one holding the plan, a source or the current directory).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
 @click.option(
@@ -152,8 +159,20 @@ def apply(plan, out, force, quiet, allow_pickle, workers, seed, device, max_memo
         limit = parse_size(max_memory, "", 1024) if max_memory is not None else None
     except ValueError as e:
         raise SurgeryError(f"--max-memory: {e}") from None
-    res = do_apply(plan, out, force=force, progress=False if quiet else None, allow_pickle=allow_pickle, workers=workers,
-                   seed=seed, device=device, max_memory=limit, resume=resume, pipeline=pipeline, stats=stats_json)
+    res = do_apply(
+        plan,
+        out,
+        force=force,
+        progress=False if quiet else None,
+        allow_pickle=allow_pickle,
+        workers=workers,
+        seed=seed,
+        device=device,
+        max_memory=limit,
+        resume=resume,
+        pipeline=pipeline,
+        stats=stats_json,
+    )
     if not quiet:
         rate = res.bytes_written / res.seconds / 1e9 if res.seconds else 0
         click.echo(
@@ -335,8 +354,12 @@ def export(plan, fmt, out, force):
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--sources", "recompute", is_flag=True,
-              help="Also recompute every tensor from the sources surgery.json records (they must still be there) and compare.")
+@click.option(
+    "--sources",
+    "recompute",
+    is_flag=True,
+    help="Also recompute every tensor from the sources surgery.json records (they must still be there) and compare.",
+)
 @_user_errors
 def verify(out, recompute):
     """Check an output folder: every shard's size, header and CRC-32 against surgery.json, the
@@ -353,8 +376,10 @@ def verify(out, recompute):
         from surgery.errors import OutputError
 
         raise OutputError(problems)
-    click.echo(f"ok: {out} is complete; every shard's size, header and CRC-32 match its surgery.json"
-               + ("; every tensor equals its recomputation from the sources" if recompute else ""))
+    click.echo(
+        f"ok: {out} is complete; every shard's size, header and CRC-32 match its surgery.json"
+        + ("; every tensor equals its recomputation from the sources" if recompute else "")
+    )
 
 
 @main.command()
@@ -526,8 +551,17 @@ def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device
     _train_extra()
     from surgery.train.evaluate import evaluate
 
-    r = evaluate(model, list(files), seq_len=seq_len, stride=stride, against=against, text_field=text_field,
-                 max_tokens=max_tokens, device=device, progress=sys.stderr.isatty() and fmt == "text")
+    r = evaluate(
+        model,
+        list(files),
+        seq_len=seq_len,
+        stride=stride,
+        against=against,
+        text_field=text_field,
+        max_tokens=max_tokens,
+        device=device,
+        progress=sys.stderr.isatty() and fmt == "text",
+    )
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
         return
@@ -554,14 +588,28 @@ Examples:
 @click.option("--data", "files", multiple=True, required=True, help="Held-out text: .txt, .jsonl or .parquet files or globs.")
 @click.option("--samples", type=click.IntRange(1, 100_000), default=256, show_default=True, help="Sequences to run.")
 @click.option("--seq-len", type=click.IntRange(2, 1 << 16), default=128, show_default=True, help="Tokens per sequence.")
-@click.option("--micro-batch", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Sequences per forward call (memory: one layer plus all samples' states at one depth).")
+@click.option(
+    "--micro-batch",
+    type=click.IntRange(1, 4096),
+    default=8,
+    show_default=True,
+    help="Sequences per forward call (memory: one layer plus all samples' states at one depth).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", default="float32", show_default=True,
-              help="What the layers compute in: float32, bfloat16, float16, or auto (the checkpoint's); 16-bit halves memory.")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    help="What the layers compute in: float32, bfloat16, float16, or auto (the checkpoint's); 16-bit halves memory.",
+)
 @click.option("--text-field", default="text", show_default=True, help="JSONL/parquet field holding the text.")
-@click.option("--suggest", "suggestions", multiple=True, metavar="drop:N|dus:S|expand:K",
-              help="Print a plan: drop the N most redundant contiguous layers; SOLAR up-scale to S layers; K identity blocks.")
+@click.option(
+    "--suggest",
+    "suggestions",
+    multiple=True,
+    metavar="drop:N|dus:S|expand:K",
+    help="Print a plan: drop the N most redundant contiguous layers; SOLAR up-scale to S layers; K identity blocks.",
+)
 @click.option("--against", default=None, help="Another model to compare layer by layer (same samples): cosine and CKA.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("-o", "--out", default=None, help="Write analysis.json, analysis.txt and layers.png to this folder.")
@@ -579,12 +627,30 @@ def analyze(model, files, samples, seq_len, micro_batch, device, dtype, text_fie
     from surgery.analyze import analyze as run, compare, suggest, text_report, write_report
 
     show = sys.stderr.isatty() and fmt == "text"
-    a = run(model, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
-            text_field=text_field, progress=show, dtype=dtype)
+    a = run(
+        model,
+        list(files),
+        samples=samples,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        device=device,
+        text_field=text_field,
+        progress=show,
+        dtype=dtype,
+    )
     doc = a.as_dict()
     if against:
-        b = run(against, list(files), samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device,
-                text_field=text_field, progress=show, dtype=dtype)
+        b = run(
+            against,
+            list(files),
+            samples=samples,
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            device=device,
+            text_field=text_field,
+            progress=show,
+            dtype=dtype,
+        )
         doc["against"] = {"model": str(against), **compare(a, b)}
     plans = []
     for what in suggestions:
@@ -603,8 +669,7 @@ def analyze(model, files, samples, seq_len, micro_batch, device, dtype, text_fie
     click.echo(text_report(a))
     if against:
         click.echo(f"\nagainst {against}: boundary  cosine  CKA (last token)")
-        for i, (c, k) in enumerate(zip(doc["against"]["cosine_last_token"], doc["against"]["linear_cka_last_token"],
-                                       strict=True)):
+        for i, (c, k) in enumerate(zip(doc["against"]["cosine_last_token"], doc["against"]["linear_cka_last_token"], strict=True)):
             click.echo(f"  {i:>4}  {c:8.5f}  {k:8.5f}")
     for what, text, why in plans:
         click.echo(f"\n--suggest {what}: {why}\n{text}")

@@ -62,27 +62,30 @@ def _check_demo_folder(folder: Path) -> None:
     directory or one of its parents, or a folder holding anything else."""
     cwd = Path.cwd().resolve()
     if folder.is_symlink() or not folder.is_dir():
-        raise OutputError(f"demo folder {folder} is a link or not a folder; --force replaces only an earlier demo folder",
-                          fix="choose another --dir")
+        raise OutputError(
+            f"demo folder {folder} is a link or not a folder; --force replaces only an earlier demo folder", fix="choose another --dir"
+        )
     real = folder.resolve()
     if real == cwd or real in cwd.parents:
-        raise OutputError(f"--force would replace {folder}, which is (or contains) the current directory",
-                          fix="choose a new --dir")
+        raise OutputError(f"--force would replace {folder}, which is (or contains) the current directory", fix="choose a new --dir")
     entries = {e.name for e in folder.iterdir()}
     known = set(PLANS) | {"tiny-llama", "corpus", "grow-train.yaml"}
     foreign = sorted(n for n in entries if not (n in known or n.startswith("out-") or (n.startswith(".") and ".surgery-" in n)))
     if entries and (foreign or "tiny-llama" not in entries):
         extra = foreign or sorted(entries)
-        raise OutputError(f"--force replaces only an earlier demo folder; {folder} holds other things (e.g. {extra[0]!r})",
-                          fix="choose a new --dir, or remove that folder yourself")
+        raise OutputError(
+            f"--force replaces only an earlier demo folder; {folder} holds other things (e.g. {extra[0]!r})",
+            fix="choose a new --dir, or remove that folder yourself",
+        )
 
 
 def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = True) -> dict:
     try:
         from surgery.tiny import build_tiny, logits
     except ImportError:  # pragma: no cover - the message is the point
-        raise OutputError("the demo builds its model with transformers, which is not installed",
-                          fix="pip install 'surgery[models]'") from None
+        raise OutputError(
+            "the demo builds its model with transformers, which is not installed", fix="pip install 'surgery[models]'"
+        ) from None
     from surgery.api import apply, validate
 
     folder = Path(output_path(folder, option="--dir"))
@@ -110,8 +113,10 @@ def run_demo(folder: Path, *, force: bool = False, echo=print, train: bool = Tru
         out = logits(res.path)
         if name == "llama-pro.yaml":
             diff = float((out - base).abs().max())
-            echo(f"\n{res.path.name}: loads with transformers; max |logit difference| vs the original = {diff:.3g}"
-                 f" ({'function preserved' if diff <= 1e-6 else 'NOT preserved'})")
+            echo(
+                f"\n{res.path.name}: loads with transformers; max |logit difference| vs the original = {diff:.3g}"
+                f" ({'function preserved' if diff <= 1e-6 else 'NOT preserved'})"
+            )
             if diff > 1e-6:
                 raise AssertionError(f"identity expansion changed the logits by {diff}")
         else:
@@ -136,6 +141,8 @@ def _grow_train(folder: Path, echo):
     cfg.write_text(GROW_TRAIN)
     echo(f"\n$ surgery train {cfg}    # corpus: Python's own pydoc topics")
     res = train(cfg, progress=False, echo=echo)
-    echo(f"wrote {res.path}: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f} s; held-out perplexity "
-         f"{res.perplexity:.2f}; loss curve in {res.path / 'loss.png'}")
+    echo(
+        f"wrote {res.path}: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f} s; held-out perplexity "
+        f"{res.perplexity:.2f}; loss curve in {res.path / 'loss.png'}"
+    )
     return res

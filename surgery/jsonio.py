@@ -33,8 +33,7 @@ def parse_json(text: str | bytes, where: str, *, error: type[SurgeryError] = Sur
         raise error(f"{what} cannot be read: {str(e)[:200]}", where=where) from None
 
 
-def read_json(path: Path, *, error: type[SurgeryError] = SurgeryError, what: str | None = None,
-              max_bytes: int = MAX_JSON_BYTES) -> Any:
+def read_json(path: Path, *, error: type[SurgeryError] = SurgeryError, what: str | None = None, max_bytes: int = MAX_JSON_BYTES) -> Any:
     where = str(path)
     what = what or path.name
     try:

@@ -18,7 +18,7 @@ def slerp_coefficients(sum_aa: float, sum_bb: float, sum_ab: float, t: float, fl
     float64 inputs), on the host so every device gets the same two numbers."""
     import torch
 
-    na, nb = sum_aa ** 0.5, sum_bb ** 0.5
+    na, nb = sum_aa**0.5, sum_bb**0.5
     na = na if na > SLERP_EPS else 1.0
     nb = nb if nb > SLERP_EPS else 1.0
     cd = torch.float64 if float64 else torch.float32
@@ -57,7 +57,7 @@ def nuslerp(a, b, base, weights: tuple[float, float], row_wise: bool, flatten: b
     unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
     unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
-    straight = (1 - cos.square()) <= 1e-8 ** 2
+    straight = (1 - cos.square()) <= 1e-8**2
     theta = torch.acos(torch.where(straight, 0, cos))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     out = torch.where(straight, (1 - t) * a + t * b, out)

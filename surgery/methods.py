@@ -49,9 +49,24 @@ class MethodSpec:
 
 
 # mergekit's methods, for a helpful error when the plugin that runs them is not installed
-MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                    "della", "della_linear", "model_stock", "karcher", "multislerp", "sce", "nearswap",
-                    "arcee_fusion", "ram", "ramplus_tl")
+MERGEKIT_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "karcher",
+    "multislerp",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)
 
 
 def method_names() -> list[str]:
@@ -63,11 +78,17 @@ def get_method(name: str, where: str | None = None) -> MethodSpec:
     if spec is not None:
         return spec
     if name in MERGEKIT_METHODS:
-        raise SurgeryError(f"merge method {name!r} runs through mergekit's kernels, and the mergekit plugin is not installed",
-                           where=where, fix="pip install -e plugins/surgery-mergekit (it brings mergekit 0.1.5)")
-    raise SurgeryError(f"unknown merge method {name!r}", where=where,
-                       fix=f"available: {', '.join(method_names())}; mergekit's others ({', '.join(MERGEKIT_METHODS[:4])}, …) "
-                           "come with the mergekit plugin")
+        raise SurgeryError(
+            f"merge method {name!r} runs through mergekit's kernels, and the mergekit plugin is not installed",
+            where=where,
+            fix="pip install -e plugins/surgery-mergekit (it brings mergekit 0.1.5)",
+        )
+    raise SurgeryError(
+        f"unknown merge method {name!r}",
+        where=where,
+        fix=f"available: {', '.join(method_names())}; mergekit's others ({', '.join(MERGEKIT_METHODS[:4])}, …) "
+        "come with the mergekit plugin",
+    )
 
 
 def _linear(inputs, base_index, shared, per_input):
@@ -82,21 +103,41 @@ def _slerp(inputs, base_index, shared, per_input):
 def _nuslerp(inputs, base_index, shared, per_input):
     non_base = [i for i in range(len(inputs)) if i != base_index]
     weights = [float(per_input[i]["weight"]) for i in non_base]
-    return Nuslerp(inputs[non_base[0]], inputs[non_base[1]], inputs[base_index] if base_index is not None else None,
-                   tuple(weights), bool(shared["nuslerp_row_wise"]), bool(shared["nuslerp_flatten"]))
+    return Nuslerp(
+        inputs[non_base[0]],
+        inputs[non_base[1]],
+        inputs[base_index] if base_index is not None else None,
+        tuple(weights),
+        bool(shared["nuslerp_row_wise"]),
+        bool(shared["nuslerp_flatten"]),
+    )
 
 
 BUILTIN_METHODS: tuple[MethodSpec, ...] = (
-        MethodSpec(
-        "linear", (Param("weight", required=True, scope="input"), Param("normalize", True)),
-        base="ignored", min_inputs=1, build=_linear,
-        summary="sum_i w_i x_i (/ sum_i w_i when normalize): a model soup"),
     MethodSpec(
-        "slerp", (Param("t", required=True),), base="required", min_inputs=2, max_inputs=2, build=_slerp,
-        summary="spherical interpolation from the base (t = 0) to the other model (t = 1)"),
+        "linear",
+        (Param("weight", required=True, scope="input"), Param("normalize", True)),
+        base="ignored",
+        min_inputs=1,
+        build=_linear,
+        summary="sum_i w_i x_i (/ sum_i w_i when normalize): a model soup",
+    ),
     MethodSpec(
-        "nuslerp", (Param("weight", required=True, scope="non_base"), Param("nuslerp_row_wise", False),
-                    Param("nuslerp_flatten", True)),
-        base="optional", min_inputs=2, max_inputs=3, build=_nuslerp,
-        summary="slerp by relative weights; with a base, of the two task vectors (mergekit's nuslerp)"),
+        "slerp",
+        (Param("t", required=True),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        build=_slerp,
+        summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
+    ),
+    MethodSpec(
+        "nuslerp",
+        (Param("weight", required=True, scope="non_base"), Param("nuslerp_row_wise", False), Param("nuslerp_flatten", True)),
+        base="optional",
+        min_inputs=2,
+        max_inputs=3,
+        build=_nuslerp,
+        summary="slerp by relative weights; with a base, of the two task vectors (mergekit's nuslerp)",
+    ),
 )

@@ -97,8 +97,10 @@ def load_into(reg: Registry, entry_points=None) -> list[PluginInfo]:
         try:
             register = ep.load()
         except Exception as e:  # any import failure of third-party code
-            raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed to load: {type(e).__name__}: {e}",
-                               fix=f"fix or uninstall the package that provides it (entry point group {GROUP!r})") from None
+            raise SurgeryError(
+                f"plugin {ep.name!r} ({origin}) failed to load: {type(e).__name__}: {e}",
+                fix=f"fix or uninstall the package that provides it (entry point group {GROUP!r})",
+            ) from None
         if not callable(register):
             raise SurgeryError(f"plugin {ep.name!r} ({origin}): the entry point must name a function register(api)")
         with reg.transaction():
@@ -107,8 +109,10 @@ def load_into(reg: Registry, entry_points=None) -> list[PluginInfo]:
             except SurgeryError:
                 raise
             except Exception as e:
-                raise SurgeryError(f"plugin {ep.name!r} ({origin}) failed while registering: {type(e).__name__}: {e}",
-                                   fix="fix or uninstall the package that provides it") from None
+                raise SurgeryError(
+                    f"plugin {ep.name!r} ({origin}) failed while registering: {type(e).__name__}: {e}",
+                    fix="fix or uninstall the package that provides it",
+                ) from None
             reg.plugins.append(info)
         added.append(info)
     return added

@@ -100,8 +100,7 @@ class Registry:
         op = schema.op
         if op in self.steps or op in self.ops:
             owner = getattr(self.steps.get(op), "__module__", None) or getattr(self.ops.get(op), "__module__", "?")
-            raise SurgeryError(f"plan step {op!r} from {origin} is already defined by {owner}",
-                               fix="give the new step another name")
+            raise SurgeryError(f"plan step {op!r} from {origin} is already defined by {owner}", fix="give the new step another name")
         self.steps[op] = schema
         self.ops[op] = fn
 
@@ -113,8 +112,9 @@ class Registry:
     def add_method(self, spec: Any, kernel: Kernel | None = None) -> None:
         owner = self.method_owner(spec.name)
         if owner:
-            raise SurgeryError(f"merge method {spec.name!r} from {spec.origin} is already registered by {owner}",
-                               fix="give the method another name")
+            raise SurgeryError(
+                f"merge method {spec.name!r} from {spec.origin} is already registered by {owner}", fix="give the method another name"
+            )
         self.methods[spec.name] = spec
         if kernel is not None:
             self.kernels[spec.name] = kernel
@@ -122,8 +122,7 @@ class Registry:
     def add_lazy_method(self, name: str, loader: Callable[[], Any], origin: str, kernel: Kernel) -> None:
         owner = self.method_owner(name)
         if owner:
-            raise SurgeryError(f"merge method {name!r} from {origin} is already registered by {owner}",
-                               fix="give the method another name")
+            raise SurgeryError(f"merge method {name!r} from {origin} is already registered by {owner}", fix="give the method another name")
         self.lazy_methods[name] = (loader, origin)
         self.kernels[name] = kernel
 
@@ -147,13 +146,17 @@ class Registry:
 
     def add_family(self, family: Any, origin: str = "surgery") -> None:
         if family.name in self.families:
-            raise SurgeryError(f"architecture {family.name!r} from {origin} is already registered by "
-                               f"{self.family_origins[family.name]}", fix="give the entry another name")
+            raise SurgeryError(
+                f"architecture {family.name!r} from {origin} is already registered by {self.family_origins[family.name]}",
+                fix="give the entry another name",
+            )
         for mt in family.model_types:
             if mt in self.by_model_type:
                 other = self.by_model_type[mt].name
-                raise SurgeryError(f"model_type {mt!r} of architecture {family.name!r} ({origin}) is already claimed by "
-                                   f"{other!r} ({self.family_origins[other]})")
+                raise SurgeryError(
+                    f"model_type {mt!r} of architecture {family.name!r} ({origin}) is already claimed by "
+                    f"{other!r} ({self.family_origins[other]})"
+                )
         self.families[family.name] = family
         self.family_origins[family.name] = origin
         for mt in family.model_types:

@@ -49,13 +49,15 @@ def selftest(device: str = "auto", *, work: str | Path | None = None, bench: boo
         if "ties" in current().method_names():  # a plugin kernel too, when the mergekit plugin is installed
             text = text.replace("  - take:", PLUGIN_STEP + "  - take:", 1)
         plan = plan_from_text(text, root)
-        runs = [("cpu", "cpu", "off")] + ([(f"{dev}", dev, "off"), (f"{dev} pipelined", dev, "on")] if dev != "cpu"
-                                          else [("cpu pipelined (host buffers)", "cpu", "host")])
+        runs = [("cpu", "cpu", "off")] + (
+            [(f"{dev}", dev, "off"), (f"{dev} pipelined", dev, "on")] if dev != "cpu" else [("cpu pipelined (host buffers)", "cpu", "host")]
+        )
         outs, times = {}, {}
         for label, d, pipe in runs:
             t0 = time.perf_counter()
-            res = apply(plan, root / label.replace(" ", "-").replace("(", "").replace(")", ""), force=True,
-                        progress=False, device=d, pipeline=pipe)
+            res = apply(
+                plan, root / label.replace(" ", "-").replace("(", "").replace(")", ""), force=True, progress=False, device=d, pipeline=pipe
+            )
             times[label] = time.perf_counter() - t0
             outs[label] = _tensors(res.path)
         ref = outs["cpu"]
@@ -64,8 +66,10 @@ def selftest(device: str = "auto", *, work: str | Path | None = None, bench: boo
         for label, _, _ in runs[1:]:
             bad = [k for k in ref if not _close(ref[k], outs[label][k])]
             ok &= not bad
-            echo(f"  {label:<32} {'ok' if not bad else 'MISMATCH in ' + ', '.join(bad[:3])}"
-                 + (f"   {times[label]:.2f} s (cpu {times['cpu']:.2f} s)" if bench else ""))
+            echo(
+                f"  {label:<32} {'ok' if not bad else 'MISMATCH in ' + ', '.join(bad[:3])}"
+                + (f"   {times[label]:.2f} s (cpu {times['cpu']:.2f} s)" if bench else "")
+            )
         return ok
     finally:
         if work is None:

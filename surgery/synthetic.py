@@ -27,23 +27,26 @@ def llama_tensors(hidden: int, layers: int, inter: int, vocab: int, heads: int, 
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (hidden,)),
-                (p + "self_attn.q_proj.weight", (heads * hd, hidden)),
-                (p + "self_attn.k_proj.weight", (kv * hd, hidden)),
-                (p + "self_attn.v_proj.weight", (kv * hd, hidden)),
-                (p + "self_attn.o_proj.weight", (hidden, heads * hd)),
-                (p + "post_attention_layernorm.weight", (hidden,)),
-                (p + "mlp.gate_proj.weight", (inter, hidden)),
-                (p + "mlp.up_proj.weight", (inter, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, inter))]
+        out += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (heads * hd, hidden)),
+            (p + "self_attn.k_proj.weight", (kv * hd, hidden)),
+            (p + "self_attn.v_proj.weight", (kv * hd, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * hd)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
     out.append(("model.norm.weight", (hidden,)))
     if not tied:
         out.append(("lm_head.weight", (vocab, hidden)))
     return out
 
 
-def write_synthetic_llama(path: str | Path, size: str | tuple = "tiny", *, dtype: str = "bfloat16", seed: int = 0,
-                          shard_size: int = 5 * 10**9, std: float = 0.02) -> Path:
+def write_synthetic_llama(
+    path: str | Path, size: str | tuple = "tiny", *, dtype: str = "bfloat16", seed: int = 0, shard_size: int = 5 * 10**9, std: float = 0.02
+) -> Path:
     hidden, layers, inter, vocab, heads, kv, tied = SIZES[size] if isinstance(size, str) else size
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -90,12 +93,25 @@ def write_synthetic_llama(path: str | Path, size: str | tuple = "tiny", *, dtype
                     f.write(src[:m].view(torch.uint8).numpy().tobytes())
                     done += m
     total = sum(nb for shard in shards for _, _, nb in shard)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}, indent=1))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": tied, "dtype": dtype, "hidden_act": "silu", "rope_theta": 500000.0,
-              "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tied,
+        "dtype": dtype,
+        "hidden_act": "silu",
+        "rope_theta": 500000.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path

@@ -10,23 +10,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # family -> (config class, model class, config overrides)
 SPECS: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"mlp_bias": True, "attention_bias": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2,
-                                                  "head_dim": 8}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2, "head_dim": 8}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 16}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "head_dim": 8, "sliding_window": 16,
-        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 8,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 128, "vocab_size": 128,
-                                               "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 128, "vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2},
+    ),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
@@ -41,8 +59,7 @@ def make_config(family: str, **overrides):
     return getattr(transformers, cfg_cls)(**kw)
 
 
-def build_tiny(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32", noise: float = 0.0,
-               **overrides) -> Path:
+def build_tiny(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32", noise: float = 0.0, **overrides) -> Path:
     """Save a tiny random `family` model to `path`. Biases and norms get random values too (a zero bias or a
     unit norm would hide a wrong copy). `noise` perturbs weights, for a second model to merge with."""
     import torch
@@ -76,18 +93,32 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
             break
         vocab.setdefault(chr(b), len(vocab))
     tok = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for c, i in list(vocab.items())[:3]],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            for c, i in list(vocab.items())[:3]
+        ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
-        "post_processor": None, "decoder": None,
+        "post_processor": None,
+        "decoder": None,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"},
     }
     (path / "tokenizer.json").write_text(json.dumps(tok))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<pad>", "model_max_length": 128}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<pad>",
+                "model_max_length": 128,
+            }
+        )
+    )
 
 
 def logits(path: str | Path, input_ids=None):
@@ -110,10 +141,19 @@ def build_tiny_llava(path: str | Path, *, seed: int = 0, noise: float = 0.0, tex
     import torch
     import transformers
 
-    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
-                                           hidden_size=64, intermediate_size=128)
-    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
-                                    num_hidden_layers=text_layers, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = transformers.CLIPVisionConfig(
+        image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=16,
+        num_hidden_layers=text_layers,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=63)
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()

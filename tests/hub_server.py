@@ -55,9 +55,18 @@ class Hub:
                     return self.fail(404, "RevisionNotFound")
                 if not repo.is_dir():
                     return self.fail(404, "RepoNotFound")
-                body = json.dumps({"id": f"{org}/{name}", "modelId": f"{org}/{name}", "sha": hub.sha(org, name),
-                                   "private": org == "private-org", "tags": [], "downloads": 0, "likes": 0,
-                                   "siblings": [{"rfilename": f.name} for f in sorted(repo.iterdir())]}).encode()
+                body = json.dumps(
+                    {
+                        "id": f"{org}/{name}",
+                        "modelId": f"{org}/{name}",
+                        "sha": hub.sha(org, name),
+                        "private": org == "private-org",
+                        "tags": [],
+                        "downloads": 0,
+                        "likes": 0,
+                        "siblings": [{"rfilename": f.name} for f in sorted(repo.iterdir())],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -52,8 +52,13 @@ def test_streamed_states_equal_a_full_forward(models, held_out, family):
 def test_identity_blocks_measure_zero_and_are_dropped_first(models, held_out, tmp_path):
     from surgery.analyze import analyze, suggest
 
-    pro = surgery.apply(write_plan(tmp_path, f"models: {{b: {models('llama')}}}\nsteps: [{{take: {{model: b}}}}, "
-                                             "{expand: {groups: 2, init: identity}}]\n"), tmp_path / "pro", progress=False)
+    pro = surgery.apply(
+        write_plan(
+            tmp_path, f"models: {{b: {models('llama')}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 2, init: identity}}}}]\n"
+        ),
+        tmp_path / "pro",
+        progress=False,
+    )
     assert pro.new_layers == [2, 5]
     a = analyze(pro.path, [str(held_out)], samples=6, seq_len=24)
     assert a.distance[0][2] == 0.0 and a.distance[0][5] == 0.0 and a.block_influence[2] == 0.0
@@ -78,8 +83,25 @@ def test_identity_blocks_measure_zero_and_are_dropped_first(models, held_out, tm
 def test_cli_report_folder_json_and_against(models, held_out, tmp_path):
     runner = CliRunner()
     m, other = models("llama"), models("llama", noise=0.02)
-    r = runner.invoke(main, ["analyze", str(m), "--data", str(held_out), "--samples", "4", "--seq-len", "16",
-                             "-o", str(tmp_path / "rep"), "--suggest", "drop:2", "--against", str(other)])
+    r = runner.invoke(
+        main,
+        [
+            "analyze",
+            str(m),
+            "--data",
+            str(held_out),
+            "--samples",
+            "4",
+            "--seq-len",
+            "16",
+            "-o",
+            str(tmp_path / "rep"),
+            "--suggest",
+            "drop:2",
+            "--against",
+            str(other),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "block to drop" in r.output and "--suggest drop:2" in r.output and "CKA" in r.output
     doc = json.loads((tmp_path / "rep" / "analysis.json").read_text())
@@ -89,6 +111,5 @@ def test_cli_report_folder_json_and_against(models, held_out, tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["samples"] == 2
     r = runner.invoke(main, ["analyze", str(m), "--data", str(tmp_path / "nope.jsonl")])
     assert r.exit_code == 1 and "nope.jsonl" in r.output and "Traceback" not in r.output
-    r = runner.invoke(main, ["analyze", str(m), "--data", str(held_out), "--samples", "2", "--seq-len", "8",
-                             "--suggest", "dus:5"])
+    r = runner.invoke(main, ["analyze", str(m), "--data", str(held_out), "--samples", "2", "--seq-len", "8", "--suggest", "dus:5"])
     assert r.exit_code == 1 and "s is even" in r.output

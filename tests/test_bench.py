@@ -12,8 +12,12 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def run(script, *args, tmp):
-    r = subprocess.run([sys.executable, str(BENCH / script), *args, "--work", str(tmp / "work"), "--results", str(tmp / "res")],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--work", str(tmp / "work"), "--results", str(tmp / "res")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     [js] = (tmp / "res").glob("*.json")
     [md] = (tmp / "res").glob("*.md")

@@ -79,7 +79,9 @@ def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded
     headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in sharded.glob("*.safetensors"))
     assert fetched == headers and fetched < 0.002 * weights  # exactly the headers: no byte of tensor data
     assert set(hub.served) == {f"test-org/llama/{f.name}" for f in sharded.glob("*.safetensors")} | {
-        "test-org/llama/config.json", "test-org/llama/model.safetensors.index.json"}  # and nothing else
+        "test-org/llama/config.json",
+        "test-org/llama/model.safetensors.index.json",
+    }  # and nothing else
     assert f"model m: test-org/llama @ {hub.sha('test-org', 'llama')[:12]} (hub, headers only)" in remote.text()
     # cached by revision: a second run asks the API which commit main is, and fetches no file again
     before = dict(hub.served)
@@ -116,11 +118,13 @@ def test_hub_errors_name_the_model_and_the_fix(hub, tmp_path):
     (root / "huge").mkdir()
     shutil.copy(root / "llama" / "config.json", root / "huge")
     (root / "huge" / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
-    cases = (("{path: test-org/llama, revision: no-such-branch}", "has no revision 'no-such-branch'"),
-             ("test-org/absent", "not found (or private"),
-             ("test-org/noconfig", "has no config.json"),
-             ("test-org/pickles", "no safetensors weights (only pickles: pytorch_model.bin)"),
-             ("test-org/huge", "header claims 1099511627776 bytes"))
+    cases = (
+        ("{path: test-org/llama, revision: no-such-branch}", "has no revision 'no-such-branch'"),
+        ("test-org/absent", "not found (or private"),
+        ("test-org/noconfig", "has no config.json"),
+        ("test-org/pickles", "no safetensors weights (only pickles: pytorch_model.bin)"),
+        ("test-org/huge", "header claims 1099511627776 bytes"),
+    )
     for i, (ref, expect) in enumerate(cases):
         plan = write_plan(tmp_path / str(i), f"models:\n  m: {ref}\nsteps: [{{take: {{model: m}}}}]\n")
         r = cli("validate", plan)
@@ -154,6 +158,7 @@ def test_corrupt_remote_header_is_reported_with_the_file(hub, tmp_path):
 
 # ---- formats, --strict, globs, warnings ----
 
+
 def _normalise(text: str, tmp: Path) -> str:
     import surgery as s
 
@@ -171,9 +176,12 @@ def plans(tmp_path, models, monkeypatch):
     (tmp_path / "models" / "b" / "config.json").write_text(json.dumps(cfg_b))
     d = tmp_path / "plans"
     write_plan(d, "models: {a: ../models/a}\nsteps:\n  - take: {model: a}\n  - expand: {groups: 2, init: identity}\n", "good.yaml")
-    write_plan(d, "models: {a: ../models/a, b: ../models/b}\nsteps:\n  - merge:\n      method: slerp\n"
-               "      models: [a, b]\n      t: [0, 0.2, 0.4, 0.6, 0.8, 1]\n  - dus: {trim: 1}\noutput: {dtype: float16}\n",
-               "warns.yaml")
+    write_plan(
+        d,
+        "models: {a: ../models/a, b: ../models/b}\nsteps:\n  - merge:\n      method: slerp\n"
+        "      models: [a, b]\n      t: [0, 0.2, 0.4, 0.6, 0.8, 1]\n  - dus: {trim: 1}\noutput: {dtype: float16}\n",
+        "warns.yaml",
+    )
     write_plan(d, "models: {a: ../models/a}\nsteps:\n  - take: {model: a, layers: [0, 9]}\n  - stack: {times: two}\n", "bad.yaml")
     return tmp_path
 
@@ -182,8 +190,12 @@ def test_warnings_are_located_and_coded(plans):
     rep = surgery.validate("plans/warns.yaml")
     assert rep.valid
     got = {(w.code, w.where) for w in rep.warnings}
-    assert got == {("rope-mismatch", "plans/warns.yaml:3"), ("gradient-too-long", "plans/warns.yaml:6"),
-                   ("duplicated-layers", "plans/warns.yaml:7"), ("narrowing-dtype", "plans/warns.yaml:8")}
+    assert got == {
+        ("rope-mismatch", "plans/warns.yaml:3"),
+        ("gradient-too-long", "plans/warns.yaml:6"),
+        ("duplicated-layers", "plans/warns.yaml:7"),
+        ("narrowing-dtype", "plans/warns.yaml:8"),
+    }
     assert surgery.validate("plans/good.yaml").warnings == []
     ignored = surgery.validate("plans/warns.yaml", ignore={"duplicated-layers", "rope-mismatch"})
     assert {w.code for w in ignored.warnings} == {"gradient-too-long", "narrowing-dtype"}
@@ -226,6 +238,7 @@ def test_strict_globs_and_one_exit_status(plans):
 
 # ---- schema, pre-commit, CI workflow ----
 
+
 def test_schema_validates_every_example(tmp_path):
     import jsonschema
     import yaml
@@ -239,10 +252,12 @@ def test_schema_validates_every_example(tmp_path):
     for ex in examples:
         jsonschema.validate(yaml.safe_load(ex.read_text()), schema)
     # the schema catches what the plan checker catches
-    for bad in ({"models": {"a": "x"}, "steps": [{"tak": {"model": "a"}}]},
-                {"models": {"a": "x"}, "steps": [{"take": {"model": "a", "layer": [0, 1]}}]},
-                {"models": {"a": "x"}, "steps": [{"expand": {"groups": 2, "init": "identical"}}]},
-                {"models": {"a": "x"}, "steps": [], "output": {"dtype": "fp12"}}):
+    for bad in (
+        {"models": {"a": "x"}, "steps": [{"tak": {"model": "a"}}]},
+        {"models": {"a": "x"}, "steps": [{"take": {"model": "a", "layer": [0, 1]}}]},
+        {"models": {"a": "x"}, "steps": [{"expand": {"groups": 2, "init": "identical"}}]},
+        {"models": {"a": "x"}, "steps": [], "output": {"dtype": "fp12"}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     train_schema = json.loads(cli("schema", "--train").output)

@@ -29,7 +29,8 @@ def test_inspect_text_and_json(models):
     info = json.loads(cli("inspect", src, "--format", "json").output)
     assert info["num_layers"] == 4 and info["tied_embeddings"] is False and info["dtypes"] == {"F32": info["parameters"]}
     assert sorted(info["output_projections"]) == sorted(
-        ["self_attn.o_proj.weight"] + [f"block_sparse_moe.experts.{e}.w2.weight" for e in range(4)])
+        ["self_attn.o_proj.weight"] + [f"block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
+    )
     assert "w1" not in " ".join(info["output_projections"])
     r = cli("inspect", src.parent / "nothing-here")
     assert r.exit_code == 1 and "model folder not found" in r.output

@@ -71,8 +71,7 @@ def test_staged_pipeline_on_the_host_gives_the_same_bytes(mixed_plan, tmp_path, 
     ref = load_tensors(surgery.apply(mixed_plan, tmp_path / "ref", progress=False).path)
     stats = tmp_path / "stats.json"
     for i, mm in enumerate((None, 300_000, 60_000)):
-        out = surgery.apply(mixed_plan, tmp_path / f"staged{i}", progress=False, max_memory=mm, pipeline="host",
-                            stats=stats).path
+        out = surgery.apply(mixed_plan, tmp_path / f"staged{i}", progress=False, max_memory=mm, pipeline="host", stats=stats).path
         got = load_tensors(out)
         for k in ref:
             assert torch.equal(got[k].view(torch.uint8), ref[k].view(torch.uint8)), (mm, k)

@@ -46,8 +46,11 @@ def test_readme_plan_snippets_parse():
     """Each yaml block in the plan reference loads (as a plan, or as steps inside a minimal plan)."""
     ref = README.split("## Plan language")[1].split("\n## Commands")[0]
     for block in re.findall(r"```yaml\n(.*?)```", ref, re.S):
-        text = block if block.lstrip().startswith(("name:", "models:")) else "models: {a: x, b: y, base: z, other: w}\nsteps:\n" + "".join(
-            "  " + line + "\n" for line in block.splitlines())
+        text = (
+            block
+            if block.lstrip().startswith(("name:", "models:"))
+            else "models: {a: x, b: y, base: z, other: w}\nsteps:\n" + "".join("  " + line + "\n" for line in block.splitlines())
+        )
         surgery.plan.plan_from_text(text)
 
 

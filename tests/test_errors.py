@@ -41,28 +41,34 @@ def validate_error(tmp_path, text: str) -> str:
 
 
 def test_unknown_key_op_and_model_are_located(tmp_path, base):
-    out = validate_error(tmp_path, f"""models:
+    out = validate_error(
+        tmp_path,
+        f"""models:
   base: {base}
 steps:
   - take: {{model: base, layer: [0, 2]}}
   - takee: {{model: base}}
   - take: {{model: bsae}}
 output: {{dtyp: bf16}}
-""")
+""",
+    )
     assert "plan.yaml:4: unknown key 'layer'" in out and "valid keys here: layers, model" in out
     assert "plan.yaml:5: unknown operation 'takee'" in out and "valid operations: take, stack, dus" in out
     assert "plan.yaml:6: unknown model 'bsae'" in out and "models in this plan: base" in out
     assert "plan.yaml:7: unknown key 'dtyp'" in out and "dtype, path, shard_size" in out
 
 
-@pytest.mark.parametrize("step, message", [
-    ("take: {model: base, layers: [2, 2]}", "plan.yaml:4: layer range [2, 2] is empty"),
-    ("take: {model: base, layers: [3, 1]}", "plan.yaml:4: layer range [3, 1] is empty"),
-    ("take: {model: base, layers: [0, 9]}", "plan.yaml:4: layer range [0, 9) is past the end of model 'base', which has 4 layers"),
-    ("take: {model: base, layers: [-1, 2]}", "negative bound"),
-    ("stack: {times: 2}", "plan.yaml:4: the first step is `stack`, which needs layers to work on"),
-    ("merge: {method: slerp, models: [base], t: 0.5}", "slerp merges exactly 2 models (the base included); got 1"),
-])
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ("take: {model: base, layers: [2, 2]}", "plan.yaml:4: layer range [2, 2] is empty"),
+        ("take: {model: base, layers: [3, 1]}", "plan.yaml:4: layer range [3, 1] is empty"),
+        ("take: {model: base, layers: [0, 9]}", "plan.yaml:4: layer range [0, 9) is past the end of model 'base', which has 4 layers"),
+        ("take: {model: base, layers: [-1, 2]}", "negative bound"),
+        ("stack: {times: 2}", "plan.yaml:4: the first step is `stack`, which needs layers to work on"),
+        ("merge: {method: slerp, models: [base], t: 0.5}", "slerp merges exactly 2 models (the base included); got 1"),
+    ],
+)
 def test_bad_ranges_and_steps(tmp_path, base, step, message):
     out = validate_error(tmp_path, f"models:\n  base: {base}\nsteps:\n  - {step}\n")
     assert message in out

@@ -29,7 +29,9 @@ def export(plan_path):
 @needs_mergekit
 def test_export_round_trip_passthrough_identity(models, tmp_path):
     src = models("mistral")
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{base: {src}}}
 steps:
   - take: {{model: base}}
@@ -37,7 +39,8 @@ steps:
   - expand: {{groups: 2, init: identity}}
   - scale: {{layers: [0, 1], filter: up_proj, factor: 0.5}}
 output: {{dtype: bfloat16}}
-""")
+""",
+    )
     r = export(plan)
     assert r.exit_code == 0, r.output
     cfg = tmp_path / "exported.yml"
@@ -55,12 +58,15 @@ output: {{dtype: bfloat16}}
 @needs_mergekit
 def test_export_round_trip_slerp(models, tmp_path):
     a, b = models("mistral"), models("mistral", noise=0.02)
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a}, b: {b}}}
 steps:
   - merge: {{method: slerp, models: [a, b], t: [0, 1], overrides: [{{filter: mlp, t: 0.3}}]}}
 input_dtype: float16
-""")
+""",
+    )
     r = export(plan)
     assert r.exit_code == 0, r.output
     cfg = tmp_path / "exported.yml"
@@ -76,11 +82,14 @@ input_dtype: float16
     assert all(within_ulps(ours[k].half(), theirs[k].half()) for k in ours)
 
 
-@pytest.mark.parametrize("steps, message", [
-    ("[{take: {model: a}}, {expand: {groups: 2, init: random}}]", "init: random has no mergekit equivalent"),
-    ("[{take: {model: a}}, {merge: {method: slerp, models: [a, b], t: 0.5}}]", "applies one merge_method to every slice"),
-    ("[{merge: {method: slerp, models: [a, b], t: [0, 1]}}, {drop: {layers: [1, 2]}}]", "reordered or cut by later steps"),
-])
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ("[{take: {model: a}}, {expand: {groups: 2, init: random}}]", "init: random has no mergekit equivalent"),
+        ("[{take: {model: a}}, {merge: {method: slerp, models: [a, b], t: 0.5}}]", "applies one merge_method to every slice"),
+        ("[{merge: {method: slerp, models: [a, b], t: [0, 1]}}, {drop: {layers: [1, 2]}}]", "reordered or cut by later steps"),
+    ],
+)
 def test_export_refuses_what_mergekit_cannot_express(models, tmp_path, steps, message):
     a, b = models("mistral"), models("mistral", noise=0.02)
     plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps: {steps}\n")
@@ -92,14 +101,18 @@ def test_export_refuses_what_mergekit_cannot_express(models, tmp_path, steps, me
 def test_surgery_mergekit_command_with_identity_method(models, tmp_path):
     """LLaMA Pro as one mergekit config, run by mergekit with surgery's method: equal to `expand`."""
     src = models("mixtral")
-    cfg = write_plan(tmp_path, f"""
+    cfg = write_plan(
+        tmp_path,
+        f"""
 merge_method: surgery_identity
 slices:
   - sources: [{{model: {src}, layer_range: [0, 2]}}]
   - sources: [{{model: {src}, layer_range: [1, 2], parameters: {{identity: true}}}}]
   - sources: [{{model: {src}, layer_range: [2, 4]}}]
   - sources: [{{model: {src}, layer_range: [3, 4], parameters: {{identity: true}}}}]
-""", "config.yml")
+""",
+        "config.yml",
+    )
     p = subprocess.run(["surgery", "mergekit", str(cfg), str(tmp_path / "mk")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     plan = write_plan(tmp_path, f"models: {{b: {src}}}\nsteps: [{{take: {{model: b}}}}, {{expand: {{groups: 2}}}}]\n")
@@ -109,6 +122,7 @@ slices:
     # per-expert form of its input; surgery_identity zeroes the fused form: compare as models
     assert not theirs["model.layers.2.mlp.experts.down_proj"].any() and theirs["model.layers.1.mlp.experts.down_proj"].any()
     from surgery.tiny import logits
+
     base = logits(src)
     assert (logits(ours) - base).abs().max().item() <= 1e-6
     assert (logits(tmp_path / "mk") - base).abs().max().item() <= 1e-6
@@ -129,12 +143,15 @@ def test_third_party_plugin_adds_a_method_and_a_step(models, tmp_path, clean_reg
     fake = next(i for i in infos if i.name == "fake")
     assert fake.methods == ["test_midpoint"] and fake.steps == ["reverse_layers"]
     a, b = models("llama"), models("llama", noise=0.02)
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a}, b: {b}}}
 steps:
   - merge: {{method: test_midpoint, models: [a, b], parameters: {{alpha: 0.25}}}}
   - reverse_layers: {{}}
-""")
+""",
+    )
     out = load_tensors(surgery.apply(plan, tmp_path / "out", progress=False).path)
     A, B = load_tensors(a), load_tensors(b)
     k_out, k_in = "model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"
@@ -159,10 +176,12 @@ def test_plugin_methods_resolve_on_the_first_call_in_a_fresh_process(tmp_path, m
     import sys as _sys
 
     a = models("mistral")
-    code = (f"from surgery.plan import plan_from_text\n"
-            f"p = plan_from_text('models: {{a: {a}, b: {a}}}\\nsteps: [{{merge: {{method: ties, models: [a, b], "
-            f"base: a, parameters: {{weight: 0.5, density: 0.5}}}}}}]\\n')\n"
-            f"print(p.steps[0].method)\n")
+    code = (
+        f"from surgery.plan import plan_from_text\n"
+        f"p = plan_from_text('models: {{a: {a}, b: {a}}}\\nsteps: [{{merge: {{method: ties, models: [a, b], "
+        f"base: a, parameters: {{weight: 0.5, density: 0.5}}}}}}]\\n')\n"
+        f"print(p.steps[0].method)\n"
+    )
     r = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ties", r.stderr
 
@@ -178,15 +197,18 @@ def test_core_never_imports_mergekit(models, tmp_path):
 
     a = models("mistral")
     native = write_plan(tmp_path, f"models: {{a: {a}, b: {a}}}\nsteps: [{{merge: {{method: slerp, models: [a, b], t: 0.5}}}}]\n")
-    code = ("import sys, surgery\nfrom surgery.cli import main\n"
-            f"r = surgery.apply({str(native)!r}, {str(tmp_path / 'o')!r}, progress=False)\n"
-            "from click.testing import CliRunner\nCliRunner().invoke(main, ['--help'])\n"
-            "print('mergekit' in sys.modules)\n")
+    code = (
+        "import sys, surgery\nfrom surgery.cli import main\n"
+        f"r = surgery.apply({str(native)!r}, {str(tmp_path / 'o')!r}, progress=False)\n"
+        "from click.testing import CliRunner\nCliRunner().invoke(main, ['--help'])\n"
+        "print('mergekit' in sys.modules)\n"
+    )
     p = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "False"
     import ast
     import pathlib
+
     for f in pathlib.Path(surgery.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

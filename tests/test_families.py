@@ -18,7 +18,7 @@ NUM_KEY = {"gpt2": "n_layer"}
 def split(name: str, prefix: str):
     if not name.startswith(prefix):
         return None
-    i, _, rest = name[len(prefix):].partition(".")
+    i, _, rest = name[len(prefix) :].partition(".")
     return int(i), rest
 
 
@@ -54,12 +54,15 @@ def check_bitwise(out_dir, src_dir, layer_sources: list[int], prefix: str, zeroe
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_expand_keeps_logits(family, models, tmp_path):
     src = models(family)
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{base: {src}}}
 steps:
   - take: {{model: base}}
   - expand: {{groups: 2, per_group: 1, init: identity}}
-""")
+""",
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     assert res.num_layers == 6 and res.new_layers == [2, 5]
     before, after = logits(src), logits(res.path)
@@ -74,11 +77,13 @@ steps:
     src_cfg = read_json(src / "config.json")
     if "layer_types" in src_cfg:
         assert cfg["layer_types"] == [src_cfg["layer_types"][i] for i in layer_sources]
-    check_bitwise(res.path, src, layer_sources, fam.layer_prefix,
-                  zeroed=lambda j, suffix: j in (2, 5) and fam.is_output_projection(suffix))
+    check_bitwise(res.path, src, layer_sources, fam.layer_prefix, zeroed=lambda j, suffix: j in (2, 5) and fam.is_output_projection(suffix))
     # the zeroed set is exactly the attention and MLP output projections (weights and biases)
-    zeroed = sorted(s for s in load_tensors(src) if split(s, fam.layer_prefix) and split(s, fam.layer_prefix)[0] == 0
-                    and fam.is_output_projection(split(s, fam.layer_prefix)[1]))
+    zeroed = sorted(
+        s
+        for s in load_tensors(src)
+        if split(s, fam.layer_prefix) and split(s, fam.layer_prefix)[0] == 0 and fam.is_output_projection(split(s, fam.layer_prefix)[1])
+    )
     assert zeroed, family
     prov = read_json(res.path / "surgery.json")
     assert prov["new_layers"] == [2, 5]
@@ -88,7 +93,9 @@ steps:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_copy_ops_are_bitwise_and_load(family, models, tmp_path):
     src = models(family)
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{base: {src}}}
 steps:
   - take: {{model: base, layers: [0, 4]}}
@@ -96,7 +103,8 @@ steps:
   - stack: {{times: 2, layers: [0, 2]}} # 0 1 0 1 2 1 2 3
   - drop: {{layers: [7, 8]}}            # 0 1 0 1 2 1 2
   - take: {{model: base, layers: [3, 4]}}
-""")
+""",
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     layer_sources = [0, 1, 0, 1, 2, 1, 2, 3]
     prov = read_json(res.path / "surgery.json")
@@ -124,6 +132,7 @@ def test_qwen3_window_threshold_and_layer_types(models, tmp_path):
     assert any("max_window_layers" in str(w) for w in report.warnings)
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     import transformers
+
     m = transformers.AutoConfig.from_pretrained(res.path)
     assert m.layer_types == cfg["layer_types"] and m.num_hidden_layers == 8
 

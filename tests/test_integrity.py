@@ -92,9 +92,11 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(mod
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     out = tmp_path / "out"
     with OutputFolder(out.absolute()):  # another process would hold the same lock
-        code = ("import surgery, sys\n"
-                f"try:\n    surgery.apply({str(plan)!r}, {str(out)!r}, progress=False)\n"
-                "except surgery.errors.OutputError as e:\n    print(e); sys.exit(3)\n")
+        code = (
+            "import surgery, sys\n"
+            f"try:\n    surgery.apply({str(plan)!r}, {str(out)!r}, progress=False)\n"
+            "except surgery.errors.OutputError as e:\n    print(e); sys.exit(3)\n"
+        )
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 3 and f"already being written by PID {os.getpid()}" in r.stdout, r.stdout + r.stderr
         assert not out.exists()
@@ -161,6 +163,7 @@ def test_a_source_changed_between_compile_and_run_is_refused(models, tmp_path):
 
 # --force -------------------------------------------------------------------------------------
 
+
 def test_force_never_replaces_what_is_not_a_model_output(models, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -196,8 +199,10 @@ def test_force_never_replaces_what_is_not_a_model_output(models, tmp_path, monke
 
 # a kill during publish ---------------------------------------------------------------------------
 
+
 def _half_publish(monkeypatch, stop_after: str):
     """Make OutputFolder.publish stop like a kill would, after `stop_after` ('marker' or 'aside')."""
+
     def publish(self):
         from surgery.io.outdir import fsync_tree
 
@@ -252,14 +257,20 @@ def test_shards_are_fsynced_before_publish(models, tmp_path, monkeypatch):
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     surgery.apply(plan, tmp_path / "out", progress=False)
     names = [Path(p).name for p in synced]
-    assert {"model-00001-of-00001.safetensors", "surgery.json.tmp", "model.safetensors.index.json.tmp",
-            ".out.surgery-partial", tmp_path.name} <= set(names)
+    assert {
+        "model-00001-of-00001.safetensors",
+        "surgery.json.tmp",
+        "model.safetensors.index.json.tmp",
+        ".out.surgery-partial",
+        tmp_path.name,
+    } <= set(names)
     # the shard is durable before the resume record calls it done, and before the completion marker
     assert names.index("model-00001-of-00001.safetensors") < names.index(".surgery-shards.json.tmp", 1)
     assert names.index("model-00001-of-00001.safetensors") < names.index(".surgery-complete")
 
 
 # data that leaks in ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "/dev/zero"])
 def test_a_linked_tokenizer_file_leading_out_of_the_model_is_refused(models, tmp_path, target):
@@ -287,9 +298,9 @@ def test_a_link_inside_the_model_folder_is_fine(models, tmp_path):
 
 # verify checks the data ---------------------------------------------------------------------------
 
+
 def test_verify_catches_a_flipped_byte_and_a_zeroed_half(models, tmp_path):
-    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
-                                "output: {shard_size: 40KB}\n")
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\noutput: {{shard_size: 40KB}}\n")
     out = surgery.apply(plan, tmp_path / "out", progress=False).path
     runner = CliRunner()
     assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
@@ -305,12 +316,15 @@ def test_verify_catches_a_flipped_byte_and_a_zeroed_half(models, tmp_path):
     assert r.exit_code == 1 and r.output.count("crc32 mismatch") == 2, r.output
 
 
-@pytest.mark.parametrize("prov", [
-    {"output": {"shards": [{"name": "../../../etc/passwd", "bytes": 1, "header_sha256": "x", "sha256": "y"}]}},
-    {"output": {"shards": [{"name": "model.safetensors", "bytes": "12", "header_sha256": "x"}]}},
-    {"output": {"shards": "nope"}},
-    [1, 2],
-])
+@pytest.mark.parametrize(
+    "prov",
+    [
+        {"output": {"shards": [{"name": "../../../etc/passwd", "bytes": 1, "header_sha256": "x", "sha256": "y"}]}},
+        {"output": {"shards": [{"name": "model.safetensors", "bytes": "12", "header_sha256": "x"}]}},
+        {"output": {"shards": "nope"}},
+        [1, 2],
+    ],
+)
 def test_verify_of_a_hostile_surgery_json_is_a_clear_failure(models, tmp_path, prov):
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     out = surgery.apply(plan, tmp_path / "out", progress=False).path
@@ -333,6 +347,7 @@ def test_verify_of_deep_json_and_a_missing_folder(tmp_path):
 
 
 # train: a kill during a checkpoint save -------------------------------------------------------------
+
 
 def test_resume_skips_a_checkpoint_whose_save_was_torn(tmp_path):
     from surgery.train.run import CHECKPOINT_DONE, last_complete_checkpoint, prune_checkpoints
@@ -357,6 +372,7 @@ def test_resume_skips_a_checkpoint_whose_save_was_torn(tmp_path):
 
 # train and eval: models that would run code or unpickle, data that is not what it says ----------------
 
+
 def _train_cfg(tmp_path, model, data_line="data: {files: [train.jsonl], seq_len: 32}") -> Path:
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": "hello world " * 20}) + "\n" for _ in range(40)))
     cfg = tmp_path / "train.yaml"
@@ -364,11 +380,14 @@ def _train_cfg(tmp_path, model, data_line="data: {files: [train.jsonl], seq_len:
     return cfg
 
 
-@pytest.mark.parametrize("hazard, message", [
-    ("auto_map", "needs remote code"),
-    ("pickle", "only pickled weights"),
-    ("model_type", "is not one transformers"),
-])
+@pytest.mark.parametrize(
+    "hazard, message",
+    [
+        ("auto_map", "needs remote code"),
+        ("pickle", "only pickled weights"),
+        ("model_type", "is not one transformers"),
+    ],
+)
 def test_train_and_eval_refuse_models_that_would_run_code(models, tmp_path, hazard, message):
     src = tmp_path / "m"
     shutil.copytree(models("llama"), src)
@@ -414,8 +433,11 @@ def test_corrupt_parquet_and_non_text_records_are_reported(models, tmp_path, cap
 
 def test_verify_sources_recomputes_every_tensor(models, tmp_path):
     a, b = models("llama"), models("llama", noise=0.02)
-    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: slerp, models: [a, b], t: [0, 1]}}\n"
-                                "  - expand: {groups: 2, init: random, std: 0.02, seed: 4}\noutput: {dtype: bfloat16}\n")
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {a}, b: {b}}}\nsteps:\n  - merge: {{method: slerp, models: [a, b], t: [0, 1]}}\n"
+        "  - expand: {groups: 2, init: random, std: 0.02, seed: 4}\noutput: {dtype: bfloat16}\n",
+    )
     out = surgery.apply(plan, tmp_path / "out", progress=False, seed=9).path
     runner = CliRunner()
     r = runner.invoke(main, ["verify", str(out), "--sources"])
@@ -482,8 +504,11 @@ def test_what_apply_needs_is_checked_by_validate(models, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(models("llama"), src)
     (src / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}", ')
-    plan = write_plan(tmp_path, f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n"
-                                "chat_template: '{% for m in messages %}{{ m.content }}{% endfor %}'\n")
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}]\n"
+        "chat_template: '{% for m in messages %}{{ m.content }}{% endfor %}'\n",
+    )
     rep = surgery.validate(plan)
     assert not rep.valid and "tokenizer_config.json" in str(rep.problems[0])
     r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "out"), "-q"])
@@ -536,15 +561,25 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=30,
 )
-SHAPED = st.fixed_dictionaries({}, optional={
-    "output": st.fixed_dictionaries({}, optional={"shards": st.lists(JSON | st.fixed_dictionaries(
-        {"name": JSON, "bytes": JSON, "header_sha256": JSON}, optional={"crc32": JSON}), max_size=3)}),
-    "plan": JSON, "sources": JSON})
+SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "output": st.fixed_dictionaries(
+            {},
+            optional={
+                "shards": st.lists(
+                    JSON | st.fixed_dictionaries({"name": JSON, "bytes": JSON, "header_sha256": JSON}, optional={"crc32": JSON}), max_size=3
+                )
+            },
+        ),
+        "plan": JSON,
+        "sources": JSON,
+    },
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -573,9 +608,24 @@ def test_parse_json_is_total(doc, noise):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(config=st.dictionaries(st.sampled_from(["model_type", "num_hidden_layers", "vocab_size", "tie_word_embeddings",
-                                               "layer_types", "hidden_size", "text_config", "architectures"]), JSON,
-                              max_size=6))
+@given(
+    config=st.dictionaries(
+        st.sampled_from(
+            [
+                "model_type",
+                "num_hidden_layers",
+                "vocab_size",
+                "tie_word_embeddings",
+                "layer_types",
+                "hidden_size",
+                "text_config",
+                "architectures",
+            ]
+        ),
+        JSON,
+        max_size=6,
+    )
+)
 def test_any_config_json_is_a_located_answer(models, tmp_path_factory, config):
     src = tmp_path_factory.mktemp("cfg") / "m"
     shutil.copytree(models("llama"), src)
@@ -589,8 +639,7 @@ def test_any_config_json_is_a_located_answer(models, tmp_path_factory, config):
 def test_links_planted_next_to_or_inside_the_output_are_never_written_through(models, tmp_path, monkeypatch):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
-                                "output: {shard_size: 40KB}\n")
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\noutput: {{shard_size: 40KB}}\n")
     (tmp_path / ".out.surgery-lock").symlink_to(victim)  # the lock's name
     with monkeypatch.context() as m:  # an interrupted run, then links planted in its side folder
         _interrupt_after(m, 2)
@@ -618,8 +667,7 @@ def test_demo_force_replaces_only_a_demo_folder(tmp_path, monkeypatch):
 
 
 def test_a_refused_rerun_keeps_the_interrupted_side_folder(models, tmp_path, monkeypatch):
-    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n"
-                                "output: {shard_size: 40KB}\n")
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\noutput: {{shard_size: 40KB}}\n")
     out = tmp_path / "out"
     surgery.apply(plan, out, progress=False)
     with monkeypatch.context() as m:

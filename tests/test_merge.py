@@ -55,7 +55,9 @@ def test_gradient_matches_mergekit_rule():
 
 def test_slerp_gradient_with_overrides(pair, tmp_path):
     a_dir, b_dir = pair
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a_dir}, b: {b_dir}}}
 steps:
   - merge:
@@ -65,7 +67,8 @@ steps:
       overrides:
         - {{filter: self_attn, t: 0.25}}
         - {{filter: mlp, t: [1, 0]}}
-""")
+""",
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     A, B, out = load_tensors(a_dir), load_tensors(b_dir), load_tensors(res.path)
     n = 4
@@ -92,11 +95,14 @@ steps:
 
 def test_slerp_colinear_uses_lerp(models, tmp_path):
     a_dir = models("llama", seed=0)
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a_dir}, b: {a_dir}}}
 steps:
   - merge: {{method: slerp, models: [a, b], t: 0.3}}
-""")
+""",
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     A, out = load_tensors(a_dir), load_tensors(res.path)
     for name in A:
@@ -106,7 +112,9 @@ steps:
 def test_linear_weights_gradient_and_normalize(pair, tmp_path):
     a_dir, b_dir = pair
     for normalize in (True, False):
-        plan = write_plan(tmp_path / str(normalize), f"""
+        plan = write_plan(
+            tmp_path / str(normalize),
+            f"""
 models: {{a: {a_dir}, b: {b_dir}}}
 steps:
   - merge:
@@ -114,7 +122,8 @@ steps:
       models: [a, b]
       weights: [0.3, [1.0, 0.0]]
       normalize: {str(normalize).lower()}
-""")
+""",
+        )
         res = surgery.apply(plan, tmp_path / str(normalize) / "out", progress=False)
         A, B, out = load_tensors(a_dir), load_tensors(b_dir), load_tensors(res.path)
         for name, t_out in out.items():
@@ -127,7 +136,9 @@ steps:
 
 def test_merge_per_model_ranges_and_layer_map(pair, tmp_path):
     a_dir, b_dir = pair
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a_dir}, b: {b_dir}}}
 steps:
   - take: {{model: a, layers: [0, 1]}}
@@ -135,7 +146,8 @@ steps:
       method: linear
       models: [{{model: a, layers: [1, 3]}}, {{model: b, layers: [2, 4]}}]
       weights: [1, 1]
-""")
+""",
+    )
     report = surgery.validate(plan)
     assert report.valid, report.text()
     assert [r["sources"] for r in report.layer_map] == [[["a", 0]], [["a", 1], ["b", 2]], [["a", 2], ["b", 3]]]
@@ -149,11 +161,14 @@ steps:
 
 def test_merge_bf16_output_dtype(pair, tmp_path):
     a_dir, b_dir = pair
-    plan = write_plan(tmp_path, f"""
+    plan = write_plan(
+        tmp_path,
+        f"""
 models: {{a: {a_dir}, b: {b_dir}}}
 steps: [{{merge: {{method: slerp, models: [a, b], t: 0.5}}}}]
 output: {{dtype: bfloat16}}
-""")
+""",
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     A, B, out = load_tensors(a_dir), load_tensors(b_dir), load_tensors(res.path)
     name = "model.layers.0.mlp.gate_proj.weight"

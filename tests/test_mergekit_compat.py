@@ -34,7 +34,7 @@ def run_both(tmp_path, text: str):
 def within_ulps(a: torch.Tensor, b: torch.Tensor, ulps: int = 1) -> bool:
     assert a.dtype == b.dtype and a.shape == b.shape
     big = torch.maximum(a.abs(), b.abs()).float()
-    step = (torch.nextafter(big.to(a.dtype), torch.tensor(float("inf"), dtype=a.dtype)).float() - big)
+    step = torch.nextafter(big.to(a.dtype), torch.tensor(float("inf"), dtype=a.dtype)).float() - big
     return bool(((a.float() - b.float()).abs() <= ulps * step + 1e-30).all())
 
 
@@ -50,7 +50,9 @@ def compare(ours, theirs, *, bitwise: bool):
 
 def test_linear_example(trio, tmp_path):
     a, b, c = trio
-    ours, theirs, out = run_both(tmp_path, f"""
+    ours, theirs, out = run_both(
+        tmp_path,
+        f"""
 models:
   - model: {a}
     parameters: {{weight: 1.0}}
@@ -60,7 +62,8 @@ models:
     parameters: {{weight: 0.5}}
 merge_method: linear
 dtype: float16
-""")
+""",
+    )
     compare(ours, theirs, bitwise=True)
     assert read_json(out / "config.json")["dtype"] == "float16"
     assert "mergekit_config" in read_json(out / "surgery.json")["plan"]
@@ -68,7 +71,9 @@ dtype: float16
 
 def test_gradient_slerp_example(trio, tmp_path):
     a, b, _ = trio
-    ours, theirs, _ = run_both(tmp_path, f"""
+    ours, theirs, _ = run_both(
+        tmp_path,
+        f"""
 slices:
   - sources:
       - model: {a}
@@ -85,13 +90,16 @@ parameters:
       value: [1, 0.5, 0.7, 0.3, 0]
     - value: 0.5
 dtype: float16
-""")
+""",
+    )
     compare(ours, theirs, bitwise=False)
 
 
 def test_passthrough_frankenmerge_example(trio, tmp_path):
     a, b, _ = trio
-    ours, theirs, out = run_both(tmp_path, f"""
+    ours, theirs, out = run_both(
+        tmp_path,
+        f"""
 slices:
   - sources:
       - model: {a}
@@ -101,14 +109,17 @@ slices:
         layer_range: [1, 4]
 merge_method: passthrough
 dtype: float16
-""")
+""",
+    )
     compare(ours, theirs, bitwise=True)
     assert read_json(out / "config.json")["num_hidden_layers"] == 6
 
 
 def test_passthrough_scale_filters_and_precedence(trio, tmp_path):
     a, b, _ = trio
-    ours, theirs, _ = run_both(tmp_path, f"""
+    ours, theirs, _ = run_both(
+        tmp_path,
+        f"""
 slices:
   - sources:
       - model: {a}
@@ -125,7 +136,8 @@ slices:
     parameters:
       scale: 0.5
 merge_method: passthrough
-""")
+""",
+    )
     compare(ours, theirs, bitwise=True)
     assert not ours["model.layers.4.self_attn.o_proj.weight"].any()
     assert torch.equal(ours["model.layers.4.mlp.up_proj.weight"], theirs["model.layers.4.mlp.up_proj.weight"])
@@ -133,7 +145,9 @@ merge_method: passthrough
 
 def test_linear_slices_with_gradients_and_out_dtype(trio, tmp_path):
     a, b, _ = trio
-    ours, theirs, _ = run_both(tmp_path, f"""
+    ours, theirs, _ = run_both(
+        tmp_path,
+        f"""
 slices:
   - sources:
       - model: {a}
@@ -150,7 +164,8 @@ slices:
       normalize: false
 merge_method: linear
 out_dtype: bfloat16
-""")
+""",
+    )
     compare(ours, theirs, bitwise=True)
 
 
@@ -158,7 +173,9 @@ out_dtype: bfloat16
 def test_nuslerp(trio, tmp_path, with_base):
     a, b, c = trio
     base = f"base_model: {a}\n" if with_base else ""
-    ours, theirs, _ = run_both(tmp_path, f"""
+    ours, theirs, _ = run_both(
+        tmp_path,
+        f"""
 models:
   - model: {b}
     parameters: {{weight: 0.7}}
@@ -168,21 +185,27 @@ merge_method: nuslerp
 {base}parameters:
   nuslerp_flatten: false
 dtype: bfloat16
-""")
+""",
+    )
     compare(ours, theirs, bitwise=False)
 
 
 def test_qwen3_depth_upscale_loads(models, tmp_path):
     """mergekit writes the weights but keeps `layer_types` at the old length; surgery resizes it."""
     q = models("qwen3")
-    cfg = write_plan(tmp_path, f"""
+    cfg = write_plan(
+        tmp_path,
+        f"""
 slices:
   - sources: [{{model: {q}, layer_range: [0, 3]}}]
   - sources: [{{model: {q}, layer_range: [1, 4]}}]
 merge_method: passthrough
-""", "config.yml")
+""",
+        "config.yml",
+    )
     out = surgery.apply(cfg, tmp_path / "out", progress=False).path
     import transformers
+
     c = transformers.AutoConfig.from_pretrained(out)
     assert c.num_hidden_layers == 6 and len(c.layer_types) == 6
     src_types = read_json(q / "config.json")["layer_types"]
@@ -190,13 +213,18 @@ merge_method: passthrough
     transformers.AutoModelForCausalLM.from_pretrained(out)
 
 
-@pytest.mark.parametrize("slices, message", [
-    ("[{{sources: [{{model: {a}, layer_range: [0, 0]}}]}}]", "config.yml:1: layer range [0, 0] is empty"),
-    ("[{{sources: [{{model: {a}, layer_range: [0, 9]}}]}}]", "layer range [0, 9) is past the end of model"),
-    ("[{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [0, 3]}}]}}]",
-     "merged ranges have different lengths"),
-    ("[{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [2, 4]}}]}}]", "appear twice in one merge"),
-])
+@pytest.mark.parametrize(
+    "slices, message",
+    [
+        ("[{{sources: [{{model: {a}, layer_range: [0, 0]}}]}}]", "config.yml:1: layer range [0, 0] is empty"),
+        ("[{{sources: [{{model: {a}, layer_range: [0, 9]}}]}}]", "layer range [0, 9) is past the end of model"),
+        (
+            "[{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [0, 3]}}]}}]",
+            "merged ranges have different lengths",
+        ),
+        ("[{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [2, 4]}}]}}]", "appear twice in one merge"),
+    ],
+)
 def test_mergekit_failure_cases_fail_early(trio, tmp_path, slices, message):
     a, b, _ = trio
     method = "linear\nparameters: {weight: 1.0}" if "{b}" in slices or slices.count("{a}") > 1 else "passthrough"
@@ -222,7 +250,9 @@ def test_tokenizer_union(models, tmp_path):
     shutil.copytree(a_src, a)
     shutil.copytree(b_src, b)
     _retokenize(b, drop={"x", "y", "z"}, extra=["<tool>", "<think>"])
-    ours, theirs, out = run_both(tmp_path, f"""
+    ours, theirs, out = run_both(
+        tmp_path,
+        f"""
 slices:
   - sources:
       - {{model: {a}, layer_range: [0, 4]}}
@@ -232,8 +262,10 @@ base_model: {a}
 parameters: {{t: 0.5}}
 tokenizer_source: union
 dtype: bfloat16
-""")
+""",
+    )
     import transformers
+
     va = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
     vm = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
     # mergekit numbers new tokens in the order of the tokenizers' get_vocab() (a hash map, which
@@ -242,8 +274,11 @@ dtype: bfloat16
     n = len(va)
     assert ours["model.embed_tokens.weight"].shape[0] == n == read_json(out / "config.json")["vocab_size"]
     vocab_tensors = ("model.embed_tokens.weight", "lm_head.weight")
-    compare({k: v for k, v in ours.items() if k not in vocab_tensors},
-            {k: v for k, v in theirs.items() if k not in vocab_tensors}, bitwise=False)
+    compare(
+        {k: v for k, v in ours.items() if k not in vocab_tensors},
+        {k: v for k, v in theirs.items() if k not in vocab_tensors},
+        bitwise=False,
+    )
     for k in vocab_tensors:
         rows_a = torch.stack([ours[k][va[t]] for t in sorted(va)])
         rows_m = torch.stack([theirs[k][vm[t]] for t in sorted(va)])
@@ -261,14 +296,18 @@ def test_chat_template(trio, tmp_path, template):
     if template == "auto":  # two models share one template, a third would lose the vote
         for m in (a, b):
             (m / "chat_template.jinja").write_text("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
-    _, _, out = run_both(tmp_path, f"""
+    _, _, out = run_both(
+        tmp_path,
+        f"""
 models:
   - {{model: {a}, parameters: {{weight: 0.5}}}}
   - {{model: {b}, parameters: {{weight: 0.5}}}}
 merge_method: linear
 chat_template: {template}
-""")
+""",
+    )
     import transformers
+
     ours = transformers.AutoTokenizer.from_pretrained(out).chat_template
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").chat_template
     assert ours and ours.strip() == theirs.strip()

@@ -153,8 +153,7 @@ def test_random_methods_are_seeded(models, tmp_path):
     text = config("dare_ties", a, b, c).replace("'density': 1.0", "'density': 0.5")
     assert "0.5" in text
     cfg = write_plan(tmp_path, text, "config.yml")
-    runs = [load_tensors(surgery.apply(cfg, tmp_path / f"o{i}", progress=False, seed=s).path)
-            for i, s in enumerate((7, 7, 8))]
+    runs = [load_tensors(surgery.apply(cfg, tmp_path / f"o{i}", progress=False, seed=s).path) for i, s in enumerate((7, 7, 8))]
     k = "model.layers.1.mlp.up_proj.weight"
     assert torch.equal(runs[0][k], runs[1][k]) and not torch.equal(runs[0][k], runs[2][k])
 

@@ -56,7 +56,8 @@ HAND = {
 merge_method: {m}
 base_model: {{c}}
 dtype: bfloat16
-""" for m in ("ties", "task_arithmetic", "dare_ties")
+"""
+    for m in ("ties", "task_arithmetic", "dare_ties")
 }
 
 
@@ -65,8 +66,14 @@ def peer_config(name: str, paths: dict) -> str:
     lines = ["merge_method: " + method]
     if base:
         lines.append(f"base_model: {paths[base]}")
-    lines += ["models:", f"  - model: {paths[m1]}", "    parameters: {weight: 0.6}",
-              f"  - model: {paths[m2]}", "    parameters: {weight: 0.4}", "dtype: bfloat16"]
+    lines += [
+        "models:",
+        f"  - model: {paths[m1]}",
+        "    parameters: {weight: 0.6}",
+        f"  - model: {paths[m2]}",
+        "    parameters: {weight: 0.4}",
+        "dtype: bfloat16",
+    ]
     if params:
         lines.append(f"parameters: {params}")
     return "\n".join(lines) + "\n"
@@ -75,8 +82,7 @@ def peer_config(name: str, paths: dict) -> str:
 @pytest.fixture(scope="module")
 def peer_outputs(models, tmp_path_factory):
     """Like mergekit's picollama fixtures: three tiny Llama-shaped models (Mistral: no biases)."""
-    paths = {"a": models("mistral", seed=0), "b": models("mistral", seed=0, noise=0.02),
-             "c": models("mistral", seed=0, noise=0.04)}
+    paths = {"a": models("mistral", seed=0), "b": models("mistral", seed=0, noise=0.02), "c": models("mistral", seed=0, noise=0.04)}
     root = tmp_path_factory.mktemp("mk-peer")
     args = []
     for name in PEER:
@@ -119,26 +125,31 @@ def test_unused_parameters_are_located_warnings_that_strict_refuses(peer_outputs
 
 def test_native_plans_stay_strict_about_parameters(models, tmp_path):
     a = models("mistral")
-    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {a}}}\n"
-                                "steps: [{merge: {method: slerp, models: [a, {model: b, parameters: {weight: 0.4}}], t: 0.5}}]\n")
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {a}, b: {a}}}\n"
+        "steps: [{merge: {method: slerp, models: [a, {model: b, parameters: {weight: 0.4}}], t: 0.5}}]\n",
+    )
     rep = surgery.validate(plan)
     assert not rep.valid and "slerp has no parameter 'weight'" in str(rep.problems[0])
 
 
 def test_missing_non_base_parameter_names_the_models_in_mergekit_terms(models, tmp_path):
     a, b = models("mistral"), models("mistral", noise=0.02)
-    cfg = write_plan(tmp_path, f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: task_arithmetic\n"
-                               f"base_model: {a}\n", "config.yml")
+    cfg = write_plan(tmp_path, f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: task_arithmetic\nbase_model: {a}\n", "config.yml")
     rep = surgery.validate(cfg)
     assert not rep.valid
     msg = str(rep.problems[0])
     assert "for every model but the base" in msg and "parameters: {weight: ...}" in msg and b.name in msg
 
 
-@pytest.mark.parametrize("bad, where", [
-    ("parameters: 3", "parameters"),
-    ("sources: 1", "sources"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ("parameters: 3", "parameters"),
+        ("sources: 1", "sources"),
+    ],
+)
 def test_wrong_types_in_a_mergekit_config_are_located(models, tmp_path, bad, where):
     a = models("mistral")
     if where == "parameters":
@@ -155,9 +166,13 @@ def test_wrong_types_in_a_mergekit_config_are_located(models, tmp_path, bad, whe
 def test_a_kernel_that_refuses_its_parameters_is_a_located_error(models, tmp_path):
     """mergekit's test_della_invalid_epsilon: epsilon 1.35 makes della raise; no traceback."""
     a, b, c = models("mistral"), models("mistral", noise=0.02), models("mistral", noise=0.04)
-    cfg = write_plan(tmp_path, f"models:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n"
-                               f"    parameters: {{weight: 0.4}}\nmerge_method: della\nbase_model: {c}\n"
-                               "parameters: {density: 0.66, epsilon: 1.35, lambda: 0.5}\ndtype: bfloat16\n", "config.yml")
+    cfg = write_plan(
+        tmp_path,
+        f"models:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n"
+        f"    parameters: {{weight: 0.4}}\nmerge_method: della\nbase_model: {c}\n"
+        "parameters: {density: 0.66, epsilon: 1.35, lambda: 0.5}\ndtype: bfloat16\n",
+        "config.yml",
+    )
     r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "out"), "-q"])
     assert r.exit_code == 1 and "merge method della failed" in r.output and "config.yml:" in r.output, r.output
     assert isinstance(r.exception, SystemExit) and not (tmp_path / "out").exists()
@@ -201,8 +216,10 @@ def _vocab_config(method: str, source: str, base, chatml) -> str:
     ts = {"union": "union", "base": "base", "chatml": str(chatml)}[source]
     params = "parameters: {t: 0.5}\n" if method == "slerp" else ""
     weights = "" if method == "slerp" else "    parameters: {weight: 0.5}\n"
-    return (f"models:\n  - model: {base}\n{weights}  - model: {chatml}\n{weights}merge_method: {method}\n"
-            f"base_model: {base}\n{params}tokenizer_source: {ts}\ndtype: bfloat16\n")
+    return (
+        f"models:\n  - model: {base}\n{weights}  - model: {chatml}\n{weights}merge_method: {method}\n"
+        f"base_model: {base}\n{params}tokenizer_source: {ts}\ndtype: bfloat16\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +269,14 @@ def _bpe_tokenizer(folder, vocab_size: int, added: list[str]):
     import transformers
 
     tokens = (["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)])[:vocab_size]
-    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size), strict=True)), "merges": []},
-            "added_tokens": []}
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(_json.dumps(data)),
-                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    data = {
+        "version": "1.0",
+        "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size), strict=True)), "merges": []},
+        "added_tokens": [],
+    }
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(_json.dumps(data)), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tok.add_tokens(added)
     for f in folder.glob("tokenizer*"):
         f.unlink()
@@ -281,11 +302,19 @@ TOKENIZER_CASES = {
     "source_union": (["base", "padded", "chatml"], "linear", "tokenizer_source: union\n"),
     "source_model": (["base", "padded", "chatml"], "linear", "tokenizer_source: {chatml}\n"),
     "slerp_union": (["base", "chatml"], "slerp", "tokenizer_source: union\nparameters: {{t: 0.5}}\n"),
-    "force_token": (["base", "chatml"], "linear", "tokenizer:\n  source: union\n  tokens:\n"
-                    "    _tok_10: {{source: {chatml}, force: true}}\n    _tok_11: {{source: {base}, force: true}}\n"),
-    "model_token_id": (["base", "chatml"], "linear", "tokenizer:\n  source: base\n  tokens:\n    _tok_20:\n"
-                       "      source: {{kind: model_token, model: {chatml}, token_id: 64}}\n      force: true\n"
-                       "    _tok_21:\n      source: {{kind: model_token, model: {base}, token: '<s>'}}\n      force: true\n"),
+    "force_token": (
+        ["base", "chatml"],
+        "linear",
+        "tokenizer:\n  source: union\n  tokens:\n"
+        "    _tok_10: {{source: {chatml}, force: true}}\n    _tok_11: {{source: {base}, force: true}}\n",
+    ),
+    "model_token_id": (
+        ["base", "chatml"],
+        "linear",
+        "tokenizer:\n  source: base\n  tokens:\n    _tok_20:\n"
+        "      source: {{kind: model_token, model: {chatml}, token_id: 64}}\n      force: true\n"
+        "    _tok_21:\n      source: {{kind: model_token, model: {base}, token: '<s>'}}\n      force: true\n",
+    ),
     "pad_to_multiple_of": (["chatml"], "linear", "tokenizer:\n  source: base\n  pad_to_multiple_of: 16\n"),
 }
 
@@ -326,6 +355,7 @@ def test_mergekit_tokenizer_configs_agree_token_by_token(name, tok_outputs, tok_
     n_cfg = _json.loads((out / "config.json").read_text())["vocab_size"]
     assert n_cfg == _json.loads((folder / "mergekit" / "config.json").read_text())["vocab_size"]
     if TOKENIZER_CASES[name][1] == "slerp":  # float32 slerp: ~1e-7 relative, as the README's table says
+
         def within_ulps(a, b):
             return torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     else:
@@ -336,7 +366,7 @@ def test_mergekit_tokenizer_configs_agree_token_by_token(name, tok_outputs, tok_
             rows_a = torch.stack([ours[k][va[t]] for t in sorted(va)])
             rows_m = torch.stack([theirs[k][vm[t]] for t in sorted(va)])
             assert within_ulps(rows_a, rows_m), k
-            assert torch.equal(ours[k][len(va):], theirs[k][len(vm):]), k  # padding rows
+            assert torch.equal(ours[k][len(va) :], theirs[k][len(vm) :]), k  # padding rows
         else:
             assert within_ulps(ours[k], theirs[k]), k
     if name == "pad_to_multiple_of":
@@ -348,7 +378,6 @@ def test_mergekit_tokenizer_configs_agree_token_by_token(name, tok_outputs, tok_
 
 
 def test_tokenizer_block_errors_are_located(tok_models, tmp_path):
-    cfg = write_plan(tmp_path, _tok_config("force_token", tok_models).replace("force: true}", "force: true, color: red}", 1),
-                     "config.yml")
+    cfg = write_plan(tmp_path, _tok_config("force_token", tok_models).replace("force: true}", "force: true, color: red}", 1), "config.yml")
     r = CliRunner().invoke(main, ["validate", str(cfg)])
     assert r.exit_code == 1 and "config.yml:" in r.output and "color" in r.output, r.output

@@ -26,8 +26,9 @@ def test_nearly_parallel_tensors_are_lerped_below_mergekits_threshold(models, tm
     k = "model.layers.0.mlp.up_proj.weight"
     cos = torch.nn.functional.cosine_similarity(A[k].flatten().double(), B[k].flatten().double(), dim=0).item()
     assert 0.9995 < cos < 0.99999, cos
-    ours, theirs, _ = run_both(tmp_path, f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\n"
-                                         f"base_model: {a}\nparameters: {{t: 0.5}}\ndtype: float32\n")
+    ours, theirs, _ = run_both(
+        tmp_path, f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.5}}\ndtype: float32\n"
+    )
     lerp = 0.5 * A[k] + 0.5 * B[k]
     assert torch.allclose(ours[k], lerp, rtol=1e-6, atol=0) and torch.allclose(ours[k], theirs[k], rtol=1e-6, atol=0)
 
@@ -40,19 +41,22 @@ def _layer_map(plan_path) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("n_out, trim", [(6, 1), (4, 2), (2, 3)])
 def test_dus_layers_form_trims_n_minus_s_over_two(models, tmp_path, n_out, trim):
     a = models("llama")  # 4 layers
-    by_s = _layer_map(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{dus: {{layers: {n_out}}}}}]\n",
-                                 "s.yaml"))
-    by_m = _layer_map(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{dus: {{trim: {trim}}}}}]\n",
-                                 "m.yaml"))
+    by_s = _layer_map(
+        write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{dus: {{layers: {n_out}}}}}]\n", "s.yaml")
+    )
+    by_m = _layer_map(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{dus: {{trim: {trim}}}}}]\n", "m.yaml"))
     assert by_s == by_m == [("a", i) for i in range(4 - trim)] + [("a", i) for i in range(trim, 4)]
     assert len(by_s) == n_out
 
 
-@pytest.mark.parametrize("steps, want", [
-    ("[{take: {model: a}}, {drop: {layers: [0, 2]}}]", 0),  # every layer left was above the threshold
-    ("[{take: {model: a, layers: [0, 2]}}, {take: {model: a, layers: [0, 2]}}]", 4),  # every layer below it
-    ("[{take: {model: a, layers: [1, 2]}}, {take: {model: a}}]", 3),  # 1 | 0 1 2 3: the first three are below
-])
+@pytest.mark.parametrize(
+    "steps, want",
+    [
+        ("[{take: {model: a}}, {drop: {layers: [0, 2]}}]", 0),  # every layer left was above the threshold
+        ("[{take: {model: a, layers: [0, 2]}}, {take: {model: a, layers: [0, 2]}}]", 4),  # every layer below it
+        ("[{take: {model: a, layers: [1, 2]}}, {take: {model: a}}]", 3),  # 1 | 0 1 2 3: the first three are below
+    ],
+)
 def test_max_window_layers_follows_the_layer_map(models, tmp_path, steps, want):
     a = models("qwen2")  # max_window_layers 2 of 4
     assert read_json(a / "config.json")["max_window_layers"] == 2
@@ -64,14 +68,18 @@ def test_per_layer_config_lists_come_from_each_layers_own_source(models, tmp_pat
     from surgery.tiny import build_tiny
 
     a = models("gemma3")  # layer_types sliding, full, sliding, full
-    b = build_tiny("gemma3", tmp_path / "b", layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                                           "full_attention"])
-    plan = write_plan(tmp_path, f"models: {{a: {a}, b: {b}}}\n"
-                                "steps: [{take: {model: a, layers: [0, 2]}}, {take: {model: b, layers: [1, 3]}}]\n")
+    b = build_tiny("gemma3", tmp_path / "b", layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"])
+    plan = write_plan(
+        tmp_path, f"models: {{a: {a}, b: {b}}}\nsteps: [{{take: {{model: a, layers: [0, 2]}}}}, {{take: {{model: b, layers: [1, 3]}}}}]\n"
+    )
     res = surgery.apply(plan, tmp_path / "out", progress=False)
     # a's layers 0, 1 then b's layers 1, 2: where b's list differs from a's at the same index
-    assert read_json(res.path / "config.json")["layer_types"] == ["sliding_attention", "full_attention",
-                                                                 "sliding_attention", "full_attention"]
+    assert read_json(res.path / "config.json")["layer_types"] == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
 
 
 GROW = """\
@@ -99,16 +107,17 @@ def test_grow_interrupted_and_resumed_equals_one_run(tmp_path, models, stop_afte
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir(), cut_dir.mkdir()
     full = train(config(full_dir, corpus, models("llama"), GROW, steps=10), progress=False, echo=quiet)
-    stopped = train(config(cut_dir, corpus, models("llama"), GROW, steps=10), progress=False, echo=quiet,
-                    stop_after=stop_after)
+    stopped = train(config(cut_dir, corpus, models("llama"), GROW, steps=10), progress=False, echo=quiet, stop_after=stop_after)
     assert stopped.path is None and stopped.tokens == stopped.steps * 512 > 0
     assert (cut_dir / ".out.surgery-train" / "grown" / "config.json").exists() == (stop_after == 5)
     again = train(config(cut_dir, corpus, models("llama"), GROW, steps=10), progress=False, echo=quiet, resume=True)
     ta, tb = load_tensors(full.path), load_tensors(again.path)
     assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert read_json(again.path / "config.json")["num_hidden_layers"] == 8
-    strip = [[{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
-              for x in (r.path / "metrics.jsonl").read_text().splitlines()] for r in (full, again)]
+    strip = [
+        [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in (r.path / "metrics.jsonl").read_text().splitlines()]
+        for r in (full, again)
+    ]
     assert strip[0] == strip[1]
 
 
@@ -145,9 +154,15 @@ def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path,
     from .test_train import config, quiet, write_pydoc_corpus
 
     small = models("llama")
-    grown = surgery.apply(write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, "
-                                               "{expand: {groups: 2, init: random, std: 0.05}}]\n", "g.yaml"),
-                          tmp_path / "grown", progress=False).path
+    grown = surgery.apply(
+        write_plan(
+            tmp_path,
+            f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{expand: {{groups: 2, init: random, std: 0.05}}}}]\n",
+            "g.yaml",
+        ),
+        tmp_path / "grown",
+        progress=False,
+    ).path
     model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
     ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -175,5 +190,6 @@ def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path,
 
     (tmp_path / "bad").mkdir()
     with pytest.raises(PlanError, match="mask_steps 9 is longer"):
-        train(config(tmp_path / "bad", corpus, small, MASKED.replace("mask_steps: 6", "mask_steps: 9"), steps=10),
-              progress=False, echo=quiet)
+        train(
+            config(tmp_path / "bad", corpus, small, MASKED.replace("mask_steps: 6", "mask_steps: 9"), steps=10), progress=False, echo=quiet
+        )

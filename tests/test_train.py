@@ -44,16 +44,24 @@ def _cache(tmp_path_factory, monkeypatch):
 def llama_pro(models, tmp_path_factory):
     """The tiny Llama grown 4 -> 6 layers by identity expansion (new layers 2 and 5)."""
     out = tmp_path_factory.mktemp("pro") / "pro"
-    apply(plan_from_text(f"models: {{base: {models('llama')}}}\nsteps:\n - take: {{model: base}}\n"
-                         " - expand: {groups: 2, per_group: 1, init: identity}\n"), out, progress=False)
+    apply(
+        plan_from_text(
+            f"models: {{base: {models('llama')}}}\nsteps:\n - take: {{model: base}}\n"
+            " - expand: {groups: 2, per_group: 1, init: identity}\n"
+        ),
+        out,
+        progress=False,
+    )
     return out
 
 
 def config(tmp_path: Path, corpus: Path, model: Path, extra: str = "", steps: int = 12) -> Path:
     p = tmp_path / "train.yaml"
-    p.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\n"
-                 f"data: {{files: [{corpus / 'train.jsonl'}], eval_files: [{corpus / 'eval.jsonl'}], seq_len: 64}}\n"
-                 f"lr: 3e-3\nmicro_batch: 8\nsteps: {steps}\neval_every: 1000\n{extra}")
+    p.write_text(
+        f"model: {model}\noutput: {tmp_path / 'out'}\n"
+        f"data: {{files: [{corpus / 'train.jsonl'}], eval_files: [{corpus / 'eval.jsonl'}], seq_len: 64}}\n"
+        f"lr: 3e-3\nmicro_batch: 8\nsteps: {steps}\neval_every: 1000\n{extra}"
+    )
     return p
 
 
@@ -107,8 +115,14 @@ def test_new_layers_train_and_everything_else_is_bitwise_unchanged(tmp_path, cor
 
 def test_bfloat16_checkpoints_stay_bfloat16_and_frozen_tensors_bitwise(tmp_path, corpus, models):
     src = tmp_path / "pro16"
-    apply(plan_from_text(f"models: {{base: {models('llama', dtype='bfloat16')}}}\nsteps:\n - take: {{model: base}}\n"
-                         " - expand: {groups: 2, init: identity}\n"), src, progress=False)
+    apply(
+        plan_from_text(
+            f"models: {{base: {models('llama', dtype='bfloat16')}}}\nsteps:\n - take: {{model: base}}\n"
+            " - expand: {groups: 2, init: identity}\n"
+        ),
+        src,
+        progress=False,
+    )
     res = train(config(tmp_path, corpus, src, "trainable: new-layers\n", steps=4), progress=False, echo=quiet)
     before, after = load_tensors(src), load_tensors(res.path)
     assert {t.dtype for t in after.values()} == {torch.bfloat16}  # trained in fp32, saved as the input was
@@ -148,8 +162,10 @@ def test_resume_continues_the_same_run(tmp_path, corpus, models):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise: optimizer, schedule, RNG and data order restored
     la = [json.loads(x) for x in (full.path / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (again.path / "metrics.jsonl").read_text().splitlines()]
-    strip = ([{k: v for k, v in r.items() if k != "tokens_per_s"} for r in la],
-             [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lb])
+    strip = (
+        [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in la],
+        [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lb],
+    )
     assert strip[0] == strip[1]  # records after the last checkpoint of the interrupted run were dropped
     assert not (b / ".out.surgery-train").exists()
 
@@ -321,8 +337,11 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     [
         ("model: {m}\ndata: {{files: [{c}]}}\n", "", "give exactly one budget"),
         ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\nlearning_rate: 1\n", "", "unknown key 'learning_rate'"),
-        ("model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n", "",
-         "not all, new-layers, new-params or a parameter-name"),
+        (
+            "model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n",
+            "",
+            "not all, new-layers, new-params or a parameter-name",
+        ),
         ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
         ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
         ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),

@@ -19,8 +19,7 @@ from .conftest import load_tensors, write_plan
 @pytest.fixture(scope="module")
 def llavas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
-    return (build_tiny_llava(root / "a"), build_tiny_llava(root / "b", noise=0.02),
-            build_tiny_llava(root / "c", noise=0.04))
+    return (build_tiny_llava(root / "a"), build_tiny_llava(root / "b", noise=0.02), build_tiny_llava(root / "c", noise=0.04))
 
 
 def test_vlm_layers_are_the_language_models(llavas, tmp_path):
@@ -34,11 +33,12 @@ def test_vlm_layers_are_the_language_models(llavas, tmp_path):
 def test_identity_expansion_and_copies_keep_the_function(llavas, tmp_path):
     a, _, _ = llavas
     base = llava_logits(a)
-    for name, steps in (("copy", "[{take: {model: a}}]"),
-                        ("expand", "[{take: {model: a}}, {expand: {groups: 2, init: identity}}]"),
-                        ("stack", "[{take: {model: a, layers: [0, 1]}}, {take: {model: a, layers: [1, 2]}}]")):
-        res = surgery.apply(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: {steps}\n", f"{name}.yaml"),
-                            tmp_path / name, progress=False)
+    for name, steps in (
+        ("copy", "[{take: {model: a}}]"),
+        ("expand", "[{take: {model: a}}, {expand: {groups: 2, init: identity}}]"),
+        ("stack", "[{take: {model: a, layers: [0, 1]}}, {take: {model: a, layers: [1, 2]}}]"),
+    ):
+        res = surgery.apply(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: {steps}\n", f"{name}.yaml"), tmp_path / name, progress=False)
         assert torch.equal(llava_logits(res.path), base), name
     cfg = json.loads((tmp_path / "expand" / "config.json").read_text())
     assert cfg["text_config"]["num_hidden_layers"] == 4 and "num_hidden_layers" not in cfg
@@ -47,8 +47,11 @@ def test_identity_expansion_and_copies_keep_the_function(llavas, tmp_path):
 
 def test_gstack_grows_only_the_language_model(llavas, tmp_path):
     a, _, _ = llavas
-    res = surgery.apply(write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{stack: {{times: 2}}}}]\n"),
-                        tmp_path / "g", progress=False)
+    res = surgery.apply(
+        write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{stack: {{times: 2}}}}]\n"),
+        tmp_path / "g",
+        progress=False,
+    )
     t, src = load_tensors(res.path), load_tensors(a)
     assert res.num_layers == 4
     assert torch.equal(t["language_model.model.layers.3.mlp.up_proj.weight"], src["language_model.model.layers.1.mlp.up_proj.weight"])
@@ -57,11 +60,15 @@ def test_gstack_grows_only_the_language_model(llavas, tmp_path):
 
 # method -> (shared parameters, models, base), as in mergekit's *_VLM_merge tests
 VLM_METHODS = {
-    "linear": ("", "ab", None), "slerp": ("parameters: {t: 0.5}", "ab", "a"),
+    "linear": ("", "ab", None),
+    "slerp": ("parameters: {t: 0.5}", "ab", "a"),
     "nuslerp": ("parameters: {nuslerp_row_wise: false, nuslerp_flatten: false}", "ab", "c"),
-    "task_arithmetic": ("", "ab", "c"), "ties": ("parameters: {density: 0.3}", "ab", "c"),
-    "dare_ties": ("parameters: {density: 0.66}", "ab", "c"), "breadcrumbs": ("", "ab", "c"),
-    "model_stock": ("", "bc", "a"), "model_stock_filterwise": ("parameters: {filter_wise: true}", "bc", "a"),
+    "task_arithmetic": ("", "ab", "c"),
+    "ties": ("parameters: {density: 0.3}", "ab", "c"),
+    "dare_ties": ("parameters: {density: 0.66}", "ab", "c"),
+    "breadcrumbs": ("", "ab", "c"),
+    "model_stock": ("", "bc", "a"),
+    "model_stock_filterwise": ("parameters: {filter_wise: true}", "bc", "a"),
 }
 
 
@@ -71,10 +78,14 @@ def test_mergekit_vlm_configs_run_and_load(llavas, tmp_path, method):
     paths = dict(zip("abc", llavas, strict=True))
     params, pair, base = VLM_METHODS[method]
     m1, m2 = paths[pair[0]], paths[pair[1]]
-    cfg = write_plan(tmp_path, f"merge_method: {method.removesuffix('_filterwise')}\n"
-                     + (f"base_model: {paths[base]}\n" if base else "")
-                     + f"models:\n  - model: {m1}\n    parameters: {{weight: 0.6}}\n  - model: {m2}\n"
-                     f"    parameters: {{weight: 0.4}}\ndtype: bfloat16\n{params}\n", "config.yml")
+    cfg = write_plan(
+        tmp_path,
+        f"merge_method: {method.removesuffix('_filterwise')}\n"
+        + (f"base_model: {paths[base]}\n" if base else "")
+        + f"models:\n  - model: {m1}\n    parameters: {{weight: 0.6}}\n  - model: {m2}\n"
+        f"    parameters: {{weight: 0.4}}\ndtype: bfloat16\n{params}\n",
+        "config.yml",
+    )
     a, b = m1, m2
     res = surgery.apply(cfg, tmp_path / "out", progress=False)
     logits = llava_logits(res.path)

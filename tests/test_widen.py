@@ -29,8 +29,11 @@ def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_pat
     base = logits(m)
     odd = old + old // 2 + (3 if family != "mixtral" else 4)  # transformers' fused MoE kernel needs 16-byte rows
     for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16)):
-        plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
-                                    f"{{widen: {{intermediate: {new}, init: {init}}}}}]\n", f"{init}-{new}.yaml")
+        plan = write_plan(
+            tmp_path,
+            f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: {new}, init: {init}}}}}]\n",
+            f"{init}-{new}.yaml",
+        )
         out = surgery.apply(plan, tmp_path / f"{init}-{new}", progress=False).path
         assert _inter(out) == new
         assert (logits(out) - base).abs().max().item() <= 1e-5, (family, init, new)
@@ -63,19 +66,27 @@ def test_random_is_reproducible_and_changes_the_function(models, tmp_path):
 
 def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     m = models("llama")
-    ok = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
-                              "{stack: {times: 2}}]\n", "ok.yaml")
+    ok = write_plan(
+        tmp_path,
+        f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, {{stack: {{times: 2}}}}]\n",
+        "ok.yaml",
+    )
     rep = surgery.validate(ok)
     assert rep.valid and rep.program.num_layers == 8 and "widened: MLP 96 (split)" in rep.program.stack[7].how()
     cases = {
-        "late.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, "
-                      "{take: {model: a}}]\n", "put `widen` after the last step"),
-        "shrink.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 32}}}}]\n",
-                        "only adds units"),
-        "moe.yaml": (f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
-                     "not available for family mixtral"),
-        "std.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96, std: 0.1}}}}]\n",
-                     "`std` only applies"),
+        "late.yaml": (
+            f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96}}}}, {{take: {{model: a}}}}]\n",
+            "put `widen` after the last step",
+        ),
+        "shrink.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 32}}}}]\n", "only adds units"),
+        "moe.yaml": (
+            f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
+            "not available for family mixtral",
+        ),
+        "std.yaml": (
+            f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96, std: 0.1}}}}]\n",
+            "`std` only applies",
+        ),
     }
     for name, (text, expect) in cases.items():
         rep = surgery.validate(write_plan(tmp_path, text, name))
@@ -104,10 +115,12 @@ def test_hidden_growth_errors(models, tmp_path):
     m = models("llama")
     for name, text, expect in (
         ("small.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 16}}}}]\n", "only adds units"),
-        ("gpt2.yaml", f"models: {{a: {models('gpt2')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
-         "hidden-size growth is not available for family gpt2"),
-        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n",
-         "grow by splitting"),
+        (
+            "gpt2.yaml",
+            f"models: {{a: {models('gpt2')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
+            "hidden-size growth is not available for family gpt2",
+        ),
+        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n", "grow by splitting"),
         ("none.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{}}}}]\n", "give `intermediate`"),
     ):
         rep = surgery.validate(write_plan(tmp_path, text, name))
@@ -126,8 +139,9 @@ def test_head_growth_keeps_the_function(models, tmp_path, family):
         cfg = json.loads((out / "config.json").read_text())
         assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 4, 8)
         assert (logits(out) - base).abs().max().item() <= 5e-6, (family, w)
-    rep = surgery.validate(write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, "
-                                                "{widen: {heads: 8, kv_heads: 3}}]\n", "bad.yaml"))
+    rep = surgery.validate(
+        write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{heads: 8, kv_heads: 3}}}}]\n", "bad.yaml")
+    )
     assert not rep.valid and "keep that ratio" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where
 
 
@@ -144,8 +158,10 @@ def test_surgery_json_records_what_grew_and_new_params_trains_it(models, tmp_pat
     assert w["sizes"] == {"intermediate": 96} and len(w["tensors"]) == 4 * 5  # gate and up (weights, biases), down
     write_pydoc_corpus(tmp_path / "train.jsonl", eval_path=tmp_path / "eval.jsonl")
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(f"model: {out}\noutput: {tmp_path / 'trained'}\ndata: {{files: [{tmp_path / 'train.jsonl'}], seq_len: 32}}\n"
-                   "steps: 2\nmicro_batch: 2\ntrainable: new-params\nlr: 1e-2\n")
+    cfg.write_text(
+        f"model: {out}\noutput: {tmp_path / 'trained'}\ndata: {{files: [{tmp_path / 'train.jsonl'}], seq_len: 32}}\n"
+        "steps: 2\nmicro_batch: 2\ntrainable: new-params\nlr: 1e-2\n"
+    )
     res = train(cfg, progress=False, echo=lambda *a: None)
     before, after = load_tensors(out), load_tensors(res.path)
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -13,5 +13,17 @@ from surgery.compile.program import Program, Shard, compile_plan, model_chat_tem
 from surgery.compile.stack import BUILTIN_OPS, Ctx, LayerSpec, merge_conditions, merge_ranges
 from surgery.compile.tensors import OutTensor
 
-__all__ = ["BUILTIN_OPS", "Ctx", "LayerSpec", "OutTensor", "Program", "Shard", "compile_plan", "merge_conditions",
-           "merge_ranges", "model_chat_template", "open_models", "shard_name"]
+__all__ = [
+    "BUILTIN_OPS",
+    "Ctx",
+    "LayerSpec",
+    "OutTensor",
+    "Program",
+    "Shard",
+    "compile_plan",
+    "merge_conditions",
+    "merge_ranges",
+    "model_chat_template",
+    "open_models",
+    "shard_name",
+]

@@ -53,8 +53,13 @@ def to_mergekit(program: Program) -> dict:
     if len(methods) > 1:
         problems.append(Problem(plan.source, f"the plan merges with {', '.join(methods)}; a mergekit config has one merge_method"))
     if methods and copies:
-        problems.append(Problem(copies[0].where, f"this step copies layers while another merges them ({methods[0]}); "
-                                "a mergekit config applies one merge_method to every slice"))
+        problems.append(
+            Problem(
+                copies[0].where,
+                f"this step copies layers while another merges them ({methods[0]}); "
+                "a mergekit config applies one merge_method to every slice",
+            )
+        )
     for s in stack:
         if s.init == "random":
             problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))

@@ -16,9 +16,19 @@ from __future__ import annotations
 from surgery.io.safetensors import DTYPES, FLOAT_CODES, dtype_name
 from surgery.errors import Problem
 
-CODES = ("duplicated-layers", "vocab-mismatch", "rope-mismatch", "narrowing-dtype", "gradient-too-long",
-         "unknown-family", "guessed-identity", "config", "chat-template", "unused-parameter",
-         "approximate-growth")
+CODES = (
+    "duplicated-layers",
+    "vocab-mismatch",
+    "rope-mismatch",
+    "narrowing-dtype",
+    "gradient-too-long",
+    "unknown-family",
+    "guessed-identity",
+    "config",
+    "chat-template",
+    "unused-parameter",
+    "approximate-growth",
+)
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
 
 
@@ -41,11 +51,16 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
             seen[key] = j
     for where, items in dup_at.items():
         shown = "; ".join(items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
-        out.append(Problem(where, f"{len(items)} output layer(s) repeat a layer as a plain copy ({shown}): the grown model "
-                           "does not compute what the original did until it is trained further",
-                           "intended for SOLAR / Gstack, which train further; to keep the function use `expand` with "
-                           "`init: identity`; `--ignore duplicated-layers` silences this",
-                           code="duplicated-layers"))
+        out.append(
+            Problem(
+                where,
+                f"{len(items)} output layer(s) repeat a layer as a plain copy ({shown}): the grown model "
+                "does not compute what the original did until it is trained further",
+                "intended for SOLAR / Gstack, which train further; to keep the function use `expand` with "
+                "`init: identity`; `--ignore duplicated-layers` silences this",
+                code="duplicated-layers",
+            )
+        )
     for i, step in enumerate(plan.steps):
         if not isinstance(step, Merge):
             continue
@@ -56,39 +71,66 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
         if plan.body.tokenizer is not None:
             pass  # a tokenizer source is set: differing vocabularies are realigned to it (compile)
         elif len(set(vocab.values())) > 1:
-            out.append(Problem(where, "merge of models with different vocabularies: " + ", ".join(f"{n} {v}" for n, v in vocab.items()),
-                               "token ids do not line up; use `tokenizer: union` (mergekit plugin) or models from one release",
-                               code="vocab-mismatch"))
+            out.append(
+                Problem(
+                    where,
+                    "merge of models with different vocabularies: " + ", ".join(f"{n} {v}" for n, v in vocab.items()),
+                    "token ids do not line up; use `tokenizer: union` (mergekit plugin) or models from one release",
+                    code="vocab-mismatch",
+                )
+            )
         elif None not in toks.values() and len(set(toks.values())) > 1:
-            out.append(Problem(where, f"merge of models whose tokenizers differ ({', '.join(names)}: tokenizer.json differs) "
-                               "although the vocabulary sizes match", "the same id may be a different token in each model; "
-                               "check that they share a tokenizer, or use `tokenizer: union` (mergekit plugin)",
-                               code="vocab-mismatch"))
+            out.append(
+                Problem(
+                    where,
+                    f"merge of models whose tokenizers differ ({', '.join(names)}: tokenizer.json differs) "
+                    "although the vocabulary sizes match",
+                    "the same id may be a different token in each model; "
+                    "check that they share a tokenizer, or use `tokenizer: union` (mergekit plugin)",
+                    code="vocab-mismatch",
+                )
+            )
         ropes = {n: rope_settings(ckpts[n].family.lm_config(ckpts[n].config)) for n in names}
         for key in sorted({k for r in ropes.values() for k in r}):
             vals = {n: r.get(key) for n, r in ropes.items()}
             if len({repr(v) for v in vals.values()}) > 1:
-                out.append(Problem(where, f"merge of models with different {key}: " + ", ".join(f"{n} {v!r}" for n, v in vals.items()),
-                                   "their position encodings differ, so merged attention weights disagree about positions",
-                                   code="rope-mismatch"))
+                out.append(
+                    Problem(
+                        where,
+                        f"merge of models with different {key}: " + ", ".join(f"{n} {v!r}" for n, v in vals.items()),
+                        "their position encodings differ, so merged attention weights disagree about positions",
+                        code="rope-mismatch",
+                    )
+                )
         a, b = merge_ranges(step, ckpts)[0]  # compile checked that every source's range has this length
         span = b - a
         grads = [(("t",), step.t)] + [(("overrides", k, "t"), o.t) for k, o in enumerate(step.overrides)]
         grads += [(("parameters", k), v) for k, v in step.parameters.items()]
         for key, g in grads:
             if isinstance(g, tuple) and g and all(isinstance(x, (int, float)) for x in g) and len(g) > max(span, 1):
-                out.append(Problem(plan.where("steps", i, "merge", *key), f"gradient has {len(g)} values for the {span} "
-                                   "layer(s) this merge spans; the extra anchors only reshape the interpolation",
-                                   f"give at most {span} values (one per layer) or fewer anchors", code="gradient-too-long"))
+                out.append(
+                    Problem(
+                        plan.where("steps", i, "merge", *key),
+                        f"gradient has {len(g)} values for the {span} "
+                        "layer(s) this merge spans; the extra anchors only reshape the interpolation",
+                        f"give at most {span} values (one per layer) or fewer anchors",
+                        code="gradient-too-long",
+                    )
+                )
     input_floats = {t.dtype for ck in ckpts.values() for t in ck.tensors.values() if t.dtype in FLOAT_CODES}
     narrower = sorted(c for c in input_floats if _narrows(c, out_code))
     if narrower:
         where = plan.where("output", "dtype") if plan.body.output.dtype else plan.where()
-        out.append(Problem(where, f"output dtype {dtype_name(out_code)} is narrower than the inputs' "
-                           f"{', '.join(dtype_name(c) for c in narrower)}: values are rounded"
-                           + (" and may overflow" if any(c == "BF16" and out_code == "F16" for c in narrower) else ""),
-                           f"set `output: {{dtype: {dtype_name(_widest(narrower))}}}` to keep the inputs' precision",
-                           code="narrowing-dtype"))
+        out.append(
+            Problem(
+                where,
+                f"output dtype {dtype_name(out_code)} is narrower than the inputs' "
+                f"{', '.join(dtype_name(c) for c in narrower)}: values are rounded"
+                + (" and may overflow" if any(c == "BF16" and out_code == "F16" for c in narrower) else ""),
+                f"set `output: {{dtype: {dtype_name(_widest(narrower))}}}` to keep the inputs' precision",
+                code="narrowing-dtype",
+            )
+        )
     return out
 
 

@@ -31,8 +31,9 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             changes.append(f"{key}: {cfg.get(key)} -> {n_new}")
         cfg[key] = n_new
     declared = set(family.per_layer_config)
-    detected = {k for k, v in cfg.items() if isinstance(v, list) and len(v) == n_old and k not in declared
-                and k != "architectures" and n_old > 1}
+    detected = {
+        k for k, v in cfg.items() if isinstance(v, list) and len(v) == n_old and k not in declared and k != "architectures" and n_old > 1
+    }
     for key in sorted(declared | detected):
         if not isinstance(cfg.get(key), list):
             continue
@@ -47,8 +48,7 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
         cfg[key] = new
         changes.append(f"{key}: {n_old} entries -> {n_new}, following the layer map")
         if key in detected:
-            note(f"config {key!r} has one entry per layer, so it was remapped with the layers "
-                 f"(not declared for family {family.name})")
+            note(f"config {key!r} has one entry per layer, so it was remapped with the layers (not declared for family {family.name})")
     for key in family.layer_threshold_config:
         v = cfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool):
@@ -86,9 +86,15 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
     if w is not None and (w.heads is not None or w.kv_heads is not None or w.hidden is not None):
         h, a = cfg.get("hidden_size"), cfg.get("num_attention_heads")
         if isinstance(h, int) and isinstance(a, int) and a and h % a:
-            warnings.append(Problem(stack[0].widen_where, f"hidden_size {h} is not a multiple of num_attention_heads {a}: "
-                                    "transformers' Llama and Gemma configs refuse to load that (Qwen2/3 and Phi-3 load it)",
-                                    f"choose heads that divide {h}, or grow hidden too", code="config"))
+            warnings.append(
+                Problem(
+                    stack[0].widen_where,
+                    f"hidden_size {h} is not a multiple of num_attention_heads {a}: "
+                    "transformers' Llama and Gemma configs refuse to load that (Qwen2/3 and Phi-3 load it)",
+                    f"choose heads that divide {h}, or grow hidden too",
+                    code="config",
+                )
+            )
     if w is not None and w.intermediate is not None and family.mlp_in:
         key, new_i = family.intermediate_key, w.intermediate
         if cfg.get(key) != new_i:
@@ -96,8 +102,10 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             cfg[key] = new_i
     for key in family.position_dependent_config:
         if cfg.get(key):
-            note(f"config {key} is set: layers behave differently at different depths, "
-                 "so moved copies are not exact copies of their function")
+            note(
+                f"config {key} is set: layers behave differently at different depths, "
+                "so moved copies are not exact copies of their function"
+            )
     tname = dtype_name(out_code)
     for c in [full, cfg] if cfg is not full else [full]:
         for key in ("dtype", "torch_dtype"):

@@ -21,7 +21,7 @@ from surgery.plan import Merge, Plan, Take
 
 from surgery.compile.outconfig import output_config
 from surgery.compile.stack import Ctx, LayerSpec
-from surgery.compile.tensors import (widen_hidden, OutTensor, layer_tensors, non_layer_tensors, realign_vocab, vocabularies_differ)
+from surgery.compile.tensors import widen_hidden, OutTensor, layer_tensors, non_layer_tensors, realign_vocab, vocabularies_differ
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,11 @@ class Program:
         from surgery.recipes import Gather, Tile, Widen, leaves_of
 
         grown = [t.name for t in self.tensors if any(isinstance(r, (Widen, Tile, Gather)) for r in leaves_of(t.recipe))]
-        sizes = {k: v for k, v in (("intermediate", w.intermediate), ("hidden", w.hidden), ("heads", w.heads),
-                                   ("kv_heads", w.kv_heads)) if v is not None}
+        sizes = {
+            k: v
+            for k, v in (("intermediate", w.intermediate), ("hidden", w.hidden), ("heads", w.heads), ("kv_heads", w.kv_heads))
+            if v is not None
+        }
         return {"sizes": sizes, "init": w.init, "tensors": grown}
 
     @property
@@ -92,22 +95,31 @@ class Program:
         return small_files(self.ckpts[self.tokenizer_model].path)
 
     def layer_map(self) -> list[dict]:
-        return [{"layer": i, "source": s.source_text(), "how": s.how(), "new": s.new,
-                 "sources": [list(x) for x in s.sources], "made": s.init if s.merge is None or s.init != "copy" else "merge",
-                 "step": s.step, "where": s.where} for i, s in enumerate(self.stack)]
+        return [
+            {
+                "layer": i,
+                "source": s.source_text(),
+                "how": s.how(),
+                "new": s.new,
+                "sources": [list(x) for x in s.sources],
+                "made": s.init if s.merge is None or s.init != "copy" else "merge",
+                "step": s.step,
+                "where": s.where,
+            }
+            for i, s in enumerate(self.stack)
+        ]
 
 
-
-def open_models(plan: Plan, *, allow_pickle: bool = False, headers_only: bool = False,
-                offline: bool = False) -> dict[str, Checkpoint]:
+def open_models(plan: Plan, *, allow_pickle: bool = False, headers_only: bool = False, offline: bool = False) -> dict[str, Checkpoint]:
     """Resolve and open every model the plan names; all failures are reported together."""
     ckpts: dict[str, Checkpoint] = {}
     problems: list[Problem] = []
     for name in plan.body.models:
         ref = plan.model_ref(name)
         try:
-            path = resolve_ref(ref.path, plan.base_dir, revision=ref.revision, where=plan.where("models", name),
-                               headers_only=headers_only, offline=offline)
+            path = resolve_ref(
+                ref.path, plan.base_dir, revision=ref.revision, where=plan.where("models", name), headers_only=headers_only, offline=offline
+            )
             ckpts[name] = open_checkpoint(name, ref.path, path, allow_pickle=allow_pickle)
         except SurgeryError as e:
             problems += e.problems
@@ -116,21 +128,23 @@ def open_models(plan: Plan, *, allow_pickle: bool = False, headers_only: bool = 
     return ckpts
 
 
-def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Checkpoint] | None = None,
-                 headers_only: bool = False, offline: bool = False) -> Program:
+def compile_plan(
+    plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Checkpoint] | None = None, headers_only: bool = False, offline: bool = False
+) -> Program:
     """The plan against its models' headers. `headers_only`: hub models may be header-only views
     (validate); a Program compiled so is for reporting, not for `execute`."""
-    ckpts = ckpts if ckpts is not None else open_models(plan, allow_pickle=allow_pickle, headers_only=headers_only,
-                                                        offline=offline)
+    ckpts = ckpts if ckpts is not None else open_models(plan, allow_pickle=allow_pickle, headers_only=headers_only, offline=offline)
     first = plan.steps[0]
     first_model = first.model if isinstance(first, Take) else first.sources[0].model if isinstance(first, Merge) else None
     if first_model is None:
-        raise PlanError(Problem(plan.step_where(0), f"the first step is `{first.op}`, which needs layers to work on",
-                                "start with `take` or `merge`"))
+        raise PlanError(
+            Problem(plan.step_where(0), f"the first step is `{first.op}`, which needs layers to work on", "start with `take` or `merge`")
+        )
     config_model = plan.body.non_layer or first_model
     base = ckpts[config_model]
-    default_std = float(base.family.lm_config(base.config).get("initializer_range", 0.02)
-                        or base.config.get("initializer_range", 0.02) or 0.02)
+    default_std = float(
+        base.family.lm_config(base.config).get("initializer_range", 0.02) or base.config.get("initializer_range", 0.02) or 0.02
+    )
 
     stack: list[LayerSpec] = []
     for i, step in enumerate(plan.steps):
@@ -139,26 +153,41 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     widths = {x.widen for x in stack}
     if len(widths) > 1:
         w = next(x for x in stack if x.widen is not None)
-        raise PlanError(Problem(w.widen_where, "some layers are widened and some are not: steps after `widen` added "
-                                "layers of the original width", "put `widen` after the last step that adds layers"))
+        raise PlanError(
+            Problem(
+                w.widen_where,
+                "some layers are widened and some are not: steps after `widen` added layers of the original width",
+                "put `widen` after the last step that adds layers",
+            )
+        )
     family = base.family
     warnings: list = []  # Problems with a code; plain strings (config notes) get the code `config` below
     if family.guessed:
-        warnings.append(Problem(plan.where("models", config_model), f"model {config_model!r}: unknown family; {family.notes}",
-                                "register an architecture entry (a plugin's api.family) if the guess is wrong",
-                                code="unknown-family"))
+        warnings.append(
+            Problem(
+                plan.where("models", config_model),
+                f"model {config_model!r}: unknown family; {family.notes}",
+                "register an architecture entry (a plugin's api.family) if the guess is wrong",
+                code="unknown-family",
+            )
+        )
     out_code = DTYPE_NAMES[plan.body.output.dtype] if plan.body.output.dtype else base.dtype
 
     tok = plan.body.tokenizer or config_model
     realign = None  # the tokenizer source that realigns token-indexed tensors, decided before shapes are compared
     if tok not in ckpts:  # a tokenizer source from a plugin, e.g. "union"
         realign = tok
-    elif plan.body.tokenizer is not None and (plan.body.tokenizer_options is not None
-                                              or vocabularies_differ(plan, ckpts, family, tok)):
+    elif plan.body.tokenizer is not None and (plan.body.tokenizer_options is not None or vocabularies_differ(plan, ckpts, family, tok)):
         if "model" not in registry.current().tokenizer_sources:
-            raise PlanError(Problem(plan.where("tokenizer"), f"the models' vocabularies differ from {tok!r}'s; realigning "
-                                    "their embeddings to its tokenizer (as mergekit's tokenizer_source does), or "
-                                    "tokenizer_options, needs the mergekit plugin", "pip install -e plugins/surgery-mergekit"))
+            raise PlanError(
+                Problem(
+                    plan.where("tokenizer"),
+                    f"the models' vocabularies differ from {tok!r}'s; realigning "
+                    "their embeddings to its tokenizer (as mergekit's tokenizer_source does), or "
+                    "tokenizer_options, needs the mergekit plugin",
+                    "pip install -e plugins/surgery-mergekit",
+                )
+            )
         realign = "model"
     vocab_rows_free = (set(family.embeddings) | {family.lm_head}) if realign else set()
     tensors: list[OutTensor] = []
@@ -167,8 +196,17 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     problems: list[Problem] = []
     for j, spec in enumerate(stack):
         try:
-            tensors += layer_tensors(j, spec, ckpts, family, base, out_code, warnings,
-                                      DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None, plan.body.seed)
+            tensors += layer_tensors(
+                j,
+                spec,
+                ckpts,
+                family,
+                base,
+                out_code,
+                warnings,
+                DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None,
+                plan.body.seed,
+            )
         except SurgeryError as e:
             problems += e.problems
     if problems:
@@ -176,15 +214,20 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
     tensors += post
     if any(s.init == "identity" for s in stack) and family.guessed:
         first_id = next(s for s in stack if s.init == "identity")
-        warnings.append(Problem(first_id.where or plan.where(), "identity blocks in a family surgery does not know: output "
-                                "projections were guessed by name, so the expansion may not preserve the function",
-                                "check `surgery validate --tensors`, or register an architecture entry", code="guessed-identity"))
+        warnings.append(
+            Problem(
+                first_id.where or plan.where(),
+                "identity blocks in a family surgery does not know: output "
+                "projections were guessed by name, so the expansion may not preserve the function",
+                "check `surgery validate --tensors`, or register an architecture entry",
+                code="guessed-identity",
+            )
+        )
     config, changes = output_config(base, ckpts, stack, family, out_code, warnings)
     shards = _schedule(tensors, plan.body.output.shard_size)
     merger = None
     if realign is not None:
-        tensors, merger = realign_vocab(plan, ckpts, family, tensors, realign, config_model,
-                                         tok if realign == "model" else None)
+        tensors, merger = realign_vocab(plan, ckpts, family, tensors, realign, config_model, tok if realign == "model" else None)
         lm = family.lm_config(config)
         old_v = lm.get("vocab_size")
         lm["vocab_size"] = merger.vocab_size
@@ -196,10 +239,16 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
         tensors = widen_hidden(tensors, stack[0], family, base)
         h_old = family.lm_config(base.config).get("hidden_size")
         if isinstance(h_old, int) and stack[0].widen.hidden % h_old:
-            warnings.append(Problem(stack[0].widen_where, f"hidden {h_old} -> {stack[0].widen.hidden} is not a whole "
-                                    "multiple: units are copied unevenly, so norms see a different RMS and the grown model "
-                                    "computes the original function only approximately",
-                                    f"use a multiple of {h_old} (e.g. {2 * h_old}) for an exact copy", code="approximate-growth"))
+            warnings.append(
+                Problem(
+                    stack[0].widen_where,
+                    f"hidden {h_old} -> {stack[0].widen.hidden} is not a whole "
+                    "multiple: units are copied unevenly, so norms see a different RMS and the grown model "
+                    "computes the original function only approximately",
+                    f"use a multiple of {h_old} (e.g. {2 * h_old}) for an exact copy",
+                    code="approximate-growth",
+                )
+            )
         shards = _schedule(tensors, plan.body.output.shard_size)
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
     if chat is not None:  # apply rewrites the copied tokenizer_config.json: it must parse now, in validate too
@@ -208,11 +257,8 @@ def compile_plan(plan: Plan, *, allow_pickle: bool = False, ckpts: dict[str, Che
             raise CheckpointError("tokenizer_config.json is not a JSON object", where=str(tc))
     small_files(ckpts[tok].path)  # links leading out of a model folder are refused in validate, not after the shards
     warnings += lint(plan, ckpts, stack, out_code)
-    warnings = list(plan.doc.notes) + [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config")
-                                       for w in warnings]
-    return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings,
-                   merger, chat)
-
+    warnings = list(plan.doc.notes) + [w if isinstance(w, Problem) else Problem(plan.where(), w, code="config") for w in warnings]
+    return Program(plan, ckpts, family, config_model, tok, stack, tensors, shards, config, changes, out_code, warnings, merger, chat)
 
 
 def model_chat_template(path) -> str | None:
@@ -242,19 +288,27 @@ def _chat_template(plan: Plan, ckpts, warnings) -> str | None:
     if value == "auto":
         found = [t.strip() for t in (model_chat_template(c.path) for c in ckpts.values()) if t]
         if not found:
-            warnings.append(Problem(plan.where("chat_template"), "chat_template: auto found no chat template in the models; "
-                                    "none written", code="chat-template"))
+            warnings.append(
+                Problem(
+                    plan.where("chat_template"),
+                    "chat_template: auto found no chat template in the models; none written",
+                    code="chat-template",
+                )
+            )
             return None
         return Counter(found).most_common(1)[0][0]
     if "{" in value or "\n" in value or len(value) >= 256:
         return value
     text = registry.current().chat_template(value)
     if text is None:
-        raise PlanError(Problem(plan.where("chat_template"), f"unknown chat template name {value!r}",
-                                "give the Jinja template itself, `auto`, or a name the mergekit plugin ships "
-                                "(chatml, llama3, alpaca, mistral, ...)"))
+        raise PlanError(
+            Problem(
+                plan.where("chat_template"),
+                f"unknown chat template name {value!r}",
+                "give the Jinja template itself, `auto`, or a name the mergekit plugin ships (chatml, llama3, alpaca, mistral, ...)",
+            )
+        )
     return text
-
 
 
 def shard_name(i: int, n: int) -> str:

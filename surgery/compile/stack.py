@@ -13,9 +13,9 @@ from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, 
 from surgery.plan.settings import Cond, conditions_of
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the layer stack
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -45,15 +45,22 @@ class LayerSpec:
         return srcs
 
     def how(self) -> str:
-        text = {"copy": "copy", "identity": "identity (output projections zeroed)", "zero": "zero (norms kept)",
-                "random": f"random (std {self.std:g}, seed {self.seed})" if self.std else "random"}[self.init]
+        text = {
+            "copy": "copy",
+            "identity": "identity (output projections zeroed)",
+            "zero": "zero (norms kept)",
+            "random": f"random (std {self.std:g}, seed {self.seed})" if self.std else "random",
+        }[self.init]
         if self.merge is not None and self.init == "copy":
             text = "merge"
         text += f" [{self.step}]"
         if self.widen is not None:
             w = self.widen
-            parts = [f"{k} {v}" for k, v in (("MLP", w.intermediate), ("hidden", w.hidden), ("heads", w.heads),
-                                              ("kv heads", w.kv_heads)) if v is not None]
+            parts = [
+                f"{k} {v}"
+                for k, v in (("MLP", w.intermediate), ("hidden", w.hidden), ("heads", w.heads), ("kv heads", w.kv_heads))
+                if v is not None
+            ]
             text += f", widened: {', '.join(parts)} ({w.init})"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
@@ -83,8 +90,9 @@ class Ctx:
             return 0, n
         a, b = rng
         if b > n:
-            raise self.fail(f"layer range [{a}, {b}) is past the end of the current stack, which has {n} layers",
-                            f"use a range within [0, {n}]", key)
+            raise self.fail(
+                f"layer range [{a}, {b}) is past the end of the current stack, which has {n} layers", f"use a range within [0, {n}]", key
+            )
         return a, b
 
 
@@ -96,13 +104,15 @@ def op(name: str):
     def deco(fn: OpFn) -> OpFn:
         BUILTIN_OPS[name] = fn
         return fn
+
     return deco
 
 
 def _need_stack(stack, ctx: Ctx):
     if not stack:
-        raise ctx.fail(f"`{ctx.step.op}` works on the layers built so far, and there are none yet",
-                       "start the steps with `take` or `merge`")
+        raise ctx.fail(
+            f"`{ctx.step.op}` works on the layers built so far, and there are none yet", "start the steps with `take` or `merge`"
+        )
 
 
 @op("take")
@@ -110,12 +120,17 @@ def _take(s: Take, stack, ctx: Ctx):
     ck = ctx.ckpts[s.model]
     a, b = s.layers or (0, ck.num_layers)
     if b > ck.num_layers:
-        raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {s.model!r}, which has {ck.num_layers} layers",
-                       f"use a range within [0, {ck.num_layers}]", ("layers",))
+        raise ctx.fail(
+            f"layer range [{a}, {b}) is past the end of model {s.model!r}, which has {ck.num_layers} layers",
+            f"use a range within [0, {ck.num_layers}]",
+            ("layers",),
+        )
     n = b - a
     scale = conditions_of(s.scale)
-    return stack + [LayerSpec(((s.model, i),), "take", ctx.where, t=(k / (n - 1) if n > 1 else 1.0), take_scale=scale)
-                    for k, i in enumerate(range(a, b))]
+    return stack + [
+        LayerSpec(((s.model, i),), "take", ctx.where, t=(k / (n - 1) if n > 1 else 1.0), take_scale=scale)
+        for k, i in enumerate(range(a, b))
+    ]
 
 
 @op("stack")
@@ -141,8 +156,11 @@ def _dus(s: Dus, stack, ctx: Ctx):
     else:
         m = n - s.layers // 2
         if not 1 <= m <= n - 1:
-            raise ctx.fail(f"cannot reach {s.layers} layers from {n}: depth up-scaling gives s = 2 * (n - m) with "
-                           f"1 <= m < n, so s is even and 2 <= s <= {2 * (n - 1)}", key=("layers",))
+            raise ctx.fail(
+                f"cannot reach {s.layers} layers from {n}: depth up-scaling gives s = 2 * (n - m) with "
+                f"1 <= m < n, so s is even and 2 <= s <= {2 * (n - 1)}",
+                key=("layers",),
+            )
     return stack[: n - m] + [replace(x, step="dus", where=ctx.where) for x in stack[m:]]
 
 
@@ -152,15 +170,18 @@ def _expand(s: Expand, stack, ctx: Ctx):
     n = len(stack)
     if n % s.groups:
         divisors = [d for d in range(1, n + 1) if n % d == 0]
-        raise ctx.fail(f"{n} layers cannot be split into {s.groups} equal groups",
-                       f"valid groups for {n} layers: {', '.join(map(str, divisors))}", ("groups",))
+        raise ctx.fail(
+            f"{n} layers cannot be split into {s.groups} equal groups",
+            f"valid groups for {n} layers: {', '.join(map(str, divisors))}",
+            ("groups",),
+        )
     if n + s.groups * s.per_group > MAX_LAYERS:
         raise ctx.fail(f"expanding gives more than {MAX_LAYERS} layers")
     size = n // s.groups
     std = (s.std or ctx.default_std) if s.init == "random" else None
     out: list[LayerSpec] = []
     for g in range(s.groups):
-        block = stack[g * size:(g + 1) * size]
+        block = stack[g * size : (g + 1) * size]
         out += block
         top = block[-1]
         out += [replace(top, init=s.init, std=std, seed=s.seed, step="expand", where=ctx.where)] * s.per_group
@@ -172,15 +193,22 @@ def _widen(s: Widen, stack, ctx: Ctx):
     _need_stack(stack, ctx)
     family = ctx.ckpts[stack[0].sources[0][0]].family
     if s.intermediate is not None and not family.mlp_in:
-        raise ctx.fail(f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
-                       "MoE experts and unknown families)", "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, "
-                       "phi3, gpt2, gpt_neox, llava)", ("intermediate",))
+        raise ctx.fail(
+            f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
+            "MoE experts and unknown families)",
+            "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, phi3, gpt2, gpt_neox, llava)",
+            ("intermediate",),
+        )
     if (s.heads is not None or s.kv_heads is not None) and not family.attention:
-        raise ctx.fail(f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma or "
-                       "phi3 model", ("heads",))
+        raise ctx.fail(
+            f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma or phi3 model", ("heads",)
+        )
     if s.hidden is not None and not family.hidden_in:
-        raise ctx.fail(f"hidden-size growth is not available for family {family.name} yet", "widen `intermediate` only, "
-                       "or a llama, mistral, qwen2/3, gemma or phi3 model", ("hidden",))
+        raise ctx.fail(
+            f"hidden-size growth is not available for family {family.name} yet",
+            "widen `intermediate` only, or a llama, mistral, qwen2/3, gemma or phi3 model",
+            ("hidden",),
+        )
     if any(x.widen is not None for x in stack):
         raise ctx.fail("the layers are widened already; give one `widen` step with the final size", key=("intermediate",))
     return [replace(x, widen=s, widen_where=ctx.where) for x in stack]
@@ -215,8 +243,11 @@ def _merge(s: Merge, stack, ctx: Ctx):
         ck = ctx.ckpts[src.model]
         key = ("models", j, "layers") if src.layers is not None else ("layers",)
         if b > ck.num_layers:
-            raise ctx.fail(f"layer range [{a}, {b}) is past the end of model {src.model!r}, which has {ck.num_layers} layers",
-                           f"use a range within [0, {ck.num_layers}]", key)
+            raise ctx.fail(
+                f"layer range [{a}, {b}) is past the end of model {src.model!r}, which has {ck.num_layers} layers",
+                f"use a range within [0, {ck.num_layers}]",
+                key,
+            )
     lengths = {b - a for a, b in ranges}
     if len(lengths) != 1:
         desc = ", ".join(f"{src.model} [{a}, {b})" for src, (a, b) in zip(s.sources, ranges, strict=True))
@@ -225,8 +256,9 @@ def _merge(s: Merge, stack, ctx: Ctx):
     out = []
     for idx in range(n):
         t = idx / (n - 1) if n > 1 else 1.0
-        out.append(LayerSpec(tuple((src.model, a + idx) for src, (a, _) in zip(s.sources, ranges, strict=True)),
-                             "merge", ctx.where, merge=s, t=t))
+        out.append(
+            LayerSpec(tuple((src.model, a + idx) for src, (a, _) in zip(s.sources, ranges, strict=True)), "merge", ctx.where, merge=s, t=t)
+        )
     return stack + out
 
 

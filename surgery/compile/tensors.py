@@ -30,13 +30,12 @@ class OutTensor:
         return self.recipe.nbytes
 
 
-
 def _vocab_models(plan) -> list[str]:
     used = {m for s in plan.steps for m in step_models(s)}
     if plan.body.tokenizer in plan.body.models:
         used.add(plan.body.tokenizer)
     opts = plan.body.tokenizer_options
-    for setting in (opts.tokens.values() if opts is not None else ()):
+    for setting in opts.tokens.values() if opts is not None else ():
         src = setting.source
         model = src if isinstance(src, str) else getattr(src, "model", None)
         if model:
@@ -58,8 +57,7 @@ def vocabularies_differ(plan, ckpts, family: Family, tok: str) -> bool:
     return False
 
 
-def realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str,
-                   model: str | None = None):
+def realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source: str, config_model: str, model: str | None = None):
     """Rewrite every token-indexed tensor's inputs to the vocabulary of `source` (a tokenizer source
     such as "union"; "model": the tokenizer of plan model `model`, the others realigned to it)."""
     from surgery.recipes import VocabPermute, map_children
@@ -76,9 +74,13 @@ def realign_vocab(plan, ckpts, family: Family, tensors: list[OutTensor], source:
     except SurgeryError:
         raise
     except Exception as e:  # the plugin's tokenizer code (a token that does not exist, ...)
-        raise PlanError(Problem(plan.where("tokenizer_options" if opts is not None else "tokenizer"),
-                                f"building the output tokenizer failed: {type(e).__name__}: {str(e)[:300]}",
-                                "check the tokenizer settings and the models' tokenizer files")) from None
+        raise PlanError(
+            Problem(
+                plan.where("tokenizer_options" if opts is not None else "tokenizer"),
+                f"building the output tokenizer failed: {type(e).__name__}: {str(e)[:300]}",
+                "check the tokenizer settings and the models' tokenizer files",
+            )
+        ) from None
     vocab_names = set(family.embeddings) | {family.lm_head}
 
     def rewrite(r: Recipe) -> Recipe:
@@ -105,8 +107,17 @@ def _cast(r: Recipe, code: str) -> Recipe:
     return r
 
 
-def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: float, where: str,
-            input_dtype: str | None, seed: int | None = None, rows_free: bool = False) -> Recipe:
+def _merged(
+    m: Merge,
+    names: list[tuple[str, str]],
+    ckpts,
+    out_name: str,
+    t: float,
+    where: str,
+    input_dtype: str | None,
+    seed: int | None = None,
+    rows_free: bool = False,
+) -> Recipe:
     """One output tensor of a merge. `names`: (model, input tensor name) per source, in source order.
     `rows_free`: a token-indexed tensor that is realigned to one vocabulary afterwards, so only its
     other dimensions must agree now."""
@@ -114,8 +125,11 @@ def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: flo
     shapes = {r.shape[1:] if rows_free else r.shape for r in reads}
     if len(shapes) != 1:
         desc = ", ".join(f"{model}:{n} {list(r.shape)}" for (model, n), r in zip(names, reads, strict=True))
-        raise PlanError(Problem(where, f"cannot merge tensors of different shapes for {out_name}: {desc}",
-                                "merge models of the same architecture and size"))
+        raise PlanError(
+            Problem(
+                where, f"cannot merge tensors of different shapes for {out_name}: {desc}", "merge models of the same architecture and size"
+            )
+        )
     for (model, n), r in zip(names, reads, strict=True):
         if r.dtype not in FLOAT_CODES:
             raise PlanError(Problem(where, f"cannot merge {model}:{n}: dtype {r.dtype} is not floating point"))
@@ -129,20 +143,36 @@ def _merged(m: Merge, names: list[tuple[str, str]], ckpts, out_name: str, t: flo
         v = resolve(conds, name, t, None)
         if v is None:
             if p.required:
-                raise PlanError(Problem(where, f"{m.method} needs parameter {p.name!r} for {name}",
-                                        f"set `{p.name}` on the merge (or per model)"))
+                raise PlanError(
+                    Problem(where, f"{m.method} needs parameter {p.name!r} for {name}", f"set `{p.name}` on the merge (or per model)")
+                )
             return p.default
         return v
 
     shared = {p.name: value(p, shared_c.get(p.name, ()), out_name) for p in spec.shared}
     per_input = []
     for i, (model, n) in enumerate(names):
-        per_input.append({p.name: value(p, per_c[i].get(p.name, ()) + shared_c.get(p.name, ()), n)
-                          for p in spec.per_input if p.scope == "input" or i != base_index})
+        per_input.append(
+            {
+                p.name: value(p, per_c[i].get(p.name, ()) + shared_c.get(p.name, ()), n)
+                for p in spec.per_input
+                if p.scope == "input" or i != base_index
+            }
+        )
     if spec.build is not None:
         return spec.build(reads, base_index, shared, per_input)
-    return External(m.method, tuple(reads), tuple(models), base_index, tuple(sorted(shared.items())),
-                    tuple(tuple(sorted(p.items())) for p in per_input), out_name, reads[0].dtype, seed, where)
+    return External(
+        m.method,
+        tuple(reads),
+        tuple(models),
+        base_index,
+        tuple(sorted(shared.items())),
+        tuple(tuple(sorted(p.items())) for p in per_input),
+        out_name,
+        reads[0].dtype,
+        seed,
+        where,
+    )
 
 
 def _read(ckpts, model: str, name: str, input_dtype: str | None) -> Recipe:
@@ -170,8 +200,9 @@ def non_layer_tensors(plan, ckpts, base: Checkpoint, first: Step, out_code, warn
             missing = [s.model for s in step.sources if name not in ckpts[s.model].tensors]
             if missing:
                 raise PlanError(Problem(where, f"cannot merge {name}: models {missing} do not have it"))
-            r = _merged(step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed,
-                        rows_free=name in rows_free)
+            r = _merged(
+                step, [(s.model, name) for s in step.sources], ckpts, name, 0.0, where, in_dt, plan.body.seed, rows_free=name in rows_free
+            )
         elif isinstance(step, Take):
             if name not in ckpts[step.model].tensors:
                 raise PlanError(Problem(where, f"model {step.model!r} has no tensor {name!r}"))
@@ -194,8 +225,13 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
     kind, dim, parts = role
     old, new = r.shape[dim] // parts, spec.widen.intermediate
     if new < old:
-        raise PlanError(Problem(spec.widen_where or spec.where, f"widen to {new} units: the MLP already has {old}; "
-                                "width growth only adds units", f"use intermediate >= {old}"))
+        raise PlanError(
+            Problem(
+                spec.widen_where or spec.where,
+                f"widen to {new} units: the MLP already has {old}; width growth only adds units",
+                f"use intermediate >= {old}",
+            )
+        )
     if new == old:
         return r
     std = spec.widen.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
@@ -211,15 +247,19 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
     h = cfg.get("hidden_size")
     d = cfg.get("head_dim") or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
     if not (isinstance(a, int) and isinstance(k, int) and isinstance(d, int) and k and a % k == 0):
-        raise PlanError(Problem(None, "widen heads: the config does not give num_attention_heads, num_key_value_heads and "
-                                "the head size"))
+        raise PlanError(Problem(None, "widen heads: the config does not give num_attention_heads, num_key_value_heads and the head size"))
     g = a // k
     a2 = w.heads if w.heads is not None else w.kv_heads * g
     k2 = w.kv_heads if w.kv_heads is not None else (a2 // g if a2 % g == 0 else None)
     if k2 is None or a2 != k2 * g or a2 < a or k2 < k:
-        raise PlanError(Problem(None, f"widen heads: {a} heads share {k} key/value heads ({g} per group); the new counts "
-                                f"must keep that ratio and not shrink (got heads {a2}, kv_heads {k2})",
-                                f"e.g. heads: {2 * a}, kv_heads: {2 * k}"))
+        raise PlanError(
+            Problem(
+                None,
+                f"widen heads: {a} heads share {k} key/value heads ({g} per group); the new counts "
+                f"must keep that ratio and not shrink (got heads {a2}, kv_heads {k2})",
+                f"e.g. heads: {2 * a}, kv_heads: {2 * k}",
+            )
+        )
     return a, k, a2, k2, d
 
 
@@ -248,15 +288,29 @@ def _heads(r: Recipe, spec: LayerSpec, family: Family, counts, suffix: str) -> R
     return r
 
 
-def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoint, out_code: str, warnings,
-                   in_dt: str | None = None, seed: int | None = None) -> list[OutTensor]:
+def layer_tensors(
+    j: int,
+    spec: LayerSpec,
+    ckpts,
+    family: Family,
+    base: Checkpoint,
+    out_code: str,
+    warnings,
+    in_dt: str | None = None,
+    seed: int | None = None,
+) -> list[OutTensor]:
     m0, l0 = spec.sources[0]
     src_layer = ckpts[m0].layers[l0]
     ref_layer = base.layers[0]
     if set(src_layer) != set(ref_layer):
         extra = sorted(set(src_layer) ^ set(ref_layer))[:4]
-        raise PlanError(Problem(spec.where, f"layer {l0} of {m0!r} does not have the tensors of {base.name!r}'s layers "
-                                f"(differs in {extra})", "all layers in one output must come from the same architecture"))
+        raise PlanError(
+            Problem(
+                spec.where,
+                f"layer {l0} of {m0!r} does not have the tensors of {base.name!r}'s layers (differs in {extra})",
+                "all layers in one output must come from the same architecture",
+            )
+        )
     out: list[OutTensor] = []
     zeroed = 0
     for suffix, name in src_layer.items():
@@ -272,9 +326,14 @@ def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoi
         else:
             r = _scaled(_read(ckpts, m0, name, in_dt), spec.take_scale, name, spec.t)
         if r.shape != ckpts[base.name].tensors[ref_layer[suffix]].shape:
-            raise PlanError(Problem(spec.where, f"{m0}:{name} has shape {list(r.shape)} but the output's layers "
-                                    f"({base.name!r}) need {list(base.tensors[ref_layer[suffix]].shape)}",
-                                    "all layers in one output must come from models of the same size"))
+            raise PlanError(
+                Problem(
+                    spec.where,
+                    f"{m0}:{name} has shape {list(r.shape)} but the output's layers "
+                    f"({base.name!r}) need {list(base.tensors[ref_layer[suffix]].shape)}",
+                    "all layers in one output must come from models of the same size",
+                )
+            )
         if spec.init == "identity" and family.is_output_projection(suffix):
             r, zeroed = Zeros(r.shape, r.dtype), zeroed + 1
         elif spec.init == "zero" and not family.is_norm(suffix):
@@ -292,9 +351,14 @@ def layer_tensors(j: int, spec: LayerSpec, ckpts, family: Family, base: Checkpoi
                 r = Scale(r, k)
         out.append(OutTensor(out_name, _cast(r, out_code)))
     if spec.init == "identity" and not zeroed:
-        raise PlanError(Problem(spec.where, f"identity init: no output projections found in layer {l0} of {m0!r} "
-                                f"(family {family.name}); the copy would not be function-preserving",
-                                "use init: copy, or register an architecture entry naming the output projections"))
+        raise PlanError(
+            Problem(
+                spec.where,
+                f"identity init: no output projections found in layer {l0} of {m0!r} "
+                f"(family {family.name}); the copy would not be function-preserving",
+                "use init: copy, or register an architecture entry naming the output projections",
+            )
+        )
     return out
 
 
@@ -309,8 +373,13 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
     h_old = family.lm_config(base.config).get("hidden_size")
     w = spec.widen
     if not isinstance(h_old, int) or w.hidden < h_old:
-        raise PlanError(Problem(spec.widen_where, f"widen hidden to {w.hidden}: the hidden size is {h_old}; width growth "
-                                "only adds units", f"use hidden >= {h_old}"))
+        raise PlanError(
+            Problem(
+                spec.widen_where,
+                f"widen hidden to {w.hidden}: the hidden size is {h_old}; width growth only adds units",
+                f"use hidden >= {h_old}",
+            )
+        )
     if w.hidden % h_old:
         return _widen_hidden_partial(tensors, spec, family, base, h_old)
     k = w.hidden // h_old
@@ -340,17 +409,22 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             if not tied:
                 tile = Tile(r, 0, k)
             else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the 1/k
-                c = (root if family.embed_scaled else 1 / k)
+                c = root if family.embed_scaled else 1 / k
                 tile = Tile(r, 0, k, c, c - 1 if family.norm_plus_one else 0.0)
         if tile is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
-            raise PlanError(Problem(spec.widen_where, f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
-                                    f"but family {family.name} does not say how it grows", "report this family's layout"))
+            raise PlanError(
+                Problem(
+                    spec.widen_where,
+                    f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
+                    f"but family {family.name} does not say how it grows",
+                    "report this family's layout",
+                )
+            )
         out.append(OutTensor(name, tile) if tile is not None else t)
     return out
 
 
-def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint,
-                          h_old: int) -> list[OutTensor]:
+def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int) -> list[OutTensor]:
     """Hidden growth by a factor that is not a whole number: hidden unit j copies unit j mod H, and
     what reads a unit is divided by its number of copies. Writers and readers agree exactly, but a
     partly duplicated vector no longer has the original's RMS, so every norm output is slightly
@@ -362,8 +436,13 @@ def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Fam
     counts = [src.count(i) for i in range(h_old)]
     share = tuple(1.0 / counts[s] for s in src)
     if base.tied and family.embed_scaled:
-        raise PlanError(Problem(spec.widen_where, f"widen hidden to {new}: a non-multiple of {h_old} with Gemma's tied, "
-                                "scaled embedding is not supported", f"use a multiple of {h_old}"))
+        raise PlanError(
+            Problem(
+                spec.widen_where,
+                f"widen hidden to {new}: a non-multiple of {h_old} with Gemma's tied, scaled embedding is not supported",
+                f"use a multiple of {h_old}",
+            )
+        )
     emb_scale = math.sqrt(h_old / new) if family.embed_scaled else 1.0
     emb = set(family.embeddings)
     out = []

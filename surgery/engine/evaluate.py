@@ -7,8 +7,22 @@ from typing import TYPE_CHECKING
 
 from surgery.io.safetensors import itemsize
 from surgery.errors import OutputError
-from surgery.recipes import (Cast, External, Gather, Linear, Nuslerp, RandomNormal, Read, Recipe, Scale, Slerp, Tile, VocabPermute,
-                             Widen, Zeros)
+from surgery.recipes import (
+    Cast,
+    External,
+    Gather,
+    Linear,
+    Nuslerp,
+    RandomNormal,
+    Read,
+    Recipe,
+    Scale,
+    Slerp,
+    Tile,
+    VocabPermute,
+    Widen,
+    Zeros,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -74,8 +88,9 @@ class Evaluator:
         if r in self._full:
             return self._full[r]
         if isinstance(r, Nuslerp):
-            out = nuslerp(self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None,
-                          r.weights, r.row_wise, r.flatten)
+            out = nuslerp(
+                self.full(r.a), self.full(r.b), self.full(r.base) if r.base is not None else None, r.weights, r.row_wise, r.flatten
+            )
         elif isinstance(r, External):
             from surgery.registry import current as _registry
 
@@ -84,9 +99,11 @@ class Evaluator:
                 out = _registry().kernel(r.method)(inputs, r).to(torch_dtype(r.dtype))
             except Exception as e:  # the plugin's kernel refused its parameters (e.g. della's epsilon)
                 params = ", ".join(f"{k}={v}" for k, v in r.shared)
-                raise OutputError(f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): "
-                                  f"{type(e).__name__}: {str(e)[:300]}", where=r.where,
-                                  fix=f"check the {r.method} parameters against its documentation") from None
+                raise OutputError(
+                    f"merge method {r.method} failed on {r.name} ({params or 'no shared parameters'}): {type(e).__name__}: {str(e)[:300]}",
+                    where=r.where,
+                    fix=f"check the {r.method} parameters against its documentation",
+                ) from None
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, Tile):
@@ -138,6 +155,6 @@ class Evaluator:
             lo, hi = b * B, min(r.numel, (b + 1) * B)
             g = torch.Generator().manual_seed(r.block_seed(b))
             block = torch.empty(hi - lo, dtype=torch.float32).normal_(0.0, r.std, generator=g)
-            parts.append(block[max(e0, lo) - lo: min(e1, hi) - lo])
+            parts.append(block[max(e0, lo) - lo : min(e1, hi) - lo])
         # drawn on the host: the same values whatever the device
         return torch.cat(parts).to(torch_dtype(r.dtype)).to(self.src.device)

@@ -31,12 +31,10 @@ def torch_dtype(code: str) -> "torch.dtype":
     return getattr(torch, dtype_name(code))
 
 
-
 class Sources:
     """Open file descriptors of source shards, shared by the worker threads (pread is thread-safe)."""
 
-    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None,
-                 staging: "StagedIO | None" = None):
+    def __init__(self, compute_slots: int = 2, device: str = "cpu", chunk_elements: int | None = None, staging: "StagedIO | None" = None):
         self._fds: dict[Path, int] = {}
         self._stat: dict[Path, tuple[int, int]] = {}
         self._lock = threading.Lock()
@@ -69,17 +67,22 @@ class Sources:
             st = os.fstat(fd)
             self._stat[f] = (st.st_size, st.st_mtime_ns)
             if digest is not None and hashlib.sha256(read_header_fd(fd, str(f))).hexdigest() != digest:
-                raise OutputError("source file changed since the plan was compiled (its header differs)", where=str(f),
-                                  fix="run again; do not change source models while surgery reads them")
+                raise OutputError(
+                    "source file changed since the plan was compiled (its header differs)",
+                    where=str(f),
+                    fix="run again; do not change source models while surgery reads them",
+                )
 
     def check_unchanged(self) -> None:
         """A source file changed in place during the run (size or mtime differ) fails it."""
         for f, fd in self._fds.items():
             st = os.fstat(fd)
             if (st.st_size, st.st_mtime_ns) != self._stat[f]:
-                raise OutputError("source file was modified while surgery read it; the output may mix old and new "
-                                  "data and was not published", where=str(f),
-                                  fix="run again once the file no longer changes")
+                raise OutputError(
+                    "source file was modified while surgery read it; the output may mix old and new data and was not published",
+                    where=str(f),
+                    fix="run again once the file no longer changes",
+                )
 
     def identity(self) -> dict[str, list[int]]:
         """Size and mtime of every source file, for the resume record."""
@@ -116,8 +119,7 @@ class Sources:
         while done < len(view):
             n = os.preadv(fd, [view[done:]], pos + done)
             if n == 0:
-                raise OutputError(f"unexpected end of file reading tensor {t.name!r} (the file changed or is truncated)",
-                                  where=str(t.file))
+                raise OutputError(f"unexpected end of file reading tensor {t.name!r} (the file changed or is truncated)", where=str(t.file))
             done += n
 
     def read_device(self, t: TensorInfo, e0: int, e1: int) -> "torch.Tensor":

@@ -29,8 +29,13 @@ def recompute(out: str | Path, *, allow_pickle: bool = False) -> list[Problem]:
         sources = {n: s["path"] for n, s in prov["sources"].items()}
         seed = prov["plan"].get("seed")
     except (KeyError, TypeError):
-        return [Problem(str(prov_path), "surgery.json records no plan and sources to recompute from",
-                        "this output was not written by `surgery apply` (or by an older version)")]
+        return [
+            Problem(
+                str(prov_path),
+                "surgery.json records no plan and sources to recompute from",
+                "this output was not written by `surgery apply` (or by an older version)",
+            )
+        ]
     if not isinstance(content, dict) or not all(isinstance(p, str) for p in sources.values()):
         return [Problem(str(prov_path), "surgery.json's plan or sources are not in the expected form")]
     content = {**content, "models": dict(sources)}  # the recorded, resolved source folders
@@ -68,8 +73,13 @@ def recompute(out: str | Path, *, allow_pickle: bool = False) -> list[Problem]:
                         want = (whole[e0:e1] if whole is not None else ev.chunk(r, e0, e1)).contiguous().cpu()
                         got = os.pread(fd, (e1 - e0) * isz, info.offset + e0 * isz)
                         if want.view(-1).view(torch.uint8).numpy().tobytes() != got:
-                            problems.append(Problem(f"{path}: tensor {t.name!r}", f"differs from a recomputation from the "
-                                                    f"sources (elements {e0}..{e1})", "apply the plan again"))
+                            problems.append(
+                                Problem(
+                                    f"{path}: tensor {t.name!r}",
+                                    f"differs from a recomputation from the sources (elements {e0}..{e1})",
+                                    "apply the plan again",
+                                )
+                            )
                             break
             finally:
                 os.close(fd)

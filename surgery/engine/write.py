@@ -25,8 +25,7 @@ from surgery.compile import OutTensor, Program, Shard
 from surgery.errors import OutputError
 from surgery.jsonio import read_json
 from surgery.io.outdir import OutputFolder, atomic_write, create_file, output_path
-from surgery.recipes import (Cast, Read, Zeros,
-                      fingerprint)
+from surgery.recipes import Cast, Read, Zeros, fingerprint
 
 if TYPE_CHECKING:
     pass
@@ -53,9 +52,9 @@ class Result:
     new_layers: list[int]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # writing
+
 
 def _pwrite_all(fd: int, data, pos: int, where: str):
     view = memoryview(data).cast("B")
@@ -69,8 +68,11 @@ def _pwrite_all(fd: int, data, pos: int, where: str):
 
 def _write_error(e: OSError, where: str, need: int) -> OutputError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"out of space writing ({os.strerror(e.errno)}); at least {need} more bytes were needed for this tensor",
-                           where=where, fix="free disk space or choose an output folder on a larger disk; the partial output was removed")
+        return OutputError(
+            f"out of space writing ({os.strerror(e.errno)}); at least {need} more bytes were needed for this tensor",
+            where=where,
+            fix="free disk space or choose an output folder on a larger disk; the partial output was removed",
+        )
     return OutputError(f"write failed: {e.strerror or e}", where=where)
 
 
@@ -133,8 +135,16 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply",
-                            file=sys.stderr, dynamic_ncols=True, postfix=f"0/{total_tensors} tensors")
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="apply",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                postfix=f"0/{total_tensors} tensors",
+            )
         self.tensors, self.total_tensors = 0, total_tensors
 
     def add(self, nbytes: int, tensor_done: bool = False):
@@ -257,9 +267,9 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
         progress.add(0, True)
 
 
-
-def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor,
-                progress: Progress) -> dict:
+def write_shard(
+    shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor, progress: Progress
+) -> dict:
     """Write one shard: `header` is `shard_header(shard, ...)`, computed once per run."""
     head, offsets = header
     tmp = folder / (shard.name + ".tmp")
@@ -278,18 +288,17 @@ def write_shard(shard: Shard, header: tuple[bytes, list[int]], folder: Path, src
         for t, _ in placed:
             if _is_zero(t):
                 progress.add(t.nbytes, True)
-        futures = [pool.submit(_write_tensor, t, fd, pos, srcs, progress, where) for t, pos in placed
-                   if not _is_raw(t) and not _is_zero(t)]
-        futures += [pool.submit(_copy_piece, p, fd, srcs, progress, where)
-                    for p in copy_pieces([(t, pos) for t, pos in placed if _is_raw(t)])]
+        futures = [pool.submit(_write_tensor, t, fd, pos, srcs, progress, where) for t, pos in placed if not _is_raw(t) and not _is_zero(t)]
+        futures += [
+            pool.submit(_copy_piece, p, fd, srcs, progress, where) for p in copy_pieces([(t, pos) for t, pos in placed if _is_raw(t)])
+        ]
         for f in futures:
             f.result()
         _check_allocated(fd, total, where)
     finally:
         os.close(fd)
     os.replace(tmp, folder / shard.name)
-    return {"name": shard.name, "bytes": total, "tensors": len(shard.tensors),
-            "header_sha256": hashlib.sha256(head[8:]).hexdigest()}
+    return {"name": shard.name, "bytes": total, "tensors": len(shard.tensors), "header_sha256": hashlib.sha256(head[8:]).hexdigest()}
 
 
 def _check_allocated(fd: int, total: int, where: str):
@@ -300,20 +309,26 @@ def _check_allocated(fd: int, total: int, where: str):
 # ---------------------------------------------------------------------------------------------
 # the whole output
 
+
 def _refuse_output_in_source(program: Program, out: Path):
     out_r = out.resolve()
     for ck in program.ckpts.values():
         src = ck.path.resolve()
         if out_r == src or src in out_r.parents:
-            raise OutputError(f"the output folder {out} is inside (or is) the folder of source model {ck.name!r} ({src})",
-                              fix="write the output somewhere else; surgery never writes into a source model")
+            raise OutputError(
+                f"the output folder {out} is inside (or is) the folder of source model {ck.name!r} ({src})",
+                fix="write the output somewhere else; surgery never writes into a source model",
+            )
 
 
 def _check_space(folder: Path, need: int):
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise OutputError(f"the output needs {need:,} bytes but only {free:,} are free", where=str(folder),
-                          fix="free disk space or choose an output folder on a larger disk")
+        raise OutputError(
+            f"the output needs {need:,} bytes but only {free:,} are free",
+            where=str(folder),
+            fix="free disk space or choose an output folder on a larger disk",
+        )
 
 
 def resolve_device(device: str | None) -> str:
@@ -329,12 +344,15 @@ def resolve_device(device: str | None) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
-        raise OutputError(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__})",
-                          fix="use --device cpu (or auto), or install a CUDA build of torch")
+        raise OutputError(
+            f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__})",
+            fix="use --device cpu (or auto), or install a CUDA build of torch",
+        )
     idx = int(device.split(":")[1]) if ":" in device else 0
     if idx >= torch.cuda.device_count():
-        raise OutputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible",
-                          fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise OutputError(
+            f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible", fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -351,9 +369,11 @@ def plan_memory(program: Program, max_memory: int | None, slots: int, device: st
         if t.recipe.needs_whole():
             need = sum(i.nbytes for i in t.recipe.inputs()) * 3
             if need > max_memory:
-                raise OutputError(f"{t.name} is computed on whole tensors ({t.recipe.describe()[:60]}...), which needs about "
-                                  f"{need:,} bytes, over --max-memory {max_memory:,}",
-                                  fix=f"raise --max-memory to at least {need:,} bytes")
+                raise OutputError(
+                    f"{t.name} is computed on whole tensors ({t.recipe.describe()[:60]}...), which needs about "
+                    f"{need:,} bytes, over --max-memory {max_memory:,}",
+                    fix=f"raise --max-memory to at least {need:,} bytes",
+                )
     return chunk
 
 
@@ -368,9 +388,15 @@ def _shard_record(program: Program, headers: dict[str, tuple[bytes, list[int]]],
     for s in program.shards:
         head = headers[s.name][0]
         recipes = json.dumps([[t.name, fingerprint(t.recipe)] for t in s.tensors], sort_keys=True)
-        shards.append({"name": s.name, "bytes": len(head) + s.nbytes, "tensors": len(s.tensors),
-                       "header_sha256": hashlib.sha256(head[8:]).hexdigest(),
-                       "recipe_sha256": hashlib.sha256(recipes.encode()).hexdigest()})
+        shards.append(
+            {
+                "name": s.name,
+                "bytes": len(head) + s.nbytes,
+                "tensors": len(s.tensors),
+                "header_sha256": hashlib.sha256(head[8:]).hexdigest(),
+                "recipe_sha256": hashlib.sha256(recipes.encode()).hexdigest(),
+            }
+        )
     return {"surgery_version": __version__, "sources": sources, "shards": shards}
 
 
@@ -411,10 +437,20 @@ def _shard_entry(info: dict) -> dict:
     return {k: info[k] for k in ("name", "bytes", "tensors", "header_sha256", "crc32")}
 
 
-def execute(program: Program, out: str | Path, *, force: bool = False, progress: bool | None = None,
-            workers: int | None = None, device: str | None = None, max_memory: int | None = None,
-            resume: bool = False, pipeline: str = "off", stats: str | Path | None = None,
-            protected: dict[str, Path] | None = None) -> Result:
+def execute(
+    program: Program,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    max_memory: int | None = None,
+    resume: bool = False,
+    pipeline: str = "off",
+    stats: str | Path | None = None,
+    protected: dict[str, Path] | None = None,
+) -> Result:
     """Write `program` to the folder `out` through the output-folder protocol (surgery.outdir).
 
     `pipeline`: "off" (default: per chunk copy in, compute, copy back, synchronously), "on" (the
@@ -450,15 +486,23 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             record = _shard_record(program, headers, srcs.identity())
             build = record_id(record)
             if resume and folder.notes and _published_build(out) == build:
-                return Result(out, program.num_layers, program.num_params, program.bytes_out,
-                              [s.name for s in program.shards], time.perf_counter() - t0, program.new_layers)
+                return Result(
+                    out,
+                    program.num_layers,
+                    program.num_params,
+                    program.bytes_out,
+                    [s.name for s in program.shards],
+                    time.perf_counter() - t0,
+                    program.new_layers,
+                )
             folder.check_target()
             _check_space(out.parent, program.bytes_out + (1 << 20))
             staging = folder.staging
             kept = _resumable(staging, record) if resume else {}
             if resume and not kept and not staging.exists():
-                raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {staging.name})",
-                                  fix="run without --resume")
+                raise OutputError(
+                    f"nothing to resume: no interrupted run for {out} (looked for {staging.name})", fix="run without --resume"
+                )
             try:
                 done = {k: v["crc32"] for k, v in kept.items()}
                 if not kept:
@@ -484,15 +528,31 @@ def execute(program: Program, out: str | Path, *, force: bool = False, progress:
             import torch
 
             peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        Path(stats).write_text(json.dumps({
-            "device": dev, "pipeline": pipeline, "peak_gpu_mb": peak, "chunk_elements": srcs.chunk_elements,
-            "peak_staging_mb": staged_io.peak / 2**20 if staged_io else None}))
-    return Result(out, program.num_layers, program.num_params, program.bytes_out, [s.name for s in program.shards],
-                  time.perf_counter() - t0, program.new_layers)
+        Path(stats).write_text(
+            json.dumps(
+                {
+                    "device": dev,
+                    "pipeline": pipeline,
+                    "peak_gpu_mb": peak,
+                    "chunk_elements": srcs.chunk_elements,
+                    "peak_staging_mb": staged_io.peak / 2**20 if staged_io else None,
+                }
+            )
+        )
+    return Result(
+        out,
+        program.num_layers,
+        program.num_params,
+        program.bytes_out,
+        [s.name for s in program.shards],
+        time.perf_counter() - t0,
+        program.new_layers,
+    )
 
 
-def _run_shards(program: Program, headers, staging: Path, srcs: Sources, record: dict, done: dict[str, str],
-                kept: dict, workers: int, show: bool) -> None:
+def _run_shards(
+    program: Program, headers, staging: Path, srcs: Sources, record: dict, done: dict[str, str], kept: dict, workers: int, show: bool
+) -> None:
     """Write every shard not kept from an interrupted run; hash each as it is finished (on its own
     thread, overlapping the next shard) and record the hash, so --resume keeps it and verify checks it."""
     bar = Progress(program.bytes_out, len(program.tensors), show)
@@ -505,8 +565,10 @@ def _run_shards(program: Program, headers, staging: Path, srcs: Sources, record:
             atomic_write(staging / RECORD, json.dumps({**record, "done": done}))
 
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-hash") as hasher:
+        with (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgery-io") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-hash") as hasher,
+        ):
             pending = []
             for s in program.shards:
                 if s.name in kept:  # whole and made from exactly this recipe: keep it
@@ -559,8 +621,7 @@ def _write_metadata_files(program: Program, folder: Path, shard_info: list[dict]
     (folder / "layer_map.svg").write_text(layer_map_svg(program))
     (folder / "README.md").write_text(model_card(program))
     weight_map = {t.name: s.name for s in program.shards for t in s.tensors}
-    index = {"metadata": {"total_size": program.bytes_out, "total_parameters": program.num_params},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": program.bytes_out, "total_parameters": program.num_params}, "weight_map": weight_map}
     # surgery.json, then the index, last of all: a folder with an index has everything else.
     prov = provenance(program, shard_info)
     prov["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -24,7 +24,8 @@ from surgery.io.safetensors import DTYPES, FLOAT_CODES, TensorInfo, read_safeten
 
 SMALL_FILES = re.compile(
     r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json|generation_config\.json"
-    r"|chat_template.*|preprocessor_config\.json|.*\.tiktoken|spiece\.model|sentencepiece.*\.model)$")
+    r"|chat_template.*|preprocessor_config\.json|.*\.tiktoken|spiece\.model|sentencepiece.*\.model)$"
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -72,8 +73,9 @@ class Checkpoint:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where: str | None = None,
-                headers_only: bool = False, offline: bool = False) -> Path:
+def resolve_ref(
+    ref: str, base_dir: Path, *, revision: str | None = None, where: str | None = None, headers_only: bool = False, offline: bool = False
+) -> Path:
     """A model ref is a local folder (relative to the plan's folder) or a hub id (`org/name`).
 
     `headers_only` (validate): a hub model not fully in the local cache is seen through a
@@ -84,10 +86,16 @@ def resolve_ref(ref: str, base_dir: Path, *, revision: str | None = None, where:
     looks_local = ref.startswith((".", "/", "~")) or local.exists() or not _HUB_ID.match(ref)
     if looks_local:
         if local.exists():
-            raise CheckpointError(f"model {ref!r} is a file, not a folder ({local})", where=where,
-                                  fix="point the model at the checkpoint's folder (the one with config.json)")
-        raise CheckpointError(f"model folder not found: {ref!r} (looked in {local.resolve()})", where=where,
-                              fix="check the path; relative paths are relative to the plan file's folder")
+            raise CheckpointError(
+                f"model {ref!r} is a file, not a folder ({local})",
+                where=where,
+                fix="point the model at the checkpoint's folder (the one with config.json)",
+            )
+        raise CheckpointError(
+            f"model folder not found: {ref!r} (looked in {local.resolve()})",
+            where=where,
+            fix="check the path; relative paths are relative to the plan file's folder",
+        )
     if headers_only:
         local_snapshot = _cached_snapshot(ref, revision)
         if local_snapshot is not None:
@@ -106,8 +114,15 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        p = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True,
-                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None))
+        p = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_PATTERNS,
+                local_files_only=True,
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            )
+        )
     except Exception:  # not cached (the hub client raises several types for that)
         return None
     return p if (p / "config.json").is_file() and any(p.glob("*.safetensors")) else None
@@ -121,18 +136,23 @@ def _hub_snapshot(repo_id: str, revision: str | None, where: str | None) -> Path
     # read at call time (huggingface-hub reads HF_HUB_CACHE once, at its import)
     cache = os.environ.get("HF_HUB_CACHE") or None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True,
-                                      cache_dir=cache))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise CheckpointError(f"hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set", where=where,
-                              fix="download it first (huggingface-cli download) or give a local folder")
+        raise CheckpointError(
+            f"hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set",
+            where=where,
+            fix="download it first (huggingface-cli download) or give a local folder",
+        )
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache))
     except Exception as e:  # HfHubHTTPError, httpx's connection errors, OSError, ...: the model could not be fetched
-        raise CheckpointError(f"cannot fetch hub model {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
-                              fix="check the repo id and your network/token, or give a local folder") from None
+        raise CheckpointError(
+            f"cannot fetch hub model {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0],
+            where=where,
+            fix="check the repo id and your network/token, or give a local folder",
+        ) from None
 
 
 def _inside(folder: Path, name: str) -> Path | None:
@@ -150,10 +170,22 @@ def _inside(folder: Path, name: str) -> Path | None:
 MAX_CONFIG_LAYERS = 100_000  # far above any real model; bounds what a hostile config can make surgery allocate
 
 # config.json fields surgery reads, with the JSON types they must have
-_CONFIG_TYPES = {"model_type": (str,), "num_hidden_layers": (int,), "n_layer": (int,), "num_layers": (int,),
-                 "hidden_size": (int,), "intermediate_size": (int,), "num_attention_heads": (int,),
-                 "num_key_value_heads": (int,), "vocab_size": (int,), "tie_word_embeddings": (bool,),
-                 "max_window_layers": (int,), "layer_types": (list,), "architectures": (list,), "head_dim": (int,)}
+_CONFIG_TYPES = {
+    "model_type": (str,),
+    "num_hidden_layers": (int,),
+    "n_layer": (int,),
+    "num_layers": (int,),
+    "hidden_size": (int,),
+    "intermediate_size": (int,),
+    "num_attention_heads": (int,),
+    "num_key_value_heads": (int,),
+    "vocab_size": (int,),
+    "tie_word_embeddings": (bool,),
+    "max_window_layers": (int,),
+    "layer_types": (list,),
+    "architectures": (list,),
+    "head_dim": (int,),
+}
 
 
 def check_config_types(config: dict, where: str) -> None:
@@ -165,11 +197,16 @@ def check_config_types(config: dict, where: str) -> None:
             continue
         ok = isinstance(v, types) and not (bool not in types and isinstance(v, bool))
         if not ok:
-            problems.append(Problem(f"{where}: {key}", f"must be {'/'.join(t.__name__ for t in types)}, got "
-                                    f"{type(v).__name__} {json.dumps(v)[:60]}"))
+            problems.append(
+                Problem(f"{where}: {key}", f"must be {'/'.join(t.__name__ for t in types)}, got {type(v).__name__} {json.dumps(v)[:60]}")
+            )
         elif isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= (MAX_CONFIG_LAYERS if "layer" in key else 1 << 40):
-            problems.append(Problem(f"{where}: {key}", f"{v} is out of range" + (
-                f" (surgery handles at most {MAX_CONFIG_LAYERS:,} layers)" if "layer" in key else "")))
+            problems.append(
+                Problem(
+                    f"{where}: {key}",
+                    f"{v} is out of range" + (f" (surgery handles at most {MAX_CONFIG_LAYERS:,} layers)" if "layer" in key else ""),
+                )
+            )
     if problems:
         raise CheckpointError(problems)
 
@@ -200,16 +237,31 @@ def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = Fal
             layers.setdefault(s[0], {})[s[1]] = tname
     found = sorted(layers)
     if n_cfg is None:
-        raise CheckpointError(f"config.json has no layer count ({family.num_layers_key})", where=str(cfg_path),
-                              fix=f"the tensors hold {len(found)} layers; set {family.num_layers_key}: {len(found)}")
+        raise CheckpointError(
+            f"config.json has no layer count ({family.num_layers_key})",
+            where=str(cfg_path),
+            fix=f"the tensors hold {len(found)} layers; set {family.num_layers_key}: {len(found)}",
+        )
     if found != list(range(n_cfg)):
         raise CheckpointError(
             f"config.json says {family.num_layers_key} = {n_cfg} but the tensors hold layers "
-            f"{_ranges(found) or 'none'} under '{family.layer_prefix}'", where=where,
-            fix="the config and the weights disagree: fix config.json or use the matching weights")
-    return Checkpoint(name=name, ref=ref, path=path, config=config, family=family, num_layers=n_cfg,
-                      tensors=tensors, layers=[layers[i] for i in range(n_cfg)], non_layer=non_layer,
-                      header_hashes=hashes, pickled=pickled)
+            f"{_ranges(found) or 'none'} under '{family.layer_prefix}'",
+            where=where,
+            fix="the config and the weights disagree: fix config.json or use the matching weights",
+        )
+    return Checkpoint(
+        name=name,
+        ref=ref,
+        path=path,
+        config=config,
+        family=family,
+        num_layers=n_cfg,
+        tensors=tensors,
+        layers=[layers[i] for i in range(n_cfg)],
+        non_layer=non_layer,
+        header_hashes=hashes,
+        pickled=pickled,
+    )
 
 
 def _ranges(xs: list[int]) -> str:
@@ -241,7 +293,8 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
             if not allow_pickle:
                 raise CheckpointError(
                     f"{where} has only pickled weights ({', '.join(pickles)}); pickles can run code when loaded and are refused",
-                    fix="convert the checkpoint to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)")
+                    fix="convert the checkpoint to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)",
+                )
             return _read_pickles(path, pickles, where) + (True,)
     from surgery.io.hub import remote_sizes
 
@@ -254,15 +307,22 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
         indexed = index.is_file()
         if fpath is None:
             if not indexed:  # no index: the file itself is a link leading out
-                raise CheckpointError(f"{fname} links to {(path / fname).resolve()}, outside the model folder", where=str(path / fname),
-                                      fix="replace the link with the file itself")
-            raise CheckpointError(f"index names a file outside the model folder: {fname!r}", where=str(index),
-                                  fix="a weight_map may only name files in the model's own folder")
+                raise CheckpointError(
+                    f"{fname} links to {(path / fname).resolve()}, outside the model folder",
+                    where=str(path / fname),
+                    fix="replace the link with the file itself",
+                )
+            raise CheckpointError(
+                f"index names a file outside the model folder: {fname!r}",
+                where=str(index),
+                fix="a weight_map may only name files in the model's own folder",
+            )
         if not fpath.is_file():
             if not indexed:
                 raise CheckpointError(f"{fname} is not a regular file", where=str(path / fname))
-            raise CheckpointError(f"index names {fname!r}, which is missing", where=str(index),
-                                  fix="the download is incomplete; fetch the missing shard")
+            raise CheckpointError(
+                f"index names {fname!r}, which is missing", where=str(index), fix="the download is incomplete; fetch the missing shard"
+            )
         found, raw = read_safetensors_header(fpath, sizes.get(fname))
         hashes[fname] = hashlib.sha256(raw).hexdigest()
         for tname, info in found.items():
@@ -283,9 +343,12 @@ def _files_from_index(path: Path, index: Path) -> dict[str, set[str]]:
     data = read_json(index, error=CheckpointError)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict):
-        raise CheckpointError("not a valid index (needs a JSON object with a 'weight_map' object, "
-                              f"got {type(wm).__name__ if isinstance(data, dict) else type(data).__name__})", where=str(index),
-                              fix="the index is corrupt; download it again")
+        raise CheckpointError(
+            "not a valid index (needs a JSON object with a 'weight_map' object, "
+            f"got {type(wm).__name__ if isinstance(data, dict) else type(data).__name__})",
+            where=str(index),
+            fix="the index is corrupt; download it again",
+        )
     files: dict[str, set[str]] = {}
     for tname, fname in wm.items():
         if not isinstance(fname, str):
@@ -303,8 +366,11 @@ def _read_pickles(path: Path, names: list[str], where: str):
         try:
             sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for a bad or unsafe pickle
-            raise CheckpointError(f"cannot load with weights_only=True: {type(e).__name__}: {str(e).splitlines()[0]}",
-                                  where=str(fpath), fix="convert the checkpoint to safetensors with trusted tooling") from None
+            raise CheckpointError(
+                f"cannot load with weights_only=True: {type(e).__name__}: {str(e).splitlines()[0]}",
+                where=str(fpath),
+                fix="convert the checkpoint to safetensors with trusted tooling",
+            ) from None
         if not isinstance(sd, dict):
             raise CheckpointError("pickle does not hold a state dict", where=str(fpath))
         for k, v in sd.items():
@@ -330,15 +396,22 @@ def small_files(path: Path) -> list[Path]:
         if p.is_symlink():
             target = p.resolve()
             if root not in target.parents:
-                raise CheckpointError(f"{p.name} links to {target}, outside the model folder; surgery copies only the "
-                                      "model's own files", where=str(p), fix="replace the link with the file itself, or remove it")
+                raise CheckpointError(
+                    f"{p.name} links to {target}, outside the model folder; surgery copies only the model's own files",
+                    where=str(p),
+                    fix="replace the link with the file itself, or remove it",
+                )
             if not target.is_file():
-                raise CheckpointError(f"{p.name} links to {target}, which is not a regular file", where=str(p),
-                                      fix="replace the link with the file itself, or remove it")
+                raise CheckpointError(
+                    f"{p.name} links to {target}, which is not a regular file",
+                    where=str(p),
+                    fix="replace the link with the file itself, or remove it",
+                )
         elif p.is_dir():
             continue
         elif not p.is_file():
-            raise CheckpointError(f"{p.name} is not a regular file (a pipe or device?)", where=str(p),
-                                  fix="replace it with the file itself, or remove it")
+            raise CheckpointError(
+                f"{p.name} is not a regular file (a pipe or device?)", where=str(p), fix="replace it with the file itself, or remove it"
+            )
         out.append(p)
     return out

@@ -52,8 +52,11 @@ def header_view(repo_id: str, revision: str | None, where: str | None, *, offlin
         sha = ref_file.read_text().strip() if ref_file.is_file() else (rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None)
         if sha and (repo_dir / sha / MANIFEST).is_file():
             return repo_dir / sha
-        raise CheckpointError(f"hub model {repo_id!r} ({rev}) is not in the local caches and --offline / HF_HUB_OFFLINE is set",
-                              where=where, fix="run `surgery validate` once online (it caches the headers), or download the model")
+        raise CheckpointError(
+            f"hub model {repo_id!r} ({rev}) is not in the local caches and --offline / HF_HUB_OFFLINE is set",
+            where=where,
+            fix="run `surgery validate` once online (it caches the headers), or download the model",
+        )
     info_sha, files = _repo_files(repo_id, rev, where)
     view = repo_dir / info_sha
     if not (view / MANIFEST).is_file():
@@ -70,14 +73,21 @@ def _repo_files(repo_id: str, rev: str, where: str | None) -> tuple[str, list[st
     try:
         info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=rev)
     except RepositoryNotFoundError:
-        raise CheckpointError(f"hub model {repo_id!r} not found (or private and no token was given)", where=where,
-                              fix="check the repo id; for a private repo set HF_TOKEN or run `hf auth login`") from None
+        raise CheckpointError(
+            f"hub model {repo_id!r} not found (or private and no token was given)",
+            where=where,
+            fix="check the repo id; for a private repo set HF_TOKEN or run `hf auth login`",
+        ) from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"hub model {repo_id!r} has no revision {rev!r}", where=where,
-                              fix="check the branch, tag or commit") from None
+        raise CheckpointError(
+            f"hub model {repo_id!r} has no revision {rev!r}", where=where, fix="check the branch, tag or commit"
+        ) from None
     except Exception as e:  # the HTTP stack (httpx, hub errors) raises many types; each means: unreachable
-        raise CheckpointError(f"cannot reach the hub for {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0], where=where,
-                              fix="check the network, HF_ENDPOINT and your token, or use --offline with a cached model") from None
+        raise CheckpointError(
+            f"cannot reach the hub for {repo_id!r}: {type(e).__name__}: {e}".splitlines()[0],
+            where=where,
+            fix="check the network, HF_ENDPOINT and your token, or use --offline with a cached model",
+        ) from None
     if not info.sha or not re.fullmatch(r"[0-9a-fA-F]{7,64}", info.sha):
         raise CheckpointError(f"the hub did not give a commit id for {repo_id!r}@{rev} (got {info.sha!r})", where=where)
     return info.sha, [s.rfilename for s in (info.siblings or [])]
@@ -107,12 +117,13 @@ def _get(url: str, where: str | None, *, limit: int, start: int = 0) -> tuple[by
                 buf += chunk
                 if len(buf) >= skip + limit:
                     break
-            return bytes(buf[skip: skip + limit]), total
+            return bytes(buf[skip : skip + limit]), total
     except CheckpointError:
         raise
     except Exception as e:  # the HTTP stack raises many types; each means the file could not be read
-        raise CheckpointError(f"cannot fetch {url}: {type(e).__name__}: {e}".splitlines()[0], where=where,
-                              fix="check the network, HF_ENDPOINT and your token") from None
+        raise CheckpointError(
+            f"cannot fetch {url}: {type(e).__name__}: {e}".splitlines()[0], where=where, fix="check the network, HF_ENDPOINT and your token"
+        ) from None
 
 
 def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | None) -> None:
@@ -124,8 +135,9 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
         return hf_hub_url(repo_id, f, revision=sha, endpoint=_endpoint())
 
     if "config.json" not in files:
-        raise CheckpointError(f"hub model {repo_id!r} has no config.json", where=where,
-                              fix="point the plan at a HuggingFace transformers checkpoint")
+        raise CheckpointError(
+            f"hub model {repo_id!r} has no config.json", where=where, fix="point the plan at a HuggingFace transformers checkpoint"
+        )
     small = ["config.json"] + [f for f in ("model.safetensors.index.json",) if f in files]
     if "model.safetensors.index.json" in files:
         weights = None  # from the index
@@ -135,9 +147,11 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
         weights = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
         if not weights:
             pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth")))
-            raise CheckpointError(f"hub model {repo_id!r} has no safetensors weights"
-                                  + (f" (only pickles: {', '.join(pickles[:3])})" if pickles else ""), where=where,
-                                  fix="validate works from safetensors headers; use a safetensors revision of the model")
+            raise CheckpointError(
+                f"hub model {repo_id!r} has no safetensors weights" + (f" (only pickles: {', '.join(pickles[:3])})" if pickles else ""),
+                where=where,
+                fix="validate works from safetensors headers; use a safetensors revision of the model",
+            )
     tmp = view.with_name(view.name + f".{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -153,11 +167,11 @@ def _fetch(repo_id: str, sha: str, files: list[str], view: Path, where: str | No
             weights = sorted(set(wm.values()))
         except (ValueError, KeyError, TypeError):
             weights = []  # the checkpoint reader reports the bad index with its path
+
     def header(f: str) -> tuple[str, bytes, int]:
         # two exact ranges: the length field, then the JSON header; no byte of tensor data
         head, total = _get(url(f), where, limit=8)
-        n = header_length(head, total if total is not None else (len(head) if len(head) < 8 else None),
-                          f"{where}: {repo_id}/{f}")
+        n = header_length(head, total if total is not None else (len(head) if len(head) < 8 else None), f"{where}: {repo_id}/{f}")
         body, _ = _get(url(f), where, limit=n, start=8) if n else (b"", None)
         return f, head + body, total if total is not None else 8 + len(body)
 

@@ -49,14 +49,15 @@ def output_path(value: str | os.PathLike | None, *, option: str = "-o/--output")
         raise OutputError(f"{option}: cannot expand {text[:80]!r} (no such user)", fix="write the path out in full")
     p = p.absolute()
     if p.name in ("", ".", ".."):
-        raise OutputError(f"{option}: {text!r} does not name a folder of its own", where=str(p),
-                          fix="name a new folder, e.g. -o ./grown")
+        raise OutputError(f"{option}: {text!r} does not name a folder of its own", where=str(p), fix="name a new folder, e.g. -o ./grown")
     limit = _name_max(p.parent)
     longest = len(f".{p.name}{PARTIAL}".encode())
     if longest > limit:
-        raise OutputError(f"{option}: the folder name ({p.name[:24]}…) is {len(p.name.encode())} bytes; surgery's side "
-                          f"folder '.NAME{PARTIAL}' must fit the file system's limit of {limit} bytes",
-                          fix=f"use a name of at most {limit - len(PARTIAL) - 1} bytes")
+        raise OutputError(
+            f"{option}: the folder name ({p.name[:24]}…) is {len(p.name.encode())} bytes; surgery's side "
+            f"folder '.NAME{PARTIAL}' must fit the file system's limit of {limit} bytes",
+            fix=f"use a name of at most {limit - len(PARTIAL) - 1} bytes",
+        )
     return p
 
 
@@ -141,8 +142,9 @@ class OutputFolder:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"cannot create the output's parent folder: {e.strerror}", where=str(parent),
-                              fix="choose an output folder you can write to") from None
+            raise OutputError(
+                f"cannot create the output's parent folder: {e.strerror}", where=str(parent), fix="choose an output folder you can write to"
+            ) from None
         while True:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -150,17 +152,22 @@ class OutputFolder:
                 if e.errno == errno.ELOOP:  # a link planted at the lock's name: never ours, never followed
                     self.lock_path.unlink()
                     continue
-                raise OutputError(f"cannot create the lock file next to the output: {e.strerror}", where=str(self.lock_path),
-                                  fix="choose an output folder in a place you can write to") from None
+                raise OutputError(
+                    f"cannot create the lock file next to the output: {e.strerror}",
+                    where=str(self.lock_path),
+                    fix="choose an output folder in a place you can write to",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 pid = _read_pid(fd)
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutputError(f"output {self.out} is already being written by "
-                                      f"{'PID ' + pid if pid else 'another process'} (lock {self.lock_path.name})",
-                                      fix="wait for that run to finish, or write to another folder") from None
+                    raise OutputError(
+                        f"output {self.out} is already being written by "
+                        f"{'PID ' + pid if pid else 'another process'} (lock {self.lock_path.name})",
+                        fix="wait for that run to finish, or write to another folder",
+                    ) from None
                 raise OutputError(f"cannot lock the output: {e.strerror}", where=str(self.lock_path)) from None
             # the holder we waited for may have removed the file after we opened it: lock the current one
             try:
@@ -217,34 +224,40 @@ class OutputFolder:
         """Refuse an output that exists (without --force) or that --force must not replace."""
         out = self.out
         if out.is_symlink():
-            raise OutputError(f"output {out} is a symbolic link; surgery replaces folders, not links",
-                              fix="remove the link, or write to the folder it points to by its own path")
+            raise OutputError(
+                f"output {out} is a symbolic link; surgery replaces folders, not links",
+                fix="remove the link, or write to the folder it points to by its own path",
+            )
         if not out.exists():
             return
         if not out.is_dir():
             raise OutputError(f"output path {out} exists and is not a folder", fix="choose another output path")
         if not self.force:
-            raise OutputError(f"output folder {out} already exists",
-                              fix="pass --force to replace it (only once the new one is complete), or choose another folder")
+            raise OutputError(
+                f"output folder {out} already exists",
+                fix="pass --force to replace it (only once the new one is complete), or choose another folder",
+            )
         real = out.resolve()
         cwd = Path.cwd().resolve()
         if real == cwd or real in cwd.parents:
-            raise OutputError(f"--force would replace {out}, which is (or contains) the current directory",
-                              fix="write the output to a new folder")
+            raise OutputError(
+                f"--force would replace {out}, which is (or contains) the current directory", fix="write the output to a new folder"
+            )
         for what, p in self.protected.items():
             try:
                 pr = p.resolve()
             except (OSError, RuntimeError):
                 continue
             if pr == real or real in pr.parents:
-                raise OutputError(f"--force would replace {out}, which holds {what} ({p})",
-                                  fix="write the output to another folder")
+                raise OutputError(f"--force would replace {out}, which holds {what} ({p})", fix="write the output to another folder")
         entries = [e.name for e in out.iterdir()]
         if entries and not _looks_like_output(out):
-            raise OutputError(f"--force replaces only a model folder (one with {', '.join(OUTPUT_MARKERS)}, or config.json "
-                              f"and .safetensors weights) or an empty folder; {out} holds {len(entries)} other entr"
-                              f"{'y' if len(entries) == 1 else 'ies'} (e.g. {sorted(entries)[0]!r})",
-                              fix="choose a new output folder, or remove that folder yourself")
+            raise OutputError(
+                f"--force replaces only a model folder (one with {', '.join(OUTPUT_MARKERS)}, or config.json "
+                f"and .safetensors weights) or an empty folder; {out} holds {len(entries)} other entr"
+                f"{'y' if len(entries) == 1 else 'ies'} (e.g. {sorted(entries)[0]!r})",
+                fix="choose a new output folder, or remove that folder yourself",
+            )
 
     # -- staging and publishing ----------------------------------------------------------------
     def fresh_staging(self) -> Path:
@@ -254,8 +267,11 @@ class OutputFolder:
                 _remove(self.staging)
             self.staging.mkdir()
         except OSError as e:
-            raise OutputError(f"cannot create the side folder: {e.strerror}", where=str(self.staging),
-                              fix="choose an output folder in a place you can write to") from None
+            raise OutputError(
+                f"cannot create the side folder: {e.strerror}",
+                where=str(self.staging),
+                fix="choose an output folder in a place you can write to",
+            ) from None
         return self.staging
 
     def discard_staging(self) -> None:

@@ -20,15 +20,35 @@ MAX_HEADER = 100 * 1024 * 1024
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
 FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # names users write in plans -> safetensors code
-DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-               "fp32": "F32", "fp16": "F16", "bf16": "BF16", "half": "F16", "float": "F32"}
+DTYPE_NAMES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "fp32": "F32",
+    "fp16": "F16",
+    "bf16": "BF16",
+    "half": "F16",
+    "float": "F32",
+}
 
 
 def dtype_name(code: str) -> str:
@@ -54,19 +74,20 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-
 def header_length(prefix: bytes, size: int | None, where: str) -> int:
     """The JSON header's length from a safetensors file's first 8 bytes, checked against the header
     limit and (when known) the file's size. The one place this prefix is parsed."""
     if len(prefix) < 8:
-        raise CheckpointError(f"file is {len(prefix) if size is None else size} bytes, too short for a safetensors header",
-                              where=where)
+        raise CheckpointError(f"file is {len(prefix) if size is None else size} bytes, too short for a safetensors header", where=where)
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER:
         raise CheckpointError(f"header claims {n} bytes; the limit is {MAX_HEADER} (corrupt or hostile file)", where=where)
     if size is not None and 8 + n > size:
-        raise CheckpointError(f"header claims {n} bytes but the file has only {size - 8} after the length",
-                              where=where, fix="the file is truncated or not safetensors; download it again")
+        raise CheckpointError(
+            f"header claims {n} bytes but the file has only {size - 8} after the length",
+            where=where,
+            fix="the file is truncated or not safetensors; download it again",
+        )
     return n
 
 
@@ -110,12 +131,19 @@ def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[s
         if code not in DTYPES:
             problems.append(Problem(tw, f"unknown dtype {code!r}", f"valid dtypes: {', '.join(DTYPES)}"))
             continue
-        if (not isinstance(shape, list) or len(shape) > 16
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape)
+        ):
             problems.append(Problem(tw, f"invalid shape {shape!r} (must be a list of non-negative integers)"))
             continue
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
             problems.append(Problem(tw, f"invalid data_offsets {offs!r}"))
             continue
         want = math.prod(shape) * itemsize(code)
@@ -123,8 +151,11 @@ def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[s
             problems.append(Problem(tw, f"byte length {offs[1] - offs[0]} does not match dtype {code} x shape {shape} = {want}"))
             continue
         if offs[1] > data_len:
-            problems.append(Problem(tw, f"data ends at byte {offs[1]} but the data section has {data_len} bytes",
-                                    "the file is truncated; download it again"))
+            problems.append(
+                Problem(
+                    tw, f"data ends at byte {offs[1]} but the data section has {data_len} bytes", "the file is truncated; download it again"
+                )
+            )
             continue
         spans.append((offs[0], offs[1], name))
         tensors[name] = TensorInfo(name, code, tuple(shape), path, data_start + offs[0], want)
@@ -133,12 +164,21 @@ def read_safetensors_header(path: Path, size: int | None = None) -> tuple[dict[s
         if b1 < e0:
             problems.append(Problem(f"{where}: tensor {n1!r}", f"bytes [{b1}, {e1}) overlap tensor {n0!r} [{b0}, {e0})"))
         elif b1 > e0:
-            problems.append(Problem(f"{where}: tensor {n1!r}", f"starts at byte {b1}, leaving a gap after tensor {n0!r} "
-                                    f"(ends at {e0}); safetensors data is contiguous"))
+            problems.append(
+                Problem(
+                    f"{where}: tensor {n1!r}",
+                    f"starts at byte {b1}, leaving a gap after tensor {n0!r} (ends at {e0}); safetensors data is contiguous",
+                )
+            )
     if not problems and spans and (spans[0][0] != 0 or spans[-1][1] != data_len):
-        problems.append(Problem(where, f"tensor data covers bytes [{spans[0][0]}, {spans[-1][1]}) of a {data_len}-byte data "
-                                "section; safetensors data is contiguous from 0 to the end of the file",
-                                "the file is corrupt or was appended to; download it again"))
+        problems.append(
+            Problem(
+                where,
+                f"tensor data covers bytes [{spans[0][0]}, {spans[-1][1]}) of a {data_len}-byte data "
+                "section; safetensors data is contiguous from 0 to the end of the file",
+                "the file is corrupt or was appended to; download it again",
+            )
+        )
     if problems:
         raise CheckpointError(problems)
     return tensors, raw

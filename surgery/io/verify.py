@@ -13,8 +13,9 @@ from surgery.jsonio import read_json
 def verify_output(out: str | Path) -> list[Problem]:
     out = Path(out)
     if not out.is_dir():
-        return [Problem(str(out), "no such folder" if not out.exists() else "not a folder",
-                        "give the output folder that `surgery apply` wrote")]
+        return [
+            Problem(str(out), "no such folder" if not out.exists() else "not a folder", "give the output folder that `surgery apply` wrote")
+        ]
     problems: list[Problem] = []
     index_path, prov_path = out / "model.safetensors.index.json", out / "surgery.json"
     for f in (index_path, prov_path, out / "config.json"):
@@ -31,16 +32,22 @@ def verify_output(out: str | Path) -> list[Problem]:
         return [Problem(str(index_path), "not a valid index (needs a 'weight_map' object of tensor -> file name)")]
     recorded = prov.get("output", {}).get("shards") if isinstance(prov, dict) and isinstance(prov.get("output"), dict) else None
     if not isinstance(recorded, list) or not all(_valid_entry(e) for e in recorded):
-        return [Problem(str(prov_path), "output.shards is not a list of {name, bytes, header_sha256, sha256} records",
-                        "the file is damaged or not written by this version of surgery; apply the plan again")]
+        return [
+            Problem(
+                str(prov_path),
+                "output.shards is not a list of {name, bytes, header_sha256, sha256} records",
+                "the file is damaged or not written by this version of surgery; apply the plan again",
+            )
+        ]
     shards = {e["name"]: e for e in recorded}
     by_file: dict[str, set[str]] = {}
     for tensor, fname in weight_map.items():
         by_file.setdefault(fname, set()).add(tensor)
     for fname in sorted(set(by_file) | set(shards)):
         if not _plain_name(fname):  # never look outside the output folder, whatever the files say
-            problems.append(Problem(str(prov_path if fname in shards else index_path),
-                                    f"names {fname[:80]!r}, which is not a file in this folder"))
+            problems.append(
+                Problem(str(prov_path if fname in shards else index_path), f"names {fname[:80]!r}, which is not a file in this folder")
+            )
             continue
         path = out / fname
         where = str(path)
@@ -69,20 +76,31 @@ def verify_output(out: str | Path) -> list[Problem]:
             continue
         digest = want.get("crc32")
         if digest is None:
-            problems.append(Problem(where, "surgery.json records no content hash for this shard (written by an older "
-                                    "surgery): only its size and header were checked", code="no-content-hash"))
+            problems.append(
+                Problem(
+                    where,
+                    "surgery.json records no content hash for this shard (written by an older "
+                    "surgery): only its size and header were checked",
+                    code="no-content-hash",
+                )
+            )
         elif file_crc32(path) != digest:
-            problems.append(Problem(where, "content differs from what was written (crc32 mismatch): the data is damaged",
-                                    "apply the plan again"))
+            problems.append(
+                Problem(where, "content differs from what was written (crc32 mismatch): the data is damaged", "apply the plan again")
+            )
     return problems
 
 
 def _valid_entry(e) -> bool:
-    return (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("bytes"), int)
-            and not isinstance(e.get("bytes"), bool) and isinstance(e.get("header_sha256"), str)
-            and isinstance(e.get("crc32"), (str, type(None))))
+    return (
+        isinstance(e, dict)
+        and isinstance(e.get("name"), str)
+        and isinstance(e.get("bytes"), int)
+        and not isinstance(e.get("bytes"), bool)
+        and isinstance(e.get("header_sha256"), str)
+        and isinstance(e.get("crc32"), (str, type(None)))
+    )
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".") \
-        and len(name) < 256
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".") and len(name) < 256

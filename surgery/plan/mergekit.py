@@ -30,8 +30,20 @@ from surgery.errors import PlanError, Problem
 from surgery.plan.settings import to_mergekit
 from surgery.plan.yamlio import Located
 
-TOP_KEYS = {"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "tokenizer", "chat_template", "name", "modules"}
+TOP_KEYS = {
+    "merge_method",
+    "slices",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "name",
+    "modules",
+}
 
 
 class Input(NamedTuple):
@@ -54,15 +66,21 @@ def _ref(v: Any, where: str) -> tuple[str, str | None]:
         inner = v.get("model", v)
         if isinstance(inner, dict) and "path" in inner:
             if inner.get("lora") or v.get("lora"):
-                raise PlanError("LoRA model references are not supported", where=where,
-                                fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)")
+                raise PlanError(
+                    "LoRA model references are not supported",
+                    where=where,
+                    fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)",
+                )
             return str(inner["path"]), inner.get("revision")
         raise PlanError(f"cannot read model reference {v!r}", where=where)
     if not isinstance(v, str) or not v:
         raise PlanError(f"a model reference must be a path or hub id, got {v!r}", where=where)
     if "+" in v:
-        raise PlanError(f"LoRA model references ({v!r}) are not supported", where=where,
-                        fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)")
+        raise PlanError(
+            f"LoRA model references ({v!r}) are not supported",
+            where=where,
+            fix="merge the LoRA into its base first (e.g. with peft's merge_and_unload)",
+        )
     if "@" in v and not Path(v).exists():
         path, rev = v.rsplit("@", 1)
         return path, rev
@@ -86,19 +104,28 @@ def translate(doc: Located) -> Located:
     problems: list[Problem] = []
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
-        raise PlanError(f"unknown mergekit key {unknown[0]!r}", where=at((unknown[0],)),
-                        fix=f"mergekit 0.1.5 keys: {', '.join(sorted(TOP_KEYS))}")
+        raise PlanError(
+            f"unknown mergekit key {unknown[0]!r}", where=at((unknown[0],)), fix=f"mergekit 0.1.5 keys: {', '.join(sorted(TOP_KEYS))}"
+        )
     for key, why in (("modules", "multi-module (vision-language) configs"),):
         if data.get(key) is not None:
-            problems.append(Problem(at((key,)), f"{why} are not supported by surgery yet",
-                                    "run this config with mergekit itself (`surgery mergekit CONFIG OUT` with the plugin)"))
+            problems.append(
+                Problem(
+                    at((key,)),
+                    f"{why} are not supported by surgery yet",
+                    "run this config with mergekit itself (`surgery mergekit CONFIG OUT` with the plugin)",
+                )
+            )
     method = data["merge_method"]
     if not isinstance(method, str):
         raise PlanError("merge_method must be a string", where=at(("merge_method",)))
     slices, models = data.get("slices"), data.get("models")
     if (slices is None) == (models is None):
-        raise PlanError("a mergekit config has exactly one of `slices` or `models`", where=at(),
-                        fix="use `slices:` (stacked layer ranges) or `models:` (whole-model merge)")
+        raise PlanError(
+            "a mergekit config has exactly one of `slices` or `models`",
+            where=at(),
+            fix="use `slices:` (stacked layer ranges) or `models:` (whole-model merge)",
+        )
     names: dict[str, str] = {}  # plan name -> path
     revisions: dict[str, str | None] = {}
     lines: dict[tuple, int] = {}
@@ -122,15 +149,23 @@ def translate(doc: Located) -> Located:
         if v is None:
             return {}
         if not isinstance(v, dict):
-            raise PlanError(f"`parameters` must be a mapping of name: value, got {type(v).__name__} {v!r}"[:200],
-                            where=at(path), fix="write e.g. `parameters: {weight: 0.5}`")
+            raise PlanError(
+                f"`parameters` must be a mapping of name: value, got {type(v).__name__} {v!r}"[:200],
+                where=at(path),
+                fix="write e.g. `parameters: {weight: 0.5}`",
+            )
         if known is None:  # an unknown method: the plan's check names it
             return v
         for k in v:
             if k not in known:
-                doc.notes.append(Problem(at(path + (k,)), f"{method} does not use parameter {k!r}; mergekit ignores it, "
-                                         "and so does surgery", f"remove it ({method}'s parameters: "
-                                         f"{', '.join(sorted(known)) or 'none'})", code="unused-parameter"))
+                doc.notes.append(
+                    Problem(
+                        at(path + (k,)),
+                        f"{method} does not use parameter {k!r}; mergekit ignores it, and so does surgery",
+                        f"remove it ({method}'s parameters: {', '.join(sorted(known)) or 'none'})",
+                        code="unused-parameter",
+                    )
+                )
         return {k: x for k, x in v.items() if k in known}
 
     top = params(data.get("parameters"), ("parameters",))
@@ -143,8 +178,9 @@ def translate(doc: Located) -> Located:
         for i, m in enumerate(models):
             if not isinstance(m, dict) or "model" not in m:
                 raise PlanError("each entry of `models` is {model: ..., parameters: ...}", where=at(("models", i)))
-            items.append(Input(name(m["model"], ("models", i, "model")), params(m.get("parameters"), ("models", i, "parameters")),
-                          ("models", i)))
+            items.append(
+                Input(name(m["model"], ("models", i, "model")), params(m.get("parameters"), ("models", i, "parameters")), ("models", i))
+            )
         slice_defs = [(items, {}, base, ("models",))]
     else:
         if not isinstance(slices, list) or not slices:
@@ -155,8 +191,11 @@ def translate(doc: Located) -> Located:
                 raise PlanError("each slice is {sources: [...], parameters: ..., base_model: ...}", where=at(("slices", i)))
             srcs = []
             if not isinstance(sl["sources"], list) or not sl["sources"]:
-                raise PlanError(f"`sources` must be a non-empty list, got {sl['sources']!r}"[:200], where=at(("slices", i, "sources")),
-                                fix="write `sources: [{model: ..., layer_range: [start, end]}]`")
+                raise PlanError(
+                    f"`sources` must be a non-empty list, got {sl['sources']!r}"[:200],
+                    where=at(("slices", i, "sources")),
+                    fix="write `sources: [{model: ..., layer_range: [start, end]}]`",
+                )
             for j, src in enumerate(sl["sources"]):
                 p = ("slices", i, "sources", j)
                 if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
@@ -171,8 +210,13 @@ def translate(doc: Located) -> Located:
     for srcs, slice_params, sbase, spath in slice_defs:
         if method == "passthrough":
             if len(srcs) != 1:
-                problems.append(Problem(at(spath), f"passthrough takes exactly one source per slice, got {len(srcs)}",
-                                        "split the slice, or use a merge method"))
+                problems.append(
+                    Problem(
+                        at(spath),
+                        f"passthrough takes exactly one source per slice, got {len(srcs)}",
+                        "split the slice, or use a merge method",
+                    )
+                )
                 continue
             src = srcs[0]
             step: dict[str, Any] = {"model": src.model}
@@ -229,8 +273,11 @@ def translate(doc: Located) -> Located:
         if ts is not None:
             raise PlanError("give the tokenizer once: `tokenizer_source:` or the `tokenizer:` block", where=at(("tokenizer",)))
         if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
-            raise PlanError("the `tokenizer:` block is {source, tokens, pad_to_multiple_of}", where=at(("tokenizer",)),
-                            fix="see mergekit's docs/tokenizer (TokenizerConfig)")
+            raise PlanError(
+                "the `tokenizer:` block is {source, tokens, pad_to_multiple_of}",
+                where=at(("tokenizer",)),
+                fix="see mergekit's docs/tokenizer (TokenizerConfig)",
+            )
         ts = block.get("source", "union")
         opts: dict[str, Any] = {}
         if block.get("pad_to_multiple_of") is not None:
@@ -265,8 +312,15 @@ def translate(doc: Located) -> Located:
             lines[("tokenizer_options", "tokens", tok)] = line(("tokenizer", "tokens", tok))
     # every path of the translated plan points at the config's lines
     for key in ("models", "input_dtype", "output", "tokenizer", "name", "chat_template"):
-        lines[(key,)] = line(({"input_dtype": "dtype", "output": "out_dtype" if data.get("out_dtype") else "dtype",
-                               "tokenizer": "tokenizer" if block is not None else "tokenizer_source"}.get(key, key),))
+        lines[(key,)] = line(
+            (
+                {
+                    "input_dtype": "dtype",
+                    "output": "out_dtype" if data.get("out_dtype") else "dtype",
+                    "tokenizer": "tokenizer" if block is not None else "tokenizer_source",
+                }.get(key, key),
+            )
+        )
     for n in names:
         lines[("models", n)] = lines[("models",)]
     return Located(plan, doc.source, lines, notes=list(doc.notes))

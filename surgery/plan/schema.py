@@ -31,31 +31,59 @@ def plan_schema() -> dict[str, Any]:
         s = _lift_defs(cls.model_json_schema(), defs)
         s["description"] = getattr(cls, "summary", "") or s.get("description", "")
         defs[name] = s
-        alternatives.append({"type": "object", "properties": {op: {"anyOf": [{"$ref": f"#/$defs/{name}"}, {"type": "null"}]}},
-                             "required": [op], "additionalProperties": False, "title": op})
-    body["properties"]["steps"] = {"type": "array", "minItems": 1, "items": {"oneOf": alternatives},
-                                   "description": "ordered operations; each item is {operation: {...}}"}
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {op: {"anyOf": [{"$ref": f"#/$defs/{name}"}, {"type": "null"}]}},
+                "required": [op],
+                "additionalProperties": False,
+                "title": op,
+            }
+        )
+    body["properties"]["steps"] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"oneOf": alternatives},
+        "description": "ordered operations; each item is {operation: {...}}",
+    }
     body["properties"]["models"]["propertyNames"] = {"pattern": r"^[A-Za-z_][\w.-]*$"}
-    body.update({"$schema": DIALECT, "$id": "https://surgery.dev/schemas/plan.schema.json", "title": "surgery plan",
-                 "$defs": defs})
+    body.update({"$schema": DIALECT, "$id": "https://surgery.dev/schemas/plan.schema.json", "title": "surgery plan", "$defs": defs})
     return body
 
 
-_PROBLEM = {"type": "object", "required": ["where", "what", "fix"], "additionalProperties": False,
-            "properties": {"where": {"type": ["string", "null"], "description": "plan file:line, tensor or file name"},
-                           "what": {"type": "string"}, "fix": {"type": ["string", "null"]},
-                           "code": {"type": "string", "description": "warnings only: the code --ignore takes"}}}
+_PROBLEM = {
+    "type": "object",
+    "required": ["where", "what", "fix"],
+    "additionalProperties": False,
+    "properties": {
+        "where": {"type": ["string", "null"], "description": "plan file:line, tensor or file name"},
+        "what": {"type": "string"},
+        "fix": {"type": ["string", "null"]},
+        "code": {"type": "string", "description": "warnings only: the code --ignore takes"},
+    },
+}
 
 
 def report_schema() -> dict[str, Any]:
     """The `surgery validate --format json` document, format `surgery.validate/2`."""
-    source = {"type": "object", "required": ["ref", "path", "family", "num_layers", "dtype", "parameters", "bytes"],
-              "properties": {"ref": {"type": "string"}, "path": {"type": "string"}, "family": {"type": "string"},
-                             "family_guessed": {"type": "boolean"}, "model_type": {"type": ["string", "null"]},
-                             "num_layers": {"type": "integer"}, "dtype": {"type": "string"},
-                             "parameters": {"type": "integer"}, "bytes": {"type": "integer"},
-                             "tied_embeddings": {"type": "boolean"}, "files": {"type": "array", "items": {"type": "string"}},
-                             "pickled": {"type": "boolean"}}}
+    source = {
+        "type": "object",
+        "required": ["ref", "path", "family", "num_layers", "dtype", "parameters", "bytes"],
+        "properties": {
+            "ref": {"type": "string"},
+            "path": {"type": "string"},
+            "family": {"type": "string"},
+            "family_guessed": {"type": "boolean"},
+            "model_type": {"type": ["string", "null"]},
+            "num_layers": {"type": "integer"},
+            "dtype": {"type": "string"},
+            "parameters": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "tied_embeddings": {"type": "boolean"},
+            "files": {"type": "array", "items": {"type": "string"}},
+            "pickled": {"type": "boolean"},
+        },
+    }
     layer = {
         "type": "object",
         "required": ["layer", "source", "how", "new", "sources", "step", "where"],

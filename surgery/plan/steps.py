@@ -13,8 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      ValidationInfo, WithJsonSchema, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Annotated
 
 from surgery.io.safetensors import DTYPE_NAMES
@@ -62,6 +74,7 @@ def check_gradient(v: Gradient) -> Gradient:
 
 # ---------------------------------------------------------------------------------------------
 # steps
+
 
 class Step(Strict):
     op: ClassVar[str]
@@ -114,8 +127,10 @@ class Expand(Step):
 
 class Widen(Step):
     op: ClassVar[str] = "widen"
-    summary: ClassVar[str] = ("grow every layer's MLP to `intermediate` units (Gstack's width operators): split copies units "
-                              "and divides what reads them (the same function), zero and random add new units")
+    summary: ClassVar[str] = (
+        "grow every layer's MLP to `intermediate` units (Gstack's width operators): split copies units "
+        "and divides what reads them (the same function), zero and random add new units"
+    )
     intermediate: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)
     hidden: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)  # an integer multiple of the hidden size (split)
     heads: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 14)  # attention heads (split; head_dim stays)
@@ -130,8 +145,9 @@ class Widen(Step):
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
         if (self.hidden is not None or self.heads is not None or self.kv_heads is not None) and self.init != "split":
-            raise ValueError("`hidden`, `heads` and `kv_heads` grow by splitting (copies); zero and random apply to "
-                             "`intermediate` only for now")
+            raise ValueError(
+                "`hidden`, `heads` and `kv_heads` grow by splitting (copies); zero and random apply to `intermediate` only for now"
+            )
         return self
 
 
@@ -165,8 +181,9 @@ def check_setting(v: Any) -> Any:
                 if c.get("filter") is not None and not isinstance(c["filter"], str):
                     raise ValueError(f"filter must be a string, got {c['filter']!r}")
             return tuple(dict(c) for c in v)
-    raise ValueError(f"{v!r} is not a setting: use a number, a list of numbers (a gradient over the layers), "
-                     "or a list of {filter, value} conditions")
+    raise ValueError(
+        f"{v!r} is not a setting: use a number, a list of numbers (a gradient over the layers), or a list of {{filter, value}} conditions"
+    )
 
 
 Setting = Annotated[Any, AfterValidator(check_setting)]
@@ -230,7 +247,8 @@ class Merge(Step):
                 raise ValueError(f"override {o.filter!r} sets nothing; give `t` (slerp) or `weights` (linear)")
         known = {p.name for p in spec.params}
         for where, params in [("parameters", self.parameters)] + [
-                (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models) if not isinstance(m, str)]:
+            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models) if not isinstance(m, str)
+        ]:
             unknown = sorted(set(params) - known)
             if unknown:
                 raise ValueError(f"{where}: {self.method} has no parameter {unknown[0]!r}; its parameters: {', '.join(sorted(known))}")
@@ -241,19 +259,24 @@ class Merge(Step):
             sugar = {"t": self.t is not None, "weight": self.weights is not None}.get(p.name, False)
             # a non_base parameter (ties' weight and density, ...) is not asked of the base, as mergekit resolves it
             needing = [m for m in self.models if p.scope == "input" or (m if isinstance(m, str) else m.model) != base]
-            missing = [m if isinstance(m, str) else m.model for m in needing
-                       if isinstance(m, str) or p.name not in m.parameters]
+            missing = [m if isinstance(m, str) else m.model for m in needing if isinstance(m, str) or p.name not in m.parameters]
             if not (p.name in self.parameters or sugar or (p.scope != "shared" and not missing)):
-                who = "" if p.scope == "shared" else (" for every model but the base" if p.scope == "non_base"
-                                                       else " for every model")
+                who = "" if p.scope == "shared" else (" for every model but the base" if p.scope == "non_base" else " for every model")
                 if mergekit:
-                    hint = (f"`parameters: {{{p.name}: ...}}` on each model (missing on {', '.join(missing)}) or at the top"
-                            if p.scope != "shared" else f"`parameters: {{{p.name}: ...}}`")
+                    hint = (
+                        f"`parameters: {{{p.name}: ...}}` on each model (missing on {', '.join(missing)}) or at the top"
+                        if p.scope != "shared"
+                        else f"`parameters: {{{p.name}: ...}}`"
+                    )
                 else:
                     k = len(needing) if p.scope != "shared" else 0
-                    hint = {"t": "`t: 0.5`", "weight": f"`weights: [{', '.join(['0.5'] * len(self.models))}]`"}.get(
-                        p.name, f"`parameters: {{{p.name}: ...}}`") if k == len(self.models) or p.name != "weight" else \
-                        f"`parameters: {{weight: ...}}` on each of {', '.join(missing)}"
+                    hint = (
+                        {"t": "`t: 0.5`", "weight": f"`weights: [{', '.join(['0.5'] * len(self.models))}]`"}.get(
+                            p.name, f"`parameters: {{{p.name}: ...}}`"
+                        )
+                        if k == len(self.models) or p.name != "weight"
+                        else f"`parameters: {{weight: ...}}` on each of {', '.join(missing)}"
+                    )
                 raise ValueError(f"{self.method} needs `{p.name}`{who}; give e.g. {hint}")
         if self.normalize is not None and spec.param("normalize") is None:
             raise ValueError(f"{self.method} takes no `normalize`")
@@ -262,8 +285,11 @@ class Merge(Step):
         if spec.base == "none" and self.base is not None:
             raise ValueError(f"{self.method} takes no base model")
         if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
-            want = f"exactly {spec.min_inputs}" if spec.min_inputs == spec.max_inputs else (
-                f"{spec.min_inputs} to {spec.max_inputs}" if spec.max_inputs else f"at least {spec.min_inputs}")
+            want = (
+                f"exactly {spec.min_inputs}"
+                if spec.min_inputs == spec.max_inputs
+                else (f"{spec.min_inputs} to {spec.max_inputs}" if spec.max_inputs else f"at least {spec.min_inputs}")
+            )
             raise ValueError(f"{self.method} merges {want} models (the base included); got {inputs}")
         return self
 
@@ -305,8 +331,7 @@ def step_types() -> dict[str, type[Step]]:
 # plan
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)  # 5GB, 2GiB, 5e9
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(v: Any, what: str = "shard size", minimum: int = 1024) -> int:
@@ -354,8 +379,9 @@ class ModelRef(Strict):
 
 
 DTYPE_SCHEMA = WithJsonSchema({"anyOf": [{"enum": sorted(DTYPE_NAMES)}, {"type": "null"}]})
-SIZE_SCHEMA = WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1024},
-                                        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[bB]|[bB])?\s*$"}]})
+SIZE_SCHEMA = WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 1024}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[bB]|[bB])?\s*$"}]}
+)
 
 
 class Output(Strict):

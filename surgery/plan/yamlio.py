@@ -29,7 +29,6 @@ MAX_DEPTH = 64
 MAX_BYTES = 4 * 1024 * 1024
 
 
-
 @dataclass
 class Located:
     """A YAML document as plain data, with the source line of each path."""
@@ -71,22 +70,23 @@ def load_yaml_text(text: str, source: str) -> Located:
         raise PlanError(f"file is {len(text)} bytes; plans are limited to {MAX_BYTES}", where=source)
     depth = bracket_depth(text, _QUOTED, MAX_DEPTH)
     if depth > MAX_DEPTH:
-        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels of brackets", where=source,
-                        fix="plans are shallow: write the lists and mappings out")
+        raise PlanError(
+            f"nesting deeper than {MAX_DEPTH} levels of brackets", where=source, fix="plans are shallow: write the lists and mappings out"
+        )
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
     except RecursionError:
-        raise PlanError(f"nesting deeper than {MAX_DEPTH} levels", where=source,
-                        fix="plans are shallow: write the lists and mappings out") from None
+        raise PlanError(
+            f"nesting deeper than {MAX_DEPTH} levels", where=source, fix="plans are shallow: write the lists and mappings out"
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
         what = f"not valid YAML: {e.problem or e.context}"
         if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
             what += f" ({e.context} at line {e.context_mark.line + 1})"
-        raise PlanError(what, where=where,
-                        fix="check indentation and quoting near this line") from None
+        raise PlanError(what, where=where, fix="check indentation and quoting near this line") from None
     except yaml.YAMLError as e:
         raise PlanError(f"not valid YAML: {e}", where=source) from None
     finally:
@@ -114,8 +114,9 @@ def load_yaml_file(path: str | Path) -> Located:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise PlanError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})",
-                        where=f"{path}:{line}", fix="save the plan as UTF-8") from None
+        raise PlanError(
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", where=f"{path}:{line}", fix="save the plan as UTF-8"
+        ) from None
     return load_yaml_text(text, str(path))
 
 
@@ -137,13 +138,19 @@ class _Builder:
     def build(self, node, path: tuple, depth: int) -> Any:
         self.count += 1
         if self.count > MAX_NODES:
-            raise PlanError(f"document expands to more than {MAX_NODES} values (an alias bomb?)",
-                            where=self._where(node), fix="write the plan out without YAML aliases")
+            raise PlanError(
+                f"document expands to more than {MAX_NODES} values (an alias bomb?)",
+                where=self._where(node),
+                fix="write the plan out without YAML aliases",
+            )
         if depth > MAX_DEPTH:
             raise PlanError(f"nesting deeper than {MAX_DEPTH} levels", where=self._where(node))
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
-            raise PlanError(f"unsupported YAML value: tag {node.tag!r}", where=self._where(node),
-                            fix="plans use plain YAML: strings, numbers, lists and mappings")
+            raise PlanError(
+                f"unsupported YAML value: tag {node.tag!r}",
+                where=self._where(node),
+                fix="plans use plain YAML: strings, numbers, lists and mappings",
+            )
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)  # resolves `<<:` merge keys, safely
             out: dict = {}
@@ -152,8 +159,9 @@ class _Builder:
                 if isinstance(key, (list, dict)):
                     raise PlanError("mapping keys must be plain values", where=self._where(knode))
                 if key in out:
-                    raise PlanError(f"duplicate key {key!r}", where=self._where(knode),
-                                    fix="each key may appear once in a mapping; remove one")
+                    raise PlanError(
+                        f"duplicate key {key!r}", where=self._where(knode), fix="each key may appear once in a mapping; remove one"
+                    )
                 self.doc.lines[path + (key,)] = knode.start_mark.line + 1
                 out[key] = self.build(vnode, path + (key,), depth + 1)
             return out
@@ -166,10 +174,15 @@ class _Builder:
         try:
             value = self.loader.construct_object(node, deep=False)
         except yaml.constructor.ConstructorError as e:
-            raise PlanError(f"unsupported YAML value: {e.problem}", where=self._where(node),
-                            fix="plans use plain YAML: strings, numbers, lists and mappings") from None
+            raise PlanError(
+                f"unsupported YAML value: {e.problem}",
+                where=self._where(node),
+                fix="plans use plain YAML: strings, numbers, lists and mappings",
+            ) from None
         if isinstance(value, (bytes, bytearray)):
-            raise PlanError(f"unsupported YAML value: tag {node.tag!r} (binary data)", where=self._where(node),
-                            fix="plans use plain YAML: strings, numbers, lists and mappings")
+            raise PlanError(
+                f"unsupported YAML value: tag {node.tag!r} (binary data)",
+                where=self._where(node),
+                fix="plans use plain YAML: strings, numbers, lists and mappings",
+            )
         return value
-

@@ -34,16 +34,20 @@ def layer_map_svg(program, *, title: str | None = None) -> str:
     width = x_out + bw + 20
     height = top + tallest * rh + 40
     name = escape(title or program.plan.body.name or Path(program.plan.source).name)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           'font-family="sans-serif" font-size="9">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="12">{name}: '
-           f'{sum(n_src.values())} source layers &#8594; {len(rows)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="sans-serif" font-size="9">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="12">{name}: '
+        f"{sum(n_src.values())} source layers &#8594; {len(rows)}</text>",
+    ]
 
     def box(x, y, label, colour, new=False):
         weight = ' font-weight="bold"' if new else ""
-        out.append(f'<rect x="{x}" y="{y - rh / 2 + 1}" width="{bw}" height="{rh - 2}" fill="{colour}"/>'
-                   f'<text x="{x + bw / 2}" y="{y + 3}" text-anchor="middle" fill="white"{weight}>{label}</text>')
+        out.append(
+            f'<rect x="{x}" y="{y - rh / 2 + 1}" width="{bw}" height="{rh - 2}" fill="{colour}"/>'
+            f'<text x="{x + bw / 2}" y="{y + 3}" text-anchor="middle" fill="white"{weight}>{label}</text>'
+        )
 
     xs = {m: 20 + gap * i for i, m in enumerate(models)}
     for m in models:
@@ -59,16 +63,20 @@ def layer_map_svg(program, *, title: str | None = None) -> str:
         for m, i in r["sources"]:
             if m in xs:
                 dash = ' stroke-dasharray="4 2"' if made in ("identity", "zero", "random") else ""
-                lines.append(f'<line x1="{xs[m] + bw}" y1="{top + i * rh}" x2="{x_out}" y2="{y}" stroke="{COLOURS[made]}" '
-                             f'stroke-width="1" opacity="0.8"{dash}/>')
+                lines.append(
+                    f'<line x1="{xs[m] + bw}" y1="{top + i * rh}" x2="{x_out}" y2="{y}" stroke="{COLOURS[made]}" '
+                    f'stroke-width="1" opacity="0.8"{dash}/>'
+                )
         box(x_out, y, r["layer"], COLOURS[made], r["new"])
         if made not in seen:
             seen.append(made)
     out[3:3] = lines  # under the boxes: a line crossing another model's column passes behind it
     lx = 20
     for k in (k for k in COLOURS if k in seen):
-        out.append(f'<rect x="{lx}" y="{height - 22}" width="12" height="8" fill="{COLOURS[k]}"/>'
-                   f'<text x="{lx + 16}" y="{height - 15}">{escape(LABELS[k])}</text>')
+        out.append(
+            f'<rect x="{lx}" y="{height - 22}" width="12" height="8" fill="{COLOURS[k]}"/>'
+            f'<text x="{lx + 16}" y="{height - 15}">{escape(LABELS[k])}</text>'
+        )
         lx += 22 + 6 * len(LABELS[k])
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -105,8 +113,7 @@ def draw_layer_map(program, out: Path, *, title: str | None = None) -> Path:
 
     def box(x, y, label, colour, bold=False):
         ax.add_patch(Rectangle((x, y - h * 0.42), box_w, h * 0.84, facecolor=colour, edgecolor="white", lw=0.5))
-        ax.text(x + box_w / 2, y, label, ha="center", va="center", fontsize=6.5, color="white",
-                fontweight="bold" if bold else "normal")
+        ax.text(x + box_w / 2, y, label, ha="center", va="center", fontsize=6.5, color="white", fontweight="bold" if bold else "normal")
 
     for m in models:
         ax.text(xs[m] + box_w / 2, -0.3, m, ha="center", va="bottom", fontsize=8, fontweight="bold")
@@ -122,12 +129,25 @@ def draw_layer_map(program, out: Path, *, title: str | None = None) -> Path:
             if m not in xs:
                 continue
             ys = 0.2 + i * h
-            ax.plot([xs[m] + box_w, x_out], [ys, y], color=COLOURS[made], lw=0.8, alpha=0.75,
-                    ls="--" if made in ("identity", "zero", "random") else "-")
+            ax.plot(
+                [xs[m] + box_w, x_out],
+                [ys, y],
+                color=COLOURS[made],
+                lw=0.8,
+                alpha=0.75,
+                ls="--" if made in ("identity", "zero", "random") else "-",
+            )
         seen.add(made)
     handles = [plt.Line2D([0], [0], color=COLOURS[k], lw=3) for k in COLOURS if k in seen]
-    ax.legend(handles, [LABELS[k] for k in COLOURS if k in seen], loc="lower center", bbox_to_anchor=(0.5, -0.02),
-              ncol=len(handles), fontsize=7, frameon=False)
+    ax.legend(
+        handles,
+        [LABELS[k] for k in COLOURS if k in seen],
+        loc="lower center",
+        bbox_to_anchor=(0.5, -0.02),
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+    )
     name = title or program.plan.body.name or Path(program.plan.source).name
     ax.set_title(f"{name}: {sum(n_src[m] for m in models)} source layers -> {len(rows)}", fontsize=9)
     fig.tight_layout()

@@ -32,10 +32,20 @@ def human_count(n: int) -> str:
 
 
 def source_summary(ck: Checkpoint) -> dict:
-    return {"ref": ck.ref, "path": str(ck.path), "family": ck.family.name, "family_guessed": ck.family.guessed,
-            "model_type": ck.config.get("model_type"), "num_layers": ck.num_layers, "dtype": dtype_name(ck.dtype),
-            "parameters": ck.num_params, "bytes": ck.nbytes, "tied_embeddings": ck.tied,
-            "files": sorted(ck.header_hashes), "pickled": ck.pickled}
+    return {
+        "ref": ck.ref,
+        "path": str(ck.path),
+        "family": ck.family.name,
+        "family_guessed": ck.family.guessed,
+        "model_type": ck.config.get("model_type"),
+        "num_layers": ck.num_layers,
+        "dtype": dtype_name(ck.dtype),
+        "parameters": ck.num_params,
+        "bytes": ck.nbytes,
+        "tied_embeddings": ck.tied,
+        "files": sorted(ck.header_hashes),
+        "pickled": ck.pickled,
+    }
 
 
 @dataclass
@@ -57,19 +67,32 @@ class Report:
         return self.program.layer_map() if self.program else []
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"plan": self.plan, "valid": self.valid,
-                             "errors": [p.as_dict() for p in self.problems], "warnings": [w.as_dict() for w in self.warnings]}
+        d: dict[str, Any] = {
+            "plan": self.plan,
+            "valid": self.valid,
+            "errors": [p.as_dict() for p in self.problems],
+            "warnings": [w.as_dict() for w in self.warnings],
+        }
         p = self.program
         if p is not None:
-            d.update({
-                "sources": {n: source_summary(c) for n, c in p.ckpts.items()},
-                "output": {"num_layers": p.num_layers, "dtype": dtype_name(p.dtype), "parameters": p.num_params,
-                           "bytes": p.bytes_out, "bytes_read": p.bytes_in, "tensors": len(p.tensors),
-                           "shards": [{"name": s.name, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in p.shards],
-                           "new_layers": p.new_layers, "config_changes": p.config_changes,
-                           "family": p.family.name},
-                "layer_map": p.layer_map(),
-            })
+            d.update(
+                {
+                    "sources": {n: source_summary(c) for n, c in p.ckpts.items()},
+                    "output": {
+                        "num_layers": p.num_layers,
+                        "dtype": dtype_name(p.dtype),
+                        "parameters": p.num_params,
+                        "bytes": p.bytes_out,
+                        "bytes_read": p.bytes_in,
+                        "tensors": len(p.tensors),
+                        "shards": [{"name": s.name, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in p.shards],
+                        "new_layers": p.new_layers,
+                        "config_changes": p.config_changes,
+                        "family": p.family.name,
+                    },
+                    "layer_map": p.layer_map(),
+                }
+            )
         return d
 
     def text(self, *, tensors: bool = False) -> str:
@@ -82,10 +105,14 @@ class Report:
         assert p is not None
         out.append(f"valid: {self.plan}")
         for n, c in p.ckpts.items():
-            out.append(f"  model {n}: {_shown_path(c)}  [{c.family.name}, {c.num_layers} layers, {human_count(c.num_params)} params, "
-                       f"{dtype_name(c.dtype)}{', tied embeddings' if c.tied else ''}]")
-        out.append(f"  output: {p.num_layers} layers, {human_count(p.num_params)} params, {dtype_name(p.dtype)}, "
-                   f"{len(p.tensors)} tensors in {len(p.shards)} shard(s)")
+            out.append(
+                f"  model {n}: {_shown_path(c)}  [{c.family.name}, {c.num_layers} layers, {human_count(c.num_params)} params, "
+                f"{dtype_name(c.dtype)}{', tied embeddings' if c.tied else ''}]"
+            )
+        out.append(
+            f"  output: {p.num_layers} layers, {human_count(p.num_params)} params, {dtype_name(p.dtype)}, "
+            f"{len(p.tensors)} tensors in {len(p.shards)} shard(s)"
+        )
         out.append(f"  bytes: read {human_bytes(p.bytes_in)}, write {human_bytes(p.bytes_out)}")
         if p.config_changes:
             out.append("  config: " + "; ".join(p.config_changes))
@@ -112,12 +139,22 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
     return {
         "format": "surgery/1",
         "surgery_version": __version__,
-        "plan": {"source": plan.source, "content": plan.raw, "seed": plan.body.seed,
-                 **({"mergekit_config": plan.mergekit} if plan.mergekit is not None else {})},
+        "plan": {
+            "source": plan.source,
+            "content": plan.raw,
+            "seed": plan.body.seed,
+            **({"mergekit_config": plan.mergekit} if plan.mergekit is not None else {}),
+        },
         "sources": {n: {**source_summary(c), "header_sha256": c.header_hashes} for n, c in program.ckpts.items()},
         "config_model": program.config_model,
-        "output": {"num_layers": program.num_layers, "dtype": dtype_name(program.dtype), "parameters": program.num_params,
-                   "bytes": program.bytes_out, "shards": shard_info, "config_changes": program.config_changes},
+        "output": {
+            "num_layers": program.num_layers,
+            "dtype": dtype_name(program.dtype),
+            "parameters": program.num_params,
+            "bytes": program.bytes_out,
+            "shards": shard_info,
+            "config_changes": program.config_changes,
+        },
         "layer_map": program.layer_map(),
         "new_layers": program.new_layers,
         **({"widened": program.widened()} if program.widened() else {}),
@@ -136,9 +173,13 @@ def _shown_path(c: Checkpoint) -> str:
 
 def envelope(reports: list[Report], *, strict: bool = False) -> dict[str, Any]:
     """The `--format json` document: versioned, one entry per plan (schema: `surgery schema --report`)."""
-    return {"format": REPORT_FORMAT, "surgery_version": __version__, "strict": strict,
-            "valid": all(r.passed(strict) for r in reports),
-            "plans": [{**r.as_dict(), "passed": r.passed(strict)} for r in reports]}
+    return {
+        "format": REPORT_FORMAT,
+        "surgery_version": __version__,
+        "strict": strict,
+        "valid": all(r.passed(strict) for r in reports),
+        "plans": [{**r.as_dict(), "passed": r.passed(strict)} for r in reports],
+    }
 
 
 _LOC = re.compile(r"^(?P<file>.+?\.(?:ya?ml|json)):(?P<line>\d+)$")
@@ -176,6 +217,8 @@ def as_github(reports: list[Report], *, strict: bool = False) -> str:
             props = f"file={_esc_prop(_relative(file))}" + (f",line={line}" if line else "") + f",title={_esc_prop(title)}"
             lines.append(f"::{level} {props}::{_esc_data(msg)}")
         if not items and r.valid:
-            lines.append(f"::notice file={_esc_prop(_relative(r.plan))},title=surgery validate::valid: "
-                         f"{r.program.num_layers} layers, {human_count(r.program.num_params)} parameters")
+            lines.append(
+                f"::notice file={_esc_prop(_relative(r.plan))},title=surgery validate::valid: "
+                f"{r.program.num_layers} layers, {human_count(r.program.num_params)} parameters"
+            )
     return "\n".join(lines)

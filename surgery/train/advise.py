@@ -28,8 +28,14 @@ def gstack_growth_tokens(params: float, tokens: float) -> float:
 
 def advice(params: float, tokens: float, layers: int | None = None) -> dict:
     d = gstack_growth_tokens(params, tokens)
-    out = {"params": params, "tokens": tokens, "flops": 6.0 * params * tokens, "growth_tokens": d,
-           "growth_factor": GROWTH_FACTOR, "growth_fraction": d / tokens}
+    out = {
+        "params": params,
+        "tokens": tokens,
+        "flops": 6.0 * params * tokens,
+        "growth_tokens": d,
+        "growth_factor": GROWTH_FACTOR,
+        "growth_fraction": d / tokens,
+    }
     if layers is not None:
         out["layers"] = layers
         out["small_layers"] = max(1, layers // GROWTH_FACTOR)
@@ -44,15 +50,21 @@ def human(n: float) -> str:
 
 
 def advice_text(a: dict) -> str:
-    lines = [f"target: {human(a['params'])} parameters, {human(a['tokens'])} tokens (C = 6ND = {a['flops']:.3g} FLOPs)",
-             f"Gstack: grow by g = {a['growth_factor']} (G_direct: stack the whole small model {a['growth_factor']} times)",
-             f"  after d = {human(a['growth_tokens'])} tokens ({a['growth_tokens']:,.0f}; {a['growth_fraction']:.4%} of the budget)",
-             "  log10(d) = 0.88*log10(N) + 163.27/log10(C) - 5.74"]
+    lines = [
+        f"target: {human(a['params'])} parameters, {human(a['tokens'])} tokens (C = 6ND = {a['flops']:.3g} FLOPs)",
+        f"Gstack: grow by g = {a['growth_factor']} (G_direct: stack the whole small model {a['growth_factor']} times)",
+        f"  after d = {human(a['growth_tokens'])} tokens ({a['growth_tokens']:,.0f}; {a['growth_fraction']:.4%} of the budget)",
+        "  log10(d) = 0.88*log10(N) + 163.27/log10(C) - 5.74",
+    ]
     if "layers" in a:
         lines.append(f"  the small model has {a['small_layers']} layers (the target has {a['layers']}); in a training config:")
     else:
         lines.append("  the small model has 1/4 of the target's layers; in a training config:")
-    lines += ["", "    grow:", f"      at_tokens: {human(a['growth_tokens'])}",
-              "      plan: {models: {small: TRAINED}, steps: [{take: {model: small}}, {stack: {times: 4}}]}",
-              f"    tokens: {human(a['tokens'])}"]
+    lines += [
+        "",
+        "    grow:",
+        f"      at_tokens: {human(a['growth_tokens'])}",
+        "      plan: {models: {small: TRAINED}, steps: [{take: {model: small}}, {stack: {times: 4}}]}",
+        f"    tokens: {human(a['tokens'])}",
+    ]
     return "\n".join(lines)

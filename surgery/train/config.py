@@ -24,8 +24,9 @@ _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGBT]?)\s*$", re.I)
 _MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
 
 
-COUNT_SCHEMA = WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
-                                         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGBTkmgbt]?\s*$"}]})
+COUNT_SCHEMA = WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGBTkmgbt]?\s*$"}]}
+)
 
 
 def parse_count(v: Any) -> int:
@@ -122,8 +123,9 @@ class TrainConfig(Strict):
     @classmethod
     def _trainable(cls, v):
         if isinstance(v, str) and v not in ("all", "new-layers", "new-params") and not any(c in v for c in "*?[."):
-            raise ValueError(f"trainable {v!r} is not all, new-layers, new-params or a parameter-name pattern "
-                             "(e.g. 'model.layers.1[0-9].*')")
+            raise ValueError(
+                f"trainable {v!r} is not all, new-layers, new-params or a parameter-name pattern (e.g. 'model.layers.1[0-9].*')"
+            )
         return v
 
     @field_validator("warmup")
@@ -150,8 +152,11 @@ class Config(FromDocument):
 def config_from_doc(doc: Located, base_dir: Path, overrides: dict | None = None) -> Config:
     data = doc.data
     if not isinstance(data, dict):
-        raise PlanError("a training config is a YAML mapping with at least `model:`, `data:` and a budget",
-                        where=doc.where(), fix="see examples/train-*.yaml")
+        raise PlanError(
+            "a training config is a YAML mapping with at least `model:`, `data:` and a budget",
+            where=doc.where(),
+            fix="see examples/train-*.yaml",
+        )
     data = dict(data)
     for k, v in (overrides or {}).items():
         if v is None:

@@ -37,8 +37,16 @@ BATCH_PIECES = 64
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                   "merges.txt", "vocab.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+)
 
 
 def default_cache_dir() -> Path:
@@ -81,26 +89,51 @@ def expand_sources(entries, base_dir: Path, text_field: str, where) -> list[Sour
     for i, e in enumerate(entries):
         loc = where(i)
         if not isinstance(e, str):
-            out.append(Source("hf", e.dataset if not _is_local(e.dataset, base_dir) else str(resolve_path(e.dataset, base_dir)),
-                              loc, e.config, e.split, e.text_field or text_field))
+            out.append(
+                Source(
+                    "hf",
+                    e.dataset if not _is_local(e.dataset, base_dir) else str(resolve_path(e.dataset, base_dir)),
+                    loc,
+                    e.config,
+                    e.split,
+                    e.text_field or text_field,
+                )
+            )
             continue
         pattern = str(resolve_path(e, base_dir))
         paths = sorted(globlib.glob(pattern, recursive=True)) if globlib.has_magic(e) else [pattern]
         paths = [p for p in paths if Path(p).is_file()] if globlib.has_magic(e) else paths
         if not paths:
-            problems.append(SurgeryError(f"no files match {e!r} (looked for {pattern})", where=loc,
-                                         fix="check the pattern; paths are relative to the config file's folder").problems[0])
+            problems.append(
+                SurgeryError(
+                    f"no files match {e!r} (looked for {pattern})",
+                    where=loc,
+                    fix="check the pattern; paths are relative to the config file's folder",
+                ).problems[0]
+            )
             continue
         for p in paths:
             if not Path(p).is_file():
                 problems.append(SurgeryError(f"data file not found: {p}", where=loc).problems[0])
                 continue
             suffix = Path(p).suffix.lower()
-            kind = ("txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in JSONL_SUFFIXES
-                    else "parquet" if suffix in PARQUET_SUFFIXES else None)
+            kind = (
+                "txt"
+                if suffix in TEXT_SUFFIXES
+                else "jsonl"
+                if suffix in JSONL_SUFFIXES
+                else "parquet"
+                if suffix in PARQUET_SUFFIXES
+                else None
+            )
             if kind is None:
-                problems.append(SurgeryError(f"{p}: unknown data format {suffix or '(no suffix)'!r}", where=loc,
-                                             fix="use .txt/.md, .jsonl/.json (one JSON object per line) or .parquet").problems[0])
+                problems.append(
+                    SurgeryError(
+                        f"{p}: unknown data format {suffix or '(no suffix)'!r}",
+                        where=loc,
+                        fix="use .txt/.md, .jsonl/.json (one JSON object per line) or .parquet",
+                    ).problems[0]
+                )
                 continue
             out.append(Source(kind, p, loc, text_field=text_field))
     if problems:
@@ -113,6 +146,7 @@ def _is_local(name: str, base: Path) -> bool:
 
 
 # ---- reading: (text, first piece of a document, last piece of a document) ----
+
 
 def read_pieces(src: Source, separator: str | None) -> Iterator[tuple[str, bool, bool]]:
     if src.kind == "txt":
@@ -159,12 +193,16 @@ def _jsonl_values(src: Source):
             try:
                 rec = parse_json(line, f"{src.path}:{n}", what="the line")
             except SurgeryError as e:
-                raise SurgeryError(f"{e.problems[0].where}: {e.problems[0].what}", where=src.where,
-                                   fix="JSON Lines files hold one JSON object per line") from None
+                raise SurgeryError(
+                    f"{e.problems[0].where}: {e.problems[0].what}", where=src.where, fix="JSON Lines files hold one JSON object per line"
+                ) from None
             if not isinstance(rec, dict) or src.text_field not in rec:
                 keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-                raise SurgeryError(f"{src.path}:{n}: no field {src.text_field!r} (has: {keys})", where=src.where,
-                                   fix="set data.text_field to the field that holds the text")
+                raise SurgeryError(
+                    f"{src.path}:{n}: no field {src.text_field!r} (has: {keys})",
+                    where=src.where,
+                    fix="set data.text_field to the field that holds the text",
+                )
             yield n, rec[src.text_field]
 
 
@@ -195,8 +233,11 @@ class _Skipped:
     def report(self) -> None:
         if self.count:
             at, kind = self.first
-            print(f"note: {self.src.path}: skipped {self.count:,} record(s) whose {self.src.text_field!r} is not text "
-                  f"(first at {self.unit} {at}: {kind})", file=sys.stderr)
+            print(
+                f"note: {self.src.path}: skipped {self.count:,} record(s) whose {self.src.text_field!r} is not text "
+                f"(first at {self.unit} {at}: {kind})",
+                file=sys.stderr,
+            )
 
 
 def _parquet(src: Source):
@@ -206,11 +247,17 @@ def _parquet(src: Source):
         pf = pq.ParquetFile(src.path)
         cols = pf.schema_arrow.names
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: the file is not readable parquet
-        raise SurgeryError(f"{src.path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})",
-                           where=src.where, fix="check the file (a partial download?), or convert it to .jsonl") from None
+        raise SurgeryError(
+            f"{src.path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})",
+            where=src.where,
+            fix="check the file (a partial download?), or convert it to .jsonl",
+        ) from None
     if src.text_field not in cols:
-        raise SurgeryError(f"{src.path}: no column {src.text_field!r} (columns: {', '.join(cols)})", where=src.where,
-                           fix="set data.text_field to the column that holds the text")
+        raise SurgeryError(
+            f"{src.path}: no column {src.text_field!r} (columns: {', '.join(cols)})",
+            where=src.where,
+            fix="set data.text_field to the column that holds the text",
+        )
     yield from _texts(src, "row", _parquet_values(src, pf))
 
 
@@ -222,8 +269,11 @@ def _parquet_values(src: Source, pf):
                 row += 1
                 yield row, text
     except Exception as e:  # pyarrow's errors: a damaged file
-        raise SurgeryError(f"{src.path}: reading parquet failed near row {row:,} ({type(e).__name__}: {str(e)[:200]})",
-                           where=src.where, fix="check the file (a partial download?), or convert it to .jsonl") from None
+        raise SurgeryError(
+            f"{src.path}: reading parquet failed near row {row:,} ({type(e).__name__}: {str(e)[:200]})",
+            where=src.where,
+            fix="check the file (a partial download?), or convert it to .jsonl",
+        ) from None
 
 
 def _hf(src: Source):
@@ -240,19 +290,26 @@ def _hf(src: Source):
         else:
             ds = datasets.load_dataset(src.path, src.config, split=src.split)
     except Exception as e:  # datasets raises many types; all mean "not available offline"
-        raise SurgeryError(f"cannot load dataset {src.path!r} ({src.config or 'default'}/{src.split}) from the local cache: "
-                           f"{type(e).__name__}: {e}".splitlines()[0], where=src.where,
-                           fix="download it once with datasets.load_dataset(...) on a machine with network, or give files") from None
+        raise SurgeryError(
+            f"cannot load dataset {src.path!r} ({src.config or 'default'}/{src.split}) from the local cache: "
+            f"{type(e).__name__}: {e}".splitlines()[0],
+            where=src.where,
+            fix="download it once with datasets.load_dataset(...) on a machine with network, or give files",
+        ) from None
     finally:
         for k, v in saved.items():
             setattr(datasets.config, k, v)
     if src.text_field not in ds.column_names:
-        raise SurgeryError(f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
-                           where=src.where, fix="set text_field on the dataset entry or data.text_field")
+        raise SurgeryError(
+            f"dataset {src.path!r} has no column {src.text_field!r} (columns: {', '.join(ds.column_names)})",
+            where=src.where,
+            fix="set text_field on the dataset entry or data.text_field",
+        )
     yield from _texts(src, "row", ((i, rec[src.text_field]) for i, rec in enumerate(ds.select_columns([src.text_field]), 1)))
 
 
 # ---- tokenizing into the cache ----
+
 
 @dataclass
 class Tokens:
@@ -278,16 +335,16 @@ def special_ids(tokenizer) -> tuple[int | None, int | None]:
 
 
 def tokenize(src: Source, tokenizer, fingerprint: str, cache_dir: Path, separator: str | None, progress=None) -> Tokens:
-    key = hashlib.sha256(json.dumps({"format": FORMAT, "src": src.identity(), "sep": separator, "tok": fingerprint},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps({"format": FORMAT, "src": src.identity(), "sep": separator, "tok": fingerprint}, sort_keys=True).encode()
+    ).hexdigest()[:24]
     stem = cache_dir / key
     meta_path = stem.with_suffix(".json")
     if not meta_path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         _build(src, tokenizer, stem, separator, progress)
     meta = json.loads(meta_path.read_text())
-    tokens = (np.memmap(stem.with_suffix(".tok"), dtype=np.uint32, mode="r") if meta["tokens"]
-              else np.zeros(0, np.uint32))
+    tokens = np.memmap(stem.with_suffix(".tok"), dtype=np.uint32, mode="r") if meta["tokens"] else np.zeros(0, np.uint32)
     starts = np.fromfile(stem.with_suffix(".doc"), dtype=np.int64)
     return Tokens(tokens, starts, src)
 
@@ -333,14 +390,18 @@ def _build(src: Source, tokenizer, stem: Path, separator: str | None, progress) 
 
 # ---- packing ----
 
+
 class Stream:
     """Several sources' tokens as one stream, with global document starts."""
 
     def __init__(self, parts: list[Tokens]):
         self.parts = [p for p in parts if len(p)]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.doc_starts = (np.concatenate([p.doc_starts + o for p, o in zip(self.parts, self.offsets[:-1], strict=True)])
-                           if self.parts else np.zeros(0, np.int64))
+        self.doc_starts = (
+            np.concatenate([p.doc_starts + o for p, o in zip(self.parts, self.offsets[:-1], strict=True)])
+            if self.parts
+            else np.zeros(0, np.int64)
+        )
         self.doc_starts.sort()
 
     def __len__(self) -> int:
@@ -353,7 +414,7 @@ class Stream:
         while pos < end:
             lo = pos - int(self.offsets[i])
             take = min(end - pos, len(self.parts[i]) - lo)
-            out[pos - start: pos - start + take] = self.parts[i].tokens[lo: lo + take]
+            out[pos - start : pos - start + take] = self.parts[i].tokens[lo : lo + take]
             pos += take
             i += 1
         return out
@@ -396,8 +457,9 @@ class Corpus:
     sources: int
 
 
-def token_stream(sources: list[Source], tokenizer, model_dir: Path, cache: Path, separator: str | None, *,
-                 progress: bool = False) -> Stream:
+def token_stream(
+    sources: list[Source], tokenizer, model_dir: Path, cache: Path, separator: str | None, *, progress: bool = False
+) -> Stream:
     """The sources' tokens as one stream, tokenizing what the cache does not hold yet."""
     fp = tokenizer_fingerprint(model_dir)
     parts = []
@@ -430,16 +492,21 @@ def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False) -> 
         ev = streams(d.eval_files, "eval_files")
         n_eval_seq = min(cap, len(ev) // L)
         if n_eval_seq == 0:
-            raise PlanError(f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}", where=cfg.where("data", "eval_files"),
-                            fix="add held-out text or lower data.seq_len")
+            raise PlanError(
+                f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}",
+                where=cfg.where("data", "eval_files"),
+                fix="add held-out text or lower data.seq_len",
+            )
         corpus_eval, n_train = Packed(ev, L, 0, n_eval_seq), n
     else:
         n_eval_seq = min(cap, max(1, round(n * d.eval_fraction))) if d.eval_fraction > 0 else 0
         n_train = n - n_eval_seq
         corpus_eval = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
     if n_train < 1:
-        raise PlanError(f"the training data holds {len(train):,} tokens: not enough for one training sequence of {L} tokens"
-                        + (f" plus {n_eval_seq} held out" if n_eval_seq else ""), where=cfg.where("data", "files"),
-                        fix="add text, lower data.seq_len, or set data.eval_fraction: 0")
-    return Corpus(Packed(train, L, 0, n_train), corpus_eval, n_train * L, n_eval_seq * L, len(train.doc_starts),
-                  len(train.parts))
+        raise PlanError(
+            f"the training data holds {len(train):,} tokens: not enough for one training sequence of {L} tokens"
+            + (f" plus {n_eval_seq} held out" if n_eval_seq else ""),
+            where=cfg.where("data", "files"),
+            fix="add text, lower data.seq_len, or set data.eval_fraction: 0",
+        )
+    return Corpus(Packed(train, L, 0, n_train), corpus_eval, n_train * L, n_eval_seq * L, len(train.doc_starts), len(train.parts))

@@ -15,10 +15,20 @@ from pathlib import Path
 from surgery.errors import PlanError
 
 
-def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None, stride: int | None = None,
-             against: str | Path | None = None, text_field: str = "text", separator: str | None = None,
-             max_tokens: int | None = None, device: str = "auto", cache_dir: str | Path | None = None,
-             progress: bool = False) -> dict:
+def evaluate(
+    model: str | Path,
+    files: list[str],
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    against: str | Path | None = None,
+    text_field: str = "text",
+    separator: str | None = None,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
     import torch
     import transformers
 
@@ -41,8 +51,10 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
         check_loadable(bdir, f"--against {against}")
         base = transformers.AutoModelForCausalLM.from_pretrained(bdir, dtype=torch.float32, trust_remote_code=False).to(dev).eval()
         if base.config.vocab_size != m.config.vocab_size:
-            raise PlanError(f"--against {against}: vocabulary {base.config.vocab_size} differs from the model's {m.config.vocab_size}",
-                            fix="compare checkpoints that share a tokenizer")
+            raise PlanError(
+                f"--against {against}: vocabulary {base.config.vocab_size} differs from the model's {m.config.vocab_size}",
+                fix="compare checkpoints that share a tokenizer",
+            )
     srcs = expand_sources(files, Path.cwd(), text_field, lambda i: f"--data {files[i]}")
     stream = token_stream(srcs, tok, mdir, Path(cache_dir) if cache_dir else default_cache_dir(), separator)
     n = len(stream) if max_tokens is None else min(len(stream), max_tokens)
@@ -95,10 +107,21 @@ def evaluate(model: str | Path, files: list[str], *, seq_len: int | None = None,
         bar.close()
     if count == 0:
         raise PlanError("no token was scored (the text is all document starts?)", fix="give longer documents")
-    out = {"model": str(mdir), "tokens": n, "scored_tokens": count, "seq_len": L, "stride": S,
-           "loss": nll["model"] / count, "perplexity": math.exp(min(700, nll["model"] / count))}
+    out = {
+        "model": str(mdir),
+        "tokens": n,
+        "scored_tokens": count,
+        "seq_len": L,
+        "stride": S,
+        "loss": nll["model"] / count,
+        "perplexity": math.exp(min(700, nll["model"] / count)),
+    }
     if base is not None:
-        out.update(against=str(against), against_loss=nll["against"] / count,
-                   against_perplexity=math.exp(min(700, nll["against"] / count)),
-                   max_abs_logit_diff=max_diff, mean_abs_logit_diff=sum_diff / max(1, n_logits))
+        out.update(
+            against=str(against),
+            against_loss=nll["against"] / count,
+            against_perplexity=math.exp(min(700, nll["against"] / count)),
+            max_abs_logit_diff=max_diff,
+            mean_abs_logit_diff=sum_diff / max(1, n_logits),
+        )
     return out

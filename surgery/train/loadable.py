@@ -23,18 +23,26 @@ def check_loadable(path: Path, where: str | None = None) -> None:
     if not isinstance(cfg, dict):
         raise CheckpointError("config.json is not a JSON object", where=str(cfg_path))
     if cfg.get("auto_map"):
-        raise CheckpointError(f"{path.name} needs remote code (config.json has auto_map: {sorted(cfg['auto_map'])[:3]}); "
-                              "surgery never runs code from a model folder", where=where,
-                              fix="use a model whose architecture transformers ships, or convert it to one")
+        raise CheckpointError(
+            f"{path.name} needs remote code (config.json has auto_map: {sorted(cfg['auto_map'])[:3]}); "
+            "surgery never runs code from a model folder",
+            where=where,
+            fix="use a model whose architecture transformers ships, or convert it to one",
+        )
     mt = cfg.get("model_type")
     if not isinstance(mt, str) or mt not in transformers.CONFIG_MAPPING:
-        raise CheckpointError(f"model_type {mt!r} is not one transformers {transformers.__version__} knows", where=str(cfg_path),
-                              fix="upgrade transformers, or train a model of a supported architecture")
+        raise CheckpointError(
+            f"model_type {mt!r} is not one transformers {transformers.__version__} knows",
+            where=str(cfg_path),
+            fix="upgrade transformers, or train a model of a supported architecture",
+        )
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise CheckpointError(f"{path.name} has only pickled weights ({', '.join(pickles[:3])}); pickles can run code "
-                                  "when loaded and are refused", where=where,
-                                  fix="convert it to safetensors first (e.g. `surgery apply` with --allow-pickle, "
-                                      "which loads with torch.load(weights_only=True))")
+            raise CheckpointError(
+                f"{path.name} has only pickled weights ({', '.join(pickles[:3])}); pickles can run code when loaded and are refused",
+                where=where,
+                fix="convert it to safetensors first (e.g. `surgery apply` with --allow-pickle, "
+                "which loads with torch.load(weights_only=True))",
+            )
         raise CheckpointError(f"{path.name} has no weights (*.safetensors)", where=where)

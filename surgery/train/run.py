@@ -78,6 +78,7 @@ def _barrier():
 
 # ---- what trains ----
 
+
 def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str], list[str]]:
     """Names (every alias, so tied weights count once) of the parameters that train, and notes."""
     aliases: dict[int, list[str]] = {}
@@ -89,13 +90,19 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
     if spec == "new-layers":
         prov = model_dir / "surgery.json"
         if not prov.is_file():
-            raise PlanError(f"trainable: new-layers reads the layer map from surgery.json, and {model_dir} has none",
-                            where=where, fix="train a `surgery apply` output, or name parameters with patterns")
+            raise PlanError(
+                f"trainable: new-layers reads the layer map from surgery.json, and {model_dir} has none",
+                where=where,
+                fix="train a `surgery apply` output, or name parameters with patterns",
+            )
         meta = json.loads(prov.read_text())
         new = meta.get("new_layers") or []
         if not new:
-            raise PlanError(f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
-                            where=where, fix="use trainable: all, or patterns")
+            raise PlanError(
+                f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
+                where=where,
+                fix="use trainable: all, or patterns",
+            )
         from surgery.io.checkpoint import open_checkpoint
 
         prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
@@ -107,9 +114,12 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
         prov = model_dir / "surgery.json"
         grown = (json.loads(prov.read_text()).get("widened") or {}).get("tensors") if prov.is_file() else None
         if not grown:
-            raise PlanError(f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has "
-                            + ("none" if prov.is_file() else "no surgery.json"), where=where,
-                            fix="train a `surgery apply` output of a plan with `widen`, or use all / patterns")
+            raise PlanError(
+                f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has "
+                + ("none" if prov.is_file() else "no surgery.json"),
+                where=where,
+                fix="train a `surgery apply` output of a plan with `widen`, or use all / patterns",
+            )
         patterns = list(grown)
         notes.append(f"{len(grown)} widened tensors train (whole tensors: their old units too)")
     else:
@@ -120,8 +130,7 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
             chosen.update(names)
     if not chosen:
         some = ", ".join(list(n for names in aliases.values() for n in names)[:6])
-        raise PlanError(f"trainable patterns {patterns} match no parameter", where=where,
-                        fix=f"parameter names look like: {some}, ...")
+        raise PlanError(f"trainable patterns {patterns} match no parameter", where=where, fix=f"parameter names look like: {some}, ...")
     return chosen, notes
 
 
@@ -143,6 +152,7 @@ def apply_freezing(model, trainable: set[str], freeze_embeddings: bool, where: s
 
 # ---- plan for the run ----
 
+
 def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
     b = cfg.body
     tps = b.micro_batch * b.data.seq_len * b.grad_accum * world_size()
@@ -151,16 +161,23 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
         return [Stage(1, model_dir, total, b.trainable, total, 0, 0)], tps
     at = math.ceil(b.grow.at_tokens / tps)
     if at >= total:
-        raise PlanError(f"grow.at_tokens ({b.grow.at_tokens:,} tokens = {at} steps of {tps:,} tokens) is not before the end of "
-                        f"the run ({total} steps)", where=cfg.where("grow", "at_tokens"),
-                        fix="grow earlier or raise the budget (`tokens` / `steps`)")
+        raise PlanError(
+            f"grow.at_tokens ({b.grow.at_tokens:,} tokens = {at} steps of {tps:,} tokens) is not before the end of the run ({total} steps)",
+            where=cfg.where("grow", "at_tokens"),
+            fix="grow earlier or raise the budget (`tokens` / `steps`)",
+        )
     keep = b.grow.schedule == "continue"
     if b.grow.mask_steps is not None and b.grow.mask_steps > total - at:
-        raise PlanError(f"grow.mask_steps {b.grow.mask_steps} is longer than the {total - at} steps after growth: the saved "
-                        "model would still have its new layers partly masked", where=cfg.where("grow", "mask_steps"),
-                        fix=f"use mask_steps <= {total - at}")
-    return [Stage(1, model_dir, at, "all", total if keep else at, 0, 0),
-            Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at)], tps
+        raise PlanError(
+            f"grow.mask_steps {b.grow.mask_steps} is longer than the {total - at} steps after growth: the saved "
+            "model would still have its new layers partly masked",
+            where=cfg.where("grow", "mask_steps"),
+            fix=f"use mask_steps <= {total - at}",
+        )
+    return [
+        Stage(1, model_dir, at, "all", total if keep else at, 0, 0),
+        Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at),
+    ], tps
 
 
 def load_grow_plan(cfg: Config, model_path: Path):
@@ -180,14 +197,18 @@ def load_grow_plan(cfg: Config, model_path: Path):
         base = cfg.base_dir
     models = doc.data.get("models") if isinstance(doc.data, dict) else None
     if not isinstance(models, dict) or len(models) != 1:
-        raise PlanError("a grow plan names exactly one model (the one being trained; its path is filled in)",
-                        where=doc.where(("models",)), fix="write e.g. `models: {small: TRAINED}`")
+        raise PlanError(
+            "a grow plan names exactly one model (the one being trained; its path is filled in)",
+            where=doc.where(("models",)),
+            fix="write e.g. `models: {small: TRAINED}`",
+        )
     data = dict(doc.data)
     data["models"] = {next(iter(models)): str(model_path)}
     return plan_from_doc(Located(data, doc.source, doc.lines), base)
 
 
 # ---- the Trainer ----
+
 
 def _trainer_class():
     import transformers
@@ -232,8 +253,10 @@ def _trainer_class():
                 if state_dict is None:
                     state_dict = self.model.state_dict()
                 cast: dict = {}  # tied weights stay one tensor
-                state_dict = {k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.to(self.save_dtype))
-                              if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+                state_dict = {
+                    k: cast.setdefault((v.data_ptr(), tuple(v.shape)), v.to(self.save_dtype)) if torch.is_floating_point(v) else v
+                    for k, v in state_dict.items()
+                }
             super()._save(output_dir, state_dict=state_dict)
 
         def _save_checkpoint(self, model, trial):
@@ -293,8 +316,10 @@ def last_complete_checkpoint(folder: Path, echo=print) -> str | None:
     newest = good[-1] if good else None
     for step, p, ok in found:
         if not ok:
-            echo(f"note: {p.name} was not saved completely (interrupted); resuming from "
-                 f"{newest.name if newest else 'the start of the stage'}")
+            echo(
+                f"note: {p.name} was not saved completely (interrupted); resuming from "
+                f"{newest.name if newest else 'the start of the stage'}"
+            )
             shutil.rmtree(p, ignore_errors=True)
     return str(newest) if newest else None
 
@@ -324,8 +349,11 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str):
     prov = model_dir / "surgery.json"
     new = (json.loads(prov.read_text()).get("new_layers") or []) if prov.is_file() else []
     if not new:
-        raise PlanError("grow.mask_steps fades in new layers, and the grow plan adds none (stacked copies are not new)",
-                        where=where, fix="grow with `expand` (init: random, zero or identity), or drop mask_steps")
+        raise PlanError(
+            "grow.mask_steps fades in new layers, and the grow plan adds none (stacked copies are not new)",
+            where=where,
+            fix="grow with `expand` (init: random, zero or identity), or drop mask_steps",
+        )
     prefix = open_checkpoint("model", str(model_dir), model_dir).family.layer_prefix
     layers = model.get_submodule(prefix.rstrip("."))
     mask = LayerMask(steps)
@@ -358,8 +386,9 @@ def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | Non
             if progress and state.is_world_process_zero:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"stage {stage.index}", unit="step",
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=state.max_steps, initial=state.global_step, desc=f"stage {stage.index}", unit="step", dynamic_ncols=True
+                )
 
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -377,8 +406,12 @@ def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | Non
                 now = time.perf_counter()
                 dt, ds = now - self.t, state.global_step - self.step
                 self.t, self.step = now, state.global_step
-                rec.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                           tokens_per_s=round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None)
+                rec.update(
+                    loss=logs["loss"],
+                    lr=logs.get("learning_rate"),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens_per_s=round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None,
+                )
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
             elif "eval_loss" in logs:
@@ -427,19 +460,45 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
     warm = b.warmup if isinstance(b.warmup, int) else int(b.warmup * stage.schedule_steps)
     prec = _precision(b.precision)
     kw = dict(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=b.micro_batch, per_device_eval_batch_size=b.micro_batch,
-        gradient_accumulation_steps=b.grad_accum, learning_rate=b.lr, weight_decay=b.weight_decay,
-        adam_beta1=b.betas[0], adam_beta2=b.betas[1], max_grad_norm=b.grad_clip or None, max_steps=stage.steps,
-        logging_steps=b.log_every or max(1, min(every, 10)), save_steps=b.save_every or every,
-        save_total_limit=b.keep_checkpoints, eval_strategy="steps", eval_steps=b.eval_every or every,
-        bf16=prec == "bf16", seed=b.seed, data_seed=b.seed, report_to=[], disable_tqdm=True,
-        dataloader_num_workers=b.workers, remove_unused_columns=False, torch_compile=b.compile,
-        use_cpu=not torch.cuda.is_available(), save_only_model=False, log_level="error", log_level_replica="error",
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=b.micro_batch,
+        per_device_eval_batch_size=b.micro_batch,
+        gradient_accumulation_steps=b.grad_accum,
+        learning_rate=b.lr,
+        weight_decay=b.weight_decay,
+        adam_beta1=b.betas[0],
+        adam_beta2=b.betas[1],
+        max_grad_norm=b.grad_clip or None,
+        max_steps=stage.steps,
+        logging_steps=b.log_every or max(1, min(every, 10)),
+        save_steps=b.save_every or every,
+        save_total_limit=b.keep_checkpoints,
+        eval_strategy="steps",
+        eval_steps=b.eval_every or every,
+        bf16=prec == "bf16",
+        seed=b.seed,
+        data_seed=b.seed,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=b.workers,
+        remove_unused_columns=False,
+        torch_compile=b.compile,
+        use_cpu=not torch.cuda.is_available(),
+        save_only_model=False,
+        log_level="error",
+        log_level_replica="error",
         ddp_find_unused_parameters=False,
     )
     if b.fsdp:  # FSDP2, each decoder layer (the model's _no_split_modules) its own unit; full state dict on save
-        kw.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
-                                          **({"activation_checkpointing": True} if b.gradient_checkpointing else {})})
+        kw.update(
+            fsdp=True,
+            fsdp_config={
+                "version": 2,
+                "reshard_after_forward": True,
+                "state_dict_type": "FULL_STATE_DICT",
+                **({"activation_checkpointing": True} if b.gradient_checkpointing else {}),
+            },
+        )
     elif b.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5
         fields = transformers.TrainingArguments.__dataclass_fields__
         kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
@@ -448,8 +507,7 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
     return transformers.TrainingArguments(**kw), warm, prec
 
 
-def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool, stop_after: int | None,
-               progress: bool, echo):
+def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool, stop_after: int | None, progress: bool, echo):
     import torch
     import transformers
     from surgery.train.data import build_corpus
@@ -467,8 +525,11 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
         _barrier()
     ctx = getattr(_source_config(stage.model_dir), "max_position_embeddings", None)
     if ctx and b.data.seq_len > ctx:
-        raise PlanError(f"data.seq_len {b.data.seq_len} exceeds the model's context ({ctx} positions, max_position_embeddings)",
-                        where=cfg.where("data", "seq_len"), fix=f"use seq_len <= {ctx}")
+        raise PlanError(
+            f"data.seq_len {b.data.seq_len} exceeds the model's context ({ctx} positions, max_position_embeddings)",
+            where=cfg.where("data", "seq_len"),
+            fix=f"use seq_len <= {ctx}",
+        )
     tok = transformers.AutoTokenizer.from_pretrained(stage.model_dir, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -480,14 +541,14 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     model.config.use_cache = False
     where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
     names, notes = select_trainable(model, stage.trainable, stage.model_dir, where)
-    n_train, n_all = apply_freezing(model, names, b.freeze_embeddings,
-                                    cfg.where("freeze_embeddings") if b.freeze_embeddings else where)
+    n_train, n_all = apply_freezing(model, names, b.freeze_embeddings, cfg.where("freeze_embeddings") if b.freeze_embeddings else where)
     if is_main():
-        echo(f"stage {stage.index}: {stage.model_dir.name}, {model.config.num_hidden_layers} layers, "
-             f"{n_train:,} of {n_all:,} parameters train{' (' + '; '.join(notes) + ')' if notes else ''}; "
-             f"{stage.steps} steps x {tps:,} tokens; {corpus.train_tokens:,} training tokens in {corpus.documents:,} documents"
-             f", {corpus.eval_tokens:,} held out; precision {prec}"
-             + (f"; resuming from {Path(last).name}" if last else ""))
+        echo(
+            f"stage {stage.index}: {stage.model_dir.name}, {model.config.num_hidden_layers} layers, "
+            f"{n_train:,} of {n_all:,} parameters train{' (' + '; '.join(notes) + ')' if notes else ''}; "
+            f"{stage.steps} steps x {tps:,} tokens; {corpus.train_tokens:,} training tokens in {corpus.documents:,} documents"
+            f", {corpus.eval_tokens:,} held out; precision {prec}" + (f"; resuming from {Path(last).name}" if last else "")
+        )
         if stage.steps * tps > corpus.train_tokens:
             echo(f"note: the budget ({stage.steps * tps:,} tokens) is {stage.steps * tps / corpus.train_tokens:.1f} passes over the data")
     callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo)
@@ -496,8 +557,15 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
         if is_main():
             echo(f"new layers fade in over {b.grow.mask_steps} steps (masked growth)")
     cls = _trainer_class()
-    trainer = cls(model=model, args=args, train_dataset=corpus.train, eval_dataset=corpus.eval, processing_class=tok,
-                  data_collator=transformers.default_data_collator, callbacks=callbacks)
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=corpus.train,
+        eval_dataset=corpus.eval,
+        processing_class=tok,
+        data_collator=transformers.default_data_collator,
+        callbacks=callbacks,
+    )
     for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
         trainer.remove_callback(cb)
     trainer.schedule_total, trainer.schedule_offset = stage.schedule_steps, stage.schedule_offset
@@ -511,8 +579,17 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     return trainer, done, n_train, n_all
 
 
-def train(config: Config | str | Path, *, out: str | Path | None = None, force: bool = False, resume: bool = False,
-          stop_after: int | None = None, progress: bool | None = None, echo=print, overrides: dict | None = None) -> TrainResult:
+def train(
+    config: Config | str | Path,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool | None = None,
+    echo=print,
+    overrides: dict | None = None,
+) -> TrainResult:
     """Run the config's training (and growth) and write the final checkpoint to `out`.
 
     `stop_after` ends this invocation after that many steps of the current stage, with a checkpoint
@@ -553,28 +630,48 @@ def train(config: Config | str | Path, *, out: str | Path | None = None, force: 
                 shutil.rmtree(out.parent / f".{out.name}.surgery-train", ignore_errors=True)
                 folder.release()
                 echo(f"the interrupted run had finished; its output is published at {out}")
-                return TrainResult(out, summary.get("steps", 0), summary.get("tokens", 0), summary.get("eval_loss"),
-                                   summary.get("perplexity"), time.perf_counter() - t0, summary.get("trainable_params", 0),
-                                   summary.get("params", 0), summary.get("stages", []))
+                return TrainResult(
+                    out,
+                    summary.get("steps", 0),
+                    summary.get("tokens", 0),
+                    summary.get("eval_loss"),
+                    summary.get("perplexity"),
+                    time.perf_counter() - t0,
+                    summary.get("trainable_params", 0),
+                    summary.get("params", 0),
+                    summary.get("stages", []),
+                )
             folder.check_target()
         except BaseException:
             folder.release()
             raise
     try:
-        return _train(cfg, out, model_dir, folder, force=force, resume=resume, stop_after=stop_after, show=show,
-                      echo=echo, t0=t0)
+        return _train(cfg, out, model_dir, folder, force=force, resume=resume, stop_after=stop_after, show=show, echo=echo, t0=t0)
     finally:
         folder.release()
 
 
-def _train(cfg: Config, out: Path, model_dir: Path, folder: OutputFolder, *, force: bool, resume: bool,
-           stop_after: int | None, show: bool, echo, t0: float) -> TrainResult:
+def _train(
+    cfg: Config,
+    out: Path,
+    model_dir: Path,
+    folder: OutputFolder,
+    *,
+    force: bool,
+    resume: bool,
+    stop_after: int | None,
+    show: bool,
+    echo,
+    t0: float,
+) -> TrainResult:
     b = cfg.body
     work = out.parent / f".{out.name}.surgery-train"
     if work.exists() and not resume:
         if not force:
-            raise OutputError(f"an interrupted run of this output is in {work}",
-                              fix="pass --resume to continue it, or --force to discard it and start over")
+            raise OutputError(
+                f"an interrupted run of this output is in {work}",
+                fix="pass --resume to continue it, or --force to discard it and start over",
+            )
         if is_main():
             shutil.rmtree(work)
     if resume and not work.exists():
@@ -604,17 +701,25 @@ def _train(cfg: Config, out: Path, model_dir: Path, folder: OutputFolder, *, for
         if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
             summaries.append({"stage": stage.index, "steps": stage.steps, "resumed_past": True})
             continue  # this stage finished before the interruption
-        trainer, done, n_train, n_all = _run_stage(cfg, stage, work, tps, resume=resume, stop_after=stop_after,
-                                                   progress=show, echo=echo)
-        summaries.append({"stage": stage.index, "model": str(stage.model_dir), "steps": stage.steps,
-                          "layers": trainer.model.config.num_hidden_layers, "trainable_params": n_train, "params": n_all})
+        trainer, done, n_train, n_all = _run_stage(cfg, stage, work, tps, resume=resume, stop_after=stop_after, progress=show, echo=echo)
+        summaries.append(
+            {
+                "stage": stage.index,
+                "model": str(stage.model_dir),
+                "steps": stage.steps,
+                "layers": trainer.model.config.num_hidden_layers,
+                "trainable_params": n_train,
+                "params": n_all,
+            }
+        )
         if not done:
             if is_main():
-                echo(f"stopped after step {trainer.state.global_step} of stage {stage.index}; the checkpoint is in "
-                     f"{work / f'stage-{stage.index}' / 'checkpoints'}; `surgery train ... --resume` continues")
+                echo(
+                    f"stopped after step {trainer.state.global_step} of stage {stage.index}; the checkpoint is in "
+                    f"{work / f'stage-{stage.index}' / 'checkpoints'}; `surgery train ... --resume` continues"
+                )
             steps = stages[stage.index - 1].step_offset + trainer.state.global_step
-            return TrainResult(None, steps, steps * tps, None, None,
-                               time.perf_counter() - t0, n_train, n_all, summaries)
+            return TrainResult(None, steps, steps * tps, None, None, time.perf_counter() - t0, n_train, n_all, summaries)
         if stage.index < len(stages):
             _save_stage(trainer, work / f"stage-{stage.index}" / "final")
 
@@ -624,19 +729,50 @@ def _train(cfg: Config, out: Path, model_dir: Path, folder: OutputFolder, *, for
         done_at_end = last_eval and last_eval[-1].get("step") == trainer.state.global_step
         loss = last_eval[-1]["eval_loss"] if done_at_end else trainer.evaluate().get("eval_loss")
     total_steps = stages[-1].step_offset + stages[-1].steps
-    res = TrainResult(out, total_steps, total_steps * tps, loss, _ppl(loss) if loss is not None else None,
-                      time.perf_counter() - t0, n_train, n_all, summaries)
+    res = TrainResult(
+        out,
+        total_steps,
+        total_steps * tps,
+        loss,
+        _ppl(loss) if loss is not None else None,
+        time.perf_counter() - t0,
+        n_train,
+        n_all,
+        summaries,
+    )
     if is_main():
         with open(work / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": total_steps, "stage": len(stages), "tokens": total_steps * tps, "final": True,
-                                **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {})}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": total_steps,
+                        "stage": len(stages),
+                        "tokens": total_steps * tps,
+                        "final": True,
+                        **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {}),
+                    }
+                )
+                + "\n"
+            )
     _write_output(cfg, trainer, model_dir, work, folder, res)
     return res
 
 
 # what a resumed run must share with the interrupted one (the rest, e.g. eval_every, may change)
-RESUME_KEYS = ("model", "data", "trainable", "freeze_embeddings", "micro_batch", "grad_accum", "tokens", "steps", "seed",
-               "grow", "schedule", "fsdp")
+RESUME_KEYS = (
+    "model",
+    "data",
+    "trainable",
+    "freeze_embeddings",
+    "micro_batch",
+    "grad_accum",
+    "tokens",
+    "steps",
+    "seed",
+    "grow",
+    "schedule",
+    "fsdp",
+)
 
 
 def _check_resumable(saved: Path, body, where: str) -> None:
@@ -647,8 +783,11 @@ def _check_resumable(saved: Path, body, where: str) -> None:
     changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
     if changed:
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise OutputError(f"--resume with a different config than the interrupted run ({diff})"[:900], where=where,
-                          fix="resume with the same settings, or pass --force (without --resume) to start over")
+        raise OutputError(
+            f"--resume with a different config than the interrupted run ({diff})"[:900],
+            where=where,
+            fix="resume with the same settings, or pass --force (without --resume) to start over",
+        )
 
 
 def _save_stage(trainer, folder: Path) -> None:
@@ -673,11 +812,24 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
         plan = load_grow_plan(cfg, work / f"stage-{prev.index}" / "final")
         res = apply(plan, grown, force=True, progress=False)
         with open(work / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": prev.steps, "stage": prev.index + 1, "tokens": prev.steps * tps, "event": "grow",
-                                "layers": res.num_layers, "params": res.num_params}) + "\n")
-        echo(f"grew the model at step {prev.steps} ({prev.steps * tps:,} tokens): "
-             f"{res.num_layers} layers, {res.num_params:,} parameters; optimizer and schedule "
-             f"{'continue' if cfg.body.grow.schedule == 'continue' else 'reset'}")
+            f.write(
+                json.dumps(
+                    {
+                        "step": prev.steps,
+                        "stage": prev.index + 1,
+                        "tokens": prev.steps * tps,
+                        "event": "grow",
+                        "layers": res.num_layers,
+                        "params": res.num_params,
+                    }
+                )
+                + "\n"
+            )
+        echo(
+            f"grew the model at step {prev.steps} ({prev.steps * tps:,} tokens): "
+            f"{res.num_layers} layers, {res.num_params:,} parameters; optimizer and schedule "
+            f"{'continue' if cfg.body.grow.schedule == 'continue' else 'reset'}"
+        )
     _barrier()
     return grown
 
@@ -707,10 +859,21 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
     from surgery.train.plot import loss_curve
 
     plotted = loss_curve(work / "metrics.jsonl", staging / "loss.png", title=out.name)
-    summary = {"format": "surgery-train/1", "config": b.model_dump(mode="json"), "config_source": cfg.source,
-               "model": str(model_dir), "steps": res.steps, "tokens": res.tokens, "eval_loss": res.eval_loss,
-               "perplexity": res.perplexity, "seconds": round(res.seconds, 2), "trainable_params": res.trainable_params,
-               "params": res.total_params, "stages": res.stages, "world_size": world_size()}
+    summary = {
+        "format": "surgery-train/1",
+        "config": b.model_dump(mode="json"),
+        "config_source": cfg.source,
+        "model": str(model_dir),
+        "steps": res.steps,
+        "tokens": res.tokens,
+        "eval_loss": res.eval_loss,
+        "perplexity": res.perplexity,
+        "seconds": round(res.seconds, 2),
+        "trainable_params": res.trainable_params,
+        "params": res.total_params,
+        "stages": res.stages,
+        "world_size": world_size(),
+    }
     prov = model_dir / "surgery.json"
     if prov.is_file():
         summary["source_surgery"] = json.loads(prov.read_text()).get("layer_map")
@@ -728,10 +891,18 @@ def _source_config(model_dir: Path):
 
 def _card(s: dict, plotted: bool, name: str) -> str:
     c = s["config"]
-    lines = ["---", "library_name: transformers", "tags: [surgery, continued-pretraining]", "---", "",
-             f"# {name}", "",
-             f"Continued pretraining of `{s['model']}` with `surgery train`: {s['steps']:,} steps, {s['tokens']:,} tokens, "
-             f"{s['trainable_params']:,} of {s['params']:,} parameters trained ({c['trainable']}).", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [surgery, continued-pretraining]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"Continued pretraining of `{s['model']}` with `surgery train`: {s['steps']:,} steps, {s['tokens']:,} tokens, "
+        f"{s['trainable_params']:,} of {s['params']:,} parameters trained ({c['trainable']}).",
+        "",
+    ]
     if s["perplexity"] is not None:
         lines += [f"Held-out loss {s['eval_loss']:.4f}, perplexity {s['perplexity']:.3f}.", ""]
     if c.get("grow"):
@@ -743,4 +914,3 @@ def _card(s: dict, plotted: bool, name: str) -> str:
         lines.append(f"| {st['stage']} | {st['steps']} | {st.get('layers', '')} | {st.get('trainable_params', '')} |")
     lines += ["", "## Config", "", "```json", json.dumps(c, indent=2), "```", ""]
     return "\n".join(lines)
-

@@ -24,9 +24,24 @@ from surgery.methods import MethodSpec, Param
 # mergekit 0.1.5's methods that surgery runs through mergekit's kernels (the rest are native:
 # linear, slerp, nuslerp, passthrough). Listed so registering needs no mergekit import; a test
 # checks the list against mergekit's registry.
-METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-           "della_linear", "model_stock", "karcher", "multislerp", "sce", "nearswap", "arcee_fusion", "ram",
-           "ramplus_tl")
+METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "karcher",
+    "multislerp",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)
 NATIVE = ("linear", "slerp", "nuslerp", "passthrough")
 _RNG_LOCK = threading.Lock()
 
@@ -51,8 +66,15 @@ def method_spec(name: str) -> MethodSpec:
     spec = merge_methods.get(name).spec
     params = tuple(Param(p.name, None if p.required else p.default, p.required, p.scope.value) for p in spec.parameters)
     base = {"required": "required", "optional": "optional", "ignored": "ignored", "forbidden": "none"}[spec.contract.base.value]
-    return MethodSpec(name, params, base=base, min_inputs=spec.contract.min_inputs, max_inputs=spec.contract.max_inputs,
-                      build=None, summary=spec.pretty_name or name)
+    return MethodSpec(
+        name,
+        params,
+        base=base,
+        min_inputs=spec.contract.min_inputs,
+        max_inputs=spec.contract.max_inputs,
+        build=None,
+        summary=spec.pretty_name or name,
+    )
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -71,10 +93,12 @@ def kernel(tensors, recipe):
     for p in method.spec.parameters:
         if p.scope.value != "shared":
             params[p.name] = {recipe.ids[k]: per[k][p.name] for k in range(len(per)) if p.name in per[k]}
+
     def run():
         with torch.no_grad():
-            return merge_tensors(list(tensors), method, parameters=params, ids=list(recipe.ids),
-                                 base_index=recipe.base_index, name=recipe.name)
+            return merge_tensors(
+                list(tensors), method, parameters=params, ids=list(recipe.ids), base_index=recipe.base_index, name=recipe.name
+            )
 
     if recipe.seed is None:
         return run()
@@ -110,8 +134,13 @@ class UnionTokenizer:
                 s["source"] = {**src, "model": self.refs[src["model"]]}
             tokens[tok] = TokenEmbeddingConfig.model_validate(s)
         self.tokens = ImmutableMap(data=tokens) if tokens else None
-        self.info = build_tokenizer(base_model=self.refs[base], referenced_models=list(self.refs.values()),
-                                    tokenizer_source=self.source, trust_remote_code=False, add_tokens=list(tokens))
+        self.info = build_tokenizer(
+            base_model=self.refs[base],
+            referenced_models=list(self.refs.values()),
+            tokenizer_source=self.source,
+            trust_remote_code=False,
+            add_tokens=list(tokens),
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -128,10 +157,17 @@ class UnionTokenizer:
 
         task = PermutedVocabulary(
             gather_tensors=GatherTensors(weight_info=ImmutableMap(data={})),
-            tokenizer_task=BuildTokenizer(base_model=self.refs[self.base], referenced_models=tuple(self.refs.values()),
-                                          tokenizer_source=self.source, add_tokens=tuple(self.tokens.keys()) if self.tokens else ()),
-            tokens=self.tokens, pad_to_multiple_of=self.pad_to_multiple_of, base_model=self.refs[self.base],
-            vocabulary_axis=0)
+            tokenizer_task=BuildTokenizer(
+                base_model=self.refs[self.base],
+                referenced_models=tuple(self.refs.values()),
+                tokenizer_source=self.source,
+                add_tokens=tuple(self.tokens.keys()) if self.tokens else (),
+            ),
+            tokens=self.tokens,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            base_model=self.refs[self.base],
+            vocabulary_axis=0,
+        )
         out = task.execute(tokenizer_info=self.info, tensors={self.refs[n]: t for n, t in tensors.items()})
         names = {ref: n for n, ref in self.refs.items()}
         return {names[ref]: t for ref, t in out.items()}
@@ -144,10 +180,20 @@ class UnionTokenizer:
         import hashlib
         import json
 
-        perms = {str(ref): sorted((int(k), int(v)) for k, v in p.items())
-                 for ref, p in sorted(self.info.permutations.items(), key=lambda kv: str(kv[0]))}
-        text = json.dumps([sorted(self.info.tokenizer.get_vocab().items()), perms, self.base, str(self.source),
-                           repr(self.tokens), self.pad_to_multiple_of])
+        perms = {
+            str(ref): sorted((int(k), int(v)) for k, v in p.items())
+            for ref, p in sorted(self.info.permutations.items(), key=lambda kv: str(kv[0]))
+        }
+        text = json.dumps(
+            [
+                sorted(self.info.tokenizer.get_vocab().items()),
+                perms,
+                self.base,
+                str(self.source),
+                repr(self.tokens),
+                self.pad_to_multiple_of,
+            ]
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
 

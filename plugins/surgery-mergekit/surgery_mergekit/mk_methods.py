@@ -16,8 +16,7 @@ from .commands import is_output_projection
     uses_accelerator=False,
     contract=InputContract(max_inputs=1),
 )
-def surgery_identity(group: TensorGroup, identity: PerInput[bool] = False,
-                     scale: PerInput[Optional[float]] = None) -> torch.Tensor:
+def surgery_identity(group: TensorGroup, identity: PerInput[bool] = False, scale: PerInput[Optional[float]] = None) -> torch.Tensor:
     entry = group.entries[0]
     tensor = entry.tensor
     if identity[entry.id] and is_output_projection(group.metadata.name):
