@@ -263,7 +263,7 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
     return a, k, a2, k2, d
 
 
-def _heads(r: Recipe, spec: LayerSpec, family: Family, counts, suffix: str) -> Recipe:
+def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
     role = family.attention_role(suffix)
     if counts is None or role is None:
         return r
@@ -313,6 +313,10 @@ def layer_tensors(
         )
     out: list[OutTensor] = []
     zeroed = 0
+    try:  # the head counts are the same for every tensor of the layer: worked out once
+        heads = head_counts(family, base, spec.widen)
+    except PlanError as e:
+        raise PlanError(Problem(spec.widen_where, e.problems[0].what, e.problems[0].fix)) from None
     for suffix, name in src_layer.items():
         out_name = family.layer_name(j, suffix)
         if spec.merge is not None:
@@ -341,11 +345,7 @@ def layer_tensors(
         elif spec.init == "random" and not family.is_norm(suffix):
             r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
         if spec.widen is not None:
-            r = _widened(r, spec, family, base, suffix, out_name)
-            try:
-                r = _heads(r, spec, family, head_counts(family, base, spec.widen), suffix)
-            except PlanError as e:
-                raise PlanError(Problem(spec.widen_where, e.problems[0].what, e.problems[0].fix)) from None
+            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix)
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)

@@ -136,6 +136,7 @@ class Report:
 def provenance(program: Program, shard_info: list[dict]) -> dict:
     """The content of `surgery.json`: enough to know what was done, from what, and which layers are new."""
     plan = program.plan
+    widened = program.widened()
     return {
         "format": "surgery/1",
         "surgery_version": __version__,
@@ -157,7 +158,7 @@ def provenance(program: Program, shard_info: list[dict]) -> dict:
         },
         "layer_map": program.layer_map(),
         "new_layers": program.new_layers,
-        **({"widened": program.widened()} if program.widened() else {}),
+        **({"widened": widened} if widened else {}),
         "warnings": [str(w) for w in program.warnings],
     }
 
