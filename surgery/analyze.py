@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +190,7 @@ def analyze(
             norms[L] += float(x.double().pow(2).mean(-1).sqrt().sum())
             if states is not None:
                 states[L].append(x.cpu())
+    reader.close()
     if bar:
         bar.close()
     tokens = n_seq * seq_len
@@ -378,47 +379,46 @@ class _Recorder(torch.nn.Module):
 
 
 class _Reader:
-    """Tensors of a checkpoint by name, read with pread through surgery's header catalog."""
+    """Tensors of a checkpoint by name, read through the engine's `Sources` (pread into each
+    tensor's own storage) and surgery's header catalog."""
 
     def __init__(self, ck):
+        from surgery.engine.read import Sources
+
         self.ck = ck
-        self.fds: dict = {}
+        self.src = Sources()
+        weakref.finalize(self, self.src.close)  # the descriptors close on an error path too
 
-    def _fd(self, path):
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def tensor(self, name: str):
-        """The whole tensor, read with preadv straight into its own storage (no intermediate bytes)."""
-        from surgery.engine.read import torch_dtype
-
+    def _info(self, name: str):
         info = self.ck.tensors.get(name)
         if info is None:
             raise CheckpointError(f"tensor {name!r} is missing", where=str(self.ck.path))
+        return info
+
+    def tensor(self, name: str):
+        """The whole tensor, read straight into its own storage (no intermediate bytes)."""
+        from surgery.engine.read import torch_dtype
+
+        info = self._info(name)
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
-        fd, done = self._fd(info.file), 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n == 0:
-                raise CheckpointError(f"unexpected end of file reading {name!r}", where=str(info.file))
-            done += n
+        self.src.read_into(info, 0, raw.numpy())
         return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def rows(self, name: str, ids):
-        """Rows `ids` (sorted unique) of a 2-D tensor, each read on its own."""
-        import torch
-
+        """Rows `ids` of a 2-D tensor, each read on its own into one buffer."""
         from surgery.engine.read import torch_dtype
 
-        info = self.ck.tensors[name]
-        width = info.shape[1] * (info.nbytes // max(1, math.prod(info.shape)))
-        out = bytearray()
-        fd = self._fd(info.file)
-        for i in ids:
-            out += os.pread(fd, width, info.offset + int(i) * width)
-        return torch.frombuffer(out, dtype=torch_dtype(info.dtype)).reshape(len(ids), info.shape[1])
+        info = self._info(name)
+        per_row = info.shape[1]
+        width = per_row * (info.nbytes // max(1, math.prod(info.shape)))
+        raw = torch.empty(len(ids) * width, dtype=torch.uint8)
+        view = raw.numpy()
+        for k, i in enumerate(ids):
+            self.src.read_into(info, int(i) * per_row, view[k * width : (k + 1) * width])
+        return raw.view(torch_dtype(info.dtype)).reshape(len(ids), per_row)
+
+    def close(self) -> None:
+        self.src.close()
 
 
 def _empty_weights():
