@@ -105,23 +105,19 @@ def _seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def tile(x, r):
-    """A `surgery.recipes.Tile`: `x` repeated r.k times along r.dim, times r.mul plus r.add."""
-    import torch
-
-    out = torch.cat([x] * r.k, dim=r.dim)
-    if r.mul != 1 or r.add:
-        out = (out.double() * r.mul + r.add).to(x.dtype)
-    return out
-
-
 def gather(x, r):
-    """A `surgery.recipes.Gather`: slices of `x` along r.dim by r.index, each times r.scale[i]."""
+    """A `surgery.recipes.Gather`: slices of `x` along r.dim by r.index, each times r.scale[i] plus
+    r.add[i] (in float64, then back to x's dtype)."""
     import torch
 
     out = x.index_select(r.dim, torch.tensor(r.index, dtype=torch.long, device=x.device))
+    if r.scale is None and r.add is None:
+        return out
+    shape = [1] * out.dim()
+    shape[r.dim] = -1
+    y = out.double()
     if r.scale is not None:
-        shape = [1] * out.dim()
-        shape[r.dim] = -1
-        out = (out.double() * torch.tensor(r.scale, dtype=torch.float64, device=x.device).reshape(shape)).to(x.dtype)
-    return out
+        y = y * torch.tensor(r.scale, dtype=torch.float64, device=x.device).reshape(shape)
+    if r.add is not None:
+        y = y + torch.tensor(r.add, dtype=torch.float64, device=x.device).reshape(shape)
+    return y.to(x.dtype)

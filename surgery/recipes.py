@@ -308,37 +308,16 @@ class Widen(Regrouped):
 
 
 @dataclass(frozen=True)
-class Tile(Regrouped):
-    """`inner` repeated `k` times along `dim`, then times `mul` plus `add` (hidden-size growth: a
-    residual stream duplicated k times keeps its RMS, mean and variance, so copying what writes it
-    and dividing what reads it by k keeps the function)."""
-
-    dim: int
-    k: int
-    mul: float = 1.0
-    add: float = 0.0
-
-    whole_tensor = True
-
-    @property
-    def shape(self):
-        s = list(self.inner.shape)
-        s[self.dim] *= self.k
-        return tuple(s)
-
-    def describe(self) -> str:
-        return f"{self.inner.describe()} tiled x{self.k} on dim {self.dim}" + (f" * {self.mul:g}" if self.mul != 1 else "")
-
-
-@dataclass(frozen=True)
 class Gather(Regrouped):
     """Slices of `inner` along `dim` picked by `index` (output slice i is input slice index[i]),
-    each multiplied by scale[i] when given: attention heads copied (and the o_proj columns that
-    read a copied head shared among its copies)."""
+    each multiplied by scale[i] and then plus add[i] when given: attention heads copied (and the
+    o_proj columns that read a copied head shared among its copies), the residual stream's units
+    copied (and what reads them divided by their number of copies)."""
 
     dim: int
     index: tuple[int, ...]
     scale: Optional[tuple[float, ...]] = None
+    add: Optional[tuple[float, ...]] = None
 
     whole_tensor = True
 

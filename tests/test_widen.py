@@ -180,3 +180,19 @@ def test_a_non_multiple_hidden_size_is_approximate_and_says_by_how_much(models, 
     diff = (logits(out) - logits(m)).abs().max().item()
     assert 1e-4 < diff < 0.1, diff
     assert CliRunner().invoke(main, ["validate", str(plan), "--strict"]).exit_code == 1
+
+
+@pytest.mark.parametrize("hidden", [64, 48])  # a whole multiple and not: one code path, the same refusal
+def test_a_matrix_the_family_does_not_describe_is_refused(models, tmp_path, hidden):
+    import dataclasses
+
+    from surgery import registry
+
+    with registry.scoped() as reg:
+        fam = reg.families["llama"]
+        partial = dataclasses.replace(fam, hidden_in=tuple(x for x in fam.hidden_in if "mlp" not in x[0]))
+        reg.families["llama"] = partial
+        reg.by_model_type["llama"] = partial
+        plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: {hidden}}}}}]\n")
+        rep = surgery.validate(plan)
+    assert not rep.valid and "does not say how it grows" in str(rep.problems[0]) and "plan.yaml:" in rep.problems[0].where

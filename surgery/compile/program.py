@@ -77,9 +77,9 @@ class Program:
         w = self.stack[0].widen if self.stack else None
         if w is None:
             return {}
-        from surgery.recipes import Gather, Tile, Widen, leaves_of
+        from surgery.recipes import Regrouped, leaves_of
 
-        grown = [t.name for t in self.tensors if any(isinstance(r, (Widen, Tile, Gather)) for r in leaves_of(t.recipe))]
+        grown = [t.name for t in self.tensors if any(isinstance(r, Regrouped) for r in leaves_of(t.recipe))]
         sizes = {
             k: v
             for k, v in (("intermediate", w.intermediate), ("hidden", w.hidden), ("heads", w.heads), ("kv_heads", w.kv_heads))

@@ -13,7 +13,7 @@ from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
 from surgery.errors import PlanError, Problem, SurgeryError
 from surgery.plan import Merge, Step, Take
 from surgery.methods import get_method
-from surgery.recipes import Cast, External, Gather, RandomNormal, Read, Recipe, Scale, Tile, Widen, Zeros
+from surgery.recipes import Cast, External, Gather, RandomNormal, Read, Recipe, Scale, Widen, Zeros
 from surgery.plan.settings import conditions_of, resolve
 
 
@@ -363,79 +363,28 @@ def layer_tensors(
 
 
 def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint) -> list[OutTensor]:
-    """The residual stream k times wider, as k copies: what writes it (embeddings, o_proj, down_proj,
-    norms) is copied, what reads it (q/k/v, gate/up, lm_head) is divided by k, so every layer sees
-    the same function. Gemma's embedding scale sqrt(hidden) grows by sqrt(k): its embedding is
-    divided by sqrt(k). A tied lm_head cannot be both copied and divided: the final norm's gain is
-    divided instead (by k; by sqrt(k) with Gemma's scaled embedding)."""
+    """The residual stream grown to `hidden` units, unit j a copy of unit j mod H: what writes it
+    (embeddings, o_proj, down_proj, norms) is copied, what reads it (q/k/v, gate/up, lm_head) is
+    divided by each unit's number of copies. For a whole multiple k every unit has k copies, a
+    duplicated vector keeps its RMS and the function is exact; otherwise norms see another RMS and
+    it is kept approximately (compile warns: `approximate-growth`). Gemma's embedding scale
+    sqrt(hidden) grows by sqrt(new / old): its embedding is divided by that. A tied lm_head cannot be
+    both copied and divided: the final norm's gain carries the division instead."""
     import math
 
     h_old = family.lm_config(base.config).get("hidden_size")
-    w = spec.widen
-    if not isinstance(h_old, int) or w.hidden < h_old:
+    new = spec.widen.hidden
+    if not isinstance(h_old, int) or new < h_old:
         raise PlanError(
             Problem(
                 spec.widen_where,
-                f"widen hidden to {w.hidden}: the hidden size is {h_old}; width growth only adds units",
+                f"widen hidden to {new}: the hidden size is {h_old}; width growth only adds units",
                 f"use hidden >= {h_old}",
             )
         )
-    if w.hidden % h_old:
-        return _widen_hidden_partial(tensors, spec, family, base, h_old)
-    k = w.hidden // h_old
-    if k == 1:
+    if new == h_old:
         return tensors
-    tied = base.tied
-    emb = set(family.embeddings)
-    root = 1 / math.sqrt(k)
-    out = []
-    for t in tensors:
-        r, name = t.recipe, t.name
-        split = family.split(name)
-        tile = None
-        if split is not None:
-            suffix = split[1]
-            role = family.hidden_role(suffix)
-            if role is not None:
-                kind, dim = role
-                tile = Tile(r, dim, k, 1 / k if kind == "in" else 1.0)
-            elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(suffix):
-                tile = Tile(r, 0, k)
-        elif name in emb:
-            tile = Tile(r, 1, k, root if family.embed_scaled else 1.0)
-        elif name == family.lm_head:
-            tile = Tile(r, 1, k, 1 / k)
-        elif name == family.final_norm:
-            if not tied:
-                tile = Tile(r, 0, k)
-            else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the 1/k
-                c = root if family.embed_scaled else 1 / k
-                tile = Tile(r, 0, k, c, c - 1 if family.norm_plus_one else 0.0)
-        if tile is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
-            raise PlanError(
-                Problem(
-                    spec.widen_where,
-                    f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
-                    f"but family {family.name} does not say how it grows",
-                    "report this family's layout",
-                )
-            )
-        out.append(OutTensor(name, tile) if tile is not None else t)
-    return out
-
-
-def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int) -> list[OutTensor]:
-    """Hidden growth by a factor that is not a whole number: hidden unit j copies unit j mod H, and
-    what reads a unit is divided by its number of copies. Writers and readers agree exactly, but a
-    partly duplicated vector no longer has the original's RMS, so every norm output is slightly
-    off: the function is kept approximately (validate warns, with the code `approximate-growth`)."""
-    import math
-
-    new = spec.widen.hidden
-    src = [j % h_old for j in range(new)]
-    counts = [src.count(i) for i in range(h_old)]
-    share = tuple(1.0 / counts[s] for s in src)
-    if base.tied and family.embed_scaled:
+    if base.tied and family.embed_scaled and new % h_old:
         raise PlanError(
             Problem(
                 spec.widen_where,
@@ -443,6 +392,11 @@ def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Fam
                 f"use a multiple of {h_old}",
             )
         )
+    src = tuple(j % h_old for j in range(new))
+    counts = [0] * h_old
+    for s in src:
+        counts[s] += 1
+    share = tuple(1.0 / counts[s] for s in src)
     emb_scale = math.sqrt(h_old / new) if family.embed_scaled else 1.0
     emb = set(family.embeddings)
     out = []
@@ -454,14 +408,27 @@ def _widen_hidden_partial(tensors: list[OutTensor], spec: LayerSpec, family: Fam
             role = family.hidden_role(split[1])
             if role is not None:
                 kind, dim = role
-                g = Gather(r, dim, tuple(src), share if kind == "in" else None)
+                g = Gather(r, dim, src, share if kind == "in" else None)
             elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(split[1]):
-                g = Gather(r, 0, tuple(src))
+                g = Gather(r, 0, src)
         elif name in emb:
-            g = Gather(r, 1, tuple(src), (emb_scale,) * new if emb_scale != 1 else None)
+            g = Gather(r, 1, src, (emb_scale,) * new if emb_scale != 1 else None)
         elif name == family.lm_head:
-            g = Gather(r, 1, tuple(src), share)
+            g = Gather(r, 1, src, share)
         elif name == family.final_norm:
-            g = Gather(r, 0, tuple(src), share if base.tied else None)
+            if not base.tied:
+                g = Gather(r, 0, src)
+            else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the division
+                c = (emb_scale,) * new if family.embed_scaled else share
+                g = Gather(r, 0, src, c, tuple(x - 1 for x in c) if family.norm_plus_one else None)
+        if g is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
+            raise PlanError(
+                Problem(
+                    spec.widen_where,
+                    f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
+                    f"but family {family.name} does not say how it grows",
+                    "report this family's layout",
+                )
+            )
         out.append(OutTensor(name, g) if g is not None else t)
     return out

@@ -18,7 +18,6 @@ from surgery.recipes import (
     Recipe,
     Scale,
     Slerp,
-    Tile,
     VocabPermute,
     Widen,
     Zeros,
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 # depth up-scaling) never pay its import time.
 
 from surgery.engine.read import Sources, torch_dtype
-from surgery.merge import gather, nuslerp, slerp_coefficients, tile, widen
+from surgery.merge import gather, nuslerp, slerp_coefficients, widen
 
 
 SLERP_KEEP_PER_ELEMENT = 24  # slerp inputs up to 24 bytes x chunk (96 MB by default) are read once, kept from pass 1
@@ -106,8 +105,6 @@ class Evaluator:
                 ) from None
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
-        elif isinstance(r, Tile):
-            out = tile(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):
             out = widen(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, VocabPermute):
