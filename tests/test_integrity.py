@@ -25,18 +25,23 @@ from surgery.io.outdir import COMPLETE, OutputFolder
 from .conftest import load_tensors, write_plan
 
 
-def _interrupt_after(monkeypatch, n: int):
-    """Make the engine stop (as Ctrl-C does, leaving the side folder) after `n` shards."""
+def _interrupted_apply(monkeypatch, plan, out: Path, n: int, **kw) -> Path:
+    """Apply `plan` to `out`, stopped (as Ctrl-C does, leaving the side folder) after `n` shards;
+    returns the side folder."""
     real = engine_write.write_shard
     calls = {"n": 0}
 
-    def write_shard(*a, **kw):
+    def write_shard(*a, **k):
         if calls["n"] >= n:
             raise KeyboardInterrupt
         calls["n"] += 1
-        return real(*a, **kw)
+        return real(*a, **k)
 
-    monkeypatch.setattr(engine_write, "write_shard", write_shard)
+    with monkeypatch.context() as m:
+        m.setattr(engine_write, "write_shard", write_shard)
+        with pytest.raises(KeyboardInterrupt):
+            surgery.apply(plan, out, progress=False, **kw)
+    return out.parent / f".{out.name}.surgery-partial"
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -56,11 +61,7 @@ def test_resume_after_a_change_rewrites_what_the_change_touches(models, tmp_path
     shutil.copytree(models("llama", noise=0.02), b)
     plan = write_plan(tmp_path, MERGE.format(a=a, b=b, w=0.3, v=0.7))
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 3)
-        with pytest.raises(KeyboardInterrupt):
-            surgery.apply(plan, out, progress=False)
-    staging = tmp_path / ".out.surgery-partial"
+    staging = _interrupted_apply(monkeypatch, plan, out, 3)
     assert len(list(staging.glob("model-*.safetensors"))) == 3 and not out.exists()
     if change == "weights":
         write_plan(tmp_path, MERGE.format(a=a, b=b, w=0.6, v=0.4))
@@ -77,11 +78,7 @@ def test_resume_after_a_change_rewrites_what_the_change_touches(models, tmp_path
 def test_resume_without_a_change_keeps_the_finished_shards(models, tmp_path, monkeypatch):
     plan = write_plan(tmp_path, MERGE.format(a=models("llama"), b=models("llama", noise=0.02), w=0.3, v=0.7))
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            surgery.apply(plan, out, progress=False)
-    staging = tmp_path / ".out.surgery-partial"
+    staging = _interrupted_apply(monkeypatch, plan, out, 2)
     inodes = {f.name: f.stat().st_ino for f in staging.glob("model-*.safetensors")}
     surgery.apply(plan, out, progress=False, resume=True)
     assert {n: (out / n).stat().st_ino for n in inodes} == inodes  # kept, not rewritten
@@ -641,11 +638,7 @@ def test_links_planted_next_to_or_inside_the_output_are_never_written_through(mo
     victim.write_text("precious")
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\noutput: {{shard_size: 40KB}}\n")
     (tmp_path / ".out.surgery-lock").symlink_to(victim)  # the lock's name
-    with monkeypatch.context() as m:  # an interrupted run, then links planted in its side folder
-        _interrupt_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            surgery.apply(plan, tmp_path / "out", progress=False)
-    staging = tmp_path / ".out.surgery-partial"
+    staging = _interrupted_apply(monkeypatch, plan, tmp_path / "out", 2)  # an interrupted run, then links planted in its side folder
     for name in ("config.json", "surgery.json.tmp", "model-00004-of-00005.safetensors.tmp", "README.md"):
         (staging / name).unlink(missing_ok=True)
         (staging / name).symlink_to(victim)
@@ -670,11 +663,7 @@ def test_a_refused_rerun_keeps_the_interrupted_side_folder(models, tmp_path, mon
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\noutput: {{shard_size: 40KB}}\n")
     out = tmp_path / "out"
     surgery.apply(plan, out, progress=False)
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            surgery.apply(plan, out, progress=False, force=True)
-    staging = tmp_path / ".out.surgery-partial"
+    staging = _interrupted_apply(monkeypatch, plan, out, 2, force=True)
     before = sorted(p.name for p in staging.iterdir())
     with pytest.raises(OutputError, match="already exists"):  # forgot --force: refused, nothing lost
         surgery.apply(plan, out, progress=False)
