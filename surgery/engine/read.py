@@ -91,7 +91,7 @@ class Sources:
     def fd(self, path: Path) -> int:
         with self._lock:
             fd = self._fds.get(path)
-            if fd is None:  # a file open_all did not see (only in unit tests that skip it)
+            if fd is None:  # a file open_all did not see (analyze reads this way, without a Program)
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
                 st = os.fstat(fd)
                 self._stat[path] = (st.st_size, st.st_mtime_ns)

@@ -269,8 +269,9 @@ def _compute_tensor(t: OutTensor, fd: int, pos: int, srcs: Sources, progress: Pr
 
 def write_shard(
     shard: Shard, header: tuple[bytes, list[int]], folder: Path, srcs: Sources, pool: ThreadPoolExecutor, progress: Progress
-) -> dict:
-    """Write one shard: `header` is `shard_header(shard, ...)`, computed once per run."""
+) -> None:
+    """Write one shard: `header` is `shard_header(shard, ...)`, computed once per run. Its size,
+    header hash and checksum go to the record from `_shard_record` and the checksum thread."""
     head, offsets = header
     tmp = folder / (shard.name + ".tmp")
     where = str(folder / shard.name)
@@ -298,7 +299,6 @@ def write_shard(
     finally:
         os.close(fd)
     os.replace(tmp, folder / shard.name)
-    return {"name": shard.name, "bytes": total, "tensors": len(shard.tensors), "header_sha256": hashlib.sha256(head[8:]).hexdigest()}
 
 
 def _check_allocated(fd: int, total: int, where: str):
