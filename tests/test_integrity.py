@@ -670,3 +670,62 @@ def test_a_refused_rerun_keeps_the_interrupted_side_folder(models, tmp_path, mon
     assert sorted(p.name for p in staging.iterdir()) == before
     surgery.apply(plan, out, progress=False, force=True, resume=True)
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+# hostile plans and paths: each is one located error line, a non-zero exit and no traceback ---------------
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("models: {a: A}\nsteps: " + "[" * 100_000 + "]" * 100_000 + "\n", "nesting deeper than 64"),
+        ("- " * 50_000 + "x\n", "nesting deeper than 64"),
+        ("name: !!binary aGVsbG8=\nmodels: {a: A}\nsteps: [{take: {model: a}}]\n", "binary data"),
+        ("models: {a: A}\nsteps: [{take: {model: a, layers: [false, true]}}]\n", "valid integer"),
+        ("models: {a: A}\nsteps: [{take: {model: a}}, {scale: {factor: .nan}}]\n", "finite number"),
+        ("models: {a: A}\nsteps: [{take: {model: a}}, {expand: {groups: 1, init: random, std: .inf}}]\n", "finite number"),
+        ("models: {a: A}\nsteps: [{take: {model: a}}, {widen: {intermediate: 99, init: random, std: -.inf}}]\n", "finite number"),
+        ("models: {a: A, b: A}\nsteps: [{merge: {method: linear, models: [a, b], weights: [.nan, 1]}}]\n", "finite number"),
+    ],
+)
+def test_hostile_plans_are_located_errors(models, tmp_path, text, expect):
+    plan = write_plan(tmp_path, text.replace("A", str(models("llama"))))
+    for cmd in (["validate", str(plan)], ["apply", str(plan), "-o", str(tmp_path / "out")]):
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 1 and expect in r.output and "plan.yaml" in r.output, (cmd, r.output)
+        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "out, expect",
+    [
+        ("", "the output path is empty"),
+        ("~no_such_user_xyz/out", "no such user"),
+        ("x" * 5000, "must fit the file system's limit"),
+        ("y" * 245, "must fit the file system's limit"),
+        ("somewhere/..", "does not name a folder of its own"),
+    ],
+)
+def test_bad_output_paths_are_located_errors(models, tmp_path, monkeypatch, out, expect):
+    monkeypatch.chdir(tmp_path)
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", out, "-q"])
+    assert r.exit_code == 1 and expect in r.output and isinstance(r.exception, SystemExit), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]  # nothing written, not even a lock
+
+
+def test_a_nul_byte_in_the_output_path_is_refused(models, tmp_path):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    with pytest.raises(OutputError, match="NUL byte"):
+        surgery.apply(plan, str(tmp_path / "a\0b"), progress=False)
+
+
+def test_messages_name_the_real_cause(models, tmp_path, monkeypatch):
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n", "plan[v2].yaml")
+    r = CliRunner().invoke(main, ["validate", str(plan)])  # an existing file with [] in its name is a file
+    assert r.exit_code == 0 and "no files match" not in r.output, r.output
+    r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / "o"), "--max-memory", "1"])
+    assert r.exit_code == 1 and "--max-memory: 1 bytes is too small" in r.output and "shard size" not in r.output
+    r = CliRunner().invoke(main, ["advise", "--params", "7e9", "--tokens", "2e12"])  # scientific notation
+    assert r.exit_code == 0 and "11.11" in r.output, r.output
