@@ -58,6 +58,22 @@ def _user_errors(fn):
     return wrapper
 
 
+def _write_file(out: Path, text: str, force: bool, keep: list[Path] = ()) -> None:
+    """A one-file output (a schema, an exported config): never over an existing file without
+    --force, never over a link or a file the command reads (the plan), whatever --force says."""
+    from surgery.errors import OutputError
+    from surgery.io.outdir import atomic_write
+
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise OutputError(f"{out} is a link or not a regular file", fix="write to a new file")
+    if any(out.resolve() == Path(k).resolve() for k in keep):
+        raise OutputError(f"{out} is the plan this command reads; it is never replaced", fix="write to another file")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", fix="pass --force to replace it")
+    atomic_write(out, text)
+    click.echo(f"wrote {out}", err=True)
+
+
 class _Group(click.Group):
     """Adds subcommands that plugins provide (e.g. `surgery mergekit` from the mergekit plugin)."""
 
@@ -253,7 +269,9 @@ def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
 @click.option("--train", "which", flag_value="train", help="The training config schema (`surgery train`).")
 @click.option("--report", "which", flag_value="report", help="The `validate --format json` report schema.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
-def schema(which, out):
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_user_errors
+def schema(which, out, force):
     """Print the JSON Schema of surgery plans (or --train configs, or the --report format).
 
     \b
@@ -269,8 +287,7 @@ def schema(which, out):
     if out is None:
         click.echo(text, nl=False)
     else:
-        out.write_text(text)
-        click.echo(f"wrote {out}", err=True)
+        _write_file(out, text, force)
 
 
 @main.command()
@@ -339,17 +356,13 @@ def export(plan, fmt, out, force):
     projections. A plan mergekit cannot express (random init, two merge methods, copies mixed
     with merges, `non_layer`) is refused with the step and the reason."""
     from surgery.api import compile_plan, load_plan
-    from surgery.errors import OutputError
     from surgery.compile.export import to_mergekit_yaml
 
     text = to_mergekit_yaml(compile_plan(load_plan(plan)))
     if out is None:
         click.echo(text, nl=False)
         return
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", fix="pass --force to replace it")
-    out.write_text(text)
-    click.echo(f"wrote {out}", err=True)
+    _write_file(out, text, force, keep=[plan])
 
 
 @main.command()

@@ -729,3 +729,25 @@ def test_messages_name_the_real_cause(models, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "--max-memory: 1 bytes is too small" in r.output and "shard size" not in r.output
     r = CliRunner().invoke(main, ["advise", "--params", "7e9", "--tokens", "2e12"])  # scientific notation
     assert r.exit_code == 0 and "11.11" in r.output, r.output
+
+
+def test_one_file_outputs_follow_the_same_rules(models, tmp_path):
+    """export and schema: no overwrite without --force, never the plan itself, never through a link."""
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
+    original = plan.read_text()
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", "--mergekit", str(plan), "-o", str(plan), "--force"])
+    assert r.exit_code == 1 and "the plan this command reads" in r.output and plan.read_text() == original
+    for cmd in (["export", "--mergekit", str(plan)], ["schema"]):
+        target = tmp_path / "out.yml"
+        target.write_text("mine")
+        r = runner.invoke(main, [*cmd, "-o", str(target)])
+        assert r.exit_code == 1 and "already exists" in r.output and target.read_text() == "mine", (cmd, r.output)
+        assert runner.invoke(main, [*cmd, "-o", str(target), "--force"]).exit_code == 0 and target.read_text() != "mine"
+        target.unlink()
+        victim = tmp_path / "victim"
+        victim.write_text("keep")
+        target.symlink_to(victim)
+        r = runner.invoke(main, [*cmd, "-o", str(target), "--force"])
+        assert r.exit_code == 1 and "link" in r.output and victim.read_text() == "keep", (cmd, r.output)
+        target.unlink()
