@@ -58,11 +58,10 @@ def _user_errors(fn):
     return wrapper
 
 
-def _write_file(out: Path, text: str, force: bool, keep: list[Path] = ()) -> None:
-    """A one-file output (a schema, an exported config): never over an existing file without
-    --force, never over a link or a file the command reads (the plan), whatever --force says."""
+def _check_one_file(out: Path, force: bool, keep: list[Path] = ()) -> None:
+    """A one-file output (a schema, an exported config, a picture): never over an existing file
+    without --force, never over a link or a file the command reads (the plan), whatever --force says."""
     from surgery.errors import OutputError
-    from surgery.io.outdir import atomic_write
 
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise OutputError(f"{out} is a link or not a regular file", fix="write to a new file")
@@ -70,6 +69,12 @@ def _write_file(out: Path, text: str, force: bool, keep: list[Path] = ()) -> Non
         raise OutputError(f"{out} is the plan this command reads; it is never replaced", fix="write to another file")
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", fix="pass --force to replace it")
+
+
+def _write_file(out: Path, text: str, force: bool, keep: list[Path] = ()) -> None:
+    from surgery.io.outdir import atomic_write
+
+    _check_one_file(out, force, keep)
     atomic_write(out, text)
     click.echo(f"wrote {out}", err=True)
 
@@ -306,12 +311,10 @@ def show(plan, out, force, offline):
     """Draw PLAN's layer map: source layers left, output layers right, lines coloured by how each
     output layer is made (copy, identity, merge, random, zero). Reads headers only, like validate."""
     from surgery.api import compile_plan, load_plan
-    from surgery.errors import OutputError
     from surgery.report.show import draw_layer_map
 
     out = out or plan.with_suffix(".svg")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", fix="pass --force to replace it, or -o elsewhere")
+    _check_one_file(out, force, keep=[plan])
     program = compile_plan(load_plan(plan), headers_only=True, offline=offline)
     click.echo(f"wrote {draw_layer_map(program, out)}")
 

@@ -732,14 +732,16 @@ def test_messages_name_the_real_cause(models, tmp_path, monkeypatch):
 
 
 def test_one_file_outputs_follow_the_same_rules(models, tmp_path):
-    """export and schema: no overwrite without --force, never the plan itself, never through a link."""
+    """export, schema and show: no overwrite without --force, never the plan itself, never through a link."""
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     original = plan.read_text()
     runner = CliRunner()
     r = runner.invoke(main, ["export", "--mergekit", str(plan), "-o", str(plan), "--force"])
     assert r.exit_code == 1 and "the plan this command reads" in r.output and plan.read_text() == original
-    for cmd in (["export", "--mergekit", str(plan)], ["schema"]):
-        target = tmp_path / "out.yml"
+    r = runner.invoke(main, ["show", str(plan), "-o", str(plan), "--force"])
+    assert r.exit_code == 1 and "the plan this command reads" in r.output and plan.read_text() == original
+    for cmd in (["export", "--mergekit", str(plan)], ["schema"], ["show", str(plan)]):
+        target = tmp_path / "out.svg"
         target.write_text("mine")
         r = runner.invoke(main, [*cmd, "-o", str(target)])
         assert r.exit_code == 1 and "already exists" in r.output and target.read_text() == "mine", (cmd, r.output)
