@@ -46,6 +46,12 @@ class Analysis:
     norms: list[float]  # RMS of the states entering each layer, then leaving the last (L + 1 values)
     best_block: dict[int, int] = field(default_factory=dict)  # n -> start layer l of argmin_l d(l, n)
     last_token: list = field(default_factory=list, repr=False)  # per boundary: the samples' last-token states
+    # held-out loss (mean next-token cross-entropy over `loss_samples` sequences) of the whole model,
+    # and drop_loss[n][l]: the same loss with the block [l, l + n) removed (every l), when asked for
+    loss: float | None = None
+    loss_samples: int = 0
+    drop_loss: dict[int, list[float]] = field(default_factory=dict)
+    inputs: object = field(default=None, repr=False)  # the token ids of the samples, [samples, seq_len]
 
     def as_dict(self) -> dict:
         return {
@@ -60,7 +66,21 @@ class Analysis:
             "layer_distance_all_tokens": self.layer_distance_all_tokens,
             "hidden_state_rms": self.norms,
             "best_block": {str(n): s for n, s in self.best_block.items()},
+            **(
+                {
+                    "loss": self.loss,
+                    "loss_samples": self.loss_samples,
+                    "drop_loss": {str(n): v for n, v in self.drop_loss.items()},
+                    "best_block_by_loss": {str(n): s for n, s in self.best_block_by_loss().items()},
+                }
+                if self.loss is not None
+                else {}
+            ),
         }
+
+    def best_block_by_loss(self) -> dict[int, int]:
+        """n -> the start l of the block whose removal raises the held-out loss least (measured)."""
+        return {n: min(range(len(v)), key=v.__getitem__) for n, v in self.drop_loss.items()}
 
 
 def analyze(
@@ -76,10 +96,14 @@ def analyze(
     progress: bool = False,
     keep_states: bool = False,
     dtype: str = "float32",
+    drop_sizes: tuple[int, ...] = (),
+    loss_samples: int = 64,
 ) -> Analysis:
     """Stream `model` over `samples` sequences of `seq_len` tokens from `files` (txt, jsonl, parquet).
     `dtype`: what the layers compute in (float32, bfloat16, float16, or auto: the checkpoint's);
-    a 16-bit dtype halves the layer's memory, the statistics are always float64."""
+    a 16-bit dtype halves the layer's memory, the statistics are always float64.
+    `drop_sizes`: also measure, in the same pass, the held-out loss of the model with each
+    contiguous block of each of these sizes removed (on the first `loss_samples` sequences)."""
     import torch
     import transformers
 
@@ -159,6 +183,14 @@ def analyze(
         layers[i] = layer
 
     L = len(originals)
+    sizes = sorted(set(drop_sizes))
+    for n in sizes:
+        if not 1 <= n < L:
+            raise PlanError(f"drop:{n}: a {L}-layer model can drop 1 to {L - 1} layers", where=str(model))
+    # the loss pass runs on the first micro-batches (loss_samples sequences, rounded up to whole micro-batches)
+    lb = math.ceil(min(loss_samples, n_seq) / mb) if sizes else 0
+    window: dict[int, list] = {}  # l -> the loss batches' states entering layer l, for the blocks ending here
+    branches: dict[tuple[int, int], list] = {}  # (l, n) -> states of the model without layers [l, l + n)
     last = [[None] * (L + 1) for _ in batches]  # normalised last-token states per boundary, per batch
     norms = [0.0] * (L + 1)
     bi, dist1 = [0.0] * L, [0.0] * L
@@ -168,12 +200,11 @@ def analyze(
     with torch.no_grad():
         for i, layer in enumerate(originals):
             _materialize(layer, reader, f"{ck.family.layer_prefix}{i}.", dev, cdt)
-            out = []
-            for k, x in enumerate(h):
-                _, args, kwargs = calls[k][i]
-                y = layer(x, *args, **kwargs)
-                y = y[0] if isinstance(y, tuple) else y
-                out.append(y)
+            _branch(window, branches, sizes, i, h[:lb])
+            out = [_run(layer, x, calls[k][i]) for k, x in enumerate(h)]
+            for key, xs in branches.items():  # each model with a block removed below layer i runs it too
+                if key[0] + key[1] <= i:
+                    branches[key] = [_run(layer, x, calls[k][i]) for k, x in enumerate(xs)]
             _release(layer)
             for k, (x, y) in enumerate(zip(h, out, strict=True)):
                 last[k][i] = _unit(x[:, -1].double())
@@ -190,6 +221,13 @@ def analyze(
             norms[L] += float(x.double().pow(2).mean(-1).sqrt().sum())
             if states is not None:
                 states[L].append(x.cpu())
+        loss, drop_loss = None, {}
+        if sizes:
+            _branch(window, branches, sizes, L, h[:lb])
+            streams = {(0, 0): h[:lb], **branches}
+            losses = _head_losses(base, config, ck, reader, layer_path, emb_name, streams, batches[:lb], dev, cdt)
+            loss = losses[(0, 0)]
+            drop_loss = {n: [losses[(l0, n)] for l0 in range(L - n + 1)] for n in sizes}
     reader.close()
     if bar:
         bar.close()
@@ -219,10 +257,13 @@ def analyze(
         norms,
         best,
         [torch.cat([last[k][i] for k in range(len(batches))]).float().cpu() for i in range(L + 1)],
+        loss,
+        sum(len(b) for b in batches[:lb]),
+        drop_loss,
+        ids,
     )
-    if states is not None:  # for tests: every boundary's states, and the token ids they came from
+    if states is not None:  # for tests: every boundary's states
         res.states = [torch.cat(s) for s in states]  # type: ignore[attr-defined]
-        res.inputs = ids  # type: ignore[attr-defined]
     return res
 
 
@@ -243,26 +284,106 @@ def compare(a: Analysis, b: Analysis) -> dict:
     return {"boundaries": n, "cosine_last_token": cos, "linear_cka_last_token": cka}
 
 
+def _run(layer, x, call):
+    _, args, kwargs = call
+    y = layer(x, *args, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _branch(window: dict, branches: dict, sizes: list[int], i: int, states: list) -> None:
+    """Before layer i runs: remember the states entering it, and start every model that skips the
+    n layers below it (its state entering layer i is the one that entered layer i - n)."""
+    if not sizes:
+        return
+    window[i] = states
+    for n in sizes:
+        if i - n >= 0:
+            branches[(i - n, n)] = window[i - n]
+    for old in [j for j in window if j < i - sizes[-1]]:
+        del window[old]
+
+
+def _final_norm(base, layer_path: str):
+    """The base model's final norm: its one direct child with parameters that is neither the layer
+    list nor an embedding (model.norm, transformer.ln_f, gpt_neox.final_layer_norm)."""
+    found = [
+        m
+        for name, m in base.named_children()
+        if name != layer_path and not hasattr(m, "embedding_dim") and next(m.parameters(), None) is not None
+    ]
+    if len(found) != 1:
+        raise SurgeryError(f"cannot tell the final norm among {[type(m).__name__ for m in found]}; the held-out loss needs it")
+    return found[0]
+
+
+def _head_losses(base, config, ck, reader, layer_path, emb_name, streams: dict, batches: list, dev, cdt, rows: int = 8192) -> dict:
+    """Mean next-token cross-entropy of each stream of final hidden states: the final norm, then the
+    output head read from disk `rows` vocabulary rows at a time (each chunk read once for every
+    stream), with a running log-sum-exp, so the whole head is never in memory at once."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    head = emb_name if tied or ck.family.lm_head not in ck.tensors else ck.family.lm_head
+    if head is None or head not in ck.tensors:
+        raise CheckpointError("no output head (lm_head or a tied embedding) to compute the held-out loss with", where=str(ck.path))
+    cap = getattr(text, "final_logit_softcapping", None)
+    norm = _final_norm(base, layer_path)
+    targets = torch.cat([b[:, 1:].reshape(-1) for b in batches]).to(dev)
+    normed = {key: torch.cat([norm(x)[:, :-1].reshape(-1, x.shape[-1]) for x in xs]) for key, xs in streams.items()}
+    lse = {key: torch.full((len(targets),), -math.inf, dtype=torch.float64, device=dev) for key in streams}
+    picked = {key: torch.zeros(len(targets), dtype=torch.float64, device=dev) for key in streams}
+    vocab = ck.tensors[head].shape[0]
+    for a in range(0, vocab, rows):
+        b = min(vocab, a + rows)
+        w = reader.row_block(head, a, b).to(dev, cdt)
+        inside = (targets >= a) & (targets < b)
+        at = targets[inside] - a
+        for key, x in normed.items():
+            logits = (x @ w.T).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            lse[key] = torch.logaddexp(lse[key], torch.logsumexp(logits, -1).double())
+            picked[key][inside] = logits[inside].gather(-1, at[:, None])[:, 0].double()
+        del w
+    return {key: float((lse[key] - picked[key]).mean()) for key in streams}
+
+
 # ---- suggestions ---------------------------------------------------------------------------------
+
+
+def parse_suggestion(what: str) -> tuple[str, int]:
+    """`drop:4` -> ("drop", 4)."""
+    kind, _, arg = what.partition(":")
+    try:
+        return kind, int(arg)
+    except ValueError:
+        raise PlanError(f"--suggest {what}: expected drop:N, dus:S or expand:K with a number", fix="e.g. --suggest drop:4") from None
 
 
 def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[str, str]:
     """(plan YAML, one-line reason) for `drop:N`, `dus:S` or `expand:K`."""
-    kind, _, arg = what.partition(":")
-    try:
-        k = int(arg)
-    except ValueError:
-        raise PlanError(f"--suggest {what}: expected drop:N, dus:S or expand:K with a number", fix="e.g. --suggest drop:4") from None
+    kind, k = parse_suggestion(what)
     L = a.num_layers
     head = f"# suggested by surgery analyze ({a.samples} samples x {a.seq_len} tokens)\nmodels: {{{model_name}: {model_ref}}}\nsteps:\n"
     if kind == "drop":
         if not 1 <= k < L:
             raise PlanError(f"--suggest drop:{k}: a {L}-layer model can drop 1 to {L - 1} layers")
-        s = a.best_block[k]
-        why = (
-            f"layers [{s}, {s + k}) change the last-token representation least: angular distance "
-            f"{a.distance[k - 1][s]:.4f} (Gromov et al. 2024)"
-        )
+        d = a.best_block[k]
+        by_distance = f"angular distance {a.distance[k - 1][d]:.4f} (Gromov et al. 2024)"
+        if k in a.drop_loss:  # measured: the block whose removal raises the held-out loss least
+            s = a.best_block_by_loss()[k]
+            why = (
+                f"of the {L - k + 1} blocks of {k} layers, removing [{s}, {s + k}) costs the least held-out loss: {a.loss:.4f} -> "
+                f"{a.drop_loss[k][s]:.4f} (perplexity {math.exp(a.loss):.2f} -> {math.exp(a.drop_loss[k][s]):.2f}, "
+                f"{a.loss_samples} sequences); "
+                + (
+                    f"the same block has the smallest {by_distance}"
+                    if s == d
+                    else f"the last-token measure points at [{d}, {d + k}) ({by_distance}; its loss {a.drop_loss[k][d]:.4f})"
+                )
+            )
+        else:
+            s = d
+            why = f"layers [{s}, {s + k}) change the last-token representation least: {by_distance}"
         return head + f"  - take: {{model: {model_name}}}\n  - drop: {{layers: [{s}, {s + k}]}}\n", why
     if kind == "dus":
         if k % 2 or not 2 <= k <= 2 * (L - 1):
@@ -312,6 +433,15 @@ def text_report(a: Analysis) -> str:
     lines += ["", "n   block to drop   d(l, n) last token"]
     for n, s in a.best_block.items():
         lines.append(f"{n:<3} [{s}, {s + n})  {a.distance[n - 1][s]:>14.5f}")
+    if a.loss is not None:
+        lines += [
+            "",
+            f"held-out loss {a.loss:.4f} (perplexity {math.exp(a.loss):.2f}) on {a.loss_samples} sequences; with a block removed:",
+            "n   cheapest block   its loss   block by d(l, n)   its loss",
+        ]
+        for n, s in a.best_block_by_loss().items():
+            d = a.best_block[n]
+            lines.append(f"{n:<3} {f'[{s}, {s + n})':<16} {a.drop_loss[n][s]:>8.4f}   {f'[{d}, {d + n})':<16}   {a.drop_loss[n][d]:>8.4f}")
     return "\n".join(lines)
 
 
@@ -334,7 +464,12 @@ def plot(a: Analysis, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.5, 5))
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
     for n, s in a.best_block.items():
-        ax.plot(s, n - 1, "r.", ms=6)
+        ax.plot(s, n - 1, "r.", ms=6, label="min d(l, n)" if n == 1 else None)
+    for n, s in a.best_block_by_loss().items():
+        ax.plot(
+            s, n - 1, marker="X", color="white", mec="black", ls="", ms=8, label="least held-out loss" if n == min(a.drop_loss) else None
+        )
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("first layer of the block (l)")
     ax.set_ylabel("block size (n)")
     ax.set_yticks(range(L))
@@ -404,18 +539,30 @@ class _Reader:
         self.src.read_into(info, 0, raw.numpy())
         return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
+    def _rows_of(self, name: str):
+        """A 2-D tensor's info, elements per row and bytes per row."""
+        info = self._info(name)
+        return info, info.shape[1], info.shape[1] * (info.nbytes // max(1, math.prod(info.shape)))
+
     def rows(self, name: str, ids):
         """Rows `ids` of a 2-D tensor, each read on its own into one buffer."""
         from surgery.engine.read import torch_dtype
 
-        info = self._info(name)
-        per_row = info.shape[1]
-        width = per_row * (info.nbytes // max(1, math.prod(info.shape)))
+        info, per_row, width = self._rows_of(name)
         raw = torch.empty(len(ids) * width, dtype=torch.uint8)
         view = raw.numpy()
         for k, i in enumerate(ids):
             self.src.read_into(info, int(i) * per_row, view[k * width : (k + 1) * width])
         return raw.view(torch_dtype(info.dtype)).reshape(len(ids), per_row)
+
+    def row_block(self, name: str, a: int, b: int):
+        """Rows [a, b) of a 2-D tensor, in one read."""
+        from surgery.engine.read import torch_dtype
+
+        info, per_row, width = self._rows_of(name)
+        raw = torch.empty((b - a) * width, dtype=torch.uint8)
+        self.src.read_into(info, a * per_row, raw.numpy())
+        return raw.view(torch_dtype(info.dtype)).reshape(b - a, per_row)
 
     def close(self) -> None:
         self.src.close()

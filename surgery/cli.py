@@ -594,7 +594,7 @@ EPILOG_ANALYZE = """\b
 Examples:
   surgery analyze ./model --data held-out.jsonl                    the layer table, best block per size
   surgery analyze ./model --data 'docs/*.txt' -o analysis/         + analysis.json, analysis.txt, layers.png
-  surgery analyze ./model --data d.jsonl --suggest drop:4 > p.yaml a plan dropping the most redundant 4 layers
+  surgery analyze ./model --data d.jsonl --suggest drop:4 > p.yaml a plan dropping the 4 layers that cost least
   surgery analyze ./merged --data d.jsonl --against ./parent        per-layer cosine and CKA against a parent
 """
 
@@ -624,25 +624,46 @@ Examples:
     "suggestions",
     multiple=True,
     metavar="drop:N|dus:S|expand:K",
-    help="Print a plan: drop the N most redundant contiguous layers; SOLAR up-scale to S layers; K identity blocks.",
+    help="Print a plan: drop the N contiguous layers whose removal costs the least held-out loss (see --rank); "
+    "SOLAR up-scale to S layers; K identity blocks.",
+)
+@click.option(
+    "--rank",
+    type=click.Choice(["loss", "distance"]),
+    default="loss",
+    show_default=True,
+    help="How --suggest drop:N picks the block: the one whose removal raises the held-out loss least (measured, "
+    "in the same pass), or the smallest angular distance alone (Gromov et al.; no extra memory).",
+)
+@click.option(
+    "--loss-samples",
+    type=click.IntRange(1, 100_000),
+    default=64,
+    show_default=True,
+    help="Sequences the held-out loss of each candidate block is measured on (memory: one set of their states per candidate).",
 )
 @click.option("--against", default=None, help="Another model to compare layer by layer (same samples): cosine and CKA.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("-o", "--out", default=None, help="Write analysis.json, analysis.txt and layers.png to this folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @_user_errors
-def analyze(model, files, samples, seq_len, micro_batch, device, dtype, text_field, suggestions, against, fmt, out, force):
+def analyze(
+    model, files, samples, seq_len, micro_batch, device, dtype, text_field, suggestions, rank, loss_samples, against, fmt, out, force
+):
     """Measure which layers change the representation least, streamed one layer at a time.
 
     For every layer l and span n, the angular distance between the hidden states entering layer l
     and layer l + n (last token; Gromov et al. 2024), Block Influence per layer (all tokens;
     ShortGPT), and hidden-state norms; the most redundant block of each size. Peak memory is about
-    one layer plus the activations, whatever the depth. --suggest turns the result into a plan."""
+    one layer plus the activations, whatever the depth. --suggest turns the result into a plan;
+    for drop:N it also measures, in the same pass, the held-out loss with each block of N removed and
+    suggests the cheapest (--rank distance: the smallest angular distance alone)."""
     import json as _json
 
-    from surgery.analyze import analyze as run, compare, suggest, text_report, write_report
+    from surgery.analyze import analyze as run, parse_suggestion, compare, suggest, text_report, write_report
 
     show = sys.stderr.isatty() and fmt == "text"
+    sizes = tuple(parse_suggestion(w)[1] for w in suggestions if parse_suggestion(w)[0] == "drop") if rank == "loss" else ()
     a = run(
         model,
         list(files),
@@ -653,6 +674,8 @@ def analyze(model, files, samples, seq_len, micro_batch, device, dtype, text_fie
         text_field=text_field,
         progress=show,
         dtype=dtype,
+        drop_sizes=sizes,
+        loss_samples=loss_samples,
     )
     doc = a.as_dict()
     if against:

@@ -29,6 +29,20 @@ def models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`surgery demo` run once (the main job, with its grow-then-train model): (CLI result, folder)."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    folder = tmp_path_factory.mktemp("demo-run") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SURGERY_CACHE", str(tmp_path_factory.getbasetemp() / "surgery-cache"))
+        result = CliRunner().invoke(main, ["demo", "--dir", str(folder)])
+    return result, folder
+
+
 def write_plan(folder: Path, text: str, name: str = "plan.yaml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / name

@@ -38,13 +38,68 @@ def test_streamed_states_equal_a_full_forward(models, held_out, family):
     from surgery.analyze import analyze
 
     m = models(family)
-    a = analyze(m, [str(held_out)], samples=6, seq_len=24, micro_batch=4, keep_states=True)
-    model = transformers.AutoModel.from_pretrained(m, dtype=torch.float32).eval()
+    a = analyze(m, [str(held_out)], samples=6, seq_len=24, micro_batch=4, keep_states=True, drop_sizes=(1, 2), loss_samples=5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()
     ids = a.inputs  # the exact sequences the analysis ran
     with torch.no_grad():
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     for i in range(a.num_layers):  # the states entering every layer
         assert torch.allclose(a.states[i], hs[i], rtol=1e-5, atol=1e-6), (family, i)
+    # the held-out loss, whole and with each block removed, is the model's own (on the first two
+    # micro-batches: 5 sequences round up to 8, of the 6 there are)
+    assert a.loss_samples == 6 and a.loss == pytest.approx(_loss(model, ids), abs=2e-6)
+    for n in (1, 2):
+        assert len(a.drop_loss[n]) == a.num_layers - n + 1
+        for start in range(a.num_layers - n + 1):
+            assert a.drop_loss[n][start] == pytest.approx(_loss(model, ids, drop=(start, n)), abs=2e-6), (family, n, start)
+
+
+def _loss(model, ids, drop=(0, 0)):
+    """transformers' own loss of `model` on `ids`, with the decoder layers [start, start + n) removed
+    in memory (and their entries of a per-layer `layer_types`, as the `drop` step does)."""
+    import torch
+
+    start, n = drop
+    owner = model.base_model
+    attr = "layers" if hasattr(owner, "layers") else "h"
+    layers, types = getattr(owner, attr), getattr(model.config, "layer_types", None)
+    setattr(owner, attr, torch.nn.ModuleList(list(layers)[:start] + list(layers)[start + n :]))
+    if types:
+        model.config.layer_types = types[:start] + types[start + n :]
+    try:
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+    finally:
+        setattr(owner, attr, layers)
+        if types:
+            model.config.layer_types = types
+
+
+def test_the_suggested_block_is_the_cheapest_to_drop_on_the_demo_model(demo_run, tmp_path):
+    """The issue's criterion, on the demo's grown-then-trained 16-layer model: dropping the
+    suggested block raises the held-out perplexity less than dropping any other block of its size,
+    computed here with transformers on the suggested plan's applied output and on every other block."""
+    import transformers
+
+    from surgery.analyze import analyze, suggest
+
+    r, folder = demo_run
+    assert r.exit_code == 0, r.output
+    model_dir, held = folder / "out-grow-trained", folder / "corpus" / "eval.jsonl"
+    a = analyze(model_dir, [str(held)], samples=48, seq_len=64, drop_sizes=(1, 4, 8), loss_samples=48)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = a.inputs
+    assert a.loss == pytest.approx(_loss(model, ids), abs=2e-6)
+    for n in (1, 4, 8):
+        text, why = suggest(a, f"drop:{n}", "m", str(model_dir))
+        res = surgery.apply(write_plan(tmp_path, text, f"drop{n}.yaml"), tmp_path / f"drop{n}", progress=False)
+        dropped = transformers.AutoModelForCausalLM.from_pretrained(res.path, dtype=torch.float32).eval()
+        chosen = _loss(dropped, ids)
+        others = [_loss(model, ids, drop=(s, n)) for s in range(a.num_layers - n + 1)]
+        assert chosen == pytest.approx(min(others), abs=2e-6), (n, why)
+        assert chosen <= min(others) + 2e-6 and res.num_layers == 16 - n
+    # on this Gstack-grown model the last-token distance alone points elsewhere, and costs more
+    assert a.best_block[8] != a.best_block_by_loss()[8] and a.drop_loss[8][a.best_block[8]] > a.drop_loss[8][a.best_block_by_loss()[8]]
     assert len(a.distance) == a.num_layers and [len(r) for r in a.distance] == list(range(a.num_layers, 0, -1))
     assert all(0 <= v <= 1 for row in a.distance for v in row) and len(a.norms) == a.num_layers + 1
 

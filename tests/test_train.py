@@ -462,11 +462,11 @@ def test_config_overrides_and_counts(tmp_path):
     assert "x.yaml:4" in str(e.value)
 
 
-def test_demo_grows_then_trains(tmp_path):
-    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo")])
+def test_demo_grows_then_trains(demo_run):
+    r, folder = demo_run
     assert r.exit_code == 0, r.output
     assert "function preserved" in r.output and "grew the model at step 24 (12,288 tokens): 16 layers" in r.output
-    out = tmp_path / "demo" / "out-grow-trained"
+    out = folder / "out-grow-trained"
     assert read_json(out / "config.json")["num_hidden_layers"] == 16 and (out / "loss.png").exists()
     assert read_json(out / "train.json")["perplexity"] < 40  # trained: the untrained tiny model is at ~130
 

@@ -31,7 +31,9 @@ from pathlib import Path
 from surgery.errors import OutputError
 
 PARTIAL, OLD, LOCK, COMPLETE = ".surgery-partial", ".surgery-old", ".surgery-lock", ".surgery-complete"
-OUTPUT_MARKERS = ("model.safetensors.index.json", "surgery.json", "train.json")
+# what marks a folder as one surgery wrote (a model, a training run, an `analyze -o` report), so
+# that --force may replace it
+OUTPUT_MARKERS = ("model.safetensors.index.json", "surgery.json", "train.json", "analysis.json")
 
 
 def output_path(value: str | os.PathLike | None, *, option: str = "-o/--output") -> Path:
