@@ -60,9 +60,30 @@ class HFDataset(Strict):
 DataFile = Union[str, HFDataset]
 
 
+WEIGHT_RULES = ("given", "uniform", "tokens", "entropy", "conditional-entropy", "joint-entropy", "marginal-entropy")
+
+
+class DataSource(Strict):
+    """One domain of a mixture: its files, its own held-out text (or split), its weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    files: tuple[DataFile, ...] = Field(min_length=1)
+    eval_files: tuple[DataFile, ...] = ()  # default: the last `eval_fraction` of this domain's sequences
+    weight: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)  # relative; used when data.weights is `given`
+
+
 class Data(Strict):
-    files: tuple[DataFile, ...] = Field(min_length=1)  # .txt, .jsonl/.json, .parquet files or globs; or HF datasets
+    files: tuple[DataFile, ...] = ()  # .txt, .jsonl/.json, .parquet files or globs; or HF datasets
     eval_files: tuple[DataFile, ...] = ()  # held-out text; default: the last `eval_fraction` of the packed sequences
+    # or a mixture: domains sampled by weight (each with its own held-out split and loss)
+    sources: tuple[DataSource, ...] = ()
+    # how the domains' proportions are set: `given` (each source's weight), `uniform`, `tokens` (their
+    # sizes), or from each domain's token statistics (BiMix's entropy proxies): `entropy` (=
+    # conditional-entropy), `joint-entropy`, `marginal-entropy`
+    weights: Literal[WEIGHT_RULES] = "given"
+    exhausted: Literal["repeat", "error"] = "repeat"  # a domain with fewer sequences than its share: reuse them (reported) or refuse
+    entropy_max_tokens: Annotated[int, COUNT_SCHEMA] = 10_000_000  # entropy statistics read at most this many tokens per domain
+    _ent_cap = field_validator("entropy_max_tokens", mode="before")(lambda v: parse_count(v))
     text_field: str = "text"  # the field of JSONL records / parquet columns holding the text
     seq_len: Optional[int] = Field(default=None, ge=8, le=1 << 20)  # default: the model's context, at most 2048
     eval_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
@@ -70,6 +91,28 @@ class Data(Strict):
     _eval_cap = field_validator("eval_max_tokens", mode="before")(lambda v: parse_count(v))
     separator: Optional[str] = None  # split .txt files into documents at this string (default: one document per file)
     cache_dir: Optional[str] = None  # tokenized shards (default: $SURGERY_CACHE/tokens or ~/.cache/surgery/tokens)
+
+    @model_validator(mode="after")
+    def _files_or_sources(self):
+        if bool(self.files) == bool(self.sources):
+            raise ValueError("give the training text as `files:` (one stream) or as `sources:` (a mixture of domains), exactly one")
+        if self.sources:
+            if self.eval_files:
+                raise ValueError("with `sources:`, held-out text is per domain: move eval_files into each source")
+            names = [s.name for s in self.sources]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"source names must differ; {dup[0]!r} is used twice")
+            if self.weights == "given":
+                missing = [s.name for s in self.sources if s.weight is None]
+                if missing:
+                    raise ValueError(
+                        f"source {missing[0]!r} has no weight; give every source a weight, or set data.weights "
+                        f"to one of {', '.join(w for w in WEIGHT_RULES if w != 'given')}"
+                    )
+                if sum(s.weight for s in self.sources) <= 0:
+                    raise ValueError("the sources' weights sum to 0; give at least one a positive weight")
+        return self
 
 
 class Grow(Strict):

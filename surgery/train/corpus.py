@@ -21,3 +21,29 @@ def write_pydoc_corpus(path: str | Path, *, eval_path: str | Path | None = None,
     if ev:
         ev.close()
     return path
+
+
+def write_stdlib_corpus(
+    path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10, max_chars: int = 600_000
+) -> Path:
+    """A second domain: the sources of the standard library's pure-Python modules (this Python's own
+    files, in sorted order), one JSON Lines record per module, up to `max_chars` characters in all;
+    with `eval_path`, every `eval_every`-th module goes there instead."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev = open(eval_path, "w") if eval_path else None
+    total = 0
+    with open(path, "w") as f:
+        for i, src in enumerate(sorted(root.glob("*.py"))):
+            text = src.read_text(errors="replace")
+            if total + len(text) > max_chars:
+                continue
+            total += len(text)
+            rec = json.dumps({"id": src.name, "text": text}) + "\n"
+            (ev if ev and i % eval_every == eval_every - 1 else f).write(rec)
+    if ev:
+        ev.close()
+    return path

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -449,12 +449,14 @@ class Packed:
 
 @dataclass
 class Corpus:
-    train: Packed
-    eval: Packed | None
+    train: Packed  # or a Mixture of the domains' Packed sequences
+    eval: Packed | dict | None  # a mixture: {domain: its held-out Packed}
     train_tokens: int
     eval_tokens: int
     documents: int
     sources: int
+    mixture: dict | None = None  # the domains, their proportions, statistics and draws (train.json records it)
+    notes: list = field(default_factory=list)  # what to tell the user (a domain reused, ...)
 
 
 def token_stream(
@@ -475,38 +477,99 @@ def token_stream(
     return Stream(parts)
 
 
-def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False) -> Corpus:
-    """Tokenize (or reuse the cache for) the config's data and pack it."""
+def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, sequences: int | None = None) -> Corpus:
+    """Tokenize (or reuse the cache for) the config's data and pack it. With `data.sources`, the
+    training set is a Mixture of `sequences` draws (the stage's budget) and the held-out sets are
+    per domain."""
     d = cfg.body.data
     cache = cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()
 
-    def streams(entries, key):
-        srcs = expand_sources(entries, cfg.base_dir, d.text_field, lambda i: cfg.where("data", key, i))
+    def streams(entries, where):
+        srcs = expand_sources(entries, cfg.base_dir, d.text_field, where)
         return token_stream(srcs, tokenizer, model_dir, cache, d.separator, progress=progress)
 
-    train = streams(d.files, "files")
+    if d.sources:
+        return _mixture_corpus(cfg, streams, sequences)
+    train = streams(d.files, lambda i: cfg.where("data", "files", i))
+    ev = streams(d.eval_files, lambda i: cfg.where("data", "eval_files", i)) if d.eval_files else None
+    tr, held, n_train, n_eval = _split(d, train, ev, cfg.where("data", "files"), cfg.where("data", "eval_files"))
+    return Corpus(tr, held, n_train * d.seq_len, n_eval * d.seq_len, len(train.doc_starts), len(train.parts))
+
+
+def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: str, what: str = "the training data"):
+    """(training Packed, held-out Packed or None, their sequence counts): the eval files' text, or
+    the last `eval_fraction` of the training sequences (capped at eval_max_tokens)."""
     L = d.seq_len
     n = len(train) // L
     cap = max(1, d.eval_max_tokens // L)
-    if d.eval_files:
-        ev = streams(d.eval_files, "eval_files")
+    if ev is not None:
         n_eval_seq = min(cap, len(ev) // L)
         if n_eval_seq == 0:
             raise PlanError(
                 f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}",
-                where=cfg.where("data", "eval_files"),
+                where=where_eval,
                 fix="add held-out text or lower data.seq_len",
             )
-        corpus_eval, n_train = Packed(ev, L, 0, n_eval_seq), n
+        held, n_train = Packed(ev, L, 0, n_eval_seq), n
     else:
         n_eval_seq = min(cap, max(1, round(n * d.eval_fraction))) if d.eval_fraction > 0 else 0
         n_train = n - n_eval_seq
-        corpus_eval = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
+        held = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
     if n_train < 1:
         raise PlanError(
-            f"the training data holds {len(train):,} tokens: not enough for one training sequence of {L} tokens"
+            f"{what} holds {len(train):,} tokens: not enough for one training sequence of {L} tokens"
             + (f" plus {n_eval_seq} held out" if n_eval_seq else ""),
-            where=cfg.where("data", "files"),
+            where=where_files,
             fix="add text, lower data.seq_len, or set data.eval_fraction: 0",
         )
-    return Corpus(Packed(train, L, 0, n_train), corpus_eval, n_train * L, n_eval_seq * L, len(train.doc_starts), len(train.parts))
+    return Packed(train, L, 0, n_train), held, n_train, n_eval_seq
+
+
+def _mixture_corpus(cfg, streams, sequences: int | None) -> Corpus:
+    from surgery.train.mixture import ENTROPY_RULES, Mixture, proportions, token_statistics
+
+    d = cfg.body.data
+    L = d.seq_len
+    parts, helds, rows = [], {}, []
+    documents = n_sources = eval_seq = 0
+    for i, src in enumerate(d.sources):
+        here = ("data", "sources", i)
+        train = streams(src.files, lambda k, here=here: cfg.where(*here, "files", k))
+        ev = streams(src.eval_files, lambda k, here=here: cfg.where(*here, "eval_files", k)) if src.eval_files else None
+        tr, held, n_train, n_eval = _split(
+            d, train, ev, cfg.where(*here, "files"), cfg.where(*here, "eval_files"), what=f"source {src.name!r}"
+        )
+        parts.append(tr)
+        if held is not None:
+            helds[src.name] = held
+        documents, n_sources, eval_seq = documents + len(train.doc_starts), n_sources + len(train.parts), eval_seq + n_eval
+        row = {"name": src.name, "train_sequences": n_train, "eval_sequences": n_eval, "weight": src.weight}
+        if d.weights in ENTROPY_RULES:
+            row["stats"] = token_statistics(train, n_train * L, d.entropy_max_tokens)
+        rows.append(row)
+    p = proportions(d.weights, [r["weight"] for r in rows], [r["train_sequences"] for r in rows], [r.get("stats") for r in rows])
+    length = sequences or sum(r["train_sequences"] for r in rows)
+    mix = Mixture(parts, [r["name"] for r in rows], p, length, cfg.body.seed)
+    notes, problems = [], []
+    for i, (r, q, k) in enumerate(zip(rows, p, mix.draws(), strict=True)):
+        r.update(proportion=q, draws=k, passes=k / r["train_sequences"])
+        if "stats" in r:
+            r["stats"] = r["stats"].as_dict()
+        if k > r["train_sequences"]:
+            msg = (
+                f"source {r['name']!r} holds {r['train_sequences']:,} training sequences, and its share "
+                f"({q:.1%} of {length:,}) draws {k:,}: {k / r['train_sequences']:.2f} passes over it"
+            )
+            if d.exhausted == "error":
+                problems.append(PlanError(msg, where=cfg.where("data", "sources", i), fix=_EXHAUSTED_FIX).problems[0])
+            else:
+                notes.append(msg + " (data.exhausted: repeat)")
+    if problems:
+        raise PlanError(problems)
+    info = {"weights": d.weights, "seed": cfg.body.seed, "sequences": length, "domains": rows}
+    return Corpus(
+        mix, helds or None, sum(r["train_sequences"] for r in rows) * L, eval_seq * L, documents, n_sources, mixture=info, notes=notes
+    )
+
+
+_EXHAUSTED_FIX = "add text to it, lower its weight or the budget, or set data.exhausted: repeat to reuse its sequences"

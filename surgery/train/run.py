@@ -373,13 +373,18 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str):
     return Fade()
 
 
-def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo):
+def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo, domains: dict | None = None):
+    """`domains`: a mixture's {name: proportion} of the domains with held-out text; their losses
+    arrive one evaluation each, and are written as one record with their weighted average."""
     import transformers
+
+    from surgery.train.mixture import weighted_loss
 
     class Metrics(transformers.TrainerCallback):
         def __init__(self):
             self.t = self.step = None
             self.bar = None
+            self.pending: dict = {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.t, self.step = time.perf_counter(), state.global_step
@@ -417,6 +422,16 @@ def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | Non
             elif "eval_loss" in logs:
                 rec.update(eval_loss=logs["eval_loss"], eval_ppl=_ppl(logs["eval_loss"]))
                 msg = f"step {step}: held-out loss {logs['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}"
+                (self.bar.write if self.bar is not None else echo)(msg)
+            elif domains and any(f"eval_{name}_loss" in logs for name in domains):
+                self.pending.update({name: logs[f"eval_{name}_loss"] for name in domains if f"eval_{name}_loss" in logs})
+                if set(self.pending) != set(domains):
+                    return  # the other domains' evaluations follow
+                by, self.pending = dict(self.pending), {}
+                avg = weighted_loss(by, domains)
+                rec.update(eval_loss=avg, eval_ppl=_ppl(avg), eval_loss_by_domain=by)
+                each = ", ".join(f"{k} {v:.4f}" for k, v in by.items())
+                msg = f"step {step}: held-out loss {avg:.4f} (weighted; {each}), perplexity {rec['eval_ppl']:.2f}"
                 (self.bar.write if self.bar is not None else echo)(msg)
             else:
                 return
@@ -534,7 +549,8 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     with args.main_process_first(local=False, desc="tokenize"):
-        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main())
+        sequences = stage.steps * b.micro_batch * b.grad_accum * world_size()  # what the stage draws (a mixture's length)
+        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main(), sequences=sequences)
     if corpus.eval is None:
         args.eval_strategy = transformers.IntervalStrategy.NO
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
@@ -549,9 +565,18 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
             f"{stage.steps} steps x {tps:,} tokens; {corpus.train_tokens:,} training tokens in {corpus.documents:,} documents"
             f", {corpus.eval_tokens:,} held out; precision {prec}" + (f"; resuming from {Path(last).name}" if last else "")
         )
-        if stage.steps * tps > corpus.train_tokens:
+        if corpus.mixture:
+            rows = corpus.mixture["domains"]
+            echo(
+                f"mixture ({corpus.mixture['weights']}): "
+                + ", ".join(f"{r['name']} {r['proportion']:.1%} ({r['train_sequences']:,} sequences)" for r in rows)
+            )
+            for note in corpus.notes:
+                echo(f"note: {note}")
+        elif stage.steps * tps > corpus.train_tokens:
             echo(f"note: the budget ({stage.steps * tps:,} tokens) is {stage.steps * tps / corpus.train_tokens:.1f} passes over the data")
-    callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo)
+    domains = _eval_weights(corpus)
+    callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains)
     if stage.index > 1 and b.grow is not None and b.grow.mask_steps:
         callbacks.append(fade_in_new_layers(model, stage.model_dir, b.grow.mask_steps, cfg.where("grow", "mask_steps")))
         if is_main():
@@ -568,6 +593,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     )
     for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
         trainer.remove_callback(cb)
+    trainer.mixture, trainer.eval_domains = corpus.mixture, domains
     trainer.schedule_total, trainer.schedule_offset = stage.schedule_steps, stage.schedule_offset
     trainer.min_lr_ratio = b.min_lr_ratio if b.schedule == "cosine" else 0.0
     trainer.schedule_name, trainer.warmup_steps_ = b.schedule, warm
@@ -723,11 +749,7 @@ def _train(
         if stage.index < len(stages):
             _save_stage(trainer, work / f"stage-{stage.index}" / "final")
 
-    loss = None
-    if trainer.eval_dataset is not None:
-        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-        done_at_end = last_eval and last_eval[-1].get("step") == trainer.state.global_step
-        loss = last_eval[-1]["eval_loss"] if done_at_end else trainer.evaluate().get("eval_loss")
+    loss, by_domain = _final_eval(trainer)
     total_steps = stages[-1].step_offset + stages[-1].steps
     res = TrainResult(
         out,
@@ -750,12 +772,46 @@ def _train(
                         "tokens": total_steps * tps,
                         "final": True,
                         **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {}),
+                        **({"eval_loss_by_domain": by_domain} if by_domain else {}),
                     }
                 )
                 + "\n"
             )
     _write_output(cfg, trainer, model_dir, work, folder, res)
     return res
+
+
+def _eval_weights(corpus) -> dict | None:
+    """A mixture's {domain: proportion} for the domains with held-out text, or None."""
+    if not corpus.mixture or not isinstance(corpus.eval, dict):
+        return None
+    share = {r["name"]: r["proportion"] for r in corpus.mixture["domains"]}
+    return {name: share[name] for name in corpus.eval}
+
+
+def _final_eval(trainer) -> tuple[float | None, dict | None]:
+    """The held-out loss after the last step (and per domain for a mixture): the last evaluation's
+    when it ran at the last step, else a new one."""
+    from surgery.train.mixture import weighted_loss
+
+    if trainer.eval_dataset is None:
+        return None, None
+    step = trainer.state.global_step
+    domains = getattr(trainer, "eval_domains", None)
+    if not domains:
+        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if last_eval and last_eval[-1].get("step") == step:
+            return last_eval[-1]["eval_loss"], None
+        return trainer.evaluate().get("eval_loss"), None
+    keys = {name: f"eval_{name}_loss" for name in domains}
+    at_end = {}
+    for h in trainer.state.log_history:
+        if h.get("step") == step:
+            at_end.update({name: h[k] for name, k in keys.items() if k in h})
+    if set(at_end) != set(domains):
+        metrics = trainer.evaluate()
+        at_end = {name: metrics[k] for name, k in keys.items()}
+    return weighted_loss(at_end, domains), at_end
 
 
 # what a resumed run must share with the interrupted one (the rest, e.g. eval_every, may change)
@@ -874,6 +930,8 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
         "stages": res.stages,
         "world_size": world_size(),
     }
+    if getattr(trainer, "mixture", None):
+        summary["mixture"] = trainer.mixture
     prov = model_dir / "surgery.json"
     if prov.is_file():
         summary["source_surgery"] = json.loads(prov.read_text()).get("layer_map")

@@ -1,0 +1,295 @@
+"""Data mixtures for continued pretraining: domains sampled by weight, BiMix's entropy proxies, and
+its bivariate mixing law (Ge et al. 2024, "BiMix: A Bivariate Data Mixing Law for Language Model
+Pretraining", arXiv 2405.14908). docs/mixtures.md has the equations and what was measured.
+
+- `Mixture`: the training stream of a mixture, a pure function of (seed, position): positions come
+  in blocks of 4,096 sequences, each block holds exactly round(p_d * 4096) sequences of domain d
+  (largest remainders), in an order drawn from (seed, block); the k-th draw of domain d is
+  sequence perm_{d,e}[k mod n_d] of that domain, e = k div n_d its pass over the domain. So the
+  proportions hold to 1/4096 in every block, any position is found in O(1) without a table of the
+  whole stream, and a resumed run sees the same sequences.
+- `token_statistics`: unigram and bigram counts of a domain's tokens (evenly spaced windows, at most
+  `max_tokens`), and the entropies the paper uses as training-free proxies.
+- `proportions`: given weights, uniform, sizes, or a softmax of an entropy.
+- `fit_law` / `optimal_proportions`: L_i(r_i, s) = A_i / r_i^alpha_i * (B_i / s^beta_i + C_i), fitted
+  per domain, and the proportions minimising the weighted sum of the predicted losses at s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+BLOCK = 4096
+
+
+# ---- the stream ------------------------------------------------------------------------------------
+
+
+def block_counts(p: list[float], block: int = BLOCK) -> np.ndarray:
+    """Sequences of each domain in a block of `block`: round(p * block) by largest remainders (they sum to `block`)."""
+    x = np.asarray(p, dtype=np.float64) * block
+    n = np.floor(x).astype(np.int64)
+    short = block - int(n.sum())
+    if short:
+        order = np.argsort(-(x - n), kind="stable")
+        n[order[:short]] += 1
+    return n
+
+
+class Mixture:
+    """`length` sequences drawn from `parts` (one dataset of packed sequences per domain) in
+    proportions `p`; item j is a pure function of (seed, j)."""
+
+    def __init__(self, parts: list, names: list[str], p: list[float], length: int, seed: int):
+        self.parts, self.names, self.p, self.length, self.seed = parts, names, list(p), int(length), int(seed)
+        self.sizes = [len(x) for x in parts]
+        for name, n, q in zip(names, self.sizes, p, strict=True):
+            if q > 0 and n == 0:
+                raise ValueError(f"domain {name} has no training sequence")
+        self.counts = block_counts(p)
+        self._block = lru_cache(maxsize=4)(self._make_block)
+        self._perm = lru_cache(maxsize=16)(self._make_perm)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _make_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.repeat(np.arange(len(self.parts)), self.counts)
+        np.random.default_rng((self.seed, 0x6D6978, b)).shuffle(order)
+        rank = np.empty(BLOCK, dtype=np.int64)  # how many of its domain came earlier in the block
+        for d in range(len(self.parts)):
+            at = np.flatnonzero(order == d)
+            rank[at] = np.arange(len(at))
+        return order, rank
+
+    def _make_perm(self, d: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, 0x706572, d, epoch)).permutation(self.sizes[d])
+
+    def locate(self, j: int) -> tuple[int, int]:
+        """(domain, sequence index in it) of stream position j."""
+        if not 0 <= j < self.length:
+            raise IndexError(j)
+        b, r = divmod(int(j), BLOCK)
+        order, rank = self._block(b)
+        d = int(order[r])
+        k = b * int(self.counts[d]) + int(rank[r])
+        epoch, pos = divmod(k, self.sizes[d])
+        return d, int(self._perm(d, epoch)[pos])
+
+    def __getitem__(self, j: int) -> dict:
+        d, i = self.locate(j)
+        return self.parts[d][i]
+
+    def draws(self) -> list[int]:
+        """How many sequences of each domain the whole stream takes."""
+        full, rest = divmod(self.length, BLOCK)
+        out = self.counts * full
+        if rest:
+            order, _ = self._block(full)
+            out = out + np.bincount(order[:rest], minlength=len(self.parts))
+        return [int(x) for x in out]
+
+
+# ---- entropy proxies -------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenStats:
+    tokens: int  # tokens read
+    distinct: int  # distinct tokens among them
+    marginal_entropy: float  # H(X) = -sum_x p(x) ln p(x), nats
+    joint_entropy: float  # H(X_t, X_t+1) over adjacent pairs inside documents
+    conditional_entropy: float  # H(X_t+1 | X_t) = H(X_t, X_t+1) - H(X_t)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _entropy(counts: np.ndarray) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    p = c / c.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class ArrayStream:
+    """A token array and its document starts, read like a training Stream."""
+
+    def __init__(self, tokens, doc_starts=()):
+        self.tokens, self.doc_starts = np.asarray(tokens), np.asarray(doc_starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        return self.tokens[a:b]
+
+
+def token_statistics(stream, n_tokens: int | None = None, max_tokens: int = 10_000_000, window: int = 65536) -> TokenStats:
+    """Entropies of the first `n_tokens` of a token stream (the training split), read in at most
+    `max_tokens` tokens: evenly spaced windows of `window`. Pairs whose second token starts a
+    document are not counted (they cross a document boundary)."""
+    n = len(stream) if n_tokens is None else min(n_tokens, len(stream))
+    if n == 0:
+        return TokenStats(0, 0, 0.0, 0.0, 0.0)
+    w = min(window, n, max_tokens)
+    k = max(1, min(n, max_tokens) // w)
+    starts = sorted({int(x) for x in np.linspace(0, n - w, k)})
+    doc_starts = np.asarray(stream.doc_starts, dtype=np.int64)
+    uni, first, second = [], [], []
+    for s in starts:
+        x = np.asarray(stream.slice(s, s + w), dtype=np.int64)
+        keep = np.ones(len(x) - 1, dtype=bool)  # the pair (x[i], x[i+1]) unless x[i+1] starts a document
+        inside = doc_starts[(doc_starts > s) & (doc_starts < s + len(x))] - s
+        keep[inside - 1] = False
+        uni.append(x)
+        first.append(x[:-1][keep])
+        second.append(x[1:][keep])
+    allx, a, b = np.concatenate(uni), np.concatenate(first), np.concatenate(second)
+    _, ucount = np.unique(allx, return_counts=True)
+    marginal = _entropy(ucount)
+    if len(a) == 0:
+        return TokenStats(len(allx), len(ucount), marginal, 0.0, 0.0)
+    _, pcount = np.unique(a * (int(allx.max()) + 1) + b, return_counts=True)
+    _, acount = np.unique(a, return_counts=True)
+    joint = _entropy(pcount)
+    return TokenStats(len(allx), len(ucount), marginal, joint, joint - _entropy(acount))
+
+
+# ---- proportions -----------------------------------------------------------------------------------
+
+ENTROPY_RULES = {"entropy": "conditional_entropy", "conditional-entropy": "conditional_entropy"}
+ENTROPY_RULES.update({"joint-entropy": "joint_entropy", "marginal-entropy": "marginal_entropy"})
+
+
+def proportions(rule: str, weights: list[float | None], tokens: list[int], stats: list[TokenStats] | None = None) -> list[float]:
+    """The domains' sampling proportions (they sum to 1) under `rule` (data.weights)."""
+    if rule == "given":
+        w = np.asarray(weights, dtype=np.float64)
+    elif rule == "uniform":
+        w = np.ones(len(tokens))
+    elif rule == "tokens":
+        w = np.asarray(tokens, dtype=np.float64)
+    elif rule in ENTROPY_RULES:
+        h = np.asarray([getattr(s, ENTROPY_RULES[rule]) for s in stats], dtype=np.float64)
+        w = np.exp(h - h.max())  # softmax of the entropies (nats)
+    else:
+        raise ValueError(f"unknown weights rule {rule!r}")
+    return [float(x) for x in w / w.sum()]
+
+
+def weighted_loss(by_domain: dict, weights: dict) -> float:
+    """The mixture's held-out loss: the domains' losses weighted by their proportions (a plain
+    mean when every weight is 0)."""
+    w = {k: weights.get(k, 0.0) for k in by_domain}
+    total = sum(w.values())
+    if total <= 0:
+        return sum(by_domain.values()) / len(by_domain)
+    return sum(by_domain[k] * w[k] for k in by_domain) / total
+
+
+# ---- BiMix's law -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Law:
+    """L(r, s) = A / r^alpha * (B / s^beta + C) for one domain. Only A*B and A*C are identifiable
+    from losses, so A is fixed to 1 and B, C carry it."""
+
+    alpha: float
+    B: float
+    beta: float
+    C: float
+    A: float = 1.0
+
+    def __call__(self, r, s):
+        r, s = np.asarray(r, dtype=np.float64), np.asarray(s, dtype=np.float64)
+        return self.A / r**self.alpha * (self.B / s**self.beta + self.C)
+
+    def as_dict(self) -> dict:
+        return {"A": self.A, "alpha": self.alpha, "B": self.B, "beta": self.beta, "C": self.C}
+
+
+def fit_law(r, s, loss, *, iters: int = 300) -> Law:
+    """Least squares on log L (relative errors) over points (r_k, s_k, L_k), from several starts."""
+    import torch
+
+    r_, s_, y = (torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in (r, s, loss))
+    if len(y) < 4:
+        raise ValueError(f"{len(y)} points; the law has 4 free coefficients, so at least 4 are needed")
+    if len(torch.unique(r_)) < 2:
+        raise ValueError("every point has the same proportion, so the exponent of r cannot be fitted")
+    ly, lr, ls = y.log(), r_.log(), s_.log()
+    best = None
+    floor = float(y.min())
+    for beta0 in (0.1, 0.3, 0.6, 1.0):
+        for c_frac in (0.5, 0.9):
+            p = torch.tensor(
+                [0.05, math.log(max(1e-6, floor * (1 - c_frac)) * float(s_.min()) ** beta0), math.log(beta0), math.log(floor * c_frac)],
+                dtype=torch.float64,
+                requires_grad=True,
+            )
+            opt = torch.optim.LBFGS([p], max_iter=iters, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-14)
+
+            def closure(p=p, opt=opt):
+                opt.zero_grad()
+                pred = -p[0] * lr + torch.logaddexp(p[1] - p[2].exp() * ls, p[3])
+                loss = ((pred - ly) ** 2).mean()
+                loss.backward()
+                return loss
+
+            try:
+                opt.step(closure)
+            except RuntimeError:
+                continue
+            with torch.no_grad():
+                err = float(((-p[0] * lr + torch.logaddexp(p[1] - p[2].exp() * ls, p[3]) - ly) ** 2).mean())
+            if math.isfinite(err) and (best is None or err < best[0]):
+                best = (err, p.detach().clone())
+    if best is None:
+        raise ValueError("the fit did not converge")
+    a, lb, lbeta, lc = (float(x) for x in best[1])
+    return Law(alpha=a, B=math.exp(lb), beta=math.exp(lbeta), C=math.exp(lc))
+
+
+def fit_quality(law: Law, r, s, loss) -> dict:
+    y = np.asarray(loss, dtype=np.float64)
+    pred = law(r, s)
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {
+        "points": len(y),
+        "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+        "mean_relative_error": float((np.abs(pred - y) / y).mean()) if len(y) else float("nan"),
+    }
+
+
+def optimal_proportions(laws: list[Law], steps: float, importance: list[float] | None = None) -> list[float]:
+    """argmin over the simplex of sum_i w_i L_i(r_i, steps). With K_i = A_i (B_i / s^beta_i + C_i),
+    stationarity gives alpha_i w_i K_i r_i^-(alpha_i + 1) = lambda, so r_i = (alpha_i w_i K_i /
+    lambda)^(1 / (alpha_i + 1)); lambda is found by bisection so that the r_i sum to 1. A domain
+    whose loss does not fall with its share (alpha_i <= 0) gets none."""
+    w = importance or [1.0] * len(laws)
+    K = [wi * law.A * (law.B / steps**law.beta + law.C) for law, wi in zip(laws, w, strict=True)]
+
+    def shares(log_lam: float) -> list[float]:
+        return [
+            math.exp((math.log(law.alpha * k) - log_lam) / (law.alpha + 1)) if law.alpha > 0 and k > 0 else 0.0
+            for law, k in zip(laws, K, strict=True)
+        ]
+
+    if not any(law.alpha > 0 for law in laws):
+        return [1.0 / len(laws)] * len(laws)
+    lo, hi = -200.0, 200.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(shares(mid)) > 1:
+            lo = mid
+        else:
+            hi = mid
+    r = shares((lo + hi) / 2)
+    total = sum(r)
+    return [x / total for x in r]
