@@ -549,9 +549,85 @@ def advise(params, tokens, layers, fmt):
     click.echo(json.dumps(a, indent=2) if fmt == "json" else advice_text(a))
 
 
+class _DefaultShow(click.Group):
+    """`surgery mix CONFIG` is `surgery mix show CONFIG`; `surgery mix fit RUN...` its own command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+EPILOG_MIX = """\b
+Examples:
+  surgery mix train.yaml                       the domains' statistics and each rule's proportions
+  surgery mix fit runs/p25 runs/p50 runs/p75   fit BiMix to proxy runs; print the best data.sources
+  surgery mix fit runs/* --steps 20000         ... for a longer run
+"""
+
+
+@main.group(cls=_DefaultShow, epilog=EPILOG_MIX)
+def mix():
+    """Data mixtures: what proportions a config's `data.sources` get, and BiMix fitted to proxy runs.
+
+    \b
+    A training config mixes domains with `data.sources`:
+      data:
+        sources:
+          - {name: docs, files: [docs/*.jsonl], weight: 3}
+          - {name: code, files: [code/*.jsonl], eval_files: [code-eval.jsonl], weight: 1}
+        weights: given     # or uniform, tokens, entropy (BiMix's conditional entropy), joint-entropy, marginal-entropy
+        exhausted: repeat  # a domain smaller than its share: reuse it (reported), or error
+    Each domain gets its own held-out loss in metrics.jsonl; eval_loss is their weighted average."""
+
+
+@mix.command(name="show")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_user_errors
+def mix_show(config, fmt):
+    """Print a config's domains, their token statistics (entropies from the token cache) and the
+    proportions every weights rule gives them, without training."""
+    _train_extra()
+    from surgery.train.mixture import describe, describe_text
+
+    doc = describe(config, progress=sys.stderr.isatty() and fmt == "text")
+    click.echo(json.dumps(doc, indent=2) if fmt == "json" else describe_text(doc))
+
+
+@mix.command(name="fit")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", type=click.IntRange(1), help="Optimise the proportions for a run of this many steps (default: the longest run's).")
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0, 0.9),
+    default=0.25,
+    show_default=True,
+    help="Each run's last fraction of evaluations, held out of the fit.",
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_user_errors
+def mix_fit(runs, steps, holdout, fmt):
+    """Fit BiMix's law L_i(r_i, s) = A_i / r_i^alpha_i (B_i / s^beta_i + C_i) per domain to the
+    held-out curves of finished proxy runs (different proportions, the same domains), report R^2 and
+    the mean relative error on held-out points, and print the proportions that minimise the
+    predicted average loss at --steps as a ready `data.sources` block."""
+    from surgery.train.mixture import fit_runs, fit_text
+
+    doc = fit_runs(list(runs), steps=steps, holdout=holdout)
+    click.echo(json.dumps(doc, indent=2) if fmt == "json" else fit_text(doc))
+
+
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--data", "files", multiple=True, required=True, help="Held-out text: .txt, .jsonl or .parquet files or globs (repeatable).")
+@click.option(
+    "--data",
+    "files",
+    multiple=True,
+    required=True,
+    help="Held-out text: .txt, .jsonl or .parquet files or globs (repeatable); or one YAML file with `sources:` "
+    "(a training config's data.sources) to score each domain and their weighted average.",
+)
 @click.option(
     "--against", help="Another checkpoint: also report its perplexity and the max |logit difference| (0 for an identity expansion)."
 )
@@ -580,6 +656,16 @@ def eval_(model, files, against, seq_len, stride, max_tokens, text_field, device
     )
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
+        return
+    if "domains" in r:  # --data SOURCES.yaml: per domain, then the weighted average
+        for name, d in r["domains"].items():
+            line = f"{name}: perplexity {d['perplexity']:.4f} (loss {d['loss']:.4f}) on {d['scored_tokens']:,} tokens"
+            if "against_loss" in d:
+                line += f"; {d['against']}: {d['against_perplexity']:.4f}, max |logit difference| {d['max_abs_logit_diff']:.3g}"
+            click.echo(line)
+        click.echo(f"{r['model']}: perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f}), the domains weighted ({r['weights']})")
+        if "against_loss" in r:
+            click.echo(f"{r['against']}: perplexity {r['against_perplexity']:.4f} (loss {r['against_loss']:.4f})")
         return
     click.echo(
         f"{r['model']}: perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f}) on {r['scored_tokens']:,} tokens, "

@@ -234,3 +234,23 @@ def train_schema() -> dict:
     s = TrainConfig.model_json_schema()
     s.update({"$schema": DIALECT, "$id": "https://surgery.dev/schemas/train.schema.json", "title": "surgery train config"})
     return s
+
+
+def load_sources(path: str | Path):
+    """The `sources:` of a YAML file (a training config's `data.sources`, or a file holding `sources:`
+    with the data settings beside it) for `surgery eval --data`: (the validated `Data`, where(*keys))."""
+    doc = load_yaml_file(Path(path))
+    data, prefix = doc.data, ()
+    if isinstance(data, dict) and isinstance(data.get("data"), dict):
+        data, prefix = data["data"], ("data",)
+    if not isinstance(data, dict) or "sources" not in data:
+        raise PlanError(
+            "this YAML file has no `sources:` to evaluate",
+            where=doc.where(prefix),
+            fix="give a training config with data.sources, or a file with `sources: [{name, files, eval_files}]`",
+        )
+    try:
+        d = Data.model_validate(data)
+    except ValidationError as e:
+        raise PlanError(_problems(e, doc, prefix, Data, data)) from None
+    return d, lambda *keys: doc.where(prefix + keys)

@@ -23,9 +23,7 @@ def write_pydoc_corpus(path: str | Path, *, eval_path: str | Path | None = None,
     return path
 
 
-def write_stdlib_corpus(
-    path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10, max_chars: int = 600_000
-) -> Path:
+def write_stdlib_corpus(path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10, max_chars: int = 600_000) -> Path:
     """A second domain: the sources of the standard library's pure-Python modules (this Python's own
     files, in sorted order), one JSON Lines record per module, up to `max_chars` characters in all;
     with `eval_path`, every `eval_every`-th module goes there instead."""

@@ -477,7 +477,9 @@ def token_stream(
     return Stream(parts)
 
 
-def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, sequences: int | None = None) -> Corpus:
+def build_corpus(
+    cfg, tokenizer, model_dir: Path, *, progress: bool = False, sequences: int | None = None, all_stats: bool = False
+) -> Corpus:
     """Tokenize (or reuse the cache for) the config's data and pack it. With `data.sources`, the
     training set is a Mixture of `sequences` draws (the stage's budget) and the held-out sets are
     per domain."""
@@ -489,7 +491,7 @@ def build_corpus(cfg, tokenizer, model_dir: Path, *, progress: bool = False, seq
         return token_stream(srcs, tokenizer, model_dir, cache, d.separator, progress=progress)
 
     if d.sources:
-        return _mixture_corpus(cfg, streams, sequences)
+        return _mixture_corpus(cfg, streams, sequences, all_stats)
     train = streams(d.files, lambda i: cfg.where("data", "files", i))
     ev = streams(d.eval_files, lambda i: cfg.where("data", "eval_files", i)) if d.eval_files else None
     tr, held, n_train, n_eval = _split(d, train, ev, cfg.where("data", "files"), cfg.where("data", "eval_files"))
@@ -525,7 +527,7 @@ def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: st
     return Packed(train, L, 0, n_train), held, n_train, n_eval_seq
 
 
-def _mixture_corpus(cfg, streams, sequences: int | None) -> Corpus:
+def _mixture_corpus(cfg, streams, sequences: int | None, all_stats: bool = False) -> Corpus:
     from surgery.train.mixture import ENTROPY_RULES, Mixture, proportions, token_statistics
 
     d = cfg.body.data
@@ -544,7 +546,7 @@ def _mixture_corpus(cfg, streams, sequences: int | None) -> Corpus:
             helds[src.name] = held
         documents, n_sources, eval_seq = documents + len(train.doc_starts), n_sources + len(train.parts), eval_seq + n_eval
         row = {"name": src.name, "train_sequences": n_train, "eval_sequences": n_eval, "weight": src.weight}
-        if d.weights in ENTROPY_RULES:
+        if all_stats or d.weights in ENTROPY_RULES:
             row["stats"] = token_statistics(train, n_train * L, d.entropy_max_tokens)
         rows.append(row)
     p = proportions(d.weights, [r["weight"] for r in rows], [r["train_sequences"] for r in rows], [r.get("stats") for r in rows])

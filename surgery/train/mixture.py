@@ -293,3 +293,190 @@ def optimal_proportions(laws: list[Law], steps: float, importance: list[float] |
     r = shares((lo + hi) / 2)
     total = sum(r)
     return [x / total for x in r]
+
+
+# ---- `surgery mix CONFIG`: the proportions and the statistics behind them ------------------------
+
+
+def describe(config, *, progress: bool = False) -> dict:
+    """Every domain of a training config's `data.sources`: sizes, token statistics, and the
+    proportions each rule gives (the configured one marked), without training."""
+    import transformers
+
+    from surgery.errors import PlanError
+    from surgery.io.checkpoint import resolve_ref
+    from surgery.train.config import WEIGHT_RULES, load_config
+    from surgery.train.data import build_corpus
+    from surgery.train.loadable import check_loadable
+
+    cfg = config if not isinstance(config, (str, bytes)) and hasattr(config, "body") else load_config(config)
+    d = cfg.body.data
+    if not d.sources:
+        raise PlanError("this config has no `data.sources:` (a mixture of domains) to describe", where=cfg.where("data"))
+    model_dir = resolve_ref(cfg.body.model, cfg.base_dir, where=cfg.where("model"))
+    check_loadable(model_dir, cfg.where("model"))
+    if d.seq_len is None:
+        cfg.body = cfg.body.model_copy(update={"data": d.model_copy(update={"seq_len": 2048})})
+    transformers.utils.logging.set_verbosity_error()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    corpus = build_corpus(cfg, tok, model_dir, progress=progress, all_stats=True)
+    rows = corpus.mixture["domains"]
+    stats = [TokenStats(**r["stats"]) for r in rows]
+    seqs = [r["train_sequences"] for r in rows]
+    rules = {}
+    for rule in WEIGHT_RULES:
+        if rule == "given" and any(r["weight"] is None for r in rows):
+            continue
+        rules[rule] = dict(zip([r["name"] for r in rows], proportions(rule, [r["weight"] for r in rows], seqs, stats), strict=True))
+    return {"config": str(cfg.source), "weights": d.weights, "seq_len": cfg.body.data.seq_len, "domains": rows, "proportions": rules}
+
+
+def describe_text(doc: dict) -> str:
+    rows = doc["domains"]
+    lines = [
+        f"{doc['config']}: {len(rows)} domains, sequences of {doc['seq_len']} tokens; data.weights: {doc['weights']}",
+        "",
+        "domain        train seqs  eval seqs  tokens read  distinct  H(X) nats  H(X,X') nats  H(X'|X) nats",
+    ]
+    for r in rows:
+        s = r["stats"]
+        lines.append(
+            f"{r['name']:<12} {r['train_sequences']:>11,} {r['eval_sequences']:>10,} {s['tokens']:>12,} {s['distinct']:>9,}"
+            f" {s['marginal_entropy']:>10.4f} {s['joint_entropy']:>13.4f} {s['conditional_entropy']:>13.4f}"
+        )
+    names = [r["name"] for r in rows]
+    lines += ["", "proportions by rule (* = the config's):", f"{'rule':<20}" + "".join(f"{n:>12}" for n in names)]
+    for rule, p in doc["proportions"].items():
+        mark = "*" if rule == doc["weights"] else " "
+        lines.append(f"{mark}{rule:<19}" + "".join(f"{p[n]:>12.4f}" for n in names))
+    return "\n".join(lines)
+
+
+# ---- `surgery mix fit RUN...`: BiMix fitted to proxy runs ----------------------------------------
+
+
+def read_run(folder) -> dict:
+    """A finished `surgery train` run of a mixture: its proportions, sources and per-domain held-out
+    curves [(step, loss)]."""
+    from pathlib import Path
+
+    from surgery.errors import PlanError
+    from surgery.jsonio import parse_json, read_json
+
+    folder = Path(folder)
+    tj, mj = folder / "train.json", folder / "metrics.jsonl"
+    if not tj.is_file() or not mj.is_file():
+        raise PlanError(f"{folder} is not a finished `surgery train` run (no train.json and metrics.jsonl)", where=str(folder))
+    summary = read_json(tj, error=PlanError)
+    mix = summary.get("mixture") if isinstance(summary, dict) else None
+    if not mix:
+        raise PlanError(
+            f"{folder} was not trained on a mixture (train.json has no `mixture`)", where=str(tj), fix="fit runs with data.sources"
+        )
+    c = summary.get("config", {})
+    sources = {s["name"]: s for s in c.get("data", {}).get("sources", [])}
+    curves: dict = {r["name"]: {} for r in mix["domains"]}
+    for n, line in enumerate(mj.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = parse_json(line, f"{mj}:{n}", error=PlanError)
+        if not isinstance(rec, dict):
+            continue
+        for name, loss in (rec.get("eval_loss_by_domain") or {}).items():
+            if name in curves and rec.get("step", 0) > 0 and isinstance(loss, (int, float)) and math.isfinite(loss):
+                curves[name][int(rec["step"])] = float(loss)
+    return {
+        "path": str(folder),
+        "proportions": {r["name"]: r["proportion"] for r in mix["domains"]},
+        "sources": sources,
+        "tokens_per_step": c.get("micro_batch", 0)
+        * c.get("grad_accum", 1)
+        * (c.get("data", {}).get("seq_len") or 0)
+        * summary.get("world_size", 1),
+        "curves": {k: sorted(v.items()) for k, v in curves.items()},
+    }
+
+
+def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, importance: dict | None = None) -> dict:
+    """Fit L_i(r_i, s) per domain to several proxy runs' held-out curves. Each run's last `holdout`
+    fraction of evaluations (by step) is held out: R^2 and mean relative error are reported on the
+    points fitted and on those held out (extrapolation in s). Then the proportions minimising the
+    (importance-weighted) sum of the predicted losses at `steps` (default: the longest run's)."""
+    from surgery.errors import PlanError
+
+    runs = [read_run(f) for f in folders]
+    names = list(runs[0]["proportions"])
+    for run in runs[1:]:
+        if list(run["proportions"]) != names:
+            raise PlanError(
+                f"{run['path']} mixes {list(run['proportions'])}, not {names}", where=run["path"], fix="fit runs over the same domains"
+            )
+        if run["tokens_per_step"] != runs[0]["tokens_per_step"]:
+            raise PlanError(
+                f"{run['path']} takes {run['tokens_per_step']:,} tokens a step, {runs[0]['path']} {runs[0]['tokens_per_step']:,}: "
+                "the law's s is a step count, so the runs must share micro_batch x grad_accum x seq_len",
+                where=run["path"],
+            )
+    if len({tuple(round(x, 9) for x in r["proportions"].values()) for r in runs}) < 2:
+        raise PlanError(
+            "the runs all use the same proportions; the law's exponent of r needs at least two mixtures", fix="add a run with other weights"
+        )
+    out = {"runs": [r["path"] for r in runs], "domains": {}}
+    laws = []
+    for name in names:
+        fit_pts, held_pts = [], []
+        for run in runs:
+            r = run["proportions"][name]
+            pts = run["curves"][name]
+            if r <= 0 or not pts:
+                continue
+            cut = len(pts) - int(round(len(pts) * holdout)) if len(pts) > 2 else len(pts)
+            fit_pts += [(r, s, y) for s, y in pts[:cut]]
+            held_pts += [(r, s, y) for s, y in pts[cut:]]
+        if len(fit_pts) < 4:
+            raise PlanError(
+                f"domain {name!r}: {len(fit_pts)} held-out points to fit (4 at least)", fix="evaluate more often (eval_every) or add runs"
+            )
+        try:
+            law = fit_law(*zip(*fit_pts, strict=True))
+        except ValueError as e:
+            raise PlanError(f"domain {name!r}: {e}") from None
+        laws.append(law)
+        out["domains"][name] = {
+            "law": law.as_dict(),
+            "fit": fit_quality(law, *zip(*fit_pts, strict=True)),
+            "held_out": fit_quality(law, *zip(*held_pts, strict=True)) if held_pts else None,
+        }
+    S = steps or max(s for run in runs for c in run["curves"].values() for s, _ in c[-1:])
+    w = [float((importance or {}).get(n, 1.0)) for n in names]
+    best = optimal_proportions(laws, S, w)
+    out.update(
+        steps=S,
+        proportions=dict(zip(names, best, strict=True)),
+        predicted={n: float(law(max(r, 1e-12), S)) for n, law, r in zip(names, laws, best, strict=True)},
+        sources={n: runs[0]["sources"].get(n, {"name": n}) for n in names},
+    )
+    out["predicted_average"] = sum(w_ * out["predicted"][n] for n, w_ in zip(names, w, strict=True)) / sum(w)
+    return out
+
+
+def fit_text(doc: dict) -> str:
+    import json
+
+    lines = [f"BiMix fitted to {len(doc['runs'])} runs: L_i(r, s) = A_i / r^alpha_i * (B_i / s^beta_i + C_i), A_i = 1", ""]
+    lines.append("domain        alpha      B         beta     C        R2 fit  R2 held-out  mean rel. err held-out")
+    for name, d in doc["domains"].items():
+        law, f, h = d["law"], d["fit"], d["held_out"]
+        held = f"{h['r2']:>11.4f}  {h['mean_relative_error']:>10.3%}" if h else f"{'-':>11}  {'-':>10}"
+        lines.append(f"{name:<12} {law['alpha']:>7.4f} {law['B']:>9.4f} {law['beta']:>8.4f} {law['C']:>8.4f} {f['r2']:>8.4f}  {held}")
+    lines += [
+        "",
+        f"proportions minimising the predicted average held-out loss at {doc['steps']:,} steps (predicted {doc['predicted_average']:.4f}):",
+        "data:",
+        "  sources:",
+    ]
+    for name, p in doc["proportions"].items():
+        src = doc["sources"][name]
+        entry = {"name": name, **{k: src[k] for k in ("files", "eval_files") if src.get(k)}, "weight": round(p, 4)}
+        lines.append(f"    - {json.dumps(entry)}   # predicted loss {doc['predicted'][name]:.4f}")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The loss curve (`loss.png`) from `metrics.jsonl`: training loss against tokens, held-out loss
-as points, a line where the model grew."""
+as points (a mixture's weighted average, and each domain's as a dashed line), a line where the
+model grew."""
 
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
     if train:
         ax.plot(*zip(*train, strict=True), lw=1.2, label="training loss")
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o", ms=4, label="held-out loss")
+        mixed = any("eval_loss_by_domain" in r for r in recs)
+        ax.plot(*zip(*evals, strict=True), "o", ms=4, label="held-out loss" + (" (weighted average)" if mixed else ""))
+    domains: dict = {}  # a mixture: each domain's held-out loss
+    for r in recs:
+        for name, v in (r.get("eval_loss_by_domain") or {}).items():
+            domains.setdefault(name, {})[r["tokens"]] = v
+    for name, pts in domains.items():
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "--", marker=".", ms=3, lw=0.9, label=f"held-out: {name}")
     stages = {}
     for r in recs:
         stages.setdefault(r["stage"], r["tokens"])
