@@ -605,16 +605,27 @@ def mix_show(config, fmt):
     show_default=True,
     help="Each run's last fraction of evaluations, held out of the fit.",
 )
+@click.option(
+    "--min-share",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Every domain keeps at least this proportion (the law gives a domain whose loss does not fall with its share none).",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @_user_errors
-def mix_fit(runs, steps, holdout, fmt):
+def mix_fit(runs, steps, holdout, min_share, fmt):
     """Fit BiMix's law L_i(r_i, s) = A_i / r_i^alpha_i (B_i / s^beta_i + C_i) per domain to the
     held-out curves of finished proxy runs (different proportions, the same domains), report R^2 and
     the mean relative error on held-out points, and print the proportions that minimise the
     predicted average loss at --steps as a ready `data.sources` block."""
+    from surgery.errors import PlanError
     from surgery.train.mixture import fit_runs, fit_text
 
-    doc = fit_runs(list(runs), steps=steps, holdout=holdout)
+    try:
+        doc = fit_runs(list(runs), steps=steps, holdout=holdout, min_share=min_share)
+    except ValueError as e:
+        raise PlanError(f"--min-share: {e}") from None
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else fit_text(doc))
 
 

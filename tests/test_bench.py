@@ -38,3 +38,11 @@ def test_train_benchmark_harness(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in doc["rows"])
     assert doc["meta"]["flops_per_token"] > 6 * doc["meta"]["params"]  # 6N plus the attention term
     assert "| surgery train |" in md
+
+
+def test_mixture_benchmark_harness(tmp_path):
+    doc, md = run("bench_mixture.py", "--size", "tiny", tmp=tmp_path)
+    assert [r["mixture"] for r in doc["rows"]] == ["tokens", "entropy", "fitted"]
+    assert all(abs(sum(r["proportions"].values()) - 1) < 1e-6 and min(r["proportions"].values()) >= 0.05 - 1e-9 for r in doc["rows"])
+    assert set(doc["fit"]) == {"docs", "code"} and all(f["held_out"]["points"] > 0 for f in doc["fit"].values())
+    assert "| fitted |" in md and "law's error" in md

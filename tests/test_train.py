@@ -481,7 +481,7 @@ def test_held_out_text_is_capped(tmp_path, corpus, models):
     def split(extra):
         cfg = config_from_text(f"model: m\ndata: {{files: [{corpus / 'train.jsonl'}], seq_len: 64{extra}}}\nsteps: 1\n", tmp_path)
         c = build_corpus(cfg, tok, models("llama"))
-        return len(c.train.stream) // 64, len(c.train), len(c.eval)
+        return len(c.train.packed.stream) // 64, len(c.train), len(c.eval)
 
     total, n_train, n_eval = split("")
     assert n_eval == round(total * 0.02) and n_train == total - n_eval  # the default: 2% held out

@@ -45,3 +45,33 @@ def write_stdlib_corpus(path: str | Path, *, eval_path: str | Path | None = None
     if ev:
         ev.close()
     return path
+
+
+API_MODULES = (
+    "abc argparse array base64 bisect calendar collections contextlib copy csv dataclasses datetime decimal difflib "
+    "enum fractions functools glob gzip hashlib heapq hmac html itertools json logging math operator os pathlib pickle "
+    "pprint queue random re secrets shlex shutil socket statistics string struct subprocess tempfile textwrap threading "
+    "time timeit typing unittest urllib uuid warnings weakref zipfile zlib"
+).split()
+
+
+def write_api_corpus(path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10) -> Path:
+    """A third domain: `help()` pages (pydoc's plain-text API reference) of common standard-library
+    modules, one JSON Lines record per module; with `eval_path`, every `eval_every`-th goes there."""
+    import importlib
+    import pydoc
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev = open(eval_path, "w") if eval_path else None
+    with open(path, "w") as f:
+        for i, name in enumerate(API_MODULES):
+            try:
+                text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+            except Exception:  # a module this Python lacks
+                continue
+            rec = json.dumps({"id": name, "text": text}) + "\n"
+            (ev if ev and i % eval_every == eval_every - 1 else f).write(rec)
+    if ev:
+        ev.close()
+    return path

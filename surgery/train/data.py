@@ -447,6 +447,34 @@ class Packed:
         return {"input_ids": ids, "labels": labels}
 
 
+class Ordered:
+    """The training order of a single stream, owned by surgery (not by the Trainer's sampler): pass
+    e over the n sequences is the permutation drawn from (seed, e), and item j of a stage is global
+    position `start + j` of that endless order. A stage that starts after growth continues where
+    the last one stopped (fresh data, as Gstack trains the grown model), and a run from scratch with
+    the same seed sees the same sequences at the same steps, so the two compare fairly."""
+
+    def __init__(self, packed: Packed, seed: int, start: int, length: int):
+        self.packed, self.seed, self.start, self.length = packed, int(seed), int(start), int(length)
+        self.n = len(packed)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def position(self, j: int) -> int:
+        """The sequence index (in the packed stream) at item j."""
+        if not 0 <= j < self.length:
+            raise IndexError(j)
+        epoch, pos = divmod(self.start + int(j), self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng((self.seed, 0x6F7264, epoch)).permutation(self.n))
+        return int(self._perm[1][pos])
+
+    def __getitem__(self, j: int) -> dict:
+        return self.packed[self.position(j)]
+
+
 @dataclass
 class Corpus:
     train: Packed  # or a Mixture of the domains' Packed sequences
@@ -478,11 +506,19 @@ def token_stream(
 
 
 def build_corpus(
-    cfg, tokenizer, model_dir: Path, *, progress: bool = False, sequences: int | None = None, all_stats: bool = False
+    cfg,
+    tokenizer,
+    model_dir: Path,
+    *,
+    progress: bool = False,
+    sequences: int | None = None,
+    start: int = 0,
+    all_stats: bool = False,
 ) -> Corpus:
-    """Tokenize (or reuse the cache for) the config's data and pack it. With `data.sources`, the
-    training set is a Mixture of `sequences` draws (the stage's budget) and the held-out sets are
-    per domain."""
+    """Tokenize (or reuse the cache for) the config's data and pack it. The training set is the
+    `sequences` draws (a stage's budget; default one pass) from global position `start` of the
+    run's training order: an `Ordered` single stream, or with `data.sources` a `Mixture`, whose
+    held-out sets are per domain."""
     d = cfg.body.data
     cache = cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()
 
@@ -491,11 +527,12 @@ def build_corpus(
         return token_stream(srcs, tokenizer, model_dir, cache, d.separator, progress=progress)
 
     if d.sources:
-        return _mixture_corpus(cfg, streams, sequences, all_stats)
+        return _mixture_corpus(cfg, streams, sequences, start, all_stats)
     train = streams(d.files, lambda i: cfg.where("data", "files", i))
     ev = streams(d.eval_files, lambda i: cfg.where("data", "eval_files", i)) if d.eval_files else None
     tr, held, n_train, n_eval = _split(d, train, ev, cfg.where("data", "files"), cfg.where("data", "eval_files"))
-    return Corpus(tr, held, n_train * d.seq_len, n_eval * d.seq_len, len(train.doc_starts), len(train.parts))
+    order = Ordered(tr, cfg.body.seed, start, sequences or n_train)
+    return Corpus(order, held, n_train * d.seq_len, n_eval * d.seq_len, len(train.doc_starts), len(train.parts))
 
 
 def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: str, what: str = "the training data"):
@@ -527,7 +564,7 @@ def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: st
     return Packed(train, L, 0, n_train), held, n_train, n_eval_seq
 
 
-def _mixture_corpus(cfg, streams, sequences: int | None, all_stats: bool = False) -> Corpus:
+def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_stats: bool = False) -> Corpus:
     from surgery.train.mixture import ENTROPY_RULES, Mixture, proportions, token_statistics
 
     d = cfg.body.data
@@ -551,16 +588,16 @@ def _mixture_corpus(cfg, streams, sequences: int | None, all_stats: bool = False
         rows.append(row)
     p = proportions(d.weights, [r["weight"] for r in rows], [r["train_sequences"] for r in rows], [r.get("stats") for r in rows])
     length = sequences or sum(r["train_sequences"] for r in rows)
-    mix = Mixture(parts, [r["name"] for r in rows], p, length, cfg.body.seed)
+    mix = Mixture(parts, [r["name"] for r in rows], p, length, cfg.body.seed, start=start)
     notes, problems = [], []
-    for i, (r, q, k) in enumerate(zip(rows, p, mix.draws(), strict=True)):
-        r.update(proportion=q, draws=k, passes=k / r["train_sequences"])
+    for i, (r, q, k, total) in enumerate(zip(rows, p, mix.draws(), mix.drawn_by_end(), strict=True)):
+        r.update(proportion=q, draws=k, passes=total / r["train_sequences"])
         if "stats" in r:
             r["stats"] = r["stats"].as_dict()
-        if k > r["train_sequences"]:
+        if total > r["train_sequences"]:  # what the run has drawn by this stage's end, earlier stages included
             msg = (
                 f"source {r['name']!r} holds {r['train_sequences']:,} training sequences, and its share "
-                f"({q:.1%} of {length:,}) draws {k:,}: {k / r['train_sequences']:.2f} passes over it"
+                f"({q:.1%} of {start + length:,}) draws {total:,}: {total / r['train_sequences']:.2f} passes over it"
             )
             if d.exhausted == "error":
                 problems.append(PlanError(msg, where=cfg.where("data", "sources", i), fix=_EXHAUSTED_FIX).problems[0])
@@ -568,7 +605,7 @@ def _mixture_corpus(cfg, streams, sequences: int | None, all_stats: bool = False
                 notes.append(msg + " (data.exhausted: repeat)")
     if problems:
         raise PlanError(problems)
-    info = {"weights": d.weights, "seed": cfg.body.seed, "sequences": length, "domains": rows}
+    info = {"weights": d.weights, "seed": cfg.body.seed, "start": start, "sequences": length, "domains": rows}
     return Corpus(
         mix, helds or None, sum(r["train_sequences"] for r in rows) * L, eval_seq * L, documents, n_sources, mixture=info, notes=notes
     )

@@ -44,8 +44,9 @@ class Mixture:
     """`length` sequences drawn from `parts` (one dataset of packed sequences per domain) in
     proportions `p`; item j is a pure function of (seed, j)."""
 
-    def __init__(self, parts: list, names: list[str], p: list[float], length: int, seed: int):
+    def __init__(self, parts: list, names: list[str], p: list[float], length: int, seed: int, start: int = 0):
         self.parts, self.names, self.p, self.length, self.seed = parts, names, list(p), int(length), int(seed)
+        self.start = int(start)  # item j is position start + j of the run's stream (a stage after growth continues it)
         self.sizes = [len(x) for x in parts]
         for name, n, q in zip(names, self.sizes, p, strict=True):
             if q > 0 and n == 0:
@@ -73,7 +74,7 @@ class Mixture:
         """(domain, sequence index in it) of stream position j."""
         if not 0 <= j < self.length:
             raise IndexError(j)
-        b, r = divmod(int(j), BLOCK)
+        b, r = divmod(self.start + int(j), BLOCK)
         order, rank = self._block(b)
         d = int(order[r])
         k = b * int(self.counts[d]) + int(rank[r])
@@ -84,14 +85,22 @@ class Mixture:
         d, i = self.locate(j)
         return self.parts[d][i]
 
-    def draws(self) -> list[int]:
-        """How many sequences of each domain the whole stream takes."""
-        full, rest = divmod(self.length, BLOCK)
+    def _upto(self, g: int) -> np.ndarray:
+        """Draws of each domain in the run's positions [0, g)."""
+        full, rest = divmod(g, BLOCK)
         out = self.counts * full
         if rest:
             order, _ = self._block(full)
             out = out + np.bincount(order[:rest], minlength=len(self.parts))
-        return [int(x) for x in out]
+        return out
+
+    def draws(self) -> list[int]:
+        """How many sequences of each domain this stage takes (positions start .. start + length)."""
+        return [int(x) for x in self._upto(self.start + self.length) - self._upto(self.start)]
+
+    def drawn_by_end(self) -> list[int]:
+        """Draws of each domain over the whole run up to this stage's end (what exhausts a domain)."""
+        return [int(x) for x in self._upto(self.start + self.length)]
 
 
 # ---- entropy proxies -------------------------------------------------------------------------------
@@ -267,21 +276,24 @@ def fit_quality(law: Law, r, s, loss) -> dict:
     }
 
 
-def optimal_proportions(laws: list[Law], steps: float, importance: list[float] | None = None) -> list[float]:
-    """argmin over the simplex of sum_i w_i L_i(r_i, steps). With K_i = A_i (B_i / s^beta_i + C_i),
-    stationarity gives alpha_i w_i K_i r_i^-(alpha_i + 1) = lambda, so r_i = (alpha_i w_i K_i /
-    lambda)^(1 / (alpha_i + 1)); lambda is found by bisection so that the r_i sum to 1. A domain
-    whose loss does not fall with its share (alpha_i <= 0) gets none."""
+def optimal_proportions(laws: list[Law], steps: float, importance: list[float] | None = None, min_share: float = 0.0) -> list[float]:
+    """argmin over the simplex of sum_i w_i L_i(r_i, steps), each r_i >= min_share. With K_i = A_i
+    (B_i / s^beta_i + C_i), stationarity gives alpha_i w_i K_i r_i^-(alpha_i + 1) = lambda, so r_i =
+    max(min_share, (alpha_i w_i K_i / lambda)^(1 / (alpha_i + 1))); lambda is found by bisection so
+    that the r_i sum to 1. A domain whose loss does not fall with its share (alpha_i <= 0) gets
+    min_share."""
+    if not 0 <= min_share * len(laws) <= 1:
+        raise ValueError(f"min_share {min_share} x {len(laws)} domains exceeds 1")
     w = importance or [1.0] * len(laws)
     K = [wi * law.A * (law.B / steps**law.beta + law.C) for law, wi in zip(laws, w, strict=True)]
 
     def shares(log_lam: float) -> list[float]:
         return [
-            math.exp((math.log(law.alpha * k) - log_lam) / (law.alpha + 1)) if law.alpha > 0 and k > 0 else 0.0
+            max(min_share, math.exp((math.log(law.alpha * k) - log_lam) / (law.alpha + 1)) if law.alpha > 0 and k > 0 else 0.0)
             for law, k in zip(laws, K, strict=True)
         ]
 
-    if not any(law.alpha > 0 for law in laws):
+    if not any(law.alpha > 0 for law in laws) or min_share * len(laws) == 1:
         return [1.0 / len(laws)] * len(laws)
     lo, hi = -200.0, 200.0
     for _ in range(200):
@@ -397,7 +409,7 @@ def read_run(folder) -> dict:
     }
 
 
-def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, importance: dict | None = None) -> dict:
+def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, importance: dict | None = None, min_share: float = 0.0) -> dict:
     """Fit L_i(r_i, s) per domain to several proxy runs' held-out curves. Each run's last `holdout`
     fraction of evaluations (by step) is held out: R^2 and mean relative error are reported on the
     points fitted and on those held out (extrapolation in s). Then the proportions minimising the
@@ -449,8 +461,9 @@ def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, import
         }
     S = steps or max(s for run in runs for c in run["curves"].values() for s, _ in c[-1:])
     w = [float((importance or {}).get(n, 1.0)) for n in names]
-    best = optimal_proportions(laws, S, w)
+    best = optimal_proportions(laws, S, w, min_share)
     out.update(
+        min_share=min_share,
         steps=S,
         proportions=dict(zip(names, best, strict=True)),
         predicted={n: float(law(max(r, 1e-12), S)) for n, law, r in zip(names, laws, best, strict=True)},

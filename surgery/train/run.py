@@ -46,6 +46,7 @@ class Stage:
     schedule_steps: int  # the length of the LR schedule this stage follows
     schedule_offset: int  # where on that schedule this stage starts
     step_offset: int  # optimizer steps taken before this stage (for metrics)
+    run_steps: int = 0  # optimizer steps of the whole run (all stages)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
     tps = b.micro_batch * b.data.seq_len * b.grad_accum * world_size()
     total = b.steps if b.steps is not None else math.ceil(b.tokens / tps)
     if b.grow is None:
-        return [Stage(1, model_dir, total, b.trainable, total, 0, 0)], tps
+        return [Stage(1, model_dir, total, b.trainable, total, 0, 0, total)], tps
     at = math.ceil(b.grow.at_tokens / tps)
     if at >= total:
         raise PlanError(
@@ -175,8 +176,8 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
             fix=f"use mask_steps <= {total - at}",
         )
     return [
-        Stage(1, model_dir, at, "all", total if keep else at, 0, 0),
-        Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at),
+        Stage(1, model_dir, at, "all", total if keep else at, 0, 0, total),
+        Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at, total),
     ], tps
 
 
@@ -214,7 +215,8 @@ def _trainer_class():
     import transformers
 
     class SurgeryTrainer(transformers.Trainer):
-        """Trainer whose schedule can start part-way along a longer one (grow with `schedule: continue`)."""
+        """Trainer whose schedule can start part-way along a longer one (grow with `schedule: continue`),
+        reading the training set in surgery's order."""
 
         schedule_total: int = 0
         schedule_offset: int = 0
@@ -245,6 +247,13 @@ def _trainer_class():
             return self.lr_scheduler
 
         save_dtype = None  # set for the final save only: the weights in the input checkpoint's dtype
+
+        def _get_train_sampler(self, train_dataset=None):
+            """In order: the training set is already the run's shuffled order from this stage's start
+            (surgery.train.data.Ordered / Mixture), so growth continues it rather than replaying it."""
+            import torch
+
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
         def _save(self, output_dir=None, state_dict=None):
             import torch
@@ -373,9 +382,20 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str):
     return Fade()
 
 
-def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | None, progress: bool, echo, domains: dict | None = None):
+def _callbacks(
+    metrics_path: Path,
+    tps: int,
+    stage: Stage,
+    stop_after: int | None,
+    progress: bool,
+    echo,
+    domains: dict | None = None,
+    eval_every: int | None = None,
+):
     """`domains`: a mixture's {name: proportion} of the domains with held-out text; their losses
-    arrive one evaluation each, and are written as one record with their weighted average."""
+    arrive one evaluation each, and are written as one record with their weighted average.
+    `eval_every`: evaluate when the run's global step (not the stage's) is a multiple of it, so the
+    evaluations of runs with and without growth line up."""
     import transformers
 
     from surgery.train.mixture import weighted_loss
@@ -398,6 +418,8 @@ def _callbacks(metrics_path: Path, tps: int, stage: Stage, stop_after: int | Non
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
+            if eval_every and (stage.step_offset + state.global_step) % eval_every == 0:
+                control.should_evaluate = True
             if stop_after is not None and state.global_step >= stop_after and state.global_step < state.max_steps:
                 control.should_save = True
                 control.should_training_stop = True
@@ -488,8 +510,7 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
         logging_steps=b.log_every or max(1, min(every, 10)),
         save_steps=b.save_every or every,
         save_total_limit=b.keep_checkpoints,
-        eval_strategy="steps",
-        eval_steps=b.eval_every or every,
+        eval_strategy="no",  # evaluations follow the run's global step (the Metrics callback), not the stage's
         bf16=prec == "bf16",
         seed=b.seed,
         data_seed=b.seed,
@@ -549,10 +570,16 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     with args.main_process_first(local=False, desc="tokenize"):
-        sequences = stage.steps * b.micro_batch * b.grad_accum * world_size()  # what the stage draws (a mixture's length)
-        corpus = build_corpus(cfg, tok, stage.model_dir, progress=progress and is_main(), sequences=sequences)
-    if corpus.eval is None:
-        args.eval_strategy = transformers.IntervalStrategy.NO
+        per_step = b.micro_batch * b.grad_accum * world_size()
+        # the stage's draws from the run's one training order: a stage after growth continues it
+        corpus = build_corpus(
+            cfg,
+            tok,
+            stage.model_dir,
+            progress=progress and is_main(),
+            sequences=stage.steps * per_step,
+            start=stage.step_offset * per_step,
+        )
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
     where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
@@ -576,7 +603,8 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
         elif stage.steps * tps > corpus.train_tokens:
             echo(f"note: the budget ({stage.steps * tps:,} tokens) is {stage.steps * tps / corpus.train_tokens:.1f} passes over the data")
     domains = _eval_weights(corpus)
-    callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains)
+    eval_every = (b.eval_every or max(1, stage.run_steps // 10)) if corpus.eval is not None else None
+    callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains, eval_every)
     if stage.index > 1 and b.grow is not None and b.grow.mask_steps:
         callbacks.append(fade_in_new_layers(model, stage.model_dir, b.grow.mask_steps, cfg.where("grow", "mask_steps")))
         if is_main():
@@ -600,6 +628,8 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     if last and is_main():
         _truncate_metrics(work / "metrics.jsonl", stage.index, stage.step_offset + int(Path(last).name.rpartition("-")[2]))
     _barrier()
+    if stage.index > 1 and not last and corpus.eval is not None and not b.fsdp:
+        trainer.evaluate()  # the held-out loss of the grown model before it trains: the jump of growth, at the growth step
     trainer.train(resume_from_checkpoint=last)
     done = trainer.state.global_step >= stage.steps
     return trainer, done, n_train, n_all
