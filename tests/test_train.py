@@ -206,6 +206,35 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     assert transformers.AutoModelForCausalLM.from_pretrained(res.path).config.num_hidden_layers == 16
 
 
+def test_growth_continues_the_data_and_matches_a_scratch_run(tmp_path, corpus, models, monkeypatch):
+    """Gstack trains the grown model on fresh data: stage 2 continues the run's one training order
+    (it does not replay stage 1), and a run from scratch with the same seed reads the same sequences
+    at the same steps. Held-out loss is measured right after growth, and evaluations follow the run's
+    global step, so both runs evaluate at the same steps."""
+    from surgery.train.data import Ordered
+
+    read: list = []
+    real = Ordered.__getitem__
+    monkeypatch.setattr(Ordered, "__getitem__", lambda self, j: read.append(self.position(j)) or real(self, j))
+    a, b = tmp_path / "grown", tmp_path / "scratch"
+    a.mkdir(), b.mkdir()
+
+    def every4(cfg):
+        cfg.write_text(cfg.read_text().replace("eval_every: 1000", "eval_every: 4"))
+        return cfg
+
+    extra = "warmup: 2\nlog_every: 1\n"
+    grown = train(every4(config(a, corpus, models("llama"), GROW.format(schedule="reset") + extra, steps=14)), progress=False, echo=quiet)
+    grown_read, read[:] = list(read), []
+    scratch = train(every4(config(b, corpus, models("llama"), extra, steps=14)), progress=False, echo=quiet)
+    assert grown_read == read and len(read) == 14 * 8  # the same sequences, in the same order
+    assert grown_read[64:72] != grown_read[:8] and len(set(grown_read)) == len(grown_read)  # stage 2 reads new ones
+    evals = lambda res: [r["step"] for r in map(json.loads, (res.path / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]  # noqa: E731
+    # growth at step 8: evaluated right after it (before training), then at global multiples of 4, the
+    # end (14), and the final record
+    assert evals(grown) == [4, 8, 8, 12, 14, 14] and evals(scratch) == [4, 8, 12, 14, 14]
+
+
 def test_two_processes_with_gloo_through_torchrun_ddp_and_fsdp2(tmp_path, corpus, models):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     outs = {}
