@@ -69,6 +69,30 @@ def quiet(*a, **k):
     pass
 
 
+def test_advise_warns_outside_the_fitted_range_and_gives_no_snippet_past_the_budget():
+    r = CliRunner().invoke(main, ["advise", "--params", "1.6M", "--tokens", "3M"])
+    assert r.exit_code == 0, r.output
+    assert "outside the 410.00M-7.00B parameters" in r.output and "not below the budget" in r.output and "at_tokens:" not in r.output
+    j = json.loads(CliRunner().invoke(main, ["advise", "-N", "7B", "-D", "2T", "--format", "json"]).output)
+    assert j["warnings"] == [] and j["snippet"] is True
+
+
+def test_a_missing_matplotlib_is_said_once(tmp_path, corpus, models, monkeypatch):
+    import importlib.util
+
+    import surgery.train.plot
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(surgery.train.plot, "loss_curve", lambda *a, **k: False)
+    said = []
+    res = train(config(tmp_path, corpus, models("llama"), steps=2), progress=False, echo=said.append)
+    assert not (res.path / "loss.png").exists()
+    assert [m for m in said if "loss.png" in m] == [
+        "warning: loss.png was not drawn: matplotlib is not installed (pip install matplotlib, or 'surgery[train]')"
+    ]
+
+
 def test_advise_reproduces_the_published_table():
     assert round(gstack_growth_tokens(7e9, 2e12) / 1e9, 2) == 11.11  # Llama2-7B at 2T
     assert round(gstack_growth_tokens(8e9, 15e12) / 1e9, 2) == 6.58  # Llama3-8B at 15T
@@ -200,6 +224,10 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
         assert lr2[0] < lr1[-1] and all(x >= y for x, y in zip(lr2, lr2[1:], strict=False))
     summary = read_json(res.path / "train.json")
     assert [s["layers"] for s in summary["stages"]] == [4, 16]
+    # the grown model's folder is gone with the run's work folder: train.json says what stays true
+    grown = summary["stages"][1]
+    assert grown["model"].startswith("grown from stage 1's model at step 8") and ".surgery-train" not in json.dumps(grown)
+    assert grown["grown"]["num_layers"] == 16 and len(grown["grown"]["shards"][0]["crc32"]) == 8
     assert res.steps == 14 and res.tokens == 14 * 512
     import transformers
 

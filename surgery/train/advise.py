@@ -14,6 +14,7 @@ import math
 
 GROWTH_FACTOR = 4
 A, B, C0 = 0.88, 163.27, -5.74
+FITTED_PARAMS = (410e6, 7e9)  # the model sizes the paper fitted the formula on
 
 
 def gstack_growth_tokens(params: float, tokens: float) -> float:
@@ -39,6 +40,19 @@ def advice(params: float, tokens: float, layers: int | None = None) -> dict:
     if layers is not None:
         out["layers"] = layers
         out["small_layers"] = max(1, layers // GROWTH_FACTOR)
+    warnings = []
+    lo, hi = FITTED_PARAMS
+    if not lo <= params <= hi:
+        warnings.append(
+            f"N = {human(params)} is outside the {human(lo)}-{human(hi)} parameters the formula was fitted on: d is an extrapolation"
+        )
+    if d >= tokens:
+        warnings.append(
+            f"d = {human(d)} tokens is not below the budget D = {human(tokens)}: the formula gives no usable growth point here, "
+            "so no `grow:` block is suggested; choose at_tokens yourself, below D"
+        )
+    out["warnings"] = warnings
+    out["snippet"] = d < tokens
     return out
 
 
@@ -56,6 +70,9 @@ def advice_text(a: dict) -> str:
         f"  after d = {human(a['growth_tokens'])} tokens ({a['growth_tokens']:,.0f}; {a['growth_fraction']:.4%} of the budget)",
         "  log10(d) = 0.88*log10(N) + 163.27/log10(C) - 5.74",
     ]
+    lines += [f"warning: {w}" for w in a.get("warnings", [])]
+    if not a.get("snippet", True):
+        return "\n".join(lines)
     if "layers" in a:
         lines.append(f"  the small model has {a['small_layers']} layers (the target has {a['layers']}); in a training config:")
     else:

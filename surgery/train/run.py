@@ -761,7 +761,7 @@ def _train(
         summaries.append(
             {
                 "stage": stage.index,
-                "model": str(stage.model_dir),
+                **_stage_model(stage, work),
                 "steps": stage.steps,
                 "layers": trainer.model.config.num_hidden_layers,
                 "trainable_params": n_train,
@@ -807,8 +807,23 @@ def _train(
                 )
                 + "\n"
             )
-    _write_output(cfg, trainer, model_dir, work, folder, res)
+    _write_output(cfg, trainer, model_dir, work, folder, res, echo)
     return res
+
+
+def _stage_model(stage: Stage, work: Path) -> dict:
+    """What train.json says a stage trained: the input model's path, or for a grown stage (whose
+    folder is deleted with the run's work folder) what stays true: where it came from, and the
+    grown checkpoint's shards as surgery.json recorded them (names, sizes, header sha256, CRC-32)."""
+    if stage.index == 1 or stage.model_dir is None or work not in Path(stage.model_dir).parents:
+        return {"model": str(stage.model_dir)}
+    out: dict = {"model": f"grown from stage {stage.index - 1}'s model at step {stage.step_offset} by the grow plan (config.grow)"}
+    prov = Path(stage.model_dir) / "surgery.json"
+    if prov.is_file():
+        rec = json.loads(prov.read_text())
+        out["grown"] = {k: rec.get("output", {}).get(k) for k in ("num_layers", "parameters", "shards")}
+        out["grown"]["layer_map"] = rec.get("layer_map")
+    return out
 
 
 def _eval_weights(corpus) -> dict | None:
@@ -920,7 +935,7 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
     return grown
 
 
-def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: OutputFolder, res: TrainResult) -> None:
+def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: OutputFolder, res: TrainResult, echo=print) -> None:
     import torch
 
     b = cfg.body
@@ -945,6 +960,10 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
     from surgery.train.plot import loss_curve
 
     plotted = loss_curve(work / "metrics.jsonl", staging / "loss.png", title=out.name)
+    from importlib.util import find_spec
+
+    if not plotted and find_spec("matplotlib") is None:
+        echo("warning: loss.png was not drawn: matplotlib is not installed (pip install matplotlib, or 'surgery[train]')")
     summary = {
         "format": "surgery-train/1",
         "config": b.model_dump(mode="json"),
