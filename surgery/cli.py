@@ -629,6 +629,27 @@ def mix_fit(runs, steps, holdout, min_share, fmt):
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else fit_text(doc))
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--x", "x", type=click.Choice(["tokens", "flops", "steps"]), default="tokens", show_default=True, help="The horizontal axis.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs.png"), show_default=True)
+@click.option("--no-train-loss", is_flag=True, help="Held-out curves only.")
+@click.option("--title", default="", help="The figure's title.")
+@click.option("--force", is_flag=True, help="Replace an existing figure.")
+@_user_errors
+def plot(runs, x, out, no_train_loss, title, force):
+    """Overlay several `surgery train` runs' loss curves on one figure: held-out loss (points and
+    lines) and training loss (faint), against tokens, training FLOPs (each stage of a grown run
+    counted at its own size) or steps; growth marked in each run's colour.
+
+    \b
+      surgery plot out-scratch out-stack out-random --x flops -o growth.png"""
+    from surgery.train.plot import compare_runs
+
+    _check_one_file(out, force, [Path(r) / "metrics.jsonl" for r in runs])
+    click.echo(f"wrote {compare_runs(list(runs), out, x=x, title=title, train_loss=not no_train_loss)}")
+
+
 @main.command(name="eval")
 @click.argument("model")
 @click.option(

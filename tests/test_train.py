@@ -214,7 +214,9 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     assert c["num_hidden_layers"] == 16  # 4 layers stacked 4x
     recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines()]
     grow = [r for r in recs if r.get("event") == "grow"]
-    assert grow == [{"step": 8, "stage": 2, "tokens": 4096, "event": "grow", "layers": 16, "params": grow[0]["params"]}]
+    assert grow == [
+        {"step": 8, "stage": 2, "tokens": 4096, "flops": grow[0]["flops"], "event": "grow", "layers": 16, "params": grow[0]["params"]}
+    ]
     lr1 = [r["lr"] for r in recs if "lr" in r and r["stage"] == 1]
     lr2 = [r["lr"] for r in recs if "lr" in r and r["stage"] == 2]
     assert len(lr1) == 8 and len(lr2) == 6
@@ -228,6 +230,17 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     grown = summary["stages"][1]
     assert grown["model"].startswith("grown from stage 1's model at step 8") and ".surgery-train" not in json.dumps(grown)
     assert grown["grown"]["num_layers"] == 16 and len(grown["grown"]["shards"][0]["crc32"]) == 8
+    # FLOPs: each stage at its own size (6N + 12 L d T per token), cumulative in metrics.jsonl and train.json
+    from surgery.train.flops import flops_per_token
+
+    small, big = flops_per_token(models("llama"), 64)["flops_per_token"], flops_per_token(res.path, 64)["flops_per_token"]
+    assert small == 6 * 40960 + 12 * 4 * 32 * 64 and big == 6 * (4 * (40960 - 4096) + 4096) + 12 * 16 * 32 * 64
+    by_step = {r["step"]: r["flops"] for r in recs if "loss" in r}
+    assert by_step[8] == 8 * 512 * small and by_step[14] == 8 * 512 * small + 6 * 512 * big == summary["flops"]
+    r = CliRunner().invoke(main, ["plot", str(res.path), "--x", "flops", "-o", str(tmp_path / "runs.png")])
+    assert r.exit_code == 0 and (tmp_path / "runs.png").stat().st_size > 1000, r.output
+    again = CliRunner().invoke(main, ["plot", str(res.path), "-o", str(tmp_path / "runs.png")])
+    assert again.exit_code == 1 and "already exists" in again.output
     assert res.steps == 14 and res.tokens == 14 * 512
     import transformers
 

@@ -54,3 +54,61 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
     fig.savefig(png)
     plt.close(fig)
     return True
+
+
+def compare_runs(runs: list, png: Path, *, x: str = "tokens", title: str = "", train_loss: bool = True) -> Path:
+    """Overlay several runs' held-out curves (and, faintly, their training loss) on one figure against
+    tokens, training FLOPs or steps; each run's growth step is marked in its colour."""
+    from surgery.errors import PlanError
+
+    if x not in ("tokens", "flops", "steps"):
+        raise PlanError(f"--x {x}: use tokens, flops or steps")
+    key = "step" if x == "steps" else x
+    series = []
+    for run in runs:
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise PlanError(f"{run} holds no metrics.jsonl", where=str(run), fix="give `surgery train` output folders")
+        try:
+            recs = read_metrics(path)
+        except ValueError as e:
+            raise PlanError(f"metrics.jsonl is not JSON Lines ({e})", where=str(path)) from None
+        if any(key not in r for r in recs if "loss" in r or "eval_loss" in r):
+            raise PlanError(
+                f"records without {key!r}" + (" (trained before surgery recorded FLOPs)" if key == "flops" else ""),
+                where=str(path),
+                fix="plot against tokens or steps",
+            )
+        series.append((Path(run).name, recs))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlanError("surgery plot needs matplotlib, which is not installed", fix="pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for i, (name, recs) in enumerate(series):
+        color = f"C{i % 10}"
+        evals = sorted({r[key]: r["eval_loss"] for r in recs if "eval_loss" in r}.items())
+        if train_loss:
+            tr = [(r[key], r["loss"]) for r in recs if "loss" in r]
+            if tr:
+                ax.plot(*zip(*tr, strict=True), color=color, lw=0.8, alpha=0.35)
+        if evals:
+            ax.plot(*zip(*evals, strict=True), color=color, marker="o", ms=3, lw=1.5, label=f"{name} (held-out)")
+        for r in recs:
+            if r.get("event") == "grow":
+                ax.axvline(r.get(key, r["step"]), color=color, ls=":", lw=1)
+    ax.set_xlabel({"tokens": "tokens", "flops": "training FLOPs", "steps": "step"}[x])
+    ax.set_ylabel("loss (held-out: lines with points; training: faint)")
+    ax.set_title(title or "surgery plot")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    part = png.with_name(f".{png.name}.partial")
+    fig.savefig(part, format=png.suffix.lstrip(".").lower() or "png")  # complete, then in place
+    plt.close(fig)
+    part.replace(png)
+    return png

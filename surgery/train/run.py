@@ -47,6 +47,12 @@ class Stage:
     schedule_offset: int  # where on that schedule this stage starts
     step_offset: int  # optimizer steps taken before this stage (for metrics)
     run_steps: int = 0  # optimizer steps of the whole run (all stages)
+    flops_per_token: int = 0  # training FLOPs per token at this stage's size (surgery.train.flops)
+    flops_offset: float = 0.0  # training FLOPs of the stages before this one
+
+    def flops_at(self, step: int, tps: int) -> float:
+        """Cumulative training FLOPs of the run at global step `step` (inside this stage)."""
+        return self.flops_offset + (step - self.step_offset) * tps * self.flops_per_token
 
 
 @dataclass
@@ -60,6 +66,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     stages: list[dict] = field(default_factory=list)
+    flops: float = 0.0  # training FLOPs of the whole run (each stage at its own size)
 
 
 def is_main() -> bool:
@@ -428,7 +435,7 @@ def _callbacks(
             if not state.is_world_process_zero or not logs:
                 return
             step = stage.step_offset + state.global_step
-            rec = {"step": step, "stage": stage.index, "tokens": step * tps}
+            rec = {"step": step, "stage": stage.index, "tokens": step * tps, "flops": stage.flops_at(step, tps)}
             if "loss" in logs:
                 now = time.perf_counter()
                 dt, ds = now - self.t, state.global_step - self.step
@@ -751,9 +758,15 @@ def _train(
     trainer = None
     n_train = n_all = 0
     summaries = []
+    from surgery.train.flops import flops_per_token
+
     for stage in stages:
         if stage.model_dir is None:  # the grown model
             stage.model_dir = _grow(cfg, stages[stage.index - 2], work, tps, echo)
+        stage.flops_per_token = flops_per_token(stage.model_dir, b.data.seq_len)["flops_per_token"]
+        if stage.index > 1:
+            prev = stages[stage.index - 2]
+            stage.flops_offset = prev.flops_at(prev.step_offset + prev.steps, tps)
         if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
             summaries.append({"stage": stage.index, "steps": stage.steps, "resumed_past": True})
             continue  # this stage finished before the interruption
@@ -764,6 +777,7 @@ def _train(
                 **_stage_model(stage, work),
                 "steps": stage.steps,
                 "layers": trainer.model.config.num_hidden_layers,
+                "flops_per_token": stage.flops_per_token,
                 "trainable_params": n_train,
                 "params": n_all,
             }
@@ -791,6 +805,7 @@ def _train(
         n_train,
         n_all,
         summaries,
+        stages[-1].flops_at(total_steps, tps),
     )
     if is_main():
         with open(work / "metrics.jsonl", "a") as f:
@@ -800,6 +815,7 @@ def _train(
                         "step": total_steps,
                         "stage": len(stages),
                         "tokens": total_steps * tps,
+                        "flops": stages[-1].flops_at(total_steps, tps),
                         "final": True,
                         **({"eval_loss": loss, "eval_ppl": res.perplexity} if loss is not None else {}),
                         **({"eval_loss_by_domain": by_domain} if by_domain else {}),
@@ -919,6 +935,7 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
                         "step": prev.steps,
                         "stage": prev.index + 1,
                         "tokens": prev.steps * tps,
+                        "flops": prev.flops_at(prev.step_offset + prev.steps, tps),
                         "event": "grow",
                         "layers": res.num_layers,
                         "params": res.num_params,
@@ -977,6 +994,7 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
         "trainable_params": res.trainable_params,
         "params": res.total_params,
         "stages": res.stages,
+        "flops": res.flops,
         "world_size": world_size(),
     }
     if getattr(trainer, "mixture", None):
