@@ -644,3 +644,58 @@ def test_new_layers_training_in_every_family(tmp_path, corpus, models, family):
     changed = {k for k in before if not torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))}
     assert changed and changed <= new, sorted(changed - new)[:5]
     assert res.trainable_params == sum(before[k].numel() for k in new)
+
+
+def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path, corpus, models):
+    """G_learn (LiGO, depth): each grown layer's weights are learned combinations of the small
+    model's layers, per parameter type; it starts at the plan's copies, trains with the small model
+    frozen, and is written as a plain checkpoint that loads and keeps training."""
+    import transformers
+
+    from surgery.train.data import Ordered, Packed, default_cache_dir, expand_sources, token_stream
+    from surgery.train.ligo import learn_depth
+
+    small = models("llama")
+    grown = tmp_path / "grown"
+    apply(plan_from_text(f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{stack: {{times: 2}}}}]\n"), grown, progress=False)
+    before = load_tensors(grown)
+    tok = transformers.AutoTokenizer.from_pretrained(small)
+    srcs = expand_sources([str(corpus / "train.jsonl")], tmp_path, "text", lambda i: "data")
+    stream = token_stream(srcs, tok, small, default_cache_dir(), None)
+    order = Ordered(Packed(stream, 32, 0, len(stream) // 32), seed=0, start=0, length=6 * 4)
+    loader = torch.utils.data.DataLoader(order, batch_size=4, collate_fn=transformers.default_data_collator)
+    rec = learn_depth(small, grown, loader, steps=6, lr=0.05, where="test", echo=quiet)
+    assert rec["loss_after"] < rec["loss_before"]  # on the batches it learned from
+    after, small_w = load_tensors(grown), load_tensors(small)
+    D = {t: torch.tensor(m) for t, m in rec["matrices"].items()}
+    assert set(D) == {k.split(".", 3)[3] for k in small_w if k.startswith("model.layers.")}
+    for name, w in after.items():
+        if name.startswith("model.layers."):
+            layer, t = int(name.split(".")[2]), name.split(".", 3)[3]
+            want = sum(D[t][layer, j] * small_w[f"model.layers.{j}.{t}"] for j in range(4))
+            assert torch.allclose(w, want, atol=1e-6), name
+        else:
+            assert torch.equal(w, before[name])  # embeddings, final norm and head are the small model's
+    assert not all(torch.equal(after[k], before[k]) for k in after)  # learning moved the weights off the copies
+    assert (D["self_attn.q_proj.weight"][:4] != 0).sum() > 4  # ... by mixing layers, not only scaling copies
+    assert read_json(grown / "surgery.json")["growth_operator"]["steps"] == 6
+    r = CliRunner().invoke(main, ["verify", str(grown)])
+    assert r.exit_code == 0, r.output  # the rewritten shards' hashes were recorded
+    assert transformers.AutoModelForCausalLM.from_pretrained(grown).config.num_hidden_layers == 8
+
+
+def test_grow_with_a_learned_operator_in_one_command(tmp_path, corpus, models):
+    extra = GROW.format(schedule="reset").replace("  schedule: reset\n", "  schedule: reset\n  operator: learn\n  learn_steps: 3\n")
+    res = train(config(tmp_path, corpus, models("llama"), extra, steps=12), progress=False, echo=quiet)
+    recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines()]
+    [learn] = [r for r in recs if r.get("event") == "learn-operator"]
+    assert learn["step"] == 8 and learn["learn_steps"] == 3 and learn["learn_flops"] > 0
+    summary = read_json(res.path / "train.json")
+    op = summary["stages"][1]["grown"]["growth_operator"]
+    assert op["operator"] == "learn" and op["loss_after"] == learn["loss_after"]
+    # the operator's steps are counted in FLOPs (at the grown size) before the grown model's first step
+    first2 = min((r for r in recs if "loss" in r and r["stage"] == 2), key=lambda r: r["step"])
+    assert first2["flops"] > learn["learn_flops"] + 8 * 512 * summary["stages"][0]["flops_per_token"]
+    with pytest.raises(SurgeryError) as e:
+        config_from_text("model: m\ndata: {files: [a.txt]}\nsteps: 9\ngrow: {at_tokens: 10, plan: p.yaml, operator: learn}\n", tmp_path)
+    assert "learn_steps" in str(e.value)

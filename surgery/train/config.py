@@ -124,8 +124,22 @@ class Grow(Strict):
     # residual stream is multiplied by min(1, step / mask_steps), so the grown model starts from the
     # small model's function and the new layers fade in; the mask follows the step, so it resumes exactly
     mask_steps: Optional[int] = Field(default=None, ge=1)
+    # G_learn (LiGO): `learn` trains the depth-growth operator (each grown layer a learned combination
+    # of the small model's layers, per parameter type) for learn_steps steps with the small model
+    # frozen, writes the grown weights, then continues; `plan` (default) takes the plan's weights as they are
+    operator: Literal["plan", "learn"] = "plan"
+    learn_steps: Optional[int] = Field(default=None, ge=1)
+    learn_lr: float = Field(default=1e-2, gt=0, allow_inf_nan=False)
 
     _count = field_validator("at_tokens", mode="before")(lambda v: parse_count(v))
+
+    @model_validator(mode="after")
+    def _learn(self):
+        if self.operator == "learn" and self.learn_steps is None:
+            raise ValueError("operator: learn needs learn_steps (how many steps the growth operator trains)")
+        if self.operator != "learn" and self.learn_steps is not None:
+            raise ValueError("learn_steps is for operator: learn")
+        return self
 
 
 class TrainConfig(Strict):

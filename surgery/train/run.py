@@ -49,6 +49,7 @@ class Stage:
     run_steps: int = 0  # optimizer steps of the whole run (all stages)
     flops_per_token: int = 0  # training FLOPs per token at this stage's size (surgery.train.flops)
     flops_offset: float = 0.0  # training FLOPs of the stages before this one
+    data_offset: int = 0  # steps of data read before this stage beyond step_offset (a learned growth operator's)
 
     def flops_at(self, step: int, tps: int) -> float:
         """Cumulative training FLOPs of the run at global step `step` (inside this stage)."""
@@ -585,7 +586,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
             stage.model_dir,
             progress=progress and is_main(),
             sequences=stage.steps * per_step,
-            start=stage.step_offset * per_step,
+            start=(stage.step_offset + stage.data_offset) * per_step,
         )
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
@@ -767,6 +768,9 @@ def _train(
         if stage.index > 1:
             prev = stages[stage.index - 2]
             stage.flops_offset = prev.flops_at(prev.step_offset + prev.steps, tps)
+            if b.grow is not None and b.grow.operator == "learn":  # the operator's own steps, at the grown size
+                stage.flops_offset += b.grow.learn_steps * tps * stage.flops_per_token
+                stage.data_offset = b.grow.learn_steps  # the grown model trains on the data after them
         if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
             summaries.append({"stage": stage.index, "steps": stage.steps, "resumed_past": True})
             continue  # this stage finished before the interruption
@@ -839,6 +843,8 @@ def _stage_model(stage: Stage, work: Path) -> dict:
         rec = json.loads(prov.read_text())
         out["grown"] = {k: rec.get("output", {}).get(k) for k in ("num_layers", "parameters", "shards")}
         out["grown"]["layer_map"] = rec.get("layer_map")
+        if rec.get("growth_operator"):  # G_learn: the learned operator that made the weights
+            out["grown"]["growth_operator"] = rec["growth_operator"]
     return out
 
 
@@ -948,8 +954,59 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
             f"{res.num_layers} layers, {res.num_params:,} parameters; optimizer and schedule "
             f"{'continue' if cfg.body.grow.schedule == 'continue' else 'reset'}"
         )
+        g = cfg.body.grow
+        if g.operator == "learn":
+            _learn_operator(cfg, prev, work, tps, echo)
     _barrier()
     return grown
+
+
+def _learn_operator(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> None:
+    """G_learn: train LiGO's depth operator on the data that follows stage `prev` (its own steps,
+    before the grown model's), write the grown weights, and record it in metrics.jsonl."""
+    import torch
+    import transformers
+
+    from surgery.train.data import build_corpus
+    from surgery.train.flops import flops_per_token
+    from surgery.train.ligo import learn_depth
+
+    b, g = cfg.body, cfg.body.grow
+    grown = work / "grown"
+    per_step = b.micro_batch * b.grad_accum * world_size()
+    tok = transformers.AutoTokenizer.from_pretrained(grown, trust_remote_code=False)
+    corpus = build_corpus(cfg, tok, grown, sequences=g.learn_steps * per_step, start=(prev.step_offset + prev.steps) * per_step)
+    loader = torch.utils.data.DataLoader(
+        corpus.train, batch_size=b.micro_batch * b.grad_accum, shuffle=False, collate_fn=transformers.default_data_collator
+    )
+    torch.manual_seed(b.seed)
+    rec = learn_depth(
+        work / f"stage-{prev.index}" / "final",
+        grown,
+        loader,
+        steps=g.learn_steps,
+        lr=g.learn_lr,
+        where=cfg.where("grow", "operator"),
+        echo=echo,
+    )
+    flops = g.learn_steps * tps * flops_per_token(grown, b.data.seq_len)["flops_per_token"]
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "step": prev.step_offset + prev.steps,
+                    "stage": prev.index + 1,
+                    "tokens": (prev.step_offset + prev.steps) * tps,
+                    "event": "learn-operator",
+                    "learn_steps": g.learn_steps,
+                    "learn_tokens": g.learn_steps * tps,
+                    "learn_flops": flops,
+                    "loss_before": rec["loss_before"],
+                    "loss_after": rec["loss_after"],
+                }
+            )
+            + "\n"
+        )
 
 
 def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: OutputFolder, res: TrainResult, echo=print) -> None:
