@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
-"""Gstack's central comparison, run by surgery itself: a deep model trained from scratch against the
-same depth grown from a trained shallow model, at the same token budget, with held-out loss and
-training FLOPs for each.
+"""Gstack's operator comparison, run by surgery itself: a target model trained from scratch against
+the same model grown from a smaller trained one by each growth operator, at the same token budget,
+with held-out loss against training FLOPs.
 
-    python bench/bench_growth.py --size small    # minutes on this 2-core CPU (the figure in RESULTS.md)
+    python bench/bench_growth.py --size small    # minutes on this 2-core CPU (the figures in RESULTS.md)
     python bench/bench_growth.py --size tiny     # seconds (the tests run it)
 
-Runs (every one `surgery train`, data: the pydoc corpus, the same seed and token budget T):
-- scratch:        the L-layer model from random init, T tokens;
-- stack (G_direct): an L/4-layer model for d tokens, `stack: {times: 4}`, then T - d tokens;
-- random+mask (G_random): the L/4-layer model for d tokens, `expand` with random new layers
-                  (init: random) and `mask_steps` fading them in, then T - d tokens;
-- zero (G_zero):  the same with `init: zero` new layers (norms kept), then T - d tokens.
-FLOPs: 6 N D per stage (N non-embedding parameters). Reported: final held-out loss and perplexity,
-FLOPs, and the FLOPs saved against scratch. Results: bench/results/growth-<size>-<time>.json/.md.
+Runs (each one `surgery train` on the pydoc corpus, the same seed, data order and token budget T;
+the small model trains for d tokens, is grown, and the grown model trains on the next T - d tokens
+with optimizer and schedule reset, as in the paper):
+- scratch:             the target (L layers, width h) from random init;
+- depth, from an L/4-layer model:
+    G_direct (stack):  `stack: {times: 4}`;
+    G_zero:            `expand` with zero new layers (3 after each old one);
+    G_random (+mask):  `expand` with random new layers, faded in by `mask_steps`;
+    G_learn (LiGO):    the stacking plan with `operator: learn` (LiGO's depth operator, learn steps
+                       counted in FLOPs);
+- width, from a model of half the width:
+    G_direct (split):  `widen` hidden, heads and MLP by splitting (the same function);
+    G_zero (MLP):      from half the MLP units only, `widen: {intermediate, init: zero}`;
+    G_random (MLP):    the same with `init: random`;
+    G_learn (width):   not implemented (LiGO's width matrices), reported as such.
+FLOPs come from each run's metrics.jsonl (6N + 12 L d T per token, each stage at its own size).
+Reported: final held-out loss, total FLOPs, and the speed-up: 1 - (FLOPs at which the run's
+held-out curve first reaches scratch's final loss) / (scratch's FLOPs); "-" if it never does.
+Outputs: bench/results/growth-<size>-<time>.json/.md and growth-<size>.png (loss against FLOPs).
 """
 
 from __future__ import annotations
@@ -26,14 +37,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# layers of the deep model, hidden, intermediate, steps, growth step, micro batch, seq
-SIZES = {"small": (16, 64, 256, 240, 60, 8, 64), "tiny": (8, 32, 64, 16, 4, 4, 32)}
-
-GROWTH = {
-    "stack": "      - stack: {times: 4}\n",
-    "random+mask": "      - expand: {groups: GROUPS, per_group: 3, init: random, std: 0.02}\n",
-    "zero": "      - expand: {groups: GROUPS, per_group: 3, init: zero}\n",
-}
+# layers of the target, hidden, intermediate, heads, steps, growth step, micro batch, seq
+SIZES = {"small": (16, 64, 256, 4, 240, 40, 8, 64), "tiny": (8, 32, 64, 4, 12, 4, 4, 32)}
 
 
 def main() -> int:
@@ -41,98 +46,141 @@ def main() -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")) / "growth")
     ap.add_argument("--results", type=Path, default=HERE / "results")
-    ap.add_argument("--lr", default="3e-3", help="peak learning rate of every run")
+    ap.add_argument("--lr", default="1e-3", help="peak learning rate of every run")
+    ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     args = ap.parse_args()
-    deep, hidden, inter, steps, at, mb, seq = SIZES[args.size]
+    deep, hidden, inter, heads, steps, at, mb, seq = SIZES[args.size]
     small_layers = deep // 4
 
     from surgery.tiny import build_tiny
     from surgery.train import train
     from surgery.train.corpus import write_pydoc_corpus
+    from surgery.train.plot import compare_runs, read_metrics
 
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SURGERY_CACHE", str(work / "cache"))
     if not (work / "corpus" / "train.jsonl").exists():
         write_pydoc_corpus(work / "corpus" / "train.jsonl", eval_path=work / "corpus" / "eval.jsonl")
-    dims = dict(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    kv = max(1, heads // 2)
+    half = dict(hidden_size=hidden // 2, num_attention_heads=heads // 2, num_key_value_heads=max(1, kv // 2), head_dim=hidden // heads)
+    full = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv)
+    shapes = {
+        "target": dict(num_hidden_layers=deep, intermediate_size=inter, **full),
+        "shallow": dict(num_hidden_layers=small_layers, intermediate_size=inter, **full),
+        "narrow": dict(num_hidden_layers=deep, intermediate_size=inter // 2, **half),
+        "thin-mlp": dict(num_hidden_layers=deep, intermediate_size=inter // 2, **full),
+    }
     models = {}
-    for name, layers in (("deep", deep), ("small", small_layers)):
+    for name, dims in shapes.items():
         path = work / f"{name}-init"
         if not (path / "config.json").exists():
-            build_tiny("llama", path, seed=0, num_hidden_layers=layers, mlp_bias=False, attention_bias=False, **dims)
+            build_tiny("llama", path, seed=0, vocab_size=128, mlp_bias=False, attention_bias=False, **dims)
         models[name] = path
     tps = mb * seq
+    every = max(1, steps // 12)
     common = (
         f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}}}\n"
-        f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {steps}\nseed: 0\n"
+        f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {every}\nseed: 0\n"
     )
-    runs = {"scratch": f"model: {models['deep']}\n" + common}
-    for name, step in GROWTH.items():
-        text = (
-            f"model: {models['small']}\n"
-            + common
-            + (
-                f"grow:\n  at_tokens: {at * tps}\n"
-                + (f"  mask_steps: {max(1, (steps - at) // 4)}\n" if "mask" in name else "")
-                + "  plan:\n    models: {small: TRAINED}\n    steps:\n"
-                + "      - take: {model: small}\n"
-                + step.replace("GROUPS", str(small_layers))
-            )
+
+    def grown(base: str, step: str, extra: str = "") -> str:
+        return (
+            f"model: {models[base]}\n" + common + f"grow:\n  at_tokens: {at * tps}\n{extra}  plan:\n    models: {{small: TRAINED}}\n"
+            "    steps:\n      - take: {model: small}\n" + step
         )
-        runs[name] = text
-    rows = []
-    n_params = {}  # non-embedding parameters per depth
-    per_layer = 4 * hidden * hidden * 3 // 4 + 3 * hidden * inter + 2 * hidden  # q,o (h x h), k,v (h x h/2), MLP, norms
-    for depth in (deep, small_layers):
-        n_params[depth] = depth * per_layer
-    for name, text in runs.items():
-        cfg = work / f"{name.replace('+', '-')}.yaml"
-        cfg.write_text(text + f"output: {work / ('out-' + name.replace('+', '-'))}\n")
+
+    stack = "      - stack: {times: 4}\n"
+    expand = f"      - expand: {{groups: {small_layers}, per_group: 3, init: INIT}}\n"
+    mask = f"  mask_steps: {max(1, (steps - at) // 4)}\n"
+    learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n"
+    widen = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}}}\n"
+    mlp = f"      - widen: {{intermediate: {inter}, init: INIT}}\n"
+    runs = {
+        "scratch": ("-", "-", f"model: {models['target']}\n" + common),
+        "stack": ("depth", "G_direct", grown("shallow", stack)),
+        "zero": ("depth", "G_zero", grown("shallow", expand.replace("INIT", "zero"))),
+        "random+mask": ("depth", "G_random", grown("shallow", expand.replace("INIT", "random, std: 0.02"), mask)),
+        "learn": ("depth", "G_learn", grown("shallow", stack, learn)),
+        "split-width": ("width", "G_direct", grown("narrow", widen)),
+        "zero-mlp": ("width (MLP)", "G_zero", grown("thin-mlp", mlp.replace("INIT", "zero"))),
+        "random-mlp": ("width (MLP)", "G_random", grown("thin-mlp", mlp.replace("INIT", "random, std: 0.02"))),
+    }
+    only = [x for x in args.only.split(",") if x]
+    rows, curves = [], {}
+    for name, (axis, op, text) in runs.items():
+        if only and name not in only and name != "scratch":
+            continue
+        tag = name.replace("+", "-")
+        cfg = work / f"{tag}.yaml"
+        cfg.write_text(text + f"output: {work / ('out-' + tag)}\n")
         res = train(cfg, force=True, progress=False, echo=lambda *a: None)
-        if name == "scratch":
-            flops = 6 * n_params[deep] * steps * tps
-        else:
-            flops = 6 * n_params[small_layers] * at * tps + 6 * n_params[deep] * (steps - at) * tps
+        recs = read_metrics(res.path / "metrics.jsonl")
+        curve = sorted({r["flops"]: r["eval_loss"] for r in recs if "eval_loss" in r and "flops" in r}.items())
+        curves[name] = res.path
         rows.append(
             {
                 "run": name,
+                "axis": axis,
+                "operator": op,
                 "eval_loss": res.eval_loss,
                 "perplexity": res.perplexity,
-                "tokens": res.tokens,
-                "flops": flops,
+                "flops": res.flops,
+                "curve": curve,
                 "seconds": round(res.seconds, 1),
             }
         )
-        print(
-            f"  {name:<12} held-out loss {res.eval_loss:.4f}  ppl {res.perplexity:7.2f}  FLOPs {flops:.3e}  {res.seconds:6.1f} s",
-            flush=True,
-        )
+        print(f"  {name:<12} held-out loss {res.eval_loss:.4f}  FLOPs {res.flops:.3e}  {res.seconds:6.1f} s", flush=True)
+    target = rows[0]["eval_loss"]
     base = rows[0]["flops"]
     for r in rows:
-        r["flops_saved_vs_scratch"] = round(1 - r["flops"] / base, 3)
+        reach = _first_reach(r["curve"], target)
+        r["flops_to_scratch_loss"] = reach
+        r["speedup"] = None if reach is None else round(1 - reach / base, 3)
+    rows.append({"run": "learn-width", "axis": "width", "operator": "G_learn", "not_implemented": True})
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {
         "size": args.size,
         "lr": args.lr,
-        "deep_layers": deep,
-        "small_layers": small_layers,
-        "hidden": hidden,
+        "target": shapes["target"],
         "steps": steps,
         "grow_at_step": at,
         "tokens_per_step": tps,
         "rows": rows,
     }
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.json").write_text(json.dumps(doc, indent=2))
-    lines = ["| run | held-out loss | perplexity | training FLOPs | FLOPs saved vs scratch |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [
-        f"| {r['run']} | {r['eval_loss']:.4f} | {r['perplexity']:.2f} | {r['flops']:.3e} | {r['flops_saved_vs_scratch']:.0%} |"
-        for r in rows
+    lines = [
+        "| run | growth | operator | held-out loss | training FLOPs | FLOPs to reach scratch's final loss | speed-up |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
+    for r in rows:
+        if r.get("not_implemented"):
+            lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | not implemented | | | |")
+            continue
+        reach = "-" if r["flops_to_scratch_loss"] is None else f"{r['flops_to_scratch_loss']:.3e}"
+        speed = "-" if r["speedup"] is None else f"{r['speedup']:.0%}"
+        lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['eval_loss']:.4f} | {r['flops']:.3e} | {reach} | {speed} |")
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:
+        compare_runs(list(curves.values()), args.results / f"growth-{args.size}.png", x="flops", title=f"growth operators ({args.size})")
+    except Exception as e:  # the figure is a convenience; the table is the result
+        print(f"(no figure: {e})")
     return 0
+
+
+def _first_reach(curve: list, target: float) -> float | None:
+    """The FLOPs at which a held-out curve [(flops, loss)] first reaches `target` (linear between points)."""
+    prev = None
+    for f, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return f
+            f0, l0 = prev
+            return f0 + (f - f0) * (l0 - target) / (l0 - loss)
+        prev = (f, loss)
+    return None
 
 
 if __name__ == "__main__":
