@@ -477,7 +477,7 @@ class Ordered:
 
 @dataclass
 class Corpus:
-    train: Packed  # or a Mixture of the domains' Packed sequences
+    train: object  # Ordered (one stream) or Mixture (data.sources): the stage's draws, in training order
     eval: Packed | dict | None  # a mixture: {domain: its held-out Packed}
     train_tokens: int
     eval_tokens: int
