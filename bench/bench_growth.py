@@ -4,6 +4,7 @@ the same model grown from a smaller trained one by each growth operator, at the 
 with held-out loss against training FLOPs.
 
     python bench/bench_growth.py --size small    # minutes on this 2-core CPU (the figures in RESULTS.md)
+    python bench/bench_growth.py --size medium   # width 128, 3x the steps: about half an hour here
     python bench/bench_growth.py --size tiny     # seconds (the tests run it)
 
 Runs (each one `surgery train` on the pydoc corpus, the same seed, data order and token budget T;
@@ -38,7 +39,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # layers of the target, hidden, intermediate, heads, steps, growth step, micro batch, seq
-SIZES = {"small": (16, 64, 256, 4, 240, 40, 8, 64), "tiny": (8, 32, 64, 4, 12, 4, 4, 32)}
+SIZES = {
+    "medium": (16, 128, 512, 4, 720, 120, 8, 64),
+    "small": (16, 64, 256, 4, 240, 40, 8, 64),
+    "tiny": (8, 32, 64, 4, 12, 4, 4, 32),
+}
 
 
 def main() -> int:
