@@ -196,3 +196,38 @@ def test_a_matrix_the_family_does_not_describe_is_refused(models, tmp_path, hidd
         plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: {hidden}}}}}]\n")
         rep = surgery.validate(plan)
     assert not rep.valid and "does not say how it grows" in str(rep.problems[0]) and "plan.yaml:" in rep.problems[0].where
+
+
+def test_masks_fade_in_new_mlp_units(models, tmp_path):
+    """G_random in width with masks: new units' activations times m before the down projection; at
+    m = 0 the grown model computes the small model's function, at m = 1 its own, bit for bit."""
+    import transformers
+
+    from surgery.errors import PlanError
+    from surgery.train.run import fade_in_new_layers
+
+    small = models("llama")
+    plan = write_plan(
+        tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96, init: random, std: 0.5}}}}]\n"
+    )
+    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()(input_ids=ids).logits
+        assert (unmasked - ref).abs().max() > 1e-3  # the random units change the function
+        cb = fade_in_new_layers(model, grown, 4, "cfg", small_dir=small)
+        assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-6)  # m = 0: the small model
+        cb.on_step_end(None, type("S", (), {"global_step": 2})(), None)
+        half = model(input_ids=ids).logits
+        assert not torch.allclose(half, ref, atol=1e-4) and not torch.allclose(half, unmasked, atol=1e-4)
+        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
+        assert torch.equal(model(input_ids=ids).logits, unmasked)  # m = 1: the grown model, bit for bit
+    split = surgery.apply(
+        write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96}}}}]\n", "s.yaml"),
+        tmp_path / "split",
+        progress=False,
+    ).path
+    with pytest.raises(PlanError, match="adds neither"):
+        fade_in_new_layers(model, split, 4, "cfg", small_dir=small)
