@@ -619,13 +619,9 @@ def mix_fit(runs, steps, holdout, min_share, fmt):
     held-out curves of finished proxy runs (different proportions, the same domains), report R^2 and
     the mean relative error on held-out points, and print the proportions that minimise the
     predicted average loss at --steps as a ready `data.sources` block."""
-    from surgery.errors import PlanError
     from surgery.train.mixture import fit_runs, fit_text
 
-    try:
-        doc = fit_runs(list(runs), steps=steps, holdout=holdout, min_share=min_share)
-    except ValueError as e:
-        raise PlanError(f"--min-share: {e}") from None
+    doc = fit_runs(list(runs), steps=steps, holdout=holdout, min_share=min_share)
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else fit_text(doc))
 
 

@@ -271,3 +271,26 @@ def test_mix_show_and_eval_per_domain(tmp_path, domains, models):
     assert out["loss"] == pytest.approx((out["domains"]["docs"]["loss"] + out["domains"]["code"]["loss"]) / 2)
     plain = CliRunner().invoke(main, ["mix", str(tmp_path / "nope.yaml")])
     assert plain.exit_code == 1 and "nope.yaml" in plain.output
+
+
+@pytest.mark.parametrize(
+    "train_json, metrics, message",
+    [
+        ("[1, 2]", "", "not trained on a mixture"),
+        ("not json", "", "not valid JSON"),
+        ('{"mixture": {"domains": [{"name": "a"}]}}', "", "mixture.domains"),
+        ('{"mixture": {"domains": [{"name": "a", "proportion": 0.5}]}}', '{"step": "a"}\n', "'step' is 'a'"),
+        ('{"mixture": {"domains": [{"name": "a", "proportion": 0.5}]}}', "[1]\n", "a JSON object"),
+        ('{"mixture": {"domains": [{"name": "a", "proportion": 0.5}]}}', '{"step": 1, "eval_loss_by_domain": {"a": "x"}}\n', "mapping"),
+        ('{"mixture": {"domains": [{"name": "a", "proportion": 0.5}]}}', '{"step": 1, "loss": true}\n', "not a number"),
+    ],
+)
+def test_hostile_runs_are_located_errors(tmp_path, train_json, metrics, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.json").write_text(train_json)
+    (run / "metrics.jsonl").write_text(metrics)
+    r = CliRunner().invoke(main, ["mix", "fit", str(run), str(run)])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output and "internal error" not in r.output, r.output
+    r = CliRunner().invoke(main, ["plot", str(run), "-o", str(tmp_path / "x.png")])  # plot reads metrics.jsonl only
+    assert r.exit_code == 1 and (message if metrics else "no losses recorded") in r.output and "internal error" not in r.output, r.output

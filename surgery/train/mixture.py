@@ -373,7 +373,7 @@ def read_run(folder) -> dict:
     from pathlib import Path
 
     from surgery.errors import PlanError
-    from surgery.jsonio import parse_json, read_json
+    from surgery.jsonio import read_json
 
     folder = Path(folder)
     tj, mj = folder / "train.json", folder / "metrics.jsonl"
@@ -385,21 +385,25 @@ def read_run(folder) -> dict:
         raise PlanError(
             f"{folder} was not trained on a mixture (train.json has no `mixture`)", where=str(tj), fix="fit runs with data.sources"
         )
-    c = summary.get("config", {})
-    sources = {s["name"]: s for s in c.get("data", {}).get("sources", [])}
-    curves: dict = {r["name"]: {} for r in mix["domains"]}
-    for n, line in enumerate(mj.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = parse_json(line, f"{mj}:{n}", error=PlanError)
-        if not isinstance(rec, dict):
-            continue
+    c = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    data = c.get("data") if isinstance(c.get("data"), dict) else {}
+    sources = {s["name"]: s for s in data.get("sources") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)}
+    domains = mix.get("domains") if isinstance(mix, dict) else None
+    if not isinstance(domains, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) and _finite(r.get("proportion")) and 0 <= r["proportion"] <= 1
+        for r in domains
+    ):
+        raise PlanError("train.json's mixture.domains is not a list of {name, proportion}", where=str(tj))
+    curves: dict = {r["name"]: {} for r in domains}
+    from surgery.train.plot import read_metrics
+
+    for rec in read_metrics(mj):
         for name, loss in (rec.get("eval_loss_by_domain") or {}).items():
-            if name in curves and rec.get("step", 0) > 0 and isinstance(loss, (int, float)) and math.isfinite(loss):
+            if name in curves and rec.get("step", 0) > 0 and math.isfinite(loss) and loss > 0:
                 curves[name][int(rec["step"])] = float(loss)
     return {
         "path": str(folder),
-        "proportions": {r["name"]: r["proportion"] for r in mix["domains"]},
+        "proportions": {r["name"]: r["proportion"] for r in domains},
         "sources": sources,
         "tokens_per_step": c.get("micro_batch", 0)
         * c.get("grad_accum", 1)
@@ -407,6 +411,17 @@ def read_run(folder) -> dict:
         * summary.get("world_size", 1),
         "curves": {k: sorted(v.items()) for k, v in curves.items()},
     }
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _tokens_per_step(c: dict, data: dict, summary: dict):
+    parts = (c.get("micro_batch"), c.get("grad_accum", 1), data.get("seq_len"), summary.get("world_size", 1))
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in parts):
+        return None  # unknown: only runs that record it are compared
+    return parts[0] * parts[1] * parts[2] * parts[3]
 
 
 def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, importance: dict | None = None, min_share: float = 0.0) -> dict:
@@ -418,6 +433,8 @@ def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, import
 
     runs = [read_run(f) for f in folders]
     names = list(runs[0]["proportions"])
+    if min_share * len(names) > 1:
+        raise PlanError(f"--min-share {min_share} for {len(names)} domains adds up to more than 1", fix=f"use at most {1 / len(names):.3f}")
     for run in runs[1:]:
         if list(run["proportions"]) != names:
             raise PlanError(

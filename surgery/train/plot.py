@@ -4,12 +4,47 @@ model grew."""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a run's metrics.jsonl (a file surgery wrote, read back as any input: every
+    record a JSON object, its counters finite numbers, its losses numbers (a diverged run's NaN
+    allowed), a domain's losses a mapping of numbers), or a located error naming the line."""
+    from surgery.errors import PlanError
+    from surgery.jsonio import MAX_JSON_BYTES, parse_json
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise PlanError(f"metrics.jsonl is over {MAX_JSON_BYTES:,} bytes (corrupt or hostile file)", where=str(path))
+        text = path.read_bytes()
+    except OSError as e:
+        raise PlanError(f"cannot read metrics.jsonl: {e.strerror}", where=str(path)) from None
+    recs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        rec = parse_json(line, where, error=PlanError, what="the record")
+        if not isinstance(rec, dict):
+            raise PlanError("a metrics record is a JSON object", where=where)
+        for key in ("step", "stage", "tokens", "flops"):
+            if key in rec and not (_number(rec[key]) and math.isfinite(rec[key]) and rec[key] >= 0):
+                raise PlanError(f"{key!r} is {str(rec[key])[:40]!r}, not a finite number >= 0", where=where)
+        for key in ("loss", "eval_loss"):
+            if key in rec and not _number(rec[key]):
+                raise PlanError(f"{key!r} is {str(rec[key])[:40]!r}, not a number", where=where)
+        by = rec.get("eval_loss_by_domain")
+        if by is not None and not (isinstance(by, dict) and all(isinstance(k, str) and _number(v) for k, v in by.items())):
+            raise PlanError("'eval_loss_by_domain' is not a mapping of domain names to numbers", where=where)
+        recs.append(rec)
+    return recs
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
@@ -69,10 +104,9 @@ def compare_runs(runs: list, png: Path, *, x: str = "tokens", title: str = "", t
         path = Path(run) / "metrics.jsonl"
         if not path.is_file():
             raise PlanError(f"{run} holds no metrics.jsonl", where=str(run), fix="give `surgery train` output folders")
-        try:
-            recs = read_metrics(path)
-        except ValueError as e:
-            raise PlanError(f"metrics.jsonl is not JSON Lines ({e})", where=str(path)) from None
+        recs = read_metrics(path)
+        if not any("loss" in r or "eval_loss" in r for r in recs):
+            raise PlanError("no losses recorded yet", where=str(path), fix="plot runs that have logged a step")
         if any(key not in r for r in recs if "loss" in r or "eval_loss" in r):
             raise PlanError(
                 f"records without {key!r}" + (" (trained before surgery recorded FLOPs)" if key == "flops" else ""),
