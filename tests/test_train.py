@@ -699,3 +699,29 @@ def test_grow_with_a_learned_operator_in_one_command(tmp_path, corpus, models):
     with pytest.raises(SurgeryError) as e:
         config_from_text("model: m\ndata: {files: [a.txt]}\nsteps: 9\ngrow: {at_tokens: 10, plan: p.yaml, operator: learn}\n", tmp_path)
     assert "learn_steps" in str(e.value)
+
+
+def test_a_kill_while_learning_the_operator_resumes_to_the_same_result(tmp_path, corpus, models, monkeypatch):
+    import surgery.train.ligo as ligo
+
+    extra = GROW.format(schedule="reset").replace("  schedule: reset\n", "  schedule: reset\n  operator: learn\n  learn_steps: 3\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    full = train(config(a, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet)
+    real = ligo.learn_depth
+
+    def killed(small, grown, *args, **kw):
+        (grown / "model-00001-of-00001.safetensors").write_bytes(b"half-written")  # the kill leaves a torn copy
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ligo, "learn_depth", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(b, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet)
+    work = b / ".out.surgery-train"
+    assert (work / "grown.learning").exists() and not (work / "grown").exists()  # nothing looks grown
+    monkeypatch.setattr(ligo, "learn_depth", real)
+    again = train(config(b, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet, resume=True)
+    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    events = [json.loads(x).get("event") for x in (again.path / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("grow") == 1 and events.count("learn-operator") == 1

@@ -994,43 +994,71 @@ def _save_stage(trainer, folder: Path) -> None:
 
 
 def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
-    """Apply the grow plan to the previous stage's final model (rank 0), everyone waits for it."""
+    """Apply the grow plan to the previous stage's final model (rank 0), everyone waits for it.
+
+    `work/grown` exists only once the grown model is final: the plan's output is published by
+    `apply` atomically, and a learned operator (G_learn) works on a copy that is renamed into place
+    when its weights are written. A kill anywhere is repaired by the next --resume: a published
+    plan output is reused, a half-learned copy discarded and the (deterministic) learning redone.
+    Metrics records are appended once, whatever the kills."""
     from surgery.api import apply
 
+    g = cfg.body.grow
     grown = work / "grown"
     if is_main() and not (grown / "config.json").exists():
-        plan = load_grow_plan(cfg, work / f"stage-{prev.index}" / "final")
-        res = apply(plan, grown, force=True, progress=False)
-        with open(work / "metrics.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "step": prev.steps,
-                        "stage": prev.index + 1,
-                        "tokens": prev.steps * tps,
-                        "flops": prev.flops_at(prev.step_offset + prev.steps, tps),
-                        "event": "grow",
-                        "layers": res.num_layers,
-                        "params": res.num_params,
-                    }
-                )
-                + "\n"
-            )
+        target = work / "grown-plan" if g.operator == "learn" else grown
+        if (target / "config.json").exists() and (target / "surgery.json").exists():
+            info = json.loads((target / "surgery.json").read_text()).get("output", {})
+            layers, params = info.get("num_layers"), info.get("parameters")
+        else:
+            res = apply(load_grow_plan(cfg, work / f"stage-{prev.index}" / "final"), target, force=True, progress=False)
+            layers, params = res.num_layers, res.num_params
         echo(
-            f"grew the model at step {prev.steps} ({prev.steps * tps:,} tokens): "
-            f"{res.num_layers} layers, {res.num_params:,} parameters; optimizer and schedule "
-            f"{'continue' if cfg.body.grow.schedule == 'continue' else 'reset'}"
+            f"grew the model at step {prev.steps} ({prev.steps * tps:,} tokens): {layers} layers, {params:,} parameters; "
+            f"optimizer and schedule {'continue' if g.schedule == 'continue' else 'reset'}"
         )
-        g = cfg.body.grow
+        record = {
+            "step": prev.steps,
+            "stage": prev.index + 1,
+            "tokens": prev.steps * tps,
+            "flops": prev.flops_at(prev.step_offset + prev.steps, tps),
+            "event": "grow",
+            "layers": layers,
+            "params": params,
+        }
         if g.operator == "learn":
-            _learn_operator(cfg, prev, work, tps, echo)
+            learning = work / "grown.learning"
+            shutil.rmtree(learning, ignore_errors=True)  # an interrupted attempt: start it over
+            shutil.copytree(target, learning)
+            learned = _learn_operator(cfg, prev, learning, tps, echo)
+            learning.rename(grown)
+            _append_once(work / "metrics.jsonl", [record, learned])
+        else:
+            _append_once(work / "metrics.jsonl", [record])
     _barrier()
     return grown
 
 
-def _learn_operator(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> None:
+def _append_once(path: Path, records: list[dict]) -> None:
+    """Append event records to metrics.jsonl unless a resumed run wrote them already."""
+    have = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "event" in r:
+                have.add((r.get("event"), r.get("stage"), r.get("step")))
+    with open(path, "a") as f:
+        for r in records:
+            if (r["event"], r["stage"], r["step"]) not in have:
+                f.write(json.dumps(r) + "\n")
+
+
+def _learn_operator(cfg: Config, prev: Stage, grown: Path, tps: int, echo) -> dict:
     """G_learn: train LiGO's depth operator on the data that follows stage `prev` (its own steps,
-    before the grown model's), write the grown weights, and record it in metrics.jsonl."""
+    before the grown model's), write the grown weights into `grown`; the metrics record of it."""
     import torch
     import transformers
 
@@ -1039,7 +1067,6 @@ def _learn_operator(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Non
     from surgery.train.ligo import learn_depth
 
     b, g = cfg.body, cfg.body.grow
-    grown = work / "grown"
     per_step = b.micro_batch * b.grad_accum * world_size()
     tok = transformers.AutoTokenizer.from_pretrained(grown, trust_remote_code=False)
     corpus = build_corpus(cfg, tok, grown, sequences=g.learn_steps * per_step, start=(prev.step_offset + prev.steps) * per_step)
@@ -1048,7 +1075,7 @@ def _learn_operator(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Non
     )
     torch.manual_seed(b.seed)
     rec = learn_depth(
-        work / f"stage-{prev.index}" / "final",
+        grown.parent / f"stage-{prev.index}" / "final",
         grown,
         loader,
         steps=g.learn_steps,
@@ -1056,24 +1083,17 @@ def _learn_operator(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Non
         where=cfg.where("grow", "operator"),
         echo=echo,
     )
-    flops = g.learn_steps * tps * flops_per_token(grown, b.data.seq_len)["flops_per_token"]
-    with open(work / "metrics.jsonl", "a") as f:
-        f.write(
-            json.dumps(
-                {
-                    "step": prev.step_offset + prev.steps,
-                    "stage": prev.index + 1,
-                    "tokens": (prev.step_offset + prev.steps) * tps,
-                    "event": "learn-operator",
-                    "learn_steps": g.learn_steps,
-                    "learn_tokens": g.learn_steps * tps,
-                    "learn_flops": flops,
-                    "loss_before": rec["loss_before"],
-                    "loss_after": rec["loss_after"],
-                }
-            )
-            + "\n"
-        )
+    return {
+        "step": prev.step_offset + prev.steps,
+        "stage": prev.index + 1,
+        "tokens": (prev.step_offset + prev.steps) * tps,
+        "event": "learn-operator",
+        "learn_steps": g.learn_steps,
+        "learn_tokens": g.learn_steps * tps,
+        "learn_flops": g.learn_steps * tps * flops_per_token(grown, b.data.seq_len)["flops_per_token"],
+        "loss_before": rec["loss_before"],
+        "loss_after": rec["loss_after"],
+    }
 
 
 def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: OutputFolder, res: TrainResult, echo=print) -> None:
