@@ -725,3 +725,15 @@ def test_a_kill_while_learning_the_operator_resumes_to_the_same_result(tmp_path,
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     events = [json.loads(x).get("event") for x in (again.path / "metrics.jsonl").read_text().splitlines()]
     assert events.count("grow") == 1 and events.count("learn-operator") == 1
+
+
+def test_a_diverged_run_is_an_error_and_publishes_nothing(tmp_path, corpus, models):
+    cfg = config(tmp_path, corpus, models("llama"), "log_every: 1\ngrad_clip: 0\n", steps=30)
+    cfg.write_text(cfg.read_text().replace("lr: 3e-3", "lr: 1e6"))
+    with pytest.raises(SurgeryError) as e:
+        train(cfg, progress=False, echo=quiet)
+    msg = str(e.value)
+    assert "training diverged at step" in msg and "nothing was published" in msg and "train.yaml:" in msg and "lower lr" in msg
+    assert not (tmp_path / "out").exists()
+    recs = [json.loads(x) for x in (tmp_path / ".out.surgery-train" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if "loss" in r]) < 30  # stopped at the divergence, not trained to the end

@@ -499,6 +499,8 @@ def _callbacks(
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and any(isinstance(v, float) and not math.isfinite(v) for k, v in logs.items() if _watched(k)):
+                control.should_training_stop = True  # diverged: stop now (every process), _check_finite says why
             if not state.is_world_process_zero or not logs:
                 return
             step = stage.step_offset + state.global_step
@@ -579,12 +581,13 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
         weight_decay=b.weight_decay,
         adam_beta1=b.betas[0],
         adam_beta2=b.betas[1],
-        max_grad_norm=b.grad_clip or None,
+        max_grad_norm=b.grad_clip,  # 0: no clipping (HF skips it; None would crash its comparison)
         max_steps=stage.steps,
         logging_steps=b.log_every or max(1, min(every, 10)),
         save_steps=b.save_every or every,
         save_total_limit=b.keep_checkpoints,
         eval_strategy="no",  # evaluations follow the run's global step (the Metrics callback), not the stage's
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (HF's filter would log the running mean instead)
         bf16=prec == "bf16",
         seed=b.seed,
         data_seed=b.seed,
@@ -706,8 +709,31 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     if stage.index > 1 and not last and corpus.eval is not None and not b.fsdp:
         trainer.evaluate()  # the held-out loss of the grown model before it trains: the jump of growth, at the growth step
     trainer.train(resume_from_checkpoint=last)
+    _check_finite(trainer, stage, cfg)
     done = trainer.state.global_step >= stage.steps
     return trainer, done, n_train, n_all
+
+
+def _watched(key: str) -> bool:
+    """The logged values that must stay finite: the training loss, the gradient norm, every held-out loss."""
+    return key in ("loss", "grad_norm") or (key.startswith("eval_") and key.endswith("loss"))
+
+
+def _check_finite(trainer, stage: Stage, cfg: Config) -> None:
+    """A diverged run is an error, never a published model: the first logged loss, gradient norm
+    or held-out loss that is NaN or infinite stops training (the Metrics callback) and lands here,
+    on every process (the log history is the same on all)."""
+    for h in trainer.state.log_history:
+        bad = {k: v for k, v in h.items() if _watched(k) and isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            step = stage.step_offset + int(h.get("step", 0))
+            what = ", ".join(f"{k} {v}" for k, v in bad.items())
+            raise PlanError(
+                f"training diverged at step {step} (stage {stage.index}): {what}; nothing was published",
+                where=cfg.where("lr"),
+                fix=f"start over (--force) with a lower lr (now {cfg.body.lr:g}), a longer warmup, or grad_clip; "
+                "checkpoints saved after the divergence hold non-finite weights",
+            )
 
 
 def train(
