@@ -57,6 +57,7 @@ def main() -> int:
     deep, hidden, inter, heads, steps, at, mb, seq = SIZES[args.size]
     small_layers = deep // 4
 
+    from surgery.errors import SurgeryError
     from surgery.tiny import build_tiny
     from surgery.train import train
     from surgery.train.corpus import write_pydoc_corpus
@@ -119,7 +120,12 @@ def main() -> int:
         tag = name.replace("+", "-")
         cfg = work / f"{tag}.yaml"
         cfg.write_text(text + f"output: {work / ('out-' + tag)}\n")
-        res = train(cfg, force=True, progress=False, echo=lambda *a: None)
+        try:
+            res = train(cfg, force=True, progress=False, echo=lambda *a: None)
+        except SurgeryError as e:  # a diverged run is a result too
+            rows.append({"run": name, "axis": axis, "operator": op, "diverged": str(e).split(";")[0]})
+            print(f"  {name:<12} {rows[-1]['diverged']}", flush=True)
+            continue
         recs = read_metrics(res.path / "metrics.jsonl")
         curve = sorted({r["flops"]: r["eval_loss"] for r in recs if "eval_loss" in r and "flops" in r}.items())
         curves[name] = res.path
@@ -136,9 +142,14 @@ def main() -> int:
             }
         )
         print(f"  {name:<12} held-out loss {res.eval_loss:.4f}  FLOPs {res.flops:.3e}  {res.seconds:6.1f} s", flush=True)
+    if rows[0].get("diverged"):
+        print("scratch diverged: nothing to compare against; lower --lr")
+        return 1
     target = rows[0]["eval_loss"]
     base = rows[0]["flops"]
     for r in rows:
+        if r.get("diverged"):
+            continue
         reach = _first_reach(r["curve"], target)
         r["flops_to_scratch_loss"] = reach
         r["speedup"] = None if reach is None else round(1 - reach / base, 3)
@@ -162,6 +173,9 @@ def main() -> int:
     for r in rows:
         if r.get("not_implemented"):
             lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | not implemented | | | |")
+            continue
+        if r.get("diverged"):
+            lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['diverged']} | | | |")
             continue
         reach = "-" if r["flops_to_scratch_loss"] is None else f"{r['flops_to_scratch_loss']:.3e}"
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.0%}"
