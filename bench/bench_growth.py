@@ -5,6 +5,7 @@ with held-out loss against training FLOPs.
 
     python bench/bench_growth.py --size small    # minutes on this 2-core CPU (the figures in RESULTS.md)
     python bench/bench_growth.py --size medium   # width 128, 3x the steps: about half an hour here
+    python bench/bench_growth.py --size gpu      # 24 layers, width 512, 33M tokens: for a GPU
     python bench/bench_growth.py --size tiny     # seconds (the tests run it)
 
 Runs (each one `surgery train` on the pydoc corpus, the same seed, data order and token budget T;
@@ -40,6 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # layers of the target, hidden, intermediate, heads, steps, growth step, micro batch, seq
 SIZES = {
+    "gpu": (24, 512, 2048, 8, 4000, 400, 16, 512),  # not run here: for a machine with a GPU
     "medium": (16, 128, 512, 4, 720, 120, 8, 64),
     "small": (16, 64, 256, 4, 240, 40, 8, 64),
     "tiny": (8, 32, 64, 4, 12, 4, 4, 32),

@@ -577,7 +577,7 @@ def mix():
           - {name: docs, files: [docs/*.jsonl], weight: 3}
           - {name: code, files: [code/*.jsonl], eval_files: [code-eval.jsonl], weight: 1}
         weights: given     # or uniform, tokens, entropy (BiMix's conditional entropy), joint-entropy, marginal-entropy
-        exhausted: repeat  # a domain smaller than its share: reuse it (reported), or error
+        exhausted: repeat  # a domain smaller than its share: reuse it (reported), or stop (the run does not start)
     Each domain gets its own held-out loss in metrics.jsonl; eval_loss is their weighted average."""
 
 

@@ -231,7 +231,7 @@ def test_an_exhausted_domain_is_reported_or_refused(tmp_path, domains, models):
     res = train(cfg, progress=False, echo=notes.append)
     assert res.path is not None
     assert any("source 'code' holds" in n and "passes over it" in n and "data.exhausted: repeat" in n for n in notes), notes
-    cfg.write_text(text.replace("data:\n", "data:\n  exhausted: error\n"))
+    cfg.write_text(text.replace("data:\n", "data:\n  exhausted: stop\n"))
     with pytest.raises(SurgeryError) as e:
         train(cfg, progress=False, echo=quiet, force=True)
     assert "source 'code' holds" in str(e.value) and "mix.yaml:9" in str(e.value) and "exhausted: repeat" in str(e.value)

@@ -81,7 +81,8 @@ class Data(Strict):
     # sizes), or from each domain's token statistics (BiMix's entropy proxies): `entropy` (=
     # conditional-entropy), `joint-entropy`, `marginal-entropy`
     weights: Literal[WEIGHT_RULES] = "given"
-    exhausted: Literal["repeat", "error"] = "repeat"  # a domain with fewer sequences than its share: reuse them (reported) or refuse
+    # a domain with fewer sequences than its share: reuse them (reported), or stop: the run does not start (a located error)
+    exhausted: Literal["repeat", "stop"] = "repeat"
     entropy_max_tokens: Annotated[int, COUNT_SCHEMA] = 10_000_000  # entropy statistics read at most this many tokens per domain
     _ent_cap = field_validator("entropy_max_tokens", mode="before")(lambda v: parse_count(v))
     text_field: str = "text"  # the field of JSONL records / parquet columns holding the text

@@ -599,7 +599,7 @@ def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_sta
                 f"source {r['name']!r} holds {r['train_sequences']:,} training sequences, and its share "
                 f"({q:.1%} of {start + length:,}) draws {total:,}: {total / r['train_sequences']:.2f} passes over it"
             )
-            if d.exhausted == "error":
+            if d.exhausted == "stop":
                 problems.append(PlanError(msg, where=cfg.where("data", "sources", i), fix=_EXHAUSTED_FIX).problems[0])
             else:
                 notes.append(msg + " (data.exhausted: repeat)")
