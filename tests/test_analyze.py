@@ -54,6 +54,21 @@ def test_streamed_states_equal_a_full_forward(models, held_out, family):
             assert a.drop_loss[n][start] == pytest.approx(_loss(model, ids, drop=(start, n)), abs=2e-6), (family, n, start)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "phi3", "gpt_neox"])
+def test_the_held_out_loss_is_the_models_own_for_the_other_families(models, held_out, family):
+    """The loss pass (final norm, streamed head, Gemma 2's logit soft-capping) on the families the
+    state test above does not run."""
+    import transformers
+
+    from surgery.analyze import analyze
+
+    m = models(family)
+    a = analyze(m, [str(held_out)], samples=4, seq_len=16, micro_batch=2, drop_sizes=(1,), loss_samples=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()
+    assert a.loss == pytest.approx(_loss(model, a.inputs), abs=2e-6)
+    assert a.drop_loss[1][1] == pytest.approx(_loss(model, a.inputs, drop=(1, 1)), abs=2e-6)
+
+
 def _loss(model, ids, drop=(0, 0)):
     """transformers' own loss of `model` on `ids`, with the decoder layers [start, start + n) removed
     in memory (and their entries of a per-layer `layer_types`, as the `drop` step does)."""
