@@ -65,7 +65,15 @@ class Family:
     embed_scaled: bool = False
     # head growth (`widen: {heads, kv_heads}`): attention projections by role: q, k, v (rows are
     # heads x head_dim), or a fused qkv; o (columns are heads x head_dim)
-    attention: tuple = ()  # ((role, regex), ...), from a JSON object
+    attention: tuple = ()  # ((role, regex or [[regex, dim], ...]), ...), from a JSON object; dim: where the heads are
+    # config keys of the widths; GPT-2 writes n_embd and n_head and cannot state a head size (it is
+    # hidden / heads, so its heads grow with the hidden size): head_dim_key "" says so
+    hidden_key: str = "hidden_size"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    head_dim_key: str = "head_dim"
+    position_embeddings: tuple = ()  # absolute position embeddings [positions, hidden] (GPT-2's wpe): written to the stream
+    intermediate_factor: int = 0  # MLP units per hidden unit when intermediate_key is null in the config (GPT-2: 4)
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -124,9 +132,15 @@ class Family:
         return None
 
     def attention_role(self, suffix: str) -> str | None:
-        for role, pattern in self.attention:
-            if re.fullmatch(pattern, suffix):
-                return role
+        entry = self.attention_entry(suffix)
+        return entry[0] if entry else None
+
+    def attention_entry(self, suffix: str) -> tuple[str, int | None] | None:
+        """(role, the dimension that indexes heads, or None for the role's usual one) of an attention tensor."""
+        for role, patterns in self.attention:
+            for pattern, dim in [(patterns, None)] if isinstance(patterns, str) else [(x[0], int(x[1])) for x in patterns]:
+                if re.fullmatch(pattern, suffix):
+                    return role, dim
         return None
 
     def is_norm(self, suffix: str) -> bool:

@@ -65,26 +65,33 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             changes.append(f"{key}: {v} -> {new_v}")
         cfg[key] = new_v
     w = stack[0].widen if stack else None
+    hk, ak, kk, dk = family.hidden_key, family.heads_key, family.kv_heads_key, family.head_dim_key
     if w is not None and w.hidden is not None:
-        h_old = cfg.get("hidden_size")
+        h_old = cfg.get(hk)
         if isinstance(h_old, int) and w.hidden != h_old:
-            heads = cfg.get("num_attention_heads")
-            head_dim = cfg.get("head_dim") or (h_old // heads if isinstance(heads, int) and heads else None)
-            changes.append(f"hidden_size: {h_old} -> {w.hidden} (widen)")
-            cfg["hidden_size"] = w.hidden
-            if head_dim and cfg.get("head_dim") != head_dim:
-                changes.append(f"head_dim: {cfg.get('head_dim')} -> {head_dim} (kept: the heads keep their size)")
-                cfg["head_dim"] = head_dim
-    if w is not None and (w.heads is not None or w.kv_heads is not None):
-        from surgery.compile.tensors import head_counts
+            heads = cfg.get(ak)
+            head_dim = (cfg.get(dk) if dk else None) or (h_old // heads if isinstance(heads, int) and heads else None)
+            changes.append(f"{hk}: {h_old} -> {w.hidden} (widen)")
+            cfg[hk] = w.hidden
+            if dk and head_dim and cfg.get(dk) != head_dim:
+                changes.append(f"{dk}: {cfg.get(dk)} -> {head_dim} (kept: the heads keep their size)")
+                cfg[dk] = head_dim
+            ik = family.intermediate_key
+            if family.intermediate_factor and cfg.get(ik) is None and w.intermediate is None:  # GPT-2: n_inner null = 4 x hidden
+                cfg[ik] = family.intermediate_factor * h_old
+                changes.append(f"{ik}: null -> {cfg[ik]} (written: the MLP keeps its {cfg[ik]} units)")
+    from surgery.compile.tensors import head_counts
 
-        a, k, a2, k2, d = head_counts(family, base, w)
-        for key, old, new in (("num_attention_heads", a, a2), ("num_key_value_heads", k, k2), ("head_dim", cfg.get("head_dim"), d)):
+    counts = head_counts(family, base, w) if w is not None else None
+    if counts is not None:
+        a, k, a2, k2, d = counts
+        pairs = [(ak, a, a2)] + ([(kk, k, k2)] if kk else []) + ([(dk, cfg.get(dk), d)] if dk else [])
+        for key, old, new in pairs:
             if cfg.get(key) != new:
                 changes.append(f"{key}: {old} -> {new} (widen)")
                 cfg[key] = new
     if w is not None and (w.heads is not None or w.kv_heads is not None or w.hidden is not None):
-        h, a = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+        h, a = cfg.get(hk), cfg.get(ak)
         if isinstance(h, int) and isinstance(a, int) and a and h % a:
             warnings.append(
                 Problem(

@@ -201,14 +201,27 @@ def _widen(s: Widen, stack, ctx: Ctx):
         )
     if (s.heads is not None or s.kv_heads is not None) and not family.attention:
         raise ctx.fail(
-            f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma or phi3 model", ("heads",)
+            f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma, phi3 or gpt2 model", ("heads",)
         )
     if s.hidden is not None and not family.hidden_in:
         raise ctx.fail(
             f"hidden-size growth is not available for family {family.name} yet",
-            "widen `intermediate` only, or a llama, mistral, qwen2/3, gemma or phi3 model",
+            "widen `intermediate` only, or a llama, mistral, qwen2/3, gemma, phi3 or gpt2 model",
             ("hidden",),
         )
+    if not family.head_dim_key and (s.heads is not None or s.kv_heads is not None):
+        # GPT-2: the attention is exactly the residual stream's width (head size = n_embd / n_head)
+        cfg = family.lm_config(ctx.ckpts[stack[0].sources[0][0]].config) if stack else {}
+        h, a = cfg.get(family.hidden_key), cfg.get(family.heads_key)
+        d = h // a if isinstance(h, int) and isinstance(a, int) and a else None
+        want = (s.hidden // d) if (d and s.hidden is not None and s.hidden % d == 0) else None
+        if s.kv_heads is not None or s.hidden is None or (want is not None and s.heads != want):
+            raise ctx.fail(
+                f"family {family.name} has no separate head size (it is {family.hidden_key} / {family.heads_key}), so its heads "
+                "grow only with the hidden size, by the same factor, and it has no key/value heads of their own",
+                f"give `hidden` alone (the heads follow: {family.heads_key} = hidden / {d})" if d else "give `hidden` alone",
+                ("heads",) if s.kv_heads is None else ("kv_heads",),
+            )
     if any(x.widen is not None for x in stack):
         raise ctx.fail("the layers are widened already; give one `widen` step with the final size", key=("intermediate",))
     return [replace(x, widen=s, widen_where=ctx.where) for x in stack]

@@ -240,12 +240,18 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
 
 def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int, int] | None:
     """(A, K, A', K', head_dim) for a `widen` with heads/kv_heads, or None; the ratio A/K is kept."""
-    if w is None or (w.heads is None and w.kv_heads is None):
+    if w is None or (w.heads is None and w.kv_heads is None and not (w.hidden is not None and not family.head_dim_key)):
         return None
+    if w.heads is None and w.kv_heads is None:  # no head size in the config: the heads grow with the hidden size
+        cfg = family.lm_config(base.config)
+        a, h = cfg.get(family.heads_key), cfg.get(family.hidden_key)
+        if isinstance(a, int) and isinstance(h, int) and a and h % a == 0 and w.hidden % (h // a) == 0:
+            w = w.model_copy(update={"heads": w.hidden // (h // a)})
     cfg = family.lm_config(base.config)
-    a, k = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
-    h = cfg.get("hidden_size")
-    d = cfg.get("head_dim") or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
+    a, k = cfg.get(family.heads_key), cfg.get(family.kv_heads_key) or cfg.get(family.heads_key)
+    h = cfg.get(family.hidden_key)
+    d = cfg.get(family.head_dim_key) if family.head_dim_key else None
+    d = d or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
     if not (isinstance(a, int) and isinstance(k, int) and isinstance(d, int) and k and a % k == 0):
         raise PlanError(Problem(None, "widen heads: the config does not give num_attention_heads, num_key_value_heads and the head size"))
     g = a // k
@@ -264,9 +270,10 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
 
 
 def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
-    role = family.attention_role(suffix)
-    if counts is None or role is None:
+    entry = family.attention_entry(suffix)
+    if counts is None or entry is None:
         return r
+    role, hdim = entry
     a, k, a2, k2, d = counts
     g = a // k
     kv_src = [j % k for j in range(k2)]
@@ -276,15 +283,16 @@ def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
     def rows(src):
         return [s * d + e for s in src for e in range(d)]
 
+    at = 0 if hdim is None else hdim  # q, k, v, qkv: rows are heads (GPT-2's Conv1D: columns)
     if role == "q":
-        return Gather(r, 0, tuple(rows(q_src)))
+        return Gather(r, at, tuple(rows(q_src)))
     if role in ("k", "v"):
-        return Gather(r, 0, tuple(rows(kv_src)))
+        return Gather(r, at, tuple(rows(kv_src)))
     if role == "qkv":
         idx = rows(q_src) + [a * d + i for i in rows(kv_src)] + [(a + k) * d + i for i in rows(kv_src)]
-        return Gather(r, 0, tuple(idx))
-    if role == "o":  # columns read the heads: a copied head's column is shared among its copies
-        return Gather(r, 1, tuple(rows(q_src)), tuple(1.0 / uses[s] for s in q_src for _ in range(d)))
+        return Gather(r, at, tuple(idx))
+    if role == "o":  # what reads the heads (columns; GPT-2's Conv1D: rows): a copied head's share is divided among its copies
+        return Gather(r, 1 if hdim is None else hdim, tuple(rows(q_src)), tuple(1.0 / uses[s] for s in q_src for _ in range(d)))
     return r
 
 
@@ -372,7 +380,7 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
     both copied and divided: the final norm's gain carries the division instead."""
     import math
 
-    h_old = family.lm_config(base.config).get("hidden_size")
+    h_old = family.lm_config(base.config).get(family.hidden_key)
     new = spec.widen.hidden
     if not isinstance(h_old, int) or new < h_old:
         raise PlanError(
@@ -413,6 +421,8 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
                 g = Gather(r, 0, src)
         elif name in emb:
             g = Gather(r, 1, src, (emb_scale,) * new if emb_scale != 1 else None)
+        elif name in family.position_embeddings:  # added to the token embedding: copied the same way
+            g = Gather(r, 1, src)
         elif name == family.lm_head:
             g = Gather(r, 1, src, share)
         elif name == family.final_norm:
@@ -421,6 +431,9 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the division
                 c = (emb_scale,) * new if family.embed_scaled else share
                 g = Gather(r, 0, src, c, tuple(x - 1 for x in c) if family.norm_plus_one else None)
+        elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
+            # a LayerNorm's bias (GPT-2's ln_f) goes with its gain: copied, or divided for a tied head
+            g = Gather(r, 0, src, share if base.tied else None)
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
             raise PlanError(
                 Problem(
