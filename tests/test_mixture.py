@@ -92,6 +92,9 @@ def test_the_stream_keeps_the_proportions_and_is_a_function_of_seed_and_position
     assert [again.locate(j) for j in reversed(probe)] == [seen[j] for j in reversed(probe)]
     assert [Mixture(parts, ["a", "b", "c"], p, N, seed=8).locate(j) for j in range(64)] != seen[:64]
     assert mix[5] == parts[seen[5][0]][seen[5][1]]
+    import pickle  # dataloader workers receive the dataset pickled
+
+    assert pickle.loads(pickle.dumps(mix)).locate(9000) == seen[9000]
     with pytest.raises(IndexError):
         mix.locate(N)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -52,8 +51,22 @@ class Mixture:
             if q > 0 and n == 0:
                 raise ValueError(f"domain {name} has no training sequence")
         self.counts = block_counts(p)
-        self._block = lru_cache(maxsize=4)(self._make_block)
-        self._perm = lru_cache(maxsize=16)(self._make_perm)
+        self._blocks: dict = {}  # small caches (plain dicts: the dataset pickles into dataloader workers)
+        self._perms: dict = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if b not in self._blocks:
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[b] = self._make_block(b)
+        return self._blocks[b]
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        if (d, epoch) not in self._perms:
+            if len(self._perms) >= 16:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[(d, epoch)] = self._make_perm(d, epoch)
+        return self._perms[(d, epoch)]
 
     def __len__(self) -> int:
         return self.length
