@@ -111,18 +111,22 @@ def test_hidden_growth_keeps_the_function(models, tmp_path, family):
         assert (logits(out) - base).abs().max().item() <= 5e-6, (family, w)
 
 
-def test_gpt2_grows_its_stream_and_heads_together(models, tmp_path):
-    """GPT-2 has no head size of its own (n_embd / n_head): hidden growth copies the heads too (Conv1D
-    layouts: heads are the columns of c_attn and the rows of c_proj), its position embedding is
-    copied, the tied head's final LayerNorm divides gain and bias, and n_inner (null: 4 x n_embd) is
-    written so the MLP keeps its units."""
-    m = models("gpt2")
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_gpt2_and_neox_grow_their_stream_and_heads_together(models, tmp_path, family):
+    """GPT-2 and NeoX have no head size of their own (hidden / heads): hidden growth copies the heads
+    too. GPT-2's Conv1D layouts (heads are the columns of c_attn and the rows of c_proj), its position
+    embedding copied, the tied head's final LayerNorm dividing gain and bias, n_inner (null: 4 x
+    n_embd) written so the MLP keeps its units; NeoX's query_key_value holds each head's q, k and v
+    side by side, its partial rotary is unchanged (the head size is kept), its untied embed_out divided."""
+    m = models(family)
+    keys = ("n_embd", "n_head", "n_inner") if family == "gpt2" else ("hidden_size", "num_attention_heads", "intermediate_size")
     base = logits(m)
     for w, hidden, inner in (("{hidden: 64}", 64, 128), ("{hidden: 96, intermediate: 200}", 96, 200), ("{hidden: 64, heads: 8}", 64, 128)):
         plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {w}}}]\n", f"g{hidden}.yaml")
         out = surgery.apply(plan, tmp_path / f"g{hidden}-{inner}-{len(w)}", progress=False).path
         cfg = json.loads((out / "config.json").read_text())
-        assert (cfg["n_embd"], cfg["n_head"], cfg["n_inner"]) == (hidden, hidden // 8, inner), cfg
+        want_inner = inner if family == "gpt2" or "intermediate" in w else 64  # NeoX states its MLP size
+        assert tuple(cfg[k] for k in keys) == (hidden, hidden // 8, want_inner), cfg
         assert (logits(out) - base).abs().max().item() <= 5e-6, w
     for w, key in (("{heads: 8}", "heads"), ("{hidden: 64, heads: 12}", "heads"), ("{hidden: 64, kv_heads: 8}", "kv_heads")):
         rep = surgery.validate(write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {w}}}]\n", "bad.yaml"))
@@ -133,11 +137,6 @@ def test_hidden_growth_errors(models, tmp_path):
     m = models("llama")
     for name, text, expect in (
         ("small.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 16}}}}]\n", "only adds units"),
-        (
-            "neox.yaml",
-            f"models: {{a: {models('gpt_neox')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
-            "hidden-size growth is not available for family gpt_neox",
-        ),
         ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n", "grow by splitting"),
         ("none.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{}}}}]\n", "give `intermediate`"),
     ):

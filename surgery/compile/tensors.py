@@ -291,6 +291,8 @@ def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
     if role == "qkv":
         idx = rows(q_src) + [a * d + i for i in rows(kv_src)] + [(a + k) * d + i for i in rows(kv_src)]
         return Gather(r, at, tuple(idx))
+    if role == "qkv_per_head":  # NeoX: head h's q, k and v side by side, 3 x head_dim rows (no GQA)
+        return Gather(r, at, tuple(s * 3 * d + e for s in q_src for e in range(3 * d)))
     if role == "o":  # what reads the heads (columns; GPT-2's Conv1D: rows): a copied head's share is divided among its copies
         return Gather(r, 1 if hdim is None else hdim, tuple(rows(q_src)), tuple(1.0 / uses[s] for s in q_src for _ in range(d)))
     return r
