@@ -79,10 +79,6 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
             "put `widen` after the last step",
         ),
         "shrink.yaml": (f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 32}}}}]\n", "only adds units"),
-        "moe.yaml": (
-            f"models: {{a: {models('mixtral')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
-            "not available for family mixtral",
-        ),
         "std.yaml": (
             f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 96, std: 0.1}}}}]\n",
             "`std` only applies",
@@ -95,7 +91,7 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "llama-tied"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "llama-tied"])
 def test_hidden_growth_keeps_the_function(models, tmp_path, family):
     """The residual stream k times wider as k copies: norms see the same RMS, what reads it is divided
     by k, Gemma's sqrt(hidden) embedding scale and tied embeddings are compensated."""
@@ -134,17 +130,24 @@ def test_gpt2_and_neox_grow_their_stream_and_heads_together(models, tmp_path, fa
 
 
 def test_hidden_growth_errors(models, tmp_path):
+    from surgery.tiny import build_tiny_llava
+
     m = models("llama")
     for name, text, expect in (
         ("small.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 16}}}}]\n", "only adds units"),
         ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n", "grow by splitting"),
+        (
+            "vlm.yaml",
+            f"models: {{a: {build_tiny_llava(tmp_path / 'llava')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
+            "hidden-size growth is not available for family llava",
+        ),
         ("none.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{}}}}]\n", "give `intermediate`"),
     ):
         rep = surgery.validate(write_plan(tmp_path, text, name))
         assert not rep.valid and expect in str(rep.problems[0]) and name in rep.problems[0].where, (name, rep.problems)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"])
 def test_head_growth_keeps_the_function(models, tmp_path, family):
     """Copied heads (with their key/value groups, GQA ratio kept) and o_proj columns shared among
     the copies: the same attention output; combined with hidden and MLP growth."""
