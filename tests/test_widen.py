@@ -135,7 +135,7 @@ def test_hidden_growth_errors(models, tmp_path):
     m = models("llama")
     for name, text, expect in (
         ("small.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 16}}}}]\n", "only adds units"),
-        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n", "grow by splitting"),
+        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{heads: 8, init: zero}}}}]\n", "grow by splitting"),
         (
             "vlm.yaml",
             f"models: {{a: {build_tiny_llava(tmp_path / 'llava')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
@@ -251,3 +251,43 @@ def test_masks_fade_in_new_mlp_units(models, tmp_path):
     ).path
     with pytest.raises(PlanError, match="adds neither"):
         fade_in_new_layers(model, split, 4, "cfg", small_dir=small)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_zero_and_random_hidden_units(models, tmp_path, family):
+    """G_zero / G_random for the residual stream: new units appended, the new rows and columns of what
+    writes and reads the stream zero or normal(0, std) (seeded), the old ones untouched, norms a neutral
+    gain for them (1; 0 for Gemma's 1 + w; LayerNorm biases 0); the model loads and runs."""
+    import transformers
+
+    m = models(family)
+    old = load_tensors(m)
+    for init in ("zero", "random, std: 0.05, seed: 3"):
+        tag = init.split(",")[0]
+        plan = write_plan(
+            tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: {init}}}}}]\n", f"{tag}.yaml"
+        )
+        out = surgery.apply(plan, tmp_path / tag, progress=False).path
+        new = load_tensors(out)
+        emb = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+        assert torch.equal(new[emb][:, :32], old[emb])
+        extra = new[emb][:, 32:]
+        if tag == "zero":
+            assert not extra.any()
+        else:
+            assert 0.03 < float(extra.std()) < 0.07  # normal(0, 0.05)
+        norm = "transformer.h.0.ln_1" if family == "gpt2" else "model.layers.0.input_layernorm"
+        gain = new[f"{norm}.weight"]
+        assert torch.equal(gain[:32], old[f"{norm}.weight"]) and torch.all(gain[32:] == (0.0 if family == "gemma3" else 1.0))
+        if family == "gpt2":
+            assert not new[f"{norm}.bias"][32:].any()
+        logits = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=torch.tensor([[3, 4, 5]])).logits
+        assert torch.isfinite(logits).all()
+    again = surgery.apply(plan, tmp_path / "again", progress=False).path  # seeded: the same draw
+    assert torch.equal(load_tensors(again)[emb], new[emb])
+    rep = surgery.validate(
+        write_plan(
+            tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, heads: 8, init: zero}}}}]\n", "h.yaml"
+        )
+    )
+    assert not rep.valid and "grow by splitting" in str(rep.problems[0])

@@ -237,8 +237,8 @@ def compile_plan(
         shards = _schedule(tensors, plan.body.output.shard_size)
     if stack and stack[0].widen is not None and stack[0].widen.hidden is not None:
         tensors = widen_hidden(tensors, stack[0], family, base)
-        h_old = family.lm_config(base.config).get("hidden_size")
-        if isinstance(h_old, int) and stack[0].widen.hidden % h_old:
+        h_old = family.lm_config(base.config).get(family.hidden_key)
+        if isinstance(h_old, int) and stack[0].widen.hidden % h_old and stack[0].widen.init == "split":
             warnings.append(
                 Problem(
                     stack[0].widen_where,

@@ -238,6 +238,54 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
     return Widen(r, kind, dim, parts, old, new, spec.widen.init, std, spec.widen.seed, out_name)
 
 
+def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int, new: int) -> list:
+    """G_zero / G_random in width for the residual stream: units h_old .. new are new, appended; every
+    matrix that writes or reads the stream gets new rows or columns, zero or normal(0, std) (seeded
+    per tensor), and every norm a neutral gain for them (1, or 0 for Gemma's 1 + w; biases 0). Not
+    the same function (a norm's RMS now runs over the new units too): the paper's G_zero and
+    G_random are not function-preserving in width either."""
+    w = spec.widen
+    std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
+    emb = set(family.embeddings) | set(family.position_embeddings) | {family.lm_head}
+    keep = tuple(range(h_old)) + (0,) * (new - h_old)
+
+    def neutral(r: Recipe, gain: bool) -> Recipe:  # old units as they are, new ones 1 (a gain) or 0
+        one = 1.0 if gain and not family.norm_plus_one else 0.0
+        return Gather(r, 0, keep, (1.0,) * h_old + (0.0,) * (new - h_old), (0.0,) * h_old + (one,) * (new - h_old))
+
+    out = []
+    for t in tensors:
+        r, name, g = t.recipe, t.name, None
+        split = family.split(name)
+        if split is not None:
+            role = family.hidden_role(split[1])
+            if role is not None:
+                g = Widen(r, "in", role[1], 1, h_old, new, w.init, std, w.seed, name)
+            elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(split[1]):
+                g = neutral(r, not split[1].endswith(".bias"))
+        elif name in emb and len(r.shape) == 2 and r.shape[1] == h_old:
+            g = Widen(r, "in", 1, 1, h_old, new, w.init, std, w.seed, name)
+        elif family.final_norm and name == family.final_norm:
+            g = neutral(r, True)
+        elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
+            g = neutral(r, False)
+        if g is None and len(r.shape) == 2 and r.shape[1] == h_old:
+            raise _undescribed(spec, family, name, r)
+        out.append(OutTensor(name, g) if g is not None else t)
+    return out
+
+
+def _undescribed(spec: LayerSpec, family: Family, name: str, r: Recipe) -> PlanError:
+    """A matrix reading the residual stream that the family's data does not describe: refused."""
+    return PlanError(
+        Problem(
+            spec.widen_where,
+            f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape but family {family.name} does not say how it grows",
+            "report this family's layout",
+        )
+    )
+
+
 def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int, int] | None:
     """(A, K, A', K', head_dim) for a `widen` with heads/kv_heads, or None; the ratio A/K is kept."""
     if w is None or (w.heads is None and w.kv_heads is None and not (w.hidden is not None and not family.head_dim_key)):
@@ -394,6 +442,8 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
         )
     if new == h_old:
         return tensors
+    if spec.widen.init != "split":
+        return _new_hidden_units(tensors, spec, family, base, h_old, new)
     if base.tied and family.embed_scaled and new % h_old:
         raise PlanError(
             Problem(
@@ -437,13 +487,6 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             # a LayerNorm's bias (GPT-2's ln_f) goes with its gain: copied, or divided for a tied head
             g = Gather(r, 0, src, share if base.tied else None)
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
-            raise PlanError(
-                Problem(
-                    spec.widen_where,
-                    f"widen hidden: {name} {list(r.shape)} has the hidden size in its shape "
-                    f"but family {family.name} does not say how it grows",
-                    "report this family's layout",
-                )
-            )
+            raise _undescribed(spec, family, name, r)
         out.append(OutTensor(name, g) if g is not None else t)
     return out

@@ -144,10 +144,8 @@ class Widen(Step):
         check_std(self)
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
-        if (self.hidden is not None or self.heads is not None or self.kv_heads is not None) and self.init != "split":
-            raise ValueError(
-                "`hidden`, `heads` and `kv_heads` grow by splitting (copies); zero and random apply to `intermediate` only for now"
-            )
+        if (self.heads is not None or self.kv_heads is not None) and self.init != "split":
+            raise ValueError("`heads` and `kv_heads` grow by splitting (copies); zero and random apply to `intermediate` and `hidden`")
         return self
 
 
