@@ -58,15 +58,16 @@ def _user_errors(fn):
     return wrapper
 
 
-def _check_one_file(out: Path, force: bool, keep: list[Path] = ()) -> None:
+def _check_one_file(out: Path, force: bool, keep: list[Path] = (), what: str = "the plan") -> None:
     """A one-file output (a schema, an exported config, a picture): never over an existing file
-    without --force, never over a link or a file the command reads (the plan), whatever --force says."""
+    without --force, never over a link or a file the command reads (the plan, a run's metrics.jsonl),
+    whatever --force says."""
     from surgery.errors import OutputError
 
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise OutputError(f"{out} is a link or not a regular file", fix="write to a new file")
     if any(out.resolve() == Path(k).resolve() for k in keep):
-        raise OutputError(f"{out} is the plan this command reads; it is never replaced", fix="write to another file")
+        raise OutputError(f"{out} is {what} this command reads; it is never replaced", fix="write to another file")
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", fix="pass --force to replace it")
 
@@ -642,7 +643,7 @@ def plot(runs, x, out, no_train_loss, title, force):
       surgery plot out-scratch out-stack out-random --x flops -o growth.png"""
     from surgery.train.plot import compare_runs
 
-    _check_one_file(out, force, [Path(r) / "metrics.jsonl" for r in runs])
+    _check_one_file(out, force, [Path(r) / "metrics.jsonl" for r in runs], what="a run's metrics.jsonl")
     click.echo(f"wrote {compare_runs(list(runs), out, x=x, title=title, train_loss=not no_train_loss)}")
 
 
@@ -772,38 +773,18 @@ def analyze(
     one layer plus the activations, whatever the depth. --suggest turns the result into a plan;
     for drop:N it also measures, in the same pass, the held-out loss with each block of N removed and
     suggests the cheapest (--rank distance: the smallest angular distance alone)."""
-    import json as _json
-
-    from surgery.analyze import analyze as run, parse_suggestion, compare, suggest, text_report, write_report
+    from surgery.analyze import analyze as run, compare, parse_suggestion, suggest, text_report, write_report
 
     show = sys.stderr.isatty() and fmt == "text"
-    sizes = tuple(parse_suggestion(w)[1] for w in suggestions if parse_suggestion(w)[0] == "drop") if rank == "loss" else ()
-    a = run(
-        model,
-        list(files),
-        samples=samples,
-        seq_len=seq_len,
-        micro_batch=micro_batch,
-        device=device,
-        text_field=text_field,
-        progress=show,
-        dtype=dtype,
-        drop_sizes=sizes,
-        loss_samples=loss_samples,
+    kinds = [parse_suggestion(w) for w in suggestions]
+    sizes = tuple(n for kind, n in kinds if kind == "drop") if rank == "loss" else ()
+    common = dict(
+        samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device, text_field=text_field, progress=show, dtype=dtype
     )
+    a = run(model, list(files), drop_sizes=sizes, loss_samples=loss_samples, **common)
     doc = a.as_dict()
     if against:
-        b = run(
-            against,
-            list(files),
-            samples=samples,
-            seq_len=seq_len,
-            micro_batch=micro_batch,
-            device=device,
-            text_field=text_field,
-            progress=show,
-            dtype=dtype,
-        )
+        b = run(against, list(files), **common)
         doc["against"] = {"model": str(against), **compare(a, b)}
     plans = []
     for what in suggestions:
@@ -813,7 +794,7 @@ def analyze(
     if out:
         write_report(a, out, force=force, extra=doc)
     if fmt == "json":
-        click.echo(_json.dumps(doc, indent=2))
+        click.echo(json.dumps(doc, indent=2))
         return
     if plans and not out and len(plans) == 1 and not sys.stdout.isatty():
         click.echo(plans[0][1], nl=False)  # `--suggest drop:4 > plan.yaml`

@@ -241,6 +241,8 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     assert r.exit_code == 0 and (tmp_path / "runs.png").stat().st_size > 1000, r.output
     again = CliRunner().invoke(main, ["plot", str(res.path), "-o", str(tmp_path / "runs.png")])
     assert again.exit_code == 1 and "already exists" in again.output
+    over = CliRunner().invoke(main, ["plot", str(res.path), "-o", str(res.path / "metrics.jsonl"), "--force"])
+    assert over.exit_code == 1 and "a run's metrics.jsonl this command reads" in over.output and "Traceback" not in over.output
     assert res.steps == 14 and res.tokens == 14 * 512
     import transformers
 
