@@ -486,15 +486,7 @@ def execute(
             record = _shard_record(program, headers, srcs.identity())
             build = record_id(record)
             if resume and folder.notes and _published_build(out) == build:
-                return Result(
-                    out,
-                    program.num_layers,
-                    program.num_params,
-                    program.bytes_out,
-                    [s.name for s in program.shards],
-                    time.perf_counter() - t0,
-                    program.new_layers,
-                )
+                return _result(program, out, t0)
             folder.check_target()
             _check_space(out.parent, program.bytes_out + (1 << 20))
             staging = folder.staging
@@ -539,6 +531,12 @@ def execute(
                 }
             )
         )
+    return _result(program, out, t0)
+
+
+def _result(program: Program, out: Path, t0: float) -> Result:
+    import time
+
     return Result(
         out,
         program.num_layers,

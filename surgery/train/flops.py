@@ -15,6 +15,7 @@ stage at its own size.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -23,26 +24,26 @@ def flops_per_token(model_dir: str | Path, seq_len: int) -> dict:
     from surgery.io.checkpoint import open_checkpoint
 
     ck = open_checkpoint("model", str(model_dir), Path(model_dir))
-    cfg = ck.config
-    text = cfg.get(ck.family.text_config) if ck.family.text_config and isinstance(cfg.get(ck.family.text_config), dict) else cfg
-    embeddings = set(ck.family.embeddings) | {n for n in ck.tensors if n.endswith(("wpe.weight", "embed_positions.weight"))}
+    fam, cfg = ck.family, ck.config
+    text = cfg.get(fam.text_config) if fam.text_config and isinstance(cfg.get(fam.text_config), dict) else cfg
+    embeddings = set(fam.embeddings) | set(fam.position_embeddings)  # lookups, not multiplications
     # a mixture of experts runs k of its E experts per token
     k = text.get("num_experts_per_tok")
     e = text.get("num_local_experts") or text.get("num_experts")
     share = k / e if isinstance(k, int) and isinstance(e, int) and e > 0 else 1.0
     n = sum(
-        _numel(t.shape) * (share if ".experts." in name else 1.0)
+        math.prod(t.shape) * (share if ".experts." in name else 1.0)
         for name, t in ck.tensors.items()
         if len(t.shape) >= 2 and name not in embeddings
     )
     n = int(round(n))
-    if ck.family.lm_head not in ck.tensors:  # tied: the head is the embedding matrix, multiplied once per token
-        emb = next((ck.tensors[e] for e in ck.family.embeddings if e in ck.tensors), None)
-        n += _numel(emb.shape) if emb is not None else 0
-    layers = int(text.get(ck.family.num_layers_key) or text.get("num_hidden_layers") or 0)
-    heads = text.get("num_attention_heads") or text.get("n_head") or 0
-    hidden = text.get("hidden_size") or text.get("n_embd") or 0
-    head_dim = text.get("head_dim") or (hidden // heads if heads else 0)
+    if fam.lm_head not in ck.tensors:  # tied: the head is the embedding matrix, multiplied once per token
+        emb = next((ck.tensors[e] for e in fam.embeddings if e in ck.tensors), None)
+        n += math.prod(emb.shape) if emb is not None else 0
+    layers = int(text.get(fam.num_layers_key) or text.get("num_hidden_layers") or 0)
+    heads = text.get(fam.heads_key) or 0
+    hidden = text.get(fam.hidden_key) or 0
+    head_dim = (text.get(fam.head_dim_key) if fam.head_dim_key else None) or (hidden // heads if heads else 0)
     width = int(heads) * int(head_dim)
     return {
         "flops_per_token": 6 * n + 12 * layers * width * seq_len,
@@ -50,10 +51,3 @@ def flops_per_token(model_dir: str | Path, seq_len: int) -> dict:
         "layers": layers,
         "attention_width": width,
     }
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out

@@ -153,8 +153,8 @@ def learn_depth(
         "matrices": {t: D[t].detach().tolist() for t in types},  # float32 values, exactly
     }
     prov["growth_operator"] = record
+    _refresh_checksums(grown_dir, prov)
     prov_path.write_text(json.dumps(prov, indent=2) + "\n")
-    _refresh_checksums(grown_dir, prov_path)
     echo(
         f"learned the growth operator (LiGO, depth) for {steps} steps: training loss on its batches {before:.4f} "
         f"with the plan's operator -> {after:.4f} learned" + ("" if math.isfinite(after) else " (diverged: lower grow.learn_lr)")
@@ -162,12 +162,10 @@ def learn_depth(
     return record
 
 
-def _refresh_checksums(folder: Path, prov_path: Path) -> None:
-    """The shards changed: record their new sizes, header hashes and CRC-32 in surgery.json."""
+def _refresh_checksums(folder: Path, prov: dict) -> None:
+    """The shards changed: record their new sizes, header hashes and CRC-32 in surgery.json's record."""
     from surgery.io.safetensors import file_crc32, header_sha256
 
-    prov = json.loads(prov_path.read_text())
     for shard in prov.get("output", {}).get("shards", []):
         f = folder / shard["name"]
         shard.update(bytes=f.stat().st_size, header_sha256=header_sha256(f), crc32=file_crc32(f))
-    prov_path.write_text(json.dumps(prov, indent=2) + "\n")

@@ -330,11 +330,11 @@ def describe(config, *, progress: bool = False) -> dict:
 
     from surgery.errors import PlanError
     from surgery.io.checkpoint import resolve_ref
-    from surgery.train.config import WEIGHT_RULES, load_config
+    from surgery.train.config import WEIGHT_RULES, Config, load_config
     from surgery.train.data import build_corpus
     from surgery.train.loadable import check_loadable
 
-    cfg = config if not isinstance(config, (str, bytes)) and hasattr(config, "body") else load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
     d = cfg.body.data
     if not d.sources:
         raise PlanError("this config has no `data.sources:` (a mixture of domains) to describe", where=cfg.where("data"))

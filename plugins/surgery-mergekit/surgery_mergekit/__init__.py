@@ -19,29 +19,12 @@ import functools
 import hashlib
 import threading
 
-from surgery.methods import MethodSpec, Param
+from surgery.methods import MERGEKIT_METHODS, MethodSpec, Param
 
 # mergekit 0.1.5's methods that surgery runs through mergekit's kernels (the rest are native:
-# linear, slerp, nuslerp, passthrough). Listed so registering needs no mergekit import; a test
-# checks the list against mergekit's registry.
-METHODS = (
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "karcher",
-    "multislerp",
-    "sce",
-    "nearswap",
-    "arcee_fusion",
-    "ram",
-    "ramplus_tl",
-)
+# linear, slerp, nuslerp, passthrough): the core's list (its error names them when this plugin is
+# missing), so registering needs no mergekit import; a test checks it against mergekit's registry.
+METHODS = MERGEKIT_METHODS
 NATIVE = ("linear", "slerp", "nuslerp", "passthrough")
 _RNG_LOCK = threading.Lock()
 
