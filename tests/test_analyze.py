@@ -183,3 +183,11 @@ def test_cli_report_folder_json_and_against(models, held_out, tmp_path):
     assert r.exit_code == 1 and "nope.jsonl" in r.output and "Traceback" not in r.output
     r = runner.invoke(main, ["analyze", str(m), "--data", str(held_out), "--samples", "2", "--seq-len", "8", "--suggest", "dus:5"])
     assert r.exit_code == 1 and "s is even" in r.output
+
+
+def test_a_drop_size_out_of_range_is_a_located_error(models, held_out):
+    r = CliRunner().invoke(
+        main, ["analyze", str(models("llama")), "--data", str(held_out), "--samples", "2", "--seq-len", "8", "--suggest", "drop:4"]
+    )
+    assert r.exit_code == 1 and "drop:4: a 4-layer model can drop 1 to 3 layers" in r.output and str(models("llama")) in r.output
+    assert "Traceback" not in r.output

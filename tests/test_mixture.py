@@ -297,3 +297,23 @@ def test_hostile_runs_are_located_errors(tmp_path, train_json, metrics, message)
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output and "internal error" not in r.output, r.output
     r = CliRunner().invoke(main, ["plot", str(run), "-o", str(tmp_path / "x.png")])  # plot reads metrics.jsonl only
     assert r.exit_code == 1 and (message if metrics else "no losses recorded") in r.output and "internal error" not in r.output, r.output
+
+
+def test_mixture_command_errors_are_located(tmp_path):
+    """What the new commands refuse: each a located error, exit 1, no traceback."""
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: m\ndata: {files: [a.txt]}\nsteps: 2\n")
+    r = CliRunner().invoke(main, ["mix", str(plain)])
+    assert r.exit_code == 1 and "has no `data.sources:`" in r.output and "plain.yaml:2" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["eval", "no-model", "--data", str(plain)])
+    assert r.exit_code == 1 and "no `sources:` to evaluate" in r.output and "plain.yaml" in r.output and "Traceback" not in r.output
+    runs = []
+    for p in (0.25, 0.75):
+        runs.append(tmp_path / f"p{int(p * 100)}")
+        _fake_run(runs[-1], {"docs": p, "code": 1 - p}, {"docs": Law(0.1, 5.0, 0.5, 2.0), "code": Law(0.3, 4.0, 0.6, 1.5)})
+    r = CliRunner().invoke(main, ["mix", "fit", *map(str, runs), "--min-share", "0.6"])
+    assert r.exit_code == 1 and "--min-share 0.6 for 2 domains" in r.output and "use at most 0.500" in r.output
+    with open(runs[0] / "metrics.jsonl", "a") as f:  # a run from before surgery recorded FLOPs
+        f.write('{"step": 210, "tokens": 1000, "eval_loss": 3.0}\n')
+    r = CliRunner().invoke(main, ["plot", str(runs[0]), "--x", "flops", "-o", str(tmp_path / "f.png")])
+    assert r.exit_code == 1 and "p25/metrics.jsonl" in r.output and "records without 'flops'" in r.output and "tokens or steps" in r.output

@@ -291,3 +291,26 @@ def test_zero_and_random_hidden_units(models, tmp_path, family):
         )
     )
     assert not rep.valid and "grow by splitting" in str(rep.problems[0])
+
+
+def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_path):
+    """Two refusals, located: width masks cannot hook transformers' fused MoE expert weights, and
+    LiGO's depth operator starts only from layers that are copies (or identity blocks)."""
+    import transformers
+
+    from surgery.errors import PlanError
+    from surgery.train.ligo import _operator_init
+    from surgery.train.run import fade_in_new_layers
+
+    small = models("mixtral")
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96, init: random}}}}]\n")
+    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32)
+    with pytest.raises(PlanError) as e:
+        fade_in_new_layers(model, grown, 4, "cfg.yaml:7", small_dir=small)
+    assert "fused" in str(e.value) and "cfg.yaml:7" in str(e.value)
+    import re
+
+    with pytest.raises(PlanError) as e:
+        _operator_init([{"layer": 0, "made": "zero", "sources": [["s", 0]]}], 2, ["mlp.w"], re.compile("(?!)"), "cfg.yaml:9")
+    assert "copies" in str(e.value) and "cfg.yaml:9" in str(e.value) and "operator: plan" in str(e.value)
