@@ -684,6 +684,12 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     r = CliRunner().invoke(main, ["verify", str(grown)])
     assert r.exit_code == 0, r.output  # the rewritten shards' hashes were recorded
     assert transformers.AutoModelForCausalLM.from_pretrained(grown).config.num_hidden_layers == 8
+    # a diverged operator (as a diverged run) is an error, and nothing is written
+    written = load_tensors(grown)
+    with pytest.raises(SurgeryError) as e:
+        learn_depth(small, grown, loader, steps=6, lr=1e9, where="cfg.yaml:12", echo=quiet)
+    assert "diverged" in str(e.value) and "cfg.yaml:12" in str(e.value) and "learn_lr" in str(e.value)
+    assert all(torch.equal(v, load_tensors(grown)[k]) for k, v in written.items())
 
 
 def test_grow_with_a_learned_operator_in_one_command(tmp_path, corpus, models):

@@ -133,6 +133,13 @@ def learn_depth(
         for t in types:
             D[t].copy_(learned[t])
         final = {n: v.detach().contiguous() for n, v in params().items()}
+    if not math.isfinite(after) or not all(bool(torch.isfinite(v).all()) for v in final.values()):
+        # the same rule as training: a diverged operator is an error, never written
+        raise PlanError(
+            f"learning the growth operator diverged (its loss went from {before:.4f} to {after}); nothing was written",
+            where=where,
+            fix=f"lower grow.learn_lr (now {lr:g}) or learn_steps",
+        )
     # write the learned weights over the plan's output, in its own dtype, shard by shard
     dtype_of: dict = {}
     for f in sorted(grown_dir.glob("*.safetensors")):
@@ -157,7 +164,7 @@ def learn_depth(
     prov_path.write_text(json.dumps(prov, indent=2) + "\n")
     echo(
         f"learned the growth operator (LiGO, depth) for {steps} steps: training loss on its batches {before:.4f} "
-        f"with the plan's operator -> {after:.4f} learned" + ("" if math.isfinite(after) else " (diverged: lower grow.learn_lr)")
+        f"with the plan's operator -> {after:.4f} learned"
     )
     return record
 
