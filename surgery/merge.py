@@ -72,17 +72,18 @@ def widen(x, r):
     in width, Net2Net's split, for `split`; G_zero and G_random for the others)."""
     import torch
 
-    blocks = x.chunk(r.parts, dim=r.dim) if r.parts > 1 else (x,)
-    extra = r.new - r.old
-    src = torch.arange(r.old, r.new, device=x.device) % r.old  # new unit -> the unit it copies
+    sizes = r.sizes
+    blocks = x.split([o for o, _ in sizes], dim=r.dim) if len(sizes) > 1 else (x,)
     out = []
-    for b, blk in enumerate(blocks):
+    for b, (blk, (old, new_size)) in enumerate(zip(blocks, sizes, strict=True)):
+        extra = new_size - old
         if r.init == "split":
+            src = torch.arange(old, new_size, device=x.device) % old  # new unit -> the unit it copies
             grown = torch.cat([blk, blk.index_select(r.dim, src)], dim=r.dim)
             if r.role == "out":  # the columns reading a unit and its copies share its weight
-                counts = torch.ones(r.old, dtype=torch.float64, device=x.device)
+                counts = torch.ones(old, dtype=torch.float64, device=x.device)
                 counts.index_add_(0, src, torch.ones(extra, dtype=torch.float64, device=x.device))
-                scale = (1.0 / counts)[torch.cat([torch.arange(r.old, device=x.device), src])]
+                scale = (1.0 / counts)[torch.cat([torch.arange(old, device=x.device), src])]
                 shape = [1] * grown.dim()
                 shape[r.dim] = -1
                 grown = (grown.double() * scale.reshape(shape)).to(blk.dtype)

@@ -283,7 +283,9 @@ class Widen(Regrouped):
     `parts` equal blocks, for a fused gate_up_proj). New unit u >= old copies unit u mod old
     (`split`), or is zero or normal(0, std) (`zero`, `random`). For a tensor that reads the units
     (`role: out`), `split` divides each copied unit's column by the number of its copies, so the
-    sum over copies is the original: the MLP computes exactly what it did (any new size)."""
+    sum over copies is the original: the MLP computes exactly what it did (any new size).
+    `blocks` ((old, new) per block, when given) replaces `parts` equal blocks of `old` -> `new`: a
+    fused q|k|v whose key/value part is smaller than its query part (GQA) grows each part on its own."""
 
     role: str  # in | out
     dim: int
@@ -294,13 +296,19 @@ class Widen(Regrouped):
     std: float
     seed: int
     key: str
+    blocks: Optional[tuple[tuple[int, int], ...]] = None
 
     whole_tensor = True
 
     @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """(old, new) of each block along `dim`."""
+        return self.blocks if self.blocks is not None else ((self.old, self.new),) * self.parts
+
+    @property
     def shape(self):
         s = list(self.inner.shape)
-        s[self.dim] = self.new * self.parts
+        s[self.dim] = sum(n for _, n in self.sizes)
         return tuple(s)
 
     def describe(self) -> str:

@@ -149,7 +149,7 @@ def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path,
     import transformers
 
     from surgery.train import train
-    from surgery.train.run import LayerMask, fade_in_new_layers
+    from surgery.train.masks import LayerMask, fade_in_new_layers
 
     from .test_train import config, quiet, write_pydoc_corpus
 

@@ -135,7 +135,6 @@ def test_hidden_growth_errors(models, tmp_path):
     m = models("llama")
     for name, text, expect in (
         ("small.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 16}}}}]\n", "only adds units"),
-        ("zero.yaml", f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{heads: 8, init: zero}}}}]\n", "grow by splitting"),
         (
             "vlm.yaml",
             f"models: {{a: {build_tiny_llava(tmp_path / 'llava')}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64}}}}]\n",
@@ -224,7 +223,7 @@ def test_masks_fade_in_new_mlp_units(models, tmp_path):
     import transformers
 
     from surgery.errors import PlanError
-    from surgery.train.run import fade_in_new_layers
+    from surgery.train.masks import fade_in_new_layers
 
     small = models("llama")
     plan = write_plan(
@@ -270,12 +269,15 @@ def test_zero_and_random_hidden_units(models, tmp_path, family):
         out = surgery.apply(plan, tmp_path / tag, progress=False).path
         new = load_tensors(out)
         emb = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
-        assert torch.equal(new[emb][:, :32], old[emb])
         extra = new[emb][:, 32:]
         if tag == "zero":
             assert not extra.any()
         else:
             assert 0.03 < float(extra.std()) < 0.07  # normal(0, 0.05)
+        if family == "gemma3":  # Gemma's sqrt(hidden) embedding scale grew: the old units keep their magnitude
+            assert torch.allclose(new[emb][:, :32], old[emb] * (32 / 64) ** 0.5)
+        else:
+            assert torch.equal(new[emb][:, :32], old[emb])
         norm = "transformer.h.0.ln_1" if family == "gpt2" else "model.layers.0.input_layernorm"
         gain = new[f"{norm}.weight"]
         assert torch.equal(gain[:32], old[f"{norm}.weight"]) and torch.all(gain[32:] == (0.0 if family == "gemma3" else 1.0))
@@ -285,12 +287,69 @@ def test_zero_and_random_hidden_units(models, tmp_path, family):
         assert torch.isfinite(logits).all()
     again = surgery.apply(plan, tmp_path / "again", progress=False).path  # seeded: the same draw
     assert torch.equal(load_tensors(again)[emb], new[emb])
-    rep = surgery.validate(
-        write_plan(
-            tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, heads: 8, init: zero}}}}]\n", "h.yaml"
-        )
-    )
-    assert not rep.valid and "grow by splitting" in str(rep.problems[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "gpt2", "gpt_neox"])
+def test_zero_and_random_heads(models, tmp_path, family):
+    """G_zero / G_random for attention heads: new query heads appended after the old ones and new
+    key/value heads after theirs (query head h still reads group h // g), their q/k/v rows and the
+    o_proj columns that read them zero or normal(0, std): `zero` keeps the function exactly (a zero
+    head contributes nothing), `random` does not; the old rows are untouched. GPT-2 and NeoX grow
+    their heads with the stream (no head size of their own): checked through the tensors."""
+    m = models(family)
+    old, base = load_tensors(m), logits(m)
+    w = "hidden: 64" if family in ("gpt2", "gpt_neox") else "heads: 8, kv_heads: 4"
+    for init in ("zero", "random, std: 0.05, seed: 1"):
+        tag = init.split(",")[0]
+        text = f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{{w}, init: {init}}}}}]\n"
+        plan = write_plan(tmp_path, text, f"{tag}.yaml")
+        out = surgery.apply(plan, tmp_path / tag, progress=False).path
+        new = load_tensors(out)
+        if family not in ("gpt2", "gpt_neox", "phi3"):  # a q_proj of its own: the old heads' rows are the old rows
+            q = "model.layers.1.self_attn.q_proj.weight"
+            assert new[q].shape == (64, 32) and torch.equal(new[q][:32], old[q])
+            extra = new[q][32:]
+            assert (not extra.any()) if tag == "zero" else 0.03 < float(extra.std()) < 0.07
+        if tag == "zero" and family not in ("gpt2", "gpt_neox"):
+            assert (logits(out) - base).abs().max().item() <= 1e-6, family
+        elif tag == "random":
+            assert (logits(out) - base).abs().max().item() > 1e-3, family
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "llama-tied", "gemma3-tied"]
+)
+def test_masks_fade_in_new_stream_units_heads_and_mlp_units(models, tmp_path, family):
+    """Masked width growth (MSG): with the stream, heads and MLP grown with random units, m = 0 is the
+    small model's function (masked norm statistics, writers' new units times m, new heads and units
+    times m before the projection reading them), m = 1 the grown model bit for bit, and m = 1/2
+    neither; tied heads and Gemma's scaled embedding included."""
+    import transformers
+
+    from surgery.tiny import build_tiny
+    from surgery.train.masks import fade_in_new_layers
+
+    if family.endswith("-tied"):
+        small = build_tiny(family[: -len("-tied")], tmp_path / "tied", tie_word_embeddings=True)
+    else:
+        small = models(family)
+    w = "hidden: 64, intermediate: 160" if family in ("gpt2", "gpt_neox") else "hidden: 64, heads: 8, kv_heads: 4, intermediate: 100"
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{{w}, init: random, std: 0.3}}}}]\n")
+    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()(input_ids=ids).logits
+        assert (unmasked - ref).abs().max() > 0.1
+        cb = fade_in_new_layers(model, grown, 4, "cfg", small_dir=small)
+        cb.on_train_begin(None, type("S", (), {"global_step": 0})(), None)
+        assert (model(input_ids=ids).logits - ref).abs().max().item() <= 2e-6, family  # m = 0: the small model
+        cb.on_step_end(None, type("S", (), {"global_step": 2})(), None)
+        half = model(input_ids=ids).logits
+        assert (half - ref).abs().max() > 1e-2 and (half - unmasked).abs().max() > 1e-2
+        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
+        assert torch.equal(model(input_ids=ids).logits, unmasked)  # m = 1: bit for bit
 
 
 def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_path):
@@ -300,7 +359,7 @@ def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_pat
 
     from surgery.errors import PlanError
     from surgery.train.ligo import _operator_init
-    from surgery.train.run import fade_in_new_layers
+    from surgery.train.masks import fade_in_new_layers
 
     small = models("mixtral")
     plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96, init: random}}}}]\n")
@@ -309,8 +368,49 @@ def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_pat
     with pytest.raises(PlanError) as e:
         fade_in_new_layers(model, grown, 4, "cfg.yaml:7", small_dir=small)
     assert "fused" in str(e.value) and "cfg.yaml:7" in str(e.value)
+    text = f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{hidden: 64, init: random}}}}]\n"
+    plan = write_plan(tmp_path, text, "h.yaml")
+    grown = surgery.apply(plan, tmp_path / "grown-h", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32)
+    with pytest.raises(PlanError) as e:  # the experts write the stream: no module to hook
+        fade_in_new_layers(model, grown, 4, "cfg.yaml:8", small_dir=small)
+    assert "fused" in str(e.value) and "writer" in str(e.value) and "cfg.yaml:8" in str(e.value)
     import re
 
     with pytest.raises(PlanError) as e:
         _operator_init([{"layer": 0, "made": "zero", "sources": [["s", 0]]}], 2, ["mlp.w"], re.compile("(?!)"), "cfg.yaml:9")
     assert "copies" in str(e.value) and "cfg.yaml:9" in str(e.value) and "operator: plan" in str(e.value)
+
+
+MASKED_WIDTH = """\
+grow:
+  at_tokens: 2048
+  mask_steps: 6
+  plan:
+    models: {small: TRAINED}
+    steps:
+      - take: {model: small}
+      - widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random, std: 0.05}
+save_every: 1
+"""
+
+
+def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
+    """`grow.mask_steps` on width growth in a real run: killed inside the ramp and resumed, the run
+    equals an uninterrupted one bitwise (the masks follow the global step)."""
+    pytest.importorskip("accelerate")
+    from surgery.train import train
+
+    from .test_train import config, quiet, write_pydoc_corpus
+
+    small = models("llama")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    full = train(config(full_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet)
+    assert train(config(cut_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet, stop_after=5).path is None
+    again = train(config(cut_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet, resume=True)
+    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    assert ta["model.embed_tokens.weight"].shape[1] == 64 and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -244,14 +244,21 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
     per tensor), and every norm a neutral gain for them (1, or 0 for Gemma's 1 + w; biases 0). Not
     the same function (a norm's RMS now runs over the new units too): the paper's G_zero and
     G_random are not function-preserving in width either."""
+    import math
+
     w = spec.widen
     std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
     emb = set(family.embeddings) | set(family.position_embeddings) | {family.lm_head}
     keep = tuple(range(h_old)) + (0,) * (new - h_old)
+    # Gemma multiplies its embedding by sqrt(hidden size): the old units are divided by the growth of
+    # that factor so they keep their magnitude (as `split` does); a tied head then reads them through
+    # the final norm, whose old gains carry the inverse
+    s = math.sqrt(h_old / new) if family.embed_scaled else 1.0
 
-    def neutral(r: Recipe, gain: bool) -> Recipe:  # old units as they are, new ones 1 (a gain) or 0
+    def neutral(r: Recipe, gain: bool, old_scale: float = 1.0) -> Recipe:  # old units as they are (or scaled), new ones 1 (a gain) or 0
         one = 1.0 if gain and not family.norm_plus_one else 0.0
-        return Gather(r, 0, keep, (1.0,) * h_old + (0.0,) * (new - h_old), (0.0,) * h_old + (one,) * (new - h_old))
+        add = (old_scale - 1.0) if family.norm_plus_one else 0.0  # 1 + w' = (1 + w) c
+        return Gather(r, 0, keep, (old_scale,) * h_old + (0.0,) * (new - h_old), (add,) * h_old + (one,) * (new - h_old))
 
     out = []
     for t in tensors:
@@ -260,13 +267,15 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
         if split is not None:
             role = family.hidden_role(split[1])
             if role is not None:
-                g = Widen(r, "in", role[1], 1, h_old, new, w.init, std, w.seed, name)
+                g = Widen(r, "in", role[1], 1, h_old, new, w.init, std, w.seed, f"{name}|hidden")
             elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(split[1]):
                 g = neutral(r, not split[1].endswith(".bias"))
         elif name in emb and len(r.shape) == 2 and r.shape[1] == h_old:
-            g = Widen(r, "in", 1, 1, h_old, new, w.init, std, w.seed, name)
+            g = Widen(r, "in", 1, 1, h_old, new, w.init, std, w.seed, f"{name}|hidden")
+            if s != 1.0 and name in family.embeddings:
+                g = Gather(g, 1, tuple(range(new)), (s,) * h_old + (1.0,) * (new - h_old))
         elif family.final_norm and name == family.final_norm:
-            g = neutral(r, True)
+            g = neutral(r, True, 1.0 / s if base.tied else 1.0)
         elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
             g = neutral(r, False)
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:
@@ -317,12 +326,29 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
     return a, k, a2, k2, d
 
 
-def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
+def _heads(r: Recipe, family: Family, counts, suffix: str, init: str = "split", std: float = 0.0, seed: int = 0, key: str = "") -> Recipe:
     entry = family.attention_entry(suffix)
     if counts is None or entry is None:
         return r
     role, hdim = entry
     a, k, a2, k2, d = counts
+    at = 0 if hdim is None else hdim  # q, k, v, qkv: rows are heads (GPT-2's Conv1D: columns)
+    if init != "split":
+        # G_zero / G_random: new heads appended (query heads a..a2, key/value heads k..k2: query head
+        # h still reads key/value head h // g), their rows zero or normal(0, std); what reads them
+        # (o_proj's new columns) too, so `zero` adds heads that contribute nothing yet
+        blocks = {
+            "q": ((a * d, a2 * d),),
+            "k": ((k * d, k2 * d),),
+            "v": ((k * d, k2 * d),),
+            "qkv": ((a * d, a2 * d), (k * d, k2 * d), (k * d, k2 * d)),
+            "qkv_per_head": ((3 * a * d, 3 * a2 * d),),  # NeoX: whole heads (q|k|v each) appended
+            "o": ((a * d, a2 * d),),
+        }.get(role)
+        if blocks is None:
+            return r
+        dim = (1 if hdim is None else hdim) if role == "o" else at
+        return Widen(r, "in", dim, 1, blocks[0][0], blocks[0][1], init, std, seed, f"{key}|heads", blocks if len(blocks) > 1 else None)
     g = a // k
     kv_src = [j % k for j in range(k2)]
     q_src = [kv_src[h // g] * g + h % g for h in range(a2)]
@@ -331,7 +357,6 @@ def _heads(r: Recipe, family: Family, counts, suffix: str) -> Recipe:
     def rows(src):
         return [s * d + e for s in src for e in range(d)]
 
-    at = 0 if hdim is None else hdim  # q, k, v, qkv: rows are heads (GPT-2's Conv1D: columns)
     if role == "q":
         return Gather(r, at, tuple(rows(q_src)))
     if role in ("k", "v"):
@@ -403,7 +428,9 @@ def layer_tensors(
         elif spec.init == "random" and not family.is_norm(suffix):
             r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
         if spec.widen is not None:
-            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix)
+            w = spec.widen
+            std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
+            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix, w.init, std, w.seed, out_name)
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)

@@ -128,8 +128,8 @@ class Expand(Step):
 class Widen(Step):
     op: ClassVar[str] = "widen"
     summary: ClassVar[str] = (
-        "grow every layer's MLP to `intermediate` units (Gstack's width operators): split copies units "
-        "and divides what reads them (the same function), zero and random add new units"
+        "grow the MLP (`intermediate`), the residual stream (`hidden`) and the attention heads (Gstack's width "
+        "operators): split copies units and divides what reads them (the same function), zero and random add new units"
     )
     intermediate: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)
     hidden: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 20)  # an integer multiple of the hidden size (split)
@@ -144,8 +144,6 @@ class Widen(Step):
         check_std(self)
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
-        if (self.heads is not None or self.kv_heads is not None) and self.init != "split":
-            raise ValueError("`heads` and `kv_heads` grow by splitting (copies); zero and random apply to `intermediate` and `hidden`")
         return self
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from surgery.errors import OutputError, PlanError
 from surgery.io.outdir import OutputFolder, output_path
 from surgery.train.config import Config, load_config
+from surgery.train.masks import fade_in_new_layers
 
 
 @dataclass
@@ -339,121 +340,6 @@ def last_complete_checkpoint(folder: Path, echo=print) -> str | None:
             )
             shutil.rmtree(p, ignore_errors=True)
     return str(newest) if newest else None
-
-
-class LayerMask:
-    """m(step) = min(1, step / steps); a new layer's output x + f(x) becomes x + m f(x)."""
-
-    def __init__(self, steps: int):
-        self.steps, self.value = steps, 0.0
-
-    def hook(self, module, args, kwargs, output):
-        if self.value >= 1.0:
-            return output  # fully faded in: the layer's own output, bit for bit
-        x = args[0] if args else kwargs["hidden_states"]
-        y = output[0] if isinstance(output, tuple) else output
-        mixed = x + self.value * (y - x)
-        return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
-
-
-class UnitMask:
-    """Width growth's mask: the activations of an MLP's new units (indices >= old) are multiplied by
-    m(step) = min(1, step / steps) before the projection that reads them, so the grown MLP starts
-    from the small one's output and its new units fade in."""
-
-    def __init__(self, old: int):
-        self.old, self.value = old, 0.0
-
-    def hook(self, module, args):
-        if self.value >= 1.0:
-            return None  # fully faded in: the projection's own input, bit for bit
-        import torch
-
-        x = args[0]
-        scale = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)  # over the units: 1 for the old ones, m for the new
-        scale[self.old :] = self.value
-        return (x * scale,) + tuple(args[1:])
-
-
-def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None):
-    """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps, and return
-    the callback that sets them from the global step before every step (so a resumed run continues
-    the ramp): new layers (surgery.json's new_layers: x + m f(x)) and new MLP units of a `widen`
-    with init zero or random (their activations times m before the projection that reads them)."""
-    import transformers
-
-    from surgery.io.checkpoint import open_checkpoint
-
-    prov_path = model_dir / "surgery.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-    new = prov.get("new_layers") or []
-    widened = prov.get("widened") or {}
-    grows_units = widened.get("init") in ("zero", "random") and "intermediate" in widened.get("sizes", {})
-    if not new and not grows_units:
-        raise PlanError(
-            "grow.mask_steps fades in new layers or new MLP units, and the grow plan adds neither (stacked copies and split "
-            "units are not new: they already compute the small model's function)",
-            where=where,
-            fix="grow with `expand` (init: random, zero or identity) or `widen: {intermediate, init: random|zero}`, or drop mask_steps",
-        )
-    ck = open_checkpoint("model", str(model_dir), model_dir)
-    fam = ck.family
-    masks: list = []
-    if new:
-        layers = model.get_submodule(fam.layer_prefix.rstrip("."))
-        mask = LayerMask(steps)
-        masks.append(mask)
-        for i in new:
-            layers[i].register_forward_hook(mask.hook, with_kwargs=True)
-    if grows_units:
-        old = _small_intermediate(small_dir, fam)
-        reads = [re.compile(pat) for pat, _dim, _parts in fam.mlp_out]
-        hooked = 0
-        unit = UnitMask(old)
-        for name, module in model.named_modules():
-            rest = name[len(fam.layer_prefix) :] if name.startswith(fam.layer_prefix) else None
-            if rest is None or "." not in rest:
-                continue
-            suffix = rest.split(".", 1)[1] + ".weight"
-            if any(r.fullmatch(suffix) for r in reads):
-                module.register_forward_pre_hook(unit.hook)
-                hooked += 1
-        if hooked == 0:
-            raise PlanError(
-                f"grow.mask_steps: no MLP projection of this {fam.name} model takes the new units as its input (fused "
-                "mixture-of-experts weights are not hookable); masks for width growth cover dense MLPs",
-                where=where,
-                fix="drop mask_steps for this model",
-            )
-        masks.append(unit)
-
-    def set_all(step: int) -> None:
-        for m in masks:
-            m.value = min(1.0, step / steps)
-
-    class Fade(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            set_all(state.global_step)
-
-        def on_step_end(self, args, state, control, **kw):  # evaluations and the end of training see the new value
-            set_all(state.global_step)
-
-        def on_train_begin(self, args, state, control, **kw):
-            set_all(state.global_step)
-
-    return Fade()
-
-
-def _small_intermediate(small_dir: Path | None, fam) -> int:
-    """The MLP units of the model before growth (its config), where the new units start."""
-    if small_dir is None:
-        raise PlanError("grow.mask_steps on width growth needs the small model's config")
-    cfg = json.loads((Path(small_dir) / "config.json").read_text())
-    cfg = fam.lm_config(cfg)
-    value = cfg.get(fam.intermediate_key)
-    if not isinstance(value, int):
-        raise PlanError(f"the small model's config has no integer {fam.intermediate_key}", where=str(small_dir))
-    return value
 
 
 def _callbacks(

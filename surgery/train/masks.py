@@ -1,0 +1,248 @@
+"""Masked growth (the Gstack paper's G_random, after MSG: Yao et al. 2024, "Masked Structural Growth
+for 2x Faster Language Model Pre-training", ICLR): what the growth added is multiplied by a mask
+m(step) = min(1, step / steps), so the grown model starts from the small model's function and the
+new parameters fade in. The masks are forward hooks set from the Trainer's global step before every
+step, so a resumed run continues the ramp exactly; at m = 1 every hook returns its module's own
+output, bit for bit.
+
+What is masked (new = what the growth appended; the plan's surgery.json and the two configs say
+which):
+- new layers (depth: `expand`): x + f(x) becomes x + m f(x);
+- new MLP units and new attention heads (width, `widen {intermediate|heads}` with init zero or
+  random): their activations times m before the projection that reads them (down_proj, o_proj);
+- new units of the residual stream (`widen {hidden}` with init zero or random): everything that
+  writes the stream (the embeddings, o_proj, down_proj) has its new units times m, and every norm
+  over the stream computes its statistics with the new units weighted by m (MSG's masked
+  normalisation: mean_c(x) = sum_i c_i x_i / sum_i c_i, c_i = 1 for old units and m for new ones)
+  and its new outputs times m. At m = 0 the new units are zero everywhere and every norm sees the
+  small model's statistics: the small model's function (within float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from surgery.errors import PlanError
+
+
+class LayerMask:
+    """m(step) = min(1, step / steps); a new layer's output x + f(x) becomes x + m f(x)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.value = steps, 0.0
+
+    def hook(self, module, args, kwargs, output):
+        if self.value >= 1.0:
+            return output  # fully faded in: the layer's own output, bit for bit
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        mixed = x + self.value * (y - x)
+        return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
+
+
+def _unit_scale(x, old: int, value: float):
+    """Over the last dimension: 1 for units < old, `value` for the new ones."""
+    import torch
+
+    scale = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    scale[old:] = value
+    return scale
+
+
+class UnitMask:
+    """Width growth's mask on activations: units >= old (new MLP units, new heads' outputs) are
+    multiplied by m before the projection that reads them, so they contribute nothing at m = 0."""
+
+    def __init__(self, old: int):
+        self.old, self.value = old, 0.0
+
+    def hook(self, module, args):
+        if self.value >= 1.0:
+            return None  # fully faded in: the projection's own input, bit for bit
+        x = args[0]
+        return (x * _unit_scale(x, self.old, self.value),) + tuple(args[1:])
+
+
+class StreamMask:
+    """The residual stream's new units (>= old) in what a module writes to it, times m."""
+
+    def __init__(self, old: int):
+        self.old, self.value = old, 0.0
+
+    def hook(self, module, args, output):
+        if self.value >= 1.0:
+            return None
+        y = output[0] if isinstance(output, tuple) else output
+        y = y * _unit_scale(y, self.old, self.value)
+        return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+
+
+class NormMask:
+    """A norm over the widened stream with MSG's masked statistics: RMS (or mean and variance, for a
+    LayerNorm) over the units weighted by c (1 old, m new), and its new outputs times m. RMS-type
+    norms (x * rsqrt(mean x^2 + eps) * gain, any gain form) are corrected by the ratio of the two
+    RMS values; a LayerNorm is recomputed from its input."""
+
+    def __init__(self, old: int):
+        self.old, self.value = old, 0.0
+
+    def hook(self, module, args, output):
+        if self.value >= 1.0:
+            return None
+        import torch
+
+        x = args[0].float()
+        y = output.float()
+        c = _unit_scale(x, self.old, self.value)
+        total = c.sum()
+        if isinstance(module, torch.nn.LayerNorm):
+            mean = (x * c).sum(-1, keepdim=True) / total
+            var = (((x - mean) ** 2) * c).sum(-1, keepdim=True) / total
+            z = (x - mean) * torch.rsqrt(var + module.eps)
+            if module.weight is not None:
+                z = z * module.weight.float()
+            if module.bias is not None:
+                z = z + module.bias.float()
+        else:
+            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+            plain = x.pow(2).mean(-1, keepdim=True)
+            masked = (x.pow(2) * c).sum(-1, keepdim=True) / total
+            z = y * torch.sqrt(plain + eps) * torch.rsqrt(masked + eps)
+        return (z * c).to(output.dtype)
+
+
+def _sizes(config_dir: Path, fam) -> dict:
+    """hidden, intermediate and attention width (heads x head size) of a checkpoint's config."""
+    cfg = fam.lm_config(json.loads((Path(config_dir) / "config.json").read_text()))
+    h = cfg.get(fam.hidden_key)
+    a = cfg.get(fam.heads_key)
+    d = cfg.get(fam.head_dim_key) if fam.head_dim_key else None
+    d = d or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
+    inter = cfg.get(fam.intermediate_key)
+    if inter is None and fam.intermediate_factor and isinstance(h, int):
+        inter = fam.intermediate_factor * h
+    return {"hidden": h, "intermediate": inter, "attention": a * d if isinstance(a, int) and isinstance(d, int) else None}
+
+
+def _modules(model, fam, patterns) -> list:
+    """The layer modules whose weight (or bias) name matches one of `patterns`."""
+    regs = [re.compile(p) for p in patterns]
+    out = []
+    for name, module in model.named_modules():
+        if not name.startswith(fam.layer_prefix):
+            continue
+        rest = name[len(fam.layer_prefix) :]
+        if "." not in rest:
+            continue
+        suffix = rest.split(".", 1)[1]
+        if any(r.fullmatch(suffix + ".weight") or r.fullmatch(suffix + ".bias") for r in regs):
+            out.append(module)
+    return out
+
+
+def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None):
+    """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps, and return
+    the callback that sets them from the global step before every step (see the module's text)."""
+    import transformers
+
+    from surgery.io.checkpoint import open_checkpoint
+
+    prov_path = model_dir / "surgery.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    new = prov.get("new_layers") or []
+    widened = prov.get("widened") or {}
+    ck = open_checkpoint("model", str(model_dir), model_dir)
+    fam = ck.family
+    grew: dict = {}
+    if widened.get("init") in ("zero", "random"):
+        if small_dir is None:
+            raise PlanError("grow.mask_steps on width growth needs the small model's config", where=where)
+        before, after = _sizes(small_dir, fam), _sizes(model_dir, fam)
+        grew = {k: before[k] for k in before if isinstance(before[k], int) and isinstance(after[k], int) and after[k] > before[k]}
+    if not new and not grew:
+        raise PlanError(
+            "grow.mask_steps fades in new layers or new units, and the grow plan adds neither (stacked copies and split "
+            "units are not new: they already compute the small model's function)",
+            where=where,
+            fix="grow with `expand` (init: random, zero or identity) or `widen` with init: random|zero, or drop mask_steps",
+        )
+    masks: list = []
+
+    def hook_all(modules, mask, what: str, pre: bool = False):
+        if not modules:
+            raise PlanError(
+                f"grow.mask_steps: no module of this {fam.name} model {what} (fused mixture-of-experts weights are not "
+                "hookable); masks for width growth cover dense models",
+                where=where,
+                fix="drop mask_steps for this model",
+            )
+        for m in modules:
+            (m.register_forward_pre_hook if pre else m.register_forward_hook)(mask.hook)
+        masks.append(mask)
+
+    if new:
+        layers = model.get_submodule(fam.layer_prefix.rstrip("."))
+        mask = LayerMask(steps)
+        masks.append(mask)
+        for i in new:
+            layers[i].register_forward_hook(mask.hook, with_kwargs=True)
+    if "intermediate" in grew:
+        hook_all(
+            _modules(model, fam, [p for p, _d, _n in fam.mlp_out]),
+            UnitMask(grew["intermediate"]),
+            "takes the new MLP units as its input",
+            True,
+        )
+    if "attention" in grew:
+        reads = [x if isinstance(x, str) else x[0] for role, p in fam.attention if role == "o" for x in ([p] if isinstance(p, str) else p)]
+        hook_all(_modules(model, fam, reads), UnitMask(grew["attention"]), "takes the new heads as its input", True)
+    if "hidden" in grew:
+        h = grew["hidden"]
+        writers: list = []
+        for pattern, _dim in fam.hidden_out:  # every kind of writer must be a hookable module
+            found = _modules(model, fam, [pattern])
+            if not found:
+                hook_all([], None, f"holds the stream's writer {pattern!r}")
+            writers += [m for m in found if all(m is not w for w in writers)]
+        writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
+        hook_all(writers, StreamMask(h), "writes the residual stream")
+        width = _sizes(model_dir, fam)["hidden"]
+        norms = [
+            m
+            for n, m in model.named_modules()
+            if n.startswith(fam.layer_prefix)
+            and fam.is_norm(n[len(fam.layer_prefix) :].split(".", 1)[-1] + ".weight")
+            and getattr(m, "weight", None) is not None
+            and tuple(m.weight.shape) == (width,)
+        ]
+        final = _owner(model, fam.final_norm) if fam.final_norm else None
+        hook_all(norms + ([final] if final is not None else []), NormMask(h), "normalises the residual stream")
+
+    def set_all(step: int) -> None:
+        for m in masks:
+            m.value = min(1.0, step / steps)
+
+    class Fade(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            set_all(state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):  # evaluations and the end of training see the new value
+            set_all(state.global_step)
+
+        def on_train_begin(self, args, state, control, **kw):
+            set_all(state.global_step)
+
+    return Fade()
+
+
+def _owner(model, tensor_name: str):
+    """The module that holds a checkpoint tensor (e.g. model.embed_tokens for model.embed_tokens.weight)."""
+    path = tensor_name.rsplit(".", 1)[0]
+    for candidate in (path, path.split(".", 1)[-1] if "." in path else path):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
