@@ -18,11 +18,11 @@ with optimizer and schedule reset, as in the paper):
     G_random (+mask):  `expand` with random new layers, faded in by `mask_steps`;
     G_learn (LiGO):    the stacking plan with `operator: learn` (LiGO's depth operator, learn steps
                        counted in FLOPs);
-- width, from a model of half the width:
+- width, from a model of half the width (stream, heads and MLP):
     G_direct (split):  `widen` hidden, heads and MLP by splitting (the same function);
-    G_zero (MLP):      from half the MLP units only, `widen: {intermediate, init: zero}`;
-    G_random (MLP):    the same with `init: random`;
-    G_learn (width):   not implemented (LiGO's width matrices), reported as such.
+    G_zero:            `widen` with `init: zero` (new units appended, zero);
+    G_random (+mask):  `widen` with `init: random`, faded in by `mask_steps` (MSG's masked norms);
+    G_learn (LiGO):    the split plan with `operator: learn` (LiGO's width and depth matrices).
 FLOPs come from each run's metrics.jsonl (6N + 12 L d T per token, each stage at its own size).
 Reported: final held-out loss, total FLOPs, and the speed-up: 1 - (FLOPs at which the run's
 held-out curve first reaches scratch's final loss) / (scratch's FLOPs); "-" if it never does.
@@ -77,7 +77,6 @@ def main() -> int:
         "target": dict(num_hidden_layers=deep, intermediate_size=inter, **full),
         "shallow": dict(num_hidden_layers=small_layers, intermediate_size=inter, **full),
         "narrow": dict(num_hidden_layers=deep, intermediate_size=inter // 2, **half),
-        "thin-mlp": dict(num_hidden_layers=deep, intermediate_size=inter // 2, **full),
     }
     models = {}
     for name, dims in shapes.items():
@@ -103,7 +102,7 @@ def main() -> int:
     mask = f"  mask_steps: {max(1, (steps - at) // 4)}\n"
     learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n"
     widen = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}}}\n"
-    mlp = f"      - widen: {{intermediate: {inter}, init: INIT}}\n"
+    wide = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, init: INIT}}\n"
     runs = {
         "scratch": ("-", "-", f"model: {models['target']}\n" + common),
         "stack": ("depth", "G_direct", grown("shallow", stack)),
@@ -111,8 +110,9 @@ def main() -> int:
         "random+mask": ("depth", "G_random", grown("shallow", expand.replace("INIT", "random, std: 0.02"), mask)),
         "learn": ("depth", "G_learn", grown("shallow", stack, learn)),
         "split-width": ("width", "G_direct", grown("narrow", widen)),
-        "zero-mlp": ("width (MLP)", "G_zero", grown("thin-mlp", mlp.replace("INIT", "zero"))),
-        "random-mlp": ("width (MLP)", "G_random", grown("thin-mlp", mlp.replace("INIT", "random, std: 0.02"))),
+        "zero-width": ("width", "G_zero", grown("narrow", wide.replace("INIT", "zero"))),
+        "random-width+mask": ("width", "G_random", grown("narrow", wide.replace("INIT", "random, std: 0.02"), mask)),
+        "learn-width": ("width", "G_learn", grown("narrow", widen, learn)),
     }
     only = [x for x in args.only.split(",") if x]
     rows, curves = [], {}
@@ -155,7 +155,6 @@ def main() -> int:
         reach = _first_reach(r["curve"], target)
         r["flops_to_scratch_loss"] = reach
         r["speedup"] = None if reach is None else round(1 - reach / base, 3)
-    rows.append({"run": "learn-width", "axis": "width", "operator": "G_learn", "not_implemented": True})
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {
@@ -173,9 +172,6 @@ def main() -> int:
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        if r.get("not_implemented"):
-            lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | not implemented | | | |")
-            continue
         if r.get("diverged"):
             lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['diverged']} | | | |")
             continue

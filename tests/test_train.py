@@ -655,7 +655,7 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     import transformers
 
     from surgery.train.data import Ordered, Packed, default_cache_dir, expand_sources, token_stream
-    from surgery.train.ligo import learn_depth
+    from surgery.train.ligo import learn_growth
 
     small = models("llama")
     grown = tmp_path / "grown"
@@ -666,7 +666,7 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     stream = token_stream(srcs, tok, small, default_cache_dir(), None)
     order = Ordered(Packed(stream, 32, 0, len(stream) // 32), seed=0, start=0, length=6 * 4)
     loader = torch.utils.data.DataLoader(order, batch_size=4, collate_fn=transformers.default_data_collator)
-    rec = learn_depth(small, grown, loader, steps=6, lr=0.05, where="test", echo=quiet)
+    rec = learn_growth(small, grown, loader, steps=6, lr=0.05, where="test", echo=quiet)
     assert rec["loss_after"] < rec["loss_before"]  # on the batches it learned from
     after, small_w = load_tensors(grown), load_tensors(small)
     D = {t: torch.tensor(m) for t, m in rec["matrices"].items()}
@@ -687,7 +687,7 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     # a diverged operator (as a diverged run) is an error, and nothing is written
     written = load_tensors(grown)
     with pytest.raises(SurgeryError) as e:
-        learn_depth(small, grown, loader, steps=6, lr=1e9, where="cfg.yaml:12", echo=quiet)
+        learn_growth(small, grown, loader, steps=6, lr=1e9, where="cfg.yaml:12", echo=quiet)
     assert "diverged" in str(e.value) and "cfg.yaml:12" in str(e.value) and "learn_lr" in str(e.value)
     assert all(torch.equal(v, load_tensors(grown)[k]) for k, v in written.items())
 
@@ -716,18 +716,18 @@ def test_a_kill_while_learning_the_operator_resumes_to_the_same_result(tmp_path,
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     full = train(config(a, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet)
-    real = ligo.learn_depth
+    real = ligo.learn_growth
 
     def killed(small, grown, *args, **kw):
         (grown / "model-00001-of-00001.safetensors").write_bytes(b"half-written")  # the kill leaves a torn copy
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ligo, "learn_depth", killed)
+    monkeypatch.setattr(ligo, "learn_growth", killed)
     with pytest.raises(KeyboardInterrupt):
         train(config(b, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet)
     work = b / ".out.surgery-train"
     assert (work / "grown.learning").exists() and not (work / "grown").exists()  # nothing looks grown
-    monkeypatch.setattr(ligo, "learn_depth", real)
+    monkeypatch.setattr(ligo, "learn_growth", real)
     again = train(config(b, corpus, models("llama"), extra, steps=10), progress=False, echo=quiet, resume=True)
     ta, tb = load_tensors(full.path), load_tensors(again.path)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)

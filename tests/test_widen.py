@@ -414,3 +414,60 @@ def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
     again = train(config(cut_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet, resume=True)
     ta, tb = load_tensors(full.path), load_tensors(again.path)
     assert ta["model.embed_tokens.weight"].shape[1] == 64 and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "llama-tied", "gemma3-tied"]
+)
+def test_learned_width_operator_starts_at_the_split_and_learns(models, tmp_path, family):
+    """G_learn in width (LiGO's expansion matrices, one pair per kind of unit shared by every layer,
+    with its depth operator): with no steps the materialised model is the plan's split output (stack
+    x2 then widen stream, heads and MLP); a few steps lower its own training loss, and the written
+    checkpoint computes exactly that loss when loaded."""
+    import transformers
+
+    from surgery.tiny import build_tiny
+    from surgery.train.ligo import learn_growth
+
+    if family.endswith("-tied"):
+        small = build_tiny(family[: -len("-tied")], tmp_path / "tied", tie_word_embeddings=True)
+    else:
+        small = models(family)
+    w = "hidden: 64, intermediate: 160" if family in ("gpt2", "gpt_neox") else "hidden: 64, heads: 8, kv_heads: 4, intermediate: 100"
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{stack: {{times: 2}}}}, {{widen: {{{w}}}}}]\n")
+    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
+    split = load_tensors(grown)
+    quiet = lambda *a: None  # noqa: E731
+    learn_growth(small, grown, [], steps=0, lr=0.01, where="t", echo=quiet)
+    start = load_tensors(grown)
+    assert all((start[k] - split[k]).abs().max() <= 1e-6 for k in split), family
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 16), generator=g)
+    batches = [{"input_ids": ids, "labels": ids}] * 4  # one batch, four steps: its loss must go down
+    rec = learn_growth(small, grown, batches, steps=4, lr=0.01, where="t", echo=quiet)
+    assert rec["loss_after"] < rec["loss_before"] and "width" in rec
+    assert rec["width"]["A:stream"]["moved"] > 0 and rec["width"]["A:stream"]["shape"] == [64, 32]
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loaded = sum(model(**b).loss.item() for b in batches) / len(batches)
+    assert abs(loaded - rec["loss_after"]) < 1e-4, (loaded, rec["loss_after"])
+
+
+def test_learned_width_operator_refusals(models, tmp_path):
+    """LiGO's width operator starts from the split: a zero/random widen is refused; Mixtral's fused
+    experts are not described to it (its depth operator works): both located."""
+    from surgery.errors import PlanError
+    from surgery.train.ligo import learn_growth
+
+    small = models("llama")
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n")
+    grown = surgery.apply(plan, tmp_path / "zero", progress=False).path
+    with pytest.raises(PlanError) as e:
+        learn_growth(small, grown, [], steps=1, lr=0.01, where="cfg.yaml:4", echo=None)
+    assert "init: split" in str(e.value) and "cfg.yaml:4" in str(e.value)
+    small = models("mixtral")
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{hidden: 64}}}}]\n", "m.yaml")
+    grown = surgery.apply(plan, tmp_path / "moe", progress=False).path
+    with pytest.raises(PlanError) as e:
+        learn_growth(small, grown, [], steps=1, lr=0.01, where="cfg.yaml:5", echo=None)
+    assert "does not describe" in str(e.value) and "experts" in str(e.value) and "cfg.yaml:5" in str(e.value)

@@ -1,21 +1,36 @@
-"""G_learn in depth: LiGO's learned depth-growth operator (Wang et al. 2023, "Learning to Grow
-Pretrained Models for Efficient Transformer Training", ICLR; the Gstack paper's G_learn).
+"""G_learn: LiGO's learned growth operator (Wang et al. 2023, "Learning to Grow Pretrained Models for
+Efficient Transformer Training", ICLR; the Gstack paper's G_learn), in depth and in width.
 
-Each parameter of the grown model's layer l is a learned linear combination of the same parameter
-of the small model's layers, one combination matrix per parameter type (q_proj, k_proj, ..., each
-norm):
+LiGO writes the grown model's parameters as a linear map of the small model's, factorised into a
+width operator and a depth operator (its eq. for Theta_new = L_depth(R_width(Theta))).
 
-    W^{grown}_{l, t} = sum_j  D_t[l, j] * W^{small}_{j, t},      D_t in R^{L_grown x L_small}
+Depth. Each parameter of the grown model's layer l is a learned linear combination of the same
+parameter (already widened) of the small model's layers, one combination matrix per parameter type:
 
-The small model's weights stay frozen; only the D_t train, on the training loss of the grown model
-whose weights they produce, for `learn_steps` steps. D_t starts at the growth plan's own choice (a
-layer copied from small layer j: row l is the one-hot e_j; an identity block (LLaMA Pro): e_j, with
-the rows of the output projections zero), so step 0 is the plan's grown model exactly, and learning
-can only move from there. Then the grown weights W^{grown} = D W^{small} are written over the plan's
-output (a plain checkpoint) and recorded in its surgery.json, and training continues on it.
+    W^{grown}_{l, t} = sum_j  D_t[l, j] * R(W^{small}_{j, t}),      D_t in R^{L_grown x L_small}
 
-Width growth with learned expansion matrices (LiGO's B, shared across layers) is not implemented:
-`operator: learn` takes a depth plan (its layers copies or identity blocks of the small model's).
+Width. A matrix reading units of kind a and writing units of kind b grows as
+
+    R(W) = A_b W B_a^T,      A_b in R^{n'_b x n_b} (out-expansion), B_a in R^{n'_a x n_a} (in-expansion)
+
+with one pair (A, B) per kind of unit, shared by every layer (the residual stream: embeddings,
+what writes and reads it, every norm's gain; the MLP's units; query heads; key heads; value heads),
+applied per part of a fused tensor (gate|up, q|k|v). Heads expand as whole heads, A = H (x) I_d with
+H in R^{heads' x heads}, so rotary position embeddings commute with the operator. A norm's gain
+grows as A g (Gemma's 1 + w: as a gain), a bias with its matrix's out-side.
+
+Where this departs from the paper, and why: LiGO ties each matrix's in-expansion to the
+out-expansion of what produced its input (B_{l+1} = A_l); a tied operator cannot express the
+function-preserving split (Net2Net), whose in-side divides what the out-side copies. Keeping A and
+B separate lets every operator start exactly at the plan's own growth (A: the split's copy matrix,
+B: the same with each copied unit's weight divided by its number of copies; D: the plan's layer
+map, an identity block's output projections zero), so step 0 is the plan's grown model and
+learning can only move from there.
+
+The small model's weights stay frozen; only D, A and B train, on the training loss of the grown
+model whose weights they produce, for `learn_steps` steps. Then R and D are materialised: the grown
+weights are written over the plan's output (a plain checkpoint) and the operator is recorded in its
+surgery.json (D exactly; the width matrices by their size and distance from the split).
 """
 
 from __future__ import annotations
@@ -51,7 +66,156 @@ def _operator_init(layer_map: list, n_small: int, types: list[str], out_re: re.P
     return D
 
 
-def learn_depth(
+class _Width:
+    """LiGO's width operator: (A, B) per kind of unit, started at the plan's split."""
+
+    def __init__(self, fam, small_cfg: dict, grown_cfg: dict, tied: bool, where: str):
+        import torch
+
+        self.fam, self.tied, self.where = fam, tied, where
+        sc, gc = fam.lm_config(small_cfg), fam.lm_config(grown_cfg)
+        h, h2 = sc.get(fam.hidden_key), gc.get(fam.hidden_key)
+        a, a2 = sc.get(fam.heads_key), gc.get(fam.heads_key)
+        k = (sc.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a
+        k2 = (gc.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a2
+        d = (gc.get(fam.head_dim_key) if fam.head_dim_key else None) or (h2 // a2 if h2 and a2 else None)
+        inter = sc.get(fam.intermediate_key) or (fam.intermediate_factor * h if fam.intermediate_factor and h else None)
+        inter2 = gc.get(fam.intermediate_key) or (fam.intermediate_factor * h2 if fam.intermediate_factor and h2 else None)
+        self.d = d
+        self.scale = math.sqrt(h / h2) if fam.embed_scaled and h and h2 else 1.0  # Gemma's sqrt(hidden) embedding scale
+        self.A: dict = {}
+        self.B: dict = {}
+        self.aliases: dict = {}  # the model's parameter name -> the checkpoint's, where transformers renames (NeoX's embed_out)
+
+        def split(kind: str, old, new, src=None):
+            if not (isinstance(old, int) and isinstance(new, int)) or new == old:
+                return
+            src = src or [j % old for j in range(new)]
+            count = [src.count(i) for i in range(old)]
+            A = torch.zeros(new, old, dtype=torch.float32)
+            B = torch.zeros(new, old, dtype=torch.float32)
+            for j, i in enumerate(src):
+                A[j, i], B[j, i] = 1.0, 1.0 / count[i]
+            self.A[kind], self.B[kind] = torch.nn.Parameter(A), torch.nn.Parameter(B)
+
+        split("stream", h, h2)
+        split("mlp", inter, inter2)
+        if isinstance(a, int) and isinstance(a2, int) and a2 != a and isinstance(k, int) and k and a % k == 0:
+            g = a // k
+            kv_src = [j % k for j in range(k2)]
+            split("q", a, a2, [kv_src[x // g] * g + x % g for x in range(a2)])
+            split("k", k, k2, kv_src)
+            split("v", k, k2, kv_src)
+
+    def parameters(self) -> list:
+        return list(self.A.values()) + list(self.B.values())
+
+    def initial(self) -> dict:
+        return {f"{side}:{kind}": m.detach().clone() for side, ms in (("A", self.A), ("B", self.B)) for kind, m in ms.items()}
+
+    def load(self, values: dict) -> None:
+        for key, v in values.items():
+            side, kind = key.split(":")
+            (self.A if side == "A" else self.B)[kind].data.copy_(v)
+
+    def _along(self, x, dim: int, M, block: int = 1):
+        """M (x) I_block applied along `dim` of x."""
+        import torch
+
+        y = x.movedim(dim, 0)
+        rest = y.shape[1:]
+        y = torch.einsum("ba,adr->bdr", M, y.reshape(M.shape[1], block, -1))
+        return y.reshape((M.shape[0] * block,) + tuple(rest)).movedim(0, dim)
+
+    def expand(self, name: str, x, want_shape: tuple, suffix: str | None):
+        """R(x) for the small model's parameter `name` (`suffix`: its name inside a layer, or None)."""
+        if not self.A:
+            return x
+        import torch
+
+        fam = self.fam
+        A, B = self.A, self.B
+        y = x
+        plus = fam.norm_plus_one
+        if suffix is not None:
+            role = fam.mlp_role(suffix)
+            if role is not None and "mlp" in A:
+                kind, dim, parts = role  # gate|up fused: each half on its own
+                y = self._split_parts(y, dim, A["mlp"] if kind == "in" else B["mlp"], parts)
+            hrole = fam.hidden_role(suffix)
+            if hrole is not None and "stream" in A:
+                kind, dim = hrole
+                y = self._along(y, dim, A["stream"] if kind == "out" else B["stream"])
+            entry = fam.attention_entry(suffix)
+            if entry is not None and "q" in A:
+                role_, hdim = entry
+                at = 0 if hdim is None else hdim
+                d = self.d
+                if role_ == "q":
+                    y = self._along(y, at, A["q"], d)
+                elif role_ == "k":
+                    y = self._along(y, at, A["k"], d)
+                elif role_ == "v":
+                    y = self._along(y, at, A["v"], d)
+                elif role_ == "qkv":
+                    n_q, n_kv = A["q"].shape[1] * d, A["k"].shape[1] * d
+                    q, k_, v = y.split([n_q, n_kv, n_kv], dim=at)
+                    y = torch.cat([self._along(q, at, A["q"], d), self._along(k_, at, A["k"], d), self._along(v, at, A["v"], d)], dim=at)
+                elif role_ == "qkv_per_head":
+                    y = self._along(y, at, A["q"], 3 * d)
+                elif role_ == "o":
+                    y = self._along(y, 1 if hdim is None else hdim, B["q"], d)
+            if hrole is None and role is None and entry is None and fam.is_norm(suffix) and "stream" in A and x.dim() == 1:
+                if x.shape[0] == A["stream"].shape[1]:
+                    gain = not suffix.endswith(".bias")
+                    y = self._gain(x, A["stream"], plus and gain)
+        elif "stream" in A:
+            name = self.aliases.get(name, name)
+            if name in fam.embeddings or name in fam.position_embeddings:
+                y = self._along(x, 1, A["stream"])
+                if name in fam.embeddings and self.scale != 1.0:
+                    y = y * self.scale
+            elif name == fam.lm_head:
+                y = self._along(x, 1, B["stream"])
+            elif name == fam.final_norm or (fam.final_norm.endswith(".weight") and name == fam.final_norm[: -len("weight")] + "bias"):
+                gain = name == fam.final_norm
+                if not self.tied:
+                    y = self._gain(x, A["stream"], plus and gain)
+                else:  # logits = E' n': E' copies (and scales) the embedding, so the final norm carries the division
+                    y = self._gain(x, B["stream"], plus and gain, 1.0 / self.scale)
+        if tuple(y.shape) != tuple(want_shape):
+            raise PlanError(
+                f"grow.operator learn: the width operator does not describe {name} ({list(x.shape)} -> {list(want_shape)}) "
+                f"of this {fam.name} model",
+                where=self.where,
+                fix="learn a depth operator only (grow without `widen`), or operator: plan",
+            )
+        return y
+
+    def _split_parts(self, x, dim: int, M, parts: int):
+        if parts == 1:
+            return self._along(x, dim, M)
+        import torch
+
+        return torch.cat([self._along(c, dim, M) for c in x.chunk(parts, dim=dim)], dim=dim)
+
+    def _gain(self, g, M, plus_one: bool, factor: float = 1.0):
+        """A norm's gain (or bias) grown by M; Gemma's stored w of a 1 + w gain grows as the gain."""
+        if plus_one:
+            return (M @ (1.0 + g)) * factor - 1.0
+        return (M @ g) * factor
+
+    def record(self, start: dict) -> dict:
+        """Each matrix's shape and relative distance from where it started (the split)."""
+        out = {}
+        for key, m0 in start.items():
+            side, kind = key.split(":")
+            m = (self.A if side == "A" else self.B)[kind].detach()
+            out[key] = {"shape": list(m.shape), "moved": float((m - m0).norm() / m0.norm())}
+        return out
+
+
+def learn_growth(
     small_dir: Path,
     grown_dir: Path,
     batches,
@@ -61,57 +225,86 @@ def learn_depth(
     where: str,
     echo=print,
 ) -> dict:
-    """Learn D_t for `steps` steps on `batches` (an iterator of {input_ids, labels} dicts), then write
-    the grown weights D W^small into `grown_dir`'s safetensors and record the operator in its
-    surgery.json. Returns the record (losses before and after, the learned matrices)."""
+    """Learn LiGO's operator (depth D_t, and width (A, B) when the plan widens) for `steps` steps on
+    `batches` (an iterator of {input_ids, labels} dicts), then write the grown weights into
+    `grown_dir`'s safetensors and record the operator in its surgery.json. Returns the record
+    (losses before and after, the depth matrices, the width matrices' distance from the split)."""
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
 
     from surgery.io.checkpoint import open_checkpoint
 
-    fam = open_checkpoint("grown", str(grown_dir), grown_dir).family
+    grown_ck = open_checkpoint("grown", str(grown_dir), grown_dir)
+    fam = grown_ck.family
     prov_path = grown_dir / "surgery.json"
     prov = json.loads(prov_path.read_text())
     layer_map = prov["layer_map"]
+    widened = prov.get("widened") or {}
+    if widened and widened.get("init") != "split":
+        raise PlanError(
+            f"grow.operator learn: the plan widens with init {widened.get('init')!r}; LiGO's width operator starts from the "
+            "split (copied units, what reads them divided)",
+            where=where,
+            fix="use widen with init: split (the default), or operator: plan",
+        )
     small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
     model.eval()  # no dropout: the operator learns the function, not a noise pattern
+    width = _Width(
+        fam,
+        json.loads((Path(small_dir) / "config.json").read_text()),
+        json.loads((grown_dir / "config.json").read_text()),
+        grown_ck.tied,
+        where,
+    )
+    for module, names in ((model.get_input_embeddings(), fam.embeddings), (model.get_output_embeddings(), [fam.lm_head])):
+        found = [n for n, p in model.named_parameters() if module is not None and p is getattr(module, "weight", None)]
+        if (
+            found and names and found[0] not in names and found[0] not in width.aliases and found[0] not in fam.embeddings
+        ):  # tied: the embedding
+            width.aliases[found[0]] = names[0]
     prefix = fam.layer_prefix
     pat = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
-    small_sd = dict(small.named_parameters())
+    small_sd = {n: p.detach() for n, p in small.named_parameters()}
+    grown_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     n_small = small.config.num_hidden_layers
-    stacks: dict = {}  # type -> [n_small, *shape] of the small model's frozen weights
+    stacks: dict = {}  # type -> [n_small] of the small model's frozen weights
+    others: dict = {}  # embeddings, final norm, head
     for name, p in small_sd.items():
         m = pat.fullmatch(name)
         if m:
-            stacks.setdefault(m.group(2), [None] * n_small)[int(m.group(1))] = p.detach()
+            stacks.setdefault(m.group(2), [None] * n_small)[int(m.group(1))] = p
+        else:
+            others[name] = p
     types = sorted(stacks)
-    stacked = {t: torch.stack(v) for t, v in stacks.items()}
     out_re = re.compile("|".join(f"(?:{p})" for p in fam.output_projections) or "(?!)")
     D0 = _operator_init(layer_map, n_small, types, out_re, where)
     D = {t: torch.nn.Parameter(D0[t].float().clone()) for t in types}
-    grown_names = [n for n, _ in model.named_parameters()]
-    fixed = {n: p.detach() for n, p in model.named_parameters() if not pat.fullmatch(n)}
+    missing = set(grown_shapes) - {f"{prefix}{r['layer']}.{t}" for r in layer_map for t in types} - set(others)
+    if missing:
+        raise PlanError(f"grow.operator learn: no operator for {sorted(missing)[0]}", where=where)
+    layer_shape = {t: grown_shapes[f"{prefix}0.{t}"] for t in types}
     for p in model.parameters():
         p.requires_grad_(False)
+    W0 = width.initial()
 
     def params():
-        out = dict(fixed)
+        out = {n: width.expand(n, v, grown_shapes[n], None) for n, v in others.items() if n in grown_shapes}
         for t in types:
-            w = torch.einsum("lj,j...->l...", D[t], stacked[t])
+            wide = torch.stack([width.expand(f"{prefix}{j}.{t}", w, layer_shape[t], t) for j, w in enumerate(stacks[t])])
+            w = torch.einsum("lj,j...->l...", D[t], wide)
             for layer in range(w.shape[0]):
                 out[f"{prefix}{layer}.{t}"] = w[layer]
-        missing = set(grown_names) - set(out)
-        if missing:
-            raise PlanError(f"grow.operator learn: no operator for {sorted(missing)[0]}", where=where)
         return out
 
     def loss(batch):
         return torch.func.functional_call(model, params(), (), {"input_ids": batch["input_ids"], "labels": batch["labels"]}).loss
 
-    opt = torch.optim.AdamW(list(D.values()), lr=lr, weight_decay=0.0)
+    with torch.no_grad():
+        params()  # every parameter described (or a located refusal) before any learning
+    opt = torch.optim.AdamW(list(D.values()) + width.parameters(), lr=lr, weight_decay=0.0)
     losses, seen = [], []
     it = iter(batches)
     for _ in range(steps):
@@ -127,12 +320,15 @@ def learn_depth(
         # and with the one it started from (the plan's grown model)
         after = sum(loss(b_).item() for b_ in seen) / max(1, len(seen))
         learned = {t: D[t].detach().clone() for t in types}
+        learned_w = {k: (width.A if k[0] == "A" else width.B)[k[2:]].detach().clone() for k in W0}
         for t in types:
             D[t].copy_(D0[t].float())
+        width.load(W0)
         before = sum(loss(b_).item() for b_ in seen) / max(1, len(seen))
         for t in types:
             D[t].copy_(learned[t])
-        final = {n: v.detach().contiguous() for n, v in params().items()}
+        width.load(learned_w)
+        final = {width.aliases.get(n, n): v.detach().contiguous() for n, v in params().items()}  # by checkpoint name
     if not math.isfinite(after) or not all(bool(torch.isfinite(v).all()) for v in final.values()):
         # the same rule as training: a diverged operator is an error, never written
         raise PlanError(
@@ -141,17 +337,17 @@ def learn_depth(
             fix=f"lower grow.learn_lr (now {lr:g}) or learn_steps",
         )
     # write the learned weights over the plan's output, in its own dtype, shard by shard
-    dtype_of: dict = {}
     for f in sorted(grown_dir.glob("*.safetensors")):
         sd = load_file(f)
         for n, v in sd.items():
-            dtype_of[n] = v.dtype
-            if pat.fullmatch(n) and n in final:
+            if n in final and (pat.fullmatch(n) or width.A):
                 sd[n] = final[n].to(v.dtype)
+            elif width.A and n not in final:
+                raise PlanError(f"grow.operator learn: the grown checkpoint's {n} is not a parameter of the model", where=where)
         save_file(sd, f, metadata={"format": "pt"})
     record = {
         "operator": "learn",
-        "paper": "LiGO (Wang et al. 2023), depth operator",
+        "paper": "LiGO (Wang et al. 2023), depth" + (" and width" if width.A else "") + " operator",
         "steps": steps,
         "lr": lr,
         "loss_before": before,  # mean over the learning batches, with the plan's operator
@@ -159,12 +355,14 @@ def learn_depth(
         "losses": [round(x, 6) for x in losses],  # each step's batch, as it trained
         "matrices": {t: D[t].detach().tolist() for t in types},  # float32 values, exactly
     }
+    if width.A:
+        record["width"] = width.record(W0)
     prov["growth_operator"] = record
     _refresh_checksums(grown_dir, prov)
     prov_path.write_text(json.dumps(prov, indent=2) + "\n")
     echo(
-        f"learned the growth operator (LiGO, depth) for {steps} steps: training loss on its batches {before:.4f} "
-        f"with the plan's operator -> {after:.4f} learned"
+        f"learned the growth operator (LiGO, {'depth and width' if width.A else 'depth'}) for {steps} steps: training loss on its "
+        f"batches {before:.4f} with the plan's operator -> {after:.4f} learned"
     )
     return record
 

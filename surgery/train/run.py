@@ -976,7 +976,7 @@ def _learn_operator(cfg: Config, prev: Stage, grown: Path, tps: int, echo) -> di
 
     from surgery.train.data import build_corpus
     from surgery.train.flops import flops_per_token
-    from surgery.train.ligo import learn_depth
+    from surgery.train.ligo import learn_growth
 
     b, g = cfg.body, cfg.body.grow
     per_step = b.micro_batch * b.grad_accum * world_size()
@@ -986,7 +986,7 @@ def _learn_operator(cfg: Config, prev: Stage, grown: Path, tps: int, echo) -> di
         corpus.train, batch_size=b.micro_batch * b.grad_accum, shuffle=False, collate_fn=transformers.default_data_collator
     )
     torch.manual_seed(b.seed)
-    rec = learn_depth(
+    rec = learn_growth(
         grown.parent / f"stage-{prev.index}" / "final",
         grown,
         loader,
