@@ -72,6 +72,10 @@ class Family:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str = "head_dim"
+    # other non-layer tensors sized by the hidden size, as [regex, dim, "in" | "out"]: a VLM's projector
+    # writes the stream ("out": units copied) and, in transformers' LLaVA, its inner layer is as wide
+    # as the stream too (linear_1 writes it, linear_2 reads it: "in", divided among the copies)
+    hidden_other: tuple = ()
     position_embeddings: tuple = ()  # absolute position embeddings [positions, hidden] (GPT-2's wpe): written to the stream
     intermediate_factor: int = 0  # MLP units per hidden unit when intermediate_key is null in the config (GPT-2: 4)
     guessed: bool = False  # True for the fallback built from tensor names
@@ -92,8 +96,8 @@ class Family:
         if missing:
             raise SurgeryError(f"architecture entry lacks {sorted(missing)}", where=origin)
         for v in d.get("name_variants", ()):
-            if not isinstance(v, dict) or not set(v) <= {"layer_prefix", "embeddings", "lm_head"} or "layer_prefix" not in v:
-                raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?}", where=origin)
+            if not isinstance(v, dict) or not set(v) <= {"layer_prefix", "embeddings", "lm_head", "final_norm"} or "layer_prefix" not in v:
+                raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?, final_norm?}", where=origin)
         tuples = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) for k, v in d.items() if isinstance(v, list)}
         tuples.update({k: tuple(v.items()) for k, v in d.items() if isinstance(v, dict)})
         return cls(**{**d, **tuples})
@@ -130,6 +134,10 @@ class Family:
                 if re.fullmatch(pattern, suffix):
                     return role, int(dim)
         return None
+
+    def other_roles(self, name: str) -> list[tuple[str, int]]:
+        """[(in | out, dim)] of a non-layer tensor sized by the hidden size (hidden_other)."""
+        return [(role, int(dim)) for pattern, dim, role in self.hidden_other if re.fullmatch(pattern, name)]
 
     def attention_role(self, suffix: str) -> str | None:
         entry = self.attention_entry(suffix)

@@ -95,3 +95,64 @@ def test_mergekit_vlm_configs_run_and_load(llavas, tmp_path, method):
         for k in A:  # vision tower and projector included
             want = ((0.6 * A[k] + 0.4 * B[k]) / 1.0).to(torch.bfloat16)
             assert (out[k].float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-8, k
+
+
+def _new_layout(src, dst):
+    """The same LLaVA saved with today's tensor names (model.language_model.*, model.vision_tower.*, ...)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    renames = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+    renames += (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+    out = {}
+    for k, v in load_tensors(src).items():
+        new = next((n + k[len(o) :] for o, n in renames if k.startswith(o)), k)
+        out[new] = v.contiguous()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["saved-before-4.52", "today"])
+def test_width_growth_of_the_language_model(llavas, tmp_path, layout):
+    """`widen` on a VLM: the language model grows as Llama does (stream, heads, MLP; split keeps the
+    function exactly, image and text together), the projector's output (and its inner layer, as
+    wide as the stream in transformers' LLaVA) grows with the stream; the vision tower is untouched.
+    Both tensor-name layouts; zero/random units with masks start from the small model's function."""
+    import transformers
+
+    from surgery.train.masks import fade_in_new_layers
+
+    a = llavas[0] if layout != "today" else _new_layout(llavas[0], tmp_path / "today")
+    base = llava_logits(a)
+    for w in ("{heads: 32}", "{hidden: 64}", "{hidden: 64, heads: 32, intermediate: 96}"):
+        out = surgery.apply(
+            write_plan(tmp_path, f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {w}}}]\n"),
+            tmp_path / "o",
+            progress=False,
+            force=True,
+        ).path
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["text_config"]["hidden_size"] == (64 if "hidden" in w else 32) and cfg["vision_config"]["hidden_size"] == 64
+        assert (llava_logits(out) - base).abs().max().item() <= 1e-6, w
+    t = load_tensors(out)
+    proj = "multi_modal_projector.linear_2.weight" if layout != "today" else "model.multi_modal_projector.linear_2.weight"
+    assert t[proj].shape == (64, 64)
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {a}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, heads: 32, init: random, std: 0.3}}}}]\n",
+        "r.yaml",
+    )
+    out = surgery.apply(plan, tmp_path / "r", progress=False).path
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    cb = fade_in_new_layers(model, out, 4, "cfg", small_dir=a)
+    cb.on_train_begin(None, type("S", (), {"global_step": 0})(), None)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (1, 72), generator=g)
+    ids[0, 2:66] = model.config.image_token_index
+    with torch.no_grad():
+        masked = model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32, generator=g)).logits
+    assert (masked - base).abs().max().item() <= 1e-5  # m = 0: the small model, image features included

@@ -194,19 +194,22 @@ def _widen(s: Widen, stack, ctx: Ctx):
     family = ctx.ckpts[stack[0].sources[0][0]].family
     if s.intermediate is not None and not family.mlp_in:
         raise ctx.fail(
-            f"width growth is not available for family {family.name} yet (its MLP tensors are not described: "
-            "MoE experts and unknown families)",
-            "widen a dense-MLP model (llama, mistral, qwen2/3, gemma, phi3, gpt2, gpt_neox, llava)",
+            f"width growth is not available for family {family.name}: its architecture entry does not describe its MLP tensors",
+            "widen a model of a supported family (llama, mistral, qwen2/3, gemma, phi3, gpt2, gpt_neox, mixtral, llava), "
+            "or add mlp_in/mlp_out to its architecture entry",
             ("intermediate",),
         )
     if (s.heads is not None or s.kv_heads is not None) and not family.attention:
         raise ctx.fail(
-            f"head growth is not available for family {family.name} yet", "a llama, mistral, qwen2/3, gemma, phi3 or gpt2 model", ("heads",)
+            f"head growth is not available for family {family.name}: its architecture entry does not describe its attention",
+            "widen a model of a supported family, or add `attention` to its architecture entry",
+            ("heads",),
         )
     if s.hidden is not None and not family.hidden_in:
         raise ctx.fail(
-            f"hidden-size growth is not available for family {family.name} yet",
-            "widen `intermediate` only, or a llama, mistral, qwen2/3, gemma, phi3 or gpt2 model",
+            f"hidden-size growth is not available for family {family.name}: its architecture entry does not describe "
+            "what reads and writes the residual stream",
+            "widen a model of a supported family, or add hidden_in/hidden_out/final_norm to its architecture entry",
             ("hidden",),
         )
     if not family.head_dim_key and (s.heads is not None or s.kv_heads is not None):

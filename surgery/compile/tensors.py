@@ -278,6 +278,10 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
             g = neutral(r, True, 1.0 / s if base.tied else 1.0)
         elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
             g = neutral(r, False)
+        elif family.other_roles(name):  # a VLM's projector: new units on every hidden-sized dim
+            g = r
+            for _kind, dim in family.other_roles(name):
+                g = Widen(g, "in", dim, 1, h_old, new, w.init, std, w.seed, f"{name}|hidden{dim}")
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:
             raise _undescribed(spec, family, name, r)
         out.append(OutTensor(name, g) if g is not None else t)
@@ -513,6 +517,10 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
         elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
             # a LayerNorm's bias (GPT-2's ln_f) goes with its gain: copied, or divided for a tied head
             g = Gather(r, 0, src, share if base.tied else None)
+        elif family.other_roles(name):  # a VLM's projector: what writes the stream copied, what reads it divided
+            g = r
+            for kind, dim in family.other_roles(name):
+                g = Gather(g, dim, src, share if kind == "in" else None)
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:  # an unknown matrix reading the stream
             raise _undescribed(spec, family, name, r)
         out.append(OutTensor(name, g) if g is not None else t)

@@ -154,7 +154,7 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
     new = prov.get("new_layers") or []
     widened = prov.get("widened") or {}
     ck = open_checkpoint("model", str(model_dir), model_dir)
-    fam = ck.family
+    fam = _module_layout(model, ck.family)
     grew: dict = {}
     if widened.get("init") in ("zero", "random"):
         if small_dir is None:
@@ -207,6 +207,9 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
                 hook_all([], None, f"holds the stream's writer {pattern!r}")
             writers += [m for m in found if all(m is not w for w in writers)]
         writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
+        # a VLM's projector: its inner layer and its output are as wide as the stream (new units times m)
+        others = [re.compile(p) for p, _d, role in fam.hidden_other if role == "out"]
+        writers += [m for n, m in model.named_modules() if any(r.fullmatch(n + ".weight") for r in others)]
         hook_all(writers, StreamMask(h), "writes the residual stream")
         width = _sizes(model_dir, fam)["hidden"]
         norms = [
@@ -235,6 +238,28 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
             set_all(state.global_step)
 
     return Fade()
+
+
+def _module_layout(model, fam):
+    """The family in the layout of the loaded model's module names, which may differ from the
+    checkpoint's tensor names (a LLaVA saved before transformers 4.52 is loaded into today's
+    modules): the checkpoint's own layout, or the family's current one, or one of its variants."""
+    import dataclasses
+
+    from surgery.registry import current
+
+    base = current().families.get(fam.name, fam)
+    candidates = [fam, base] + [
+        dataclasses.replace(base, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}, name_variants=())
+        for v in base.name_variants
+    ]
+    for cand in candidates:
+        try:
+            model.get_submodule(cand.layer_prefix.rstrip("."))
+            return cand
+        except AttributeError:
+            continue
+    return fam
 
 
 def _owner(model, tensor_name: str):
