@@ -51,7 +51,10 @@ class Family:
     name_variants: tuple = ()
     # width growth (`widen`): the dense MLP's tensors whose `dim` indexes the intermediate units, as
     # [suffix regex, dim, parts] (parts: 2 for a fused gate_up_proj, each half widened on its own);
-    # mlp_in: tensors producing the units (rows copied), mlp_out: reading them (columns split)
+    # mlp_in: tensors producing the units (rows copied), mlp_out: reading them (columns split); an
+    # optional 4th item names the config key sizing those units when a model has several (Qwen-MoE:
+    # experts, shared expert, dense layers): `widen: {intermediate}` sets intermediate_key and grows
+    # the others by the same ratio
     mlp_in: tuple = ()
     mlp_out: tuple = ()
     intermediate_key: str = "intermediate_size"
@@ -121,10 +124,28 @@ class Family:
 
     def mlp_role(self, suffix: str) -> tuple[str, int, int] | None:
         """("in" | "out", dim, parts) when `suffix` is a dense-MLP tensor indexed by the intermediate units."""
+        entry = self._mlp_entry(suffix)
+        return None if entry is None else entry[:3]
+
+    def mlp_size_key(self, suffix: str) -> str:
+        """The config key sizing the units `suffix` holds: an entry's own (Qwen-MoE's experts, shared
+        expert and dense layers have three sizes) or intermediate_key."""
+        entry = self._mlp_entry(suffix)
+        return entry[3] if entry is not None and entry[3] else self.intermediate_key
+
+    def mlp_size_keys(self) -> list[str]:
+        """Every config key sizing MLP units, intermediate_key first."""
+        keys = [self.intermediate_key]
+        for e in tuple(self.mlp_in) + tuple(self.mlp_out):
+            if len(e) > 3 and e[3] and e[3] not in keys:
+                keys.append(e[3])
+        return keys
+
+    def _mlp_entry(self, suffix: str):
         for role, entries in (("in", self.mlp_in), ("out", self.mlp_out)):
-            for pattern, dim, parts in entries:
-                if re.fullmatch(pattern, suffix):
-                    return role, int(dim), int(parts)
+            for e in entries:
+                if re.fullmatch(e[0], suffix):
+                    return role, int(e[1]), int(e[2]), (e[3] if len(e) > 3 else "")
         return None
 
     def hidden_role(self, suffix: str) -> tuple[str, int] | None:

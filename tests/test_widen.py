@@ -14,12 +14,12 @@ from surgery.tiny import logits
 
 from .conftest import load_tensors, write_plan
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe"]
 
 
 def _inter(path) -> int:
     c = json.loads((path / "config.json").read_text())
-    return c.get("intermediate_size") or c.get("n_inner") or 4 * c["n_embd"]
+    return c.get("moe_intermediate_size") or c.get("intermediate_size") or c.get("n_inner") or 4 * c["n_embd"]
 
 
 @pytest.mark.parametrize("family", DENSE)
@@ -27,7 +27,7 @@ def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_pat
     m = models(family)
     old = _inter(m)
     base = logits(m)
-    odd = old + old // 2 + (3 if family != "mixtral" else 4)  # transformers' fused MoE kernel needs 16-byte rows
+    odd = old + old // 2 + {"mixtral": 4, "qwen2_moe": 0}.get(family, 3)  # transformers' fused MoE kernel needs 16-byte rows
     for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16)):
         plan = write_plan(
             tmp_path,
@@ -91,7 +91,7 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "llama-tied"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "llama-tied"])
 def test_hidden_growth_keeps_the_function(models, tmp_path, family):
     """The residual stream k times wider as k copies: norms see the same RMS, what reads it is divided
     by k, Gemma's sqrt(hidden) embedding scale and tied embeddings are compensated."""
@@ -146,7 +146,7 @@ def test_hidden_growth_errors(models, tmp_path):
         assert not rep.valid and expect in str(rep.problems[0]) and name in rep.problems[0].where, (name, rep.problems)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"])
 def test_head_growth_keeps_the_function(models, tmp_path, family):
     """Copied heads (with their key/value groups, GQA ratio kept) and o_proj columns shared among
     the copies: the same attention output; combined with hidden and MLP growth."""
@@ -289,7 +289,9 @@ def test_zero_and_random_hidden_units(models, tmp_path, family):
     assert torch.equal(load_tensors(again)[emb], new[emb])
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "gpt2", "gpt_neox"]
+)
 def test_zero_and_random_heads(models, tmp_path, family):
     """G_zero / G_random for attention heads: new query heads appended after the old ones and new
     key/value heads after theirs (query head h still reads group h // g), their q/k/v rows and the
@@ -471,3 +473,32 @@ def test_learned_width_operator_refusals(models, tmp_path):
     with pytest.raises(PlanError) as e:
         learn_growth(small, grown, [], steps=1, lr=0.01, where="cfg.yaml:5", echo=None)
     assert "does not describe" in str(e.value) and "experts" in str(e.value) and "cfg.yaml:5" in str(e.value)
+
+
+def test_qwen_moe_grows_experts_shared_expert_and_dense_mlp_by_one_ratio(models, tmp_path):
+    """Qwen2-MoE has three MLP sizes: `intermediate` sets moe_intermediate_size (every expert) and the
+    shared expert and dense MLP grow by the same ratio; the router and the shared expert's gate read
+    the stream. Exact; validate lists the config changes and warns when fused experts get rows the
+    grouped kernels cannot run (not a multiple of 16 bytes)."""
+    m = models("qwen2_moe")
+    plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 24, hidden: 64}}}}]\n")
+    rep = surgery.validate(plan)
+    assert rep.valid and not [w for w in rep.warnings if "16 bytes" in w.what]
+    out = surgery.apply(plan, tmp_path / "o", progress=False).path
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], cfg["intermediate_size"], cfg["hidden_size"]) == (
+        24,
+        72,
+        96,
+        64,
+    )
+    t = load_tensors(out)
+    assert t["model.layers.0.mlp.experts.3.gate_proj.weight"].shape == (24, 64)
+    assert t["model.layers.0.mlp.shared_expert.down_proj.weight"].shape == (64, 72)
+    assert t["model.layers.0.mlp.gate.weight"].shape == (4, 64) and t["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 64)
+    assert (logits(out) - logits(m)).abs().max().item() <= 5e-6
+    bad = surgery.validate(
+        write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: 26}}}}]\n", "b.yaml")
+    )
+    [w] = [w for w in bad.warnings if "16 bytes" in w.what]
+    assert "b.yaml:2" in w.where and "32" in w.fix

@@ -104,9 +104,28 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             )
     if w is not None and w.intermediate is not None and family.mlp_in:
         key, new_i = family.intermediate_key, w.intermediate
+        primary = cfg.get(key)
+        for other in family.mlp_size_keys()[1:]:  # a shared expert, dense layers: the same ratio
+            old = cfg.get(other)
+            if isinstance(old, int) and isinstance(primary, int) and primary:
+                grown = round(old * new_i / primary)
+                if grown != old:
+                    changes.append(f"{other}: {old} -> {grown} (widen, x{new_i / primary:g} as {key})")
+                    cfg[other] = grown
         if cfg.get(key) != new_i:
             changes.append(f"{key}: {cfg.get(key)} -> {new_i} (widen)")
             cfg[key] = new_i
+        experts = any("experts" in e[0] for e in family.mlp_in)
+        if experts and new_i % 8:
+            warnings.append(
+                Problem(
+                    stack[0].widen_where,
+                    f"{key} {new_i}: transformers runs fused experts with grouped matrix products that need rows of a "
+                    "multiple of 16 bytes (8 units in bf16, 4 in float32); this model may load and then fail to run",
+                    f"use a multiple of 8, e.g. {new_i + (-new_i) % 8}",
+                    code="config",
+                )
+            )
     for key in family.position_dependent_config:
         if cfg.get(key):
             note(

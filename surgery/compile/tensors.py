@@ -224,6 +224,9 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
         return r
     kind, dim, parts = role
     old, new = r.shape[dim] // parts, spec.widen.intermediate
+    key = family.mlp_size_key(suffix)
+    if key != family.intermediate_key:  # another MLP of the model (a shared expert, a dense layer): the same ratio
+        new = _scaled_size(family, base, key, old, new)
     if new < old:
         raise PlanError(
             Problem(
@@ -236,6 +239,12 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
         return r
     std = spec.widen.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
     return Widen(r, kind, dim, parts, old, new, spec.widen.init, std, spec.widen.seed, out_name)
+
+
+def _scaled_size(family: Family, base: Checkpoint, key: str, old: int, new_primary: int) -> int:
+    """The new size of MLP units sized by `key` when intermediate_key grows to `new_primary`."""
+    primary = family.lm_config(base.config).get(family.intermediate_key)
+    return round(old * new_primary / primary) if isinstance(primary, int) and primary else new_primary
 
 
 def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int, new: int) -> list:

@@ -188,22 +188,28 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         masks.append(mask)
         for i in new:
             layers[i].register_forward_hook(mask.hook, with_kwargs=True)
+    suffixes = {s[1] for s in map(ck.family.split, ck.tensors) if s is not None}  # what the grown checkpoint holds
+
+    def present(pattern: str) -> bool:
+        return any(re.fullmatch(pattern, x) for x in suffixes)
+
     if "intermediate" in grew:
-        hook_all(
-            _modules(model, fam, [p for p, _d, _n in fam.mlp_out]),
-            UnitMask(grew["intermediate"]),
-            "takes the new MLP units as its input",
-            True,
-        )
+        small_cfg = fam.lm_config(json.loads((Path(small_dir) / "config.json").read_text()))
+        for entry in fam.mlp_out:  # each MLP of the model (experts, a shared expert, dense layers) from its own size
+            if not present(entry[0]):
+                continue
+            key = entry[3] if len(entry) > 3 and entry[3] else fam.intermediate_key
+            old = grew["intermediate"] if key == fam.intermediate_key else small_cfg.get(key)
+            hook_all(_modules(model, fam, [entry[0]]), UnitMask(old), f"takes the new MLP units of {entry[0]!r} as its input", True)
     if "attention" in grew:
         reads = [x if isinstance(x, str) else x[0] for role, p in fam.attention if role == "o" for x in ([p] if isinstance(p, str) else p)]
         hook_all(_modules(model, fam, reads), UnitMask(grew["attention"]), "takes the new heads as its input", True)
     if "hidden" in grew:
         h = grew["hidden"]
         writers: list = []
-        for pattern, _dim in fam.hidden_out:  # every kind of writer must be a hookable module
+        for pattern, _dim in fam.hidden_out:  # every kind of writer the checkpoint has must be a hookable module
             found = _modules(model, fam, [pattern])
-            if not found:
+            if not found and present(pattern):
                 hook_all([], None, f"holds the stream's writer {pattern!r}")
             writers += [m for m in found if all(m is not w for w in writers)]
         writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
