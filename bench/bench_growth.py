@@ -19,10 +19,13 @@ with optimizer and schedule reset, as in the paper):
     G_learn (LiGO):    the stacking plan with `operator: learn` (LiGO's depth operator, learn steps
                        counted in FLOPs);
 - width, from a model of half the width (stream, heads and MLP):
-    G_direct (split):  `widen` hidden, heads and MLP by splitting (the same function);
+    G_direct (split):  `widen` hidden, heads and MLP by splitting (the same function), with even
+                       shares (Net2Net: the copies stay copies) and with `shares: random` (LEMON's
+                       asymmetric split: the same function, copies free to diverge);
     G_zero:            `widen` with `init: zero` (new units appended, zero);
     G_random (+mask):  `widen` with `init: random`, faded in by `mask_steps` (MSG's masked norms);
-    G_learn (LiGO):    the split plan with `operator: learn` (LiGO's width and depth matrices).
+    G_learn (LiGO):    the split plan (random shares) with `operator: learn` (LiGO's width and depth
+                       matrices).
 FLOPs come from each run's metrics.jsonl (6N + 12 L d T per token, each stage at its own size).
 Reported: final held-out loss, total FLOPs, and the speed-up: 1 - (FLOPs at which the run's
 held-out curve first reaches scratch's final loss) / (scratch's FLOPs); "-" if it never does.
@@ -102,6 +105,7 @@ def main() -> int:
     mask = f"  mask_steps: {max(1, (steps - at) // 4)}\n"
     learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n"
     widen = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}}}\n"
+    uneven = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, shares: random}}\n"
     wide = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, init: INIT}}\n"
     runs = {
         "scratch": ("-", "-", f"model: {models['target']}\n" + common),
@@ -109,10 +113,11 @@ def main() -> int:
         "zero": ("depth", "G_zero", grown("shallow", expand.replace("INIT", "zero"))),
         "random+mask": ("depth", "G_random", grown("shallow", expand.replace("INIT", "random, std: 0.02"), mask)),
         "learn": ("depth", "G_learn", grown("shallow", stack, learn)),
-        "split-width": ("width", "G_direct", grown("narrow", widen)),
+        "split-width": ("width", "G_direct (even)", grown("narrow", widen)),
+        "split-width+shares": ("width", "G_direct", grown("narrow", uneven)),
         "zero-width": ("width", "G_zero", grown("narrow", wide.replace("INIT", "zero"))),
         "random-width+mask": ("width", "G_random", grown("narrow", wide.replace("INIT", "random, std: 0.02"), mask)),
-        "learn-width": ("width", "G_learn", grown("narrow", widen, learn)),
+        "learn-width": ("width", "G_learn", grown("narrow", uneven, learn)),
     }
     only = [x for x in args.only.split(",") if x]
     rows, curves = [], {}

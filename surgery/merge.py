@@ -81,9 +81,8 @@ def widen(x, r):
             src = torch.arange(old, new_size, device=x.device) % old  # new unit -> the unit it copies
             grown = torch.cat([blk, blk.index_select(r.dim, src)], dim=r.dim)
             if r.role == "out":  # the columns reading a unit and its copies share its weight
-                counts = torch.ones(old, dtype=torch.float64, device=x.device)
-                counts.index_add_(0, src, torch.ones(extra, dtype=torch.float64, device=x.device))
-                scale = (1.0 / counts)[torch.cat([torch.arange(old, device=x.device), src])]
+                full = list(range(old)) + [j % old for j in range(old, new_size)]
+                scale = torch.tensor(split_shares(full, old, r.shares, r.seed, r.share_key), dtype=torch.float64, device=x.device)
                 shape = [1] * grown.dim()
                 shape[r.dim] = -1
                 grown = (grown.double() * scale.reshape(shape)).to(blk.dtype)
@@ -98,6 +97,26 @@ def widen(x, r):
             grown = torch.cat([blk, new], dim=r.dim)
         out.append(grown)
     return torch.cat(out, dim=r.dim) if len(out) > 1 else out[0]
+
+
+def split_shares(src, old: int, mode: str, seed: int, kind: str) -> tuple[float, ...]:
+    """What each output unit j (a copy of unit src[j]) takes of the weights that read its unit: 1 /
+    copies (`even`), or seeded shares in proportion to uniform(0.5, 1.5) draws, summing to 1 over
+    each unit's copies (`random`: the function is the same, the copies are no longer symmetric).
+    Keyed by the kind of unit, so every reader of one kind, and LiGO's start, use the same shares."""
+    counts = [0] * old
+    for s in src:
+        counts[s] += 1
+    if mode == "even":
+        return tuple(1.0 / counts[s] for s in src)
+    import random
+
+    rng = random.Random(_seed(seed, f"shares:{kind}:{old}:{len(src)}"))
+    draw = [rng.uniform(0.5, 1.5) for _ in src]
+    total = [0.0] * old
+    for d, s in zip(draw, src, strict=True):
+        total[s] += d
+    return tuple(d / total[s] for d, s in zip(draw, src, strict=True))
 
 
 def _seed(seed: int, key: str) -> int:

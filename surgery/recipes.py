@@ -297,6 +297,8 @@ class Widen(Regrouped):
     seed: int
     key: str
     blocks: Optional[tuple[tuple[int, int], ...]] = None
+    shares: str = "even"  # split, role out: even | random (surgery.merge.split_shares)
+    share_key: str = "mlp"  # the kind of unit the shares are drawn for
 
     whole_tensor = True
 

@@ -51,7 +51,18 @@ def test_mixture_benchmark_harness(tmp_path):
 def test_growth_benchmark_harness(tmp_path):
     doc, md = run("bench_growth.py", "--size", "tiny", tmp=tmp_path)
     runs = [r["run"] for r in doc["rows"]]
-    assert runs == ["scratch", "stack", "zero", "random+mask", "learn", "split-width", "zero-width", "random-width+mask", "learn-width"]
+    assert runs == [
+        "scratch",
+        "stack",
+        "zero",
+        "random+mask",
+        "learn",
+        "split-width",
+        "split-width+shares",
+        "zero-width",
+        "random-width+mask",
+        "learn-width",
+    ]
     done = [r for r in doc["rows"] if not r.get("diverged")]
     assert len(done) == len(runs)
     assert all(r["flops"] > 0 and r["curve"] for r in done) and doc["rows"][0]["speedup"] == 0.0

@@ -28,13 +28,14 @@ def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_pat
     old = _inter(m)
     base = logits(m)
     odd = old + old // 2 + {"mixtral": 4, "qwen2_moe": 0}.get(family, 3)  # transformers' fused MoE kernel needs 16-byte rows
-    for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16)):
+    for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16), ("split, shares: random", 2 * old)):
+        tag = init.split(",")[0] + ("-random" if "random" in init else "")
         plan = write_plan(
             tmp_path,
             f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{intermediate: {new}, init: {init}}}}}]\n",
-            f"{init}-{new}.yaml",
+            f"{tag}-{new}.yaml",
         )
-        out = surgery.apply(plan, tmp_path / f"{init}-{new}", progress=False).path
+        out = surgery.apply(plan, tmp_path / f"{tag}-{new}", progress=False).path
         assert _inter(out) == new
         assert (logits(out) - base).abs().max().item() <= 1e-5, (family, init, new)
 
@@ -436,7 +437,9 @@ def test_learned_width_operator_starts_at_the_split_and_learns(models, tmp_path,
     else:
         small = models(family)
     w = "hidden: 64, intermediate: 160" if family in ("gpt2", "gpt_neox") else "hidden: 64, heads: 8, kv_heads: 4, intermediate: 100"
-    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{stack: {{times: 2}}}}, {{widen: {{{w}}}}}]\n")
+    shares = "random" if family in ("llama", "gemma3-tied", "gpt2", "phi3") else "even"  # LiGO starts at the plan's own shares
+    steps = f"[{{take: {{model: s}}}}, {{stack: {{times: 2}}}}, {{widen: {{{w}, shares: {shares}}}}}]"
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: {steps}\n")
     grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
     split = load_tensors(grown)
     quiet = lambda *a: None  # noqa: E731
@@ -502,3 +505,47 @@ def test_qwen_moe_grows_experts_shared_expert_and_dense_mlp_by_one_ratio(models,
     )
     [w] = [w for w in bad.warnings if "16 bytes" in w.what]
     assert "b.yaml:2" in w.where and "32" in w.fix
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3", "qwen2_moe", "llama-tied", "gemma3-tied"])
+def test_random_shares_keep_the_function_and_break_the_symmetry(models, tmp_path, family):
+    """Split with even shares: a unit's copies get identical gradients and stay copies under training
+    (validate warns, symmetric-split). `shares: random` gives each copy a seeded share of what reads
+    its unit (summing to 1: the same function, tied heads and Gemma's scaled embedding included), so
+    one training step already tells the copies apart."""
+    import transformers
+
+    from surgery.tiny import build_tiny
+
+    if family.endswith("-tied"):
+        m = build_tiny(family[: -len("-tied")], tmp_path / "tied", tie_word_embeddings=True)
+    else:
+        m = models(family)
+    w = "hidden: 64, intermediate: 160" if family in ("gpt2", "gpt_neox") else "hidden: 64, heads: 8, kv_heads: 4, intermediate: 128"
+    if family == "qwen2_moe":
+        w = "hidden: 64, heads: 8, kv_heads: 4, intermediate: 32"
+    base = logits(m)
+    layer = {"gpt2": "transformer.h.1.", "gpt_neox": "gpt_neox.layers.1."}.get(family, "model.layers.1.")
+    writer = {"gpt2": "attn.c_proj.weight", "gpt_neox": "attention.dense.weight"}.get(family, "self_attn.o_proj.weight")
+    for shares in ("even", "random"):
+        plan = write_plan(
+            tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{{w}, shares: {shares}}}}}]\n", f"{shares}.yaml"
+        )
+        rep = surgery.validate(plan)
+        assert rep.valid and any(x.code == "symmetric-split" for x in rep.warnings) == (shares == "even")
+        out = surgery.apply(plan, tmp_path / shares, progress=False).path
+        assert (logits(out) - base).abs().max().item() <= 5e-6, (family, shares)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        t = dict(model.named_parameters())[layer + writer].detach()
+        if family == "gpt2":
+            t = t.T  # Conv1D: [in, out]
+        copies = (t[:32] - t[32:64]).abs().max().item()  # stream unit j and its copy j + 32 (o_proj's rows)
+        assert (copies == 0.0) == (shares == "even"), (family, shares, copies)
+    text = f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero, shares: random}}}}]\n"
+    rep = surgery.validate(write_plan(tmp_path, text, "bad.yaml"))
+    assert not rep.valid and "init: split" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where

@@ -85,7 +85,7 @@ class Program:
             for k, v in (("intermediate", w.intermediate), ("hidden", w.hidden), ("heads", w.heads), ("kv_heads", w.kv_heads))
             if v is not None
         }
-        return {"sizes": sizes, "init": w.init, "tensors": grown}
+        return {"sizes": sizes, "init": w.init, "shares": w.shares, "seed": w.seed, "tensors": grown}
 
     @property
     def new_layers(self) -> list[int]:
@@ -250,6 +250,18 @@ def compile_plan(
                 )
             )
         shards = _schedule(tensors, plan.body.output.shard_size)
+    w = stack[0].widen if stack else None
+    if w is not None and w.init == "split" and w.shares == "even":
+        warnings.append(
+            Problem(
+                stack[0].widen_where,
+                "split with even shares: a unit's copies have the same weights in and the same share out, so they get "
+                "the same gradient and stay copies under training (the wider model keeps the narrow one's capacity; "
+                "measured in bench/RESULTS.md: split copies are still bit-identical after training)",
+                "add `shares: random` to the widen step (the same function, copies that can diverge), or train it as it is",
+                code="symmetric-split",
+            )
+        )
     chat = _chat_template(plan, ckpts, warnings) if plan.body.chat_template else None
     if chat is not None:  # apply rewrites the copied tokenizer_config.json: it must parse now, in validate too
         tc = ckpts[tok].path / "tokenizer_config.json" if merger is None else None

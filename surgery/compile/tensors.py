@@ -13,6 +13,7 @@ from surgery.io.safetensors import DTYPE_NAMES, FLOAT_CODES
 from surgery.errors import PlanError, Problem, SurgeryError
 from surgery.plan import Merge, Step, Take
 from surgery.methods import get_method
+from surgery.merge import split_shares
 from surgery.recipes import Cast, External, Gather, RandomNormal, Read, Recipe, Scale, Widen, Zeros
 from surgery.plan.settings import conditions_of, resolve
 
@@ -238,7 +239,8 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
     if new == old:
         return r
     std = spec.widen.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
-    return Widen(r, kind, dim, parts, old, new, spec.widen.init, std, spec.widen.seed, out_name)
+    w = spec.widen
+    return Widen(r, kind, dim, parts, old, new, w.init, std, w.seed, out_name, shares=w.shares, share_key=f"mlp:{key}")
 
 
 def _scaled_size(family: Family, base: Checkpoint, key: str, old: int, new_primary: int) -> int:
@@ -339,7 +341,17 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
     return a, k, a2, k2, d
 
 
-def _heads(r: Recipe, family: Family, counts, suffix: str, init: str = "split", std: float = 0.0, seed: int = 0, key: str = "") -> Recipe:
+def _heads(
+    r: Recipe,
+    family: Family,
+    counts,
+    suffix: str,
+    init: str = "split",
+    std: float = 0.0,
+    seed: int = 0,
+    key: str = "",
+    shares: str = "even",
+) -> Recipe:
     entry = family.attention_entry(suffix)
     if counts is None or entry is None:
         return r
@@ -365,7 +377,6 @@ def _heads(r: Recipe, family: Family, counts, suffix: str, init: str = "split", 
     g = a // k
     kv_src = [j % k for j in range(k2)]
     q_src = [kv_src[h // g] * g + h % g for h in range(a2)]
-    uses = [q_src.count(h) for h in range(a)]
 
     def rows(src):
         return [s * d + e for s in src for e in range(d)]
@@ -380,7 +391,8 @@ def _heads(r: Recipe, family: Family, counts, suffix: str, init: str = "split", 
     if role == "qkv_per_head":  # NeoX: head h's q, k and v side by side, 3 x head_dim rows (no GQA)
         return Gather(r, at, tuple(s * 3 * d + e for s in q_src for e in range(3 * d)))
     if role == "o":  # what reads the heads (columns; GPT-2's Conv1D: rows): a copied head's share is divided among its copies
-        return Gather(r, 1 if hdim is None else hdim, tuple(rows(q_src)), tuple(1.0 / uses[s] for s in q_src for _ in range(d)))
+        share = split_shares(q_src, a, shares, seed, "heads")
+        return Gather(r, 1 if hdim is None else hdim, tuple(rows(q_src)), tuple(x for x in share for _ in range(d)))
     return r
 
 
@@ -443,7 +455,7 @@ def layer_tensors(
         if spec.widen is not None:
             w = spec.widen
             std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
-            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix, w.init, std, w.seed, out_name)
+            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix, w.init, std, w.seed, out_name, w.shares)
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)
@@ -493,10 +505,7 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             )
         )
     src = tuple(j % h_old for j in range(new))
-    counts = [0] * h_old
-    for s in src:
-        counts[s] += 1
-    share = tuple(1.0 / counts[s] for s in src)
+    share = split_shares(src, h_old, spec.widen.shares, spec.widen.seed, "stream")
     emb_scale = math.sqrt(h_old / new) if family.embed_scaled else 1.0
     emb = set(family.embeddings)
     out = []
@@ -521,7 +530,7 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             if not base.tied:
                 g = Gather(r, 0, src)
             else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the division
-                c = (emb_scale,) * new if family.embed_scaled else share
+                c = tuple(x / emb_scale for x in share)  # sum over a unit's copies of c * emb_scale = 1
                 g = Gather(r, 0, src, c, tuple(x - 1 for x in c) if family.norm_plus_one else None)
         elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
             # a LayerNorm's bias (GPT-2's ln_f) goes with its gain: copied, or divided for a tied head

@@ -136,12 +136,18 @@ class Widen(Step):
     heads: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 14)  # attention heads (split; head_dim stays)
     kv_heads: Optional[StrictInt] = Field(default=None, ge=1, le=1 << 14)  # key/value heads (keep the heads/kv ratio)
     init: Literal["split", "zero", "random"] = "split"
+    # split: what each copy takes of the weights reading its unit. even: 1/copies (Net2Net); random:
+    # seeded shares summing to 1 per unit (LEMON's asymmetric split): the same function, and copies
+    # that no longer get identical gradients, so training can tell them apart
+    shares: Literal["even", "random"] = "even"
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
 
     @model_validator(mode="after")
     def _what(self):
         check_std(self)
+        if self.shares != "even" and self.init != "split":
+            raise ValueError("`shares` is for init: split (zero and random units are new, not copies)")
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
         return self

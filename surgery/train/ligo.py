@@ -69,8 +69,10 @@ def _operator_init(layer_map: list, n_small: int, types: list[str], out_re: re.P
 class _Width:
     """LiGO's width operator: (A, B) per kind of unit, started at the plan's split."""
 
-    def __init__(self, fam, small_cfg: dict, grown_cfg: dict, tied: bool, where: str):
+    def __init__(self, fam, small_cfg: dict, grown_cfg: dict, tied: bool, where: str, shares: str = "even", seed: int = 0):
         import torch
+
+        from surgery.merge import split_shares
 
         self.fam, self.tied, self.where = fam, tied, where
         sc, gc = fam.lm_config(small_cfg), fam.lm_config(grown_cfg)
@@ -87,24 +89,24 @@ class _Width:
         self.B: dict = {}
         self.aliases: dict = {}  # the model's parameter name -> the checkpoint's, where transformers renames (NeoX's embed_out)
 
-        def split(kind: str, old, new, src=None):
+        def split(kind: str, old, new, src=None, share_kind: str = ""):
             if not (isinstance(old, int) and isinstance(new, int)) or new == old:
                 return
             src = src or [j % old for j in range(new)]
-            count = [src.count(i) for i in range(old)]
+            share = split_shares(src, old, shares, seed, share_kind)  # the plan's own shares: step 0 is its output
             A = torch.zeros(new, old, dtype=torch.float32)
             B = torch.zeros(new, old, dtype=torch.float32)
             for j, i in enumerate(src):
-                A[j, i], B[j, i] = 1.0, 1.0 / count[i]
+                A[j, i], B[j, i] = 1.0, share[j]
             self.A[kind], self.B[kind] = torch.nn.Parameter(A), torch.nn.Parameter(B)
 
-        split("stream", h, h2)
-        split("mlp", inter, inter2)
+        split("stream", h, h2, share_kind="stream")
+        split("mlp", inter, inter2, share_kind=f"mlp:{fam.intermediate_key}")
         if isinstance(a, int) and isinstance(a2, int) and a2 != a and isinstance(k, int) and k and a % k == 0:
             g = a // k
             kv_src = [j % k for j in range(k2)]
-            split("q", a, a2, [kv_src[x // g] * g + x % g for x in range(a2)])
-            split("k", k, k2, kv_src)
+            split("q", a, a2, [kv_src[x // g] * g + x % g for x in range(a2)], "heads")
+            split("k", k, k2, kv_src)  # key/value heads are read by the attention itself: their B is unused
             split("v", k, k2, kv_src)
 
     def parameters(self) -> list:
@@ -258,6 +260,8 @@ def learn_growth(
         json.loads((grown_dir / "config.json").read_text()),
         grown_ck.tied,
         where,
+        widened.get("shares", "even"),
+        int(widened.get("seed", 0)),
     )
     for module, names in ((model.get_input_embeddings(), fam.embeddings), (model.get_output_embeddings(), [fam.lm_head])):
         found = [n for n, p in model.named_parameters() if module is not None and p is getattr(module, "weight", None)]
