@@ -14,7 +14,7 @@ from surgery.tiny import logits
 
 from .conftest import load_tensors, write_plan
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def _inter(path) -> int:
@@ -27,7 +27,9 @@ def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_pat
     m = models(family)
     old = _inter(m)
     base = logits(m)
-    odd = old + old // 2 + {"mixtral": 4, "qwen2_moe": 0}.get(family, 3)  # transformers' fused MoE kernel needs 16-byte rows
+    odd = (
+        old + old // 2 + {"mixtral": 4, "qwen2_moe": 0, "qwen3_moe": 0}.get(family, 3)
+    )  # transformers' fused MoE kernel needs 16-byte rows
     for init, new in (("split", 2 * old), ("split", odd), ("zero", old + 16), ("split, shares: random", 2 * old)):
         tag = init.split(",")[0] + ("-random" if "random" in init else "")
         plan = write_plan(
@@ -92,7 +94,9 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "llama-tied"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "llama-tied"]
+)
 def test_hidden_growth_keeps_the_function(models, tmp_path, family):
     """The residual stream k times wider as k copies: norms see the same RMS, what reads it is divided
     by k, Gemma's sqrt(hidden) embedding scale and tied embeddings are compensated."""
