@@ -553,3 +553,24 @@ def test_random_shares_keep_the_function_and_break_the_symmetry(models, tmp_path
     text = f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{hidden: 64, init: zero, shares: random}}}}]\n"
     rep = surgery.validate(write_plan(tmp_path, text, "bad.yaml"))
     assert not rep.valid and "init: split" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where
+
+
+def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, models):
+    """`operator: learn` with a grow plan LiGO cannot start from (new units that are not copies) is a
+    located error when the run starts, not after stage 1 has trained."""
+    from surgery.errors import PlanError
+    from surgery.train import train
+
+    from .test_train import config, quiet, write_pydoc_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
+    extra = (
+        "grow:\n  at_tokens: 2048\n  operator: learn\n  learn_steps: 2\n  plan:\n    models: {small: TRAINED}\n"
+        "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, init: zero}\n"
+    )
+    with pytest.raises(PlanError) as e:
+        train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
+    assert "init: split" in str(e.value) and "train.yaml:" in str(e.value)
+    assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()

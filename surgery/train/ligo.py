@@ -43,6 +43,19 @@ from pathlib import Path
 from surgery.errors import PlanError
 
 
+def check_learnable(layer_map: list, widened: dict, where: str) -> None:
+    """A plan LiGO can start from: its layers copies (or identity blocks) of the small model's, and
+    a `widen` by splitting. Checked before any training (`surgery train` compiles the grow plan)."""
+    _operator_init(layer_map, 1 + max((int(s[1]) for r in layer_map for s in r.get("sources") or []), default=0), [], None, where)
+    if widened and widened.get("init") != "split":
+        raise PlanError(
+            f"grow.operator learn: the plan widens with init {widened.get('init')!r}; LiGO's width operator starts from the "
+            "split (copied units, what reads them divided)",
+            where=where,
+            fix="use widen with init: split (the default), or operator: plan",
+        )
+
+
 def _operator_init(layer_map: list, n_small: int, types: list[str], out_re: re.Pattern, where: str):
     """{type: D_t init} from the plan's layer map."""
     import torch
@@ -243,13 +256,7 @@ def learn_growth(
     prov = json.loads(prov_path.read_text())
     layer_map = prov["layer_map"]
     widened = prov.get("widened") or {}
-    if widened and widened.get("init") != "split":
-        raise PlanError(
-            f"grow.operator learn: the plan widens with init {widened.get('init')!r}; LiGO's width operator starts from the "
-            "split (copied units, what reads them divided)",
-            where=where,
-            fix="use widen with init: split (the default), or operator: plan",
-        )
+    check_learnable(layer_map, widened, where)
     small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False

@@ -727,7 +727,11 @@ def _train(
     if b.grow is not None:
         from surgery.api import compile_plan
 
-        compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
+        program = compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
+        if b.grow.operator == "learn":
+            from surgery.train.ligo import check_learnable
+
+            check_learnable(program.layer_map(), program.widened(), cfg.where("grow", "operator"))
     if resume:
         _check_resumable(work / "config.json", b, where=cfg.where())
     if is_main():
