@@ -23,8 +23,8 @@ Where this departs from the paper, and why: LiGO ties each matrix's in-expansion
 out-expansion of what produced its input (B_{l+1} = A_l); a tied operator cannot express the
 function-preserving split (Net2Net), whose in-side divides what the out-side copies. Keeping A and
 B separate lets every operator start exactly at the plan's own growth (A: the split's copy matrix,
-B: the same with each copied unit's weight divided by its number of copies; D: the plan's layer
-map, an identity block's output projections zero), so step 0 is the plan's grown model and
+B: the same with each copy's share of what reads its unit, 1/copies or the plan's `shares: random`;
+D: the plan's layer map, an identity block's output projections zero), so step 0 is the plan's grown model and
 learning can only move from there.
 
 The small model's weights stay frozen; only D, A and B train, on the training loss of the grown
