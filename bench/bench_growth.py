@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--lr", default="1e-3", help="peak learning rate of every run")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    ap.add_argument("--learn-lr", default="1e-2", help="grow.learn_lr of the LiGO runs (G_learn)")
     args = ap.parse_args()
     deep, hidden, inter, heads, steps, at, mb, seq = SIZES[args.size]
     small_layers = deep // 4
@@ -103,7 +104,7 @@ def main() -> int:
     stack = "      - stack: {times: 4}\n"
     expand = f"      - expand: {{groups: {small_layers}, per_group: 3, init: INIT}}\n"
     mask = f"  mask_steps: {max(1, (steps - at) // 4)}\n"
-    learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n"
+    learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n  learn_lr: {args.learn_lr}\n"
     widen = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}}}\n"
     uneven = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, shares: random}}\n"
     wide = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, init: INIT}}\n"
@@ -165,6 +166,7 @@ def main() -> int:
     doc = {
         "size": args.size,
         "lr": args.lr,
+        "learn_lr": args.learn_lr,
         "target": shapes["target"],
         "steps": steps,
         "grow_at_step": at,
