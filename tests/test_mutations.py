@@ -151,7 +151,7 @@ def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path,
     from surgery.train import train
     from surgery.train.masks import LayerMask, fade_in_new_layers
 
-    from .test_train import config, quiet, write_pydoc_corpus
+    from .test_train import config, killed_and_resumed, quiet
 
     small = models("llama")
     grown = surgery.apply(
@@ -175,16 +175,7 @@ def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path,
         assert torch.equal(model(input_ids=ids).logits, unmasked)  # mask 1: the grown model, bit for bit
     assert isinstance(LayerMask(3), LayerMask)
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_dir.mkdir(), cut_dir.mkdir()
-    full = train(config(full_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet)
-    stopped = train(config(cut_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet, stop_after=5)
-    assert stopped.path is None
-    again = train(config(cut_dir, corpus, small, MASKED, steps=10), progress=False, echo=quiet, resume=True)
-    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    ta, tb, corpus = killed_and_resumed(tmp_path, small, MASKED)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     from surgery.errors import PlanError  # mask_steps longer than the steps after growth: a located error
 

@@ -69,6 +69,20 @@ def quiet(*a, **k):
     pass
 
 
+def killed_and_resumed(tmp_path: Path, model: Path, extra: str, steps: int = 10, stop_after: int = 5):
+    """One run uninterrupted and the same run stopped after `stop_after` steps and resumed: their
+    final weights, for a bitwise comparison."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    full = train(config(full_dir, corpus, model, extra, steps=steps), progress=False, echo=quiet)
+    assert train(config(cut_dir, corpus, model, extra, steps=steps), progress=False, echo=quiet, stop_after=stop_after).path is None
+    again = train(config(cut_dir, corpus, model, extra, steps=steps), progress=False, echo=quiet, resume=True)
+    return load_tensors(full.path), load_tensors(again.path), corpus
+
+
 def test_advise_warns_outside_the_fitted_range_and_gives_no_snippet_past_the_budget():
     r = CliRunner().invoke(main, ["advise", "--params", "1.6M", "--tokens", "3M"])
     assert r.exit_code == 0, r.output

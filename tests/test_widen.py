@@ -222,41 +222,6 @@ def test_a_matrix_the_family_does_not_describe_is_refused(models, tmp_path, hidd
     assert not rep.valid and "does not say how it grows" in str(rep.problems[0]) and "plan.yaml:" in rep.problems[0].where
 
 
-def test_masks_fade_in_new_mlp_units(models, tmp_path):
-    """G_random in width with masks: new units' activations times m before the down projection; at
-    m = 0 the grown model computes the small model's function, at m = 1 its own, bit for bit."""
-    import transformers
-
-    from surgery.errors import PlanError
-    from surgery.train.masks import fade_in_new_layers
-
-    small = models("llama")
-    plan = write_plan(
-        tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96, init: random, std: 0.5}}}}]\n"
-    )
-    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
-    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
-    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        unmasked = model(input_ids=ids).logits
-        ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()(input_ids=ids).logits
-        assert (unmasked - ref).abs().max() > 1e-3  # the random units change the function
-        cb = fade_in_new_layers(model, grown, 4, "cfg", small_dir=small)
-        assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-6)  # m = 0: the small model
-        cb.on_step_end(None, type("S", (), {"global_step": 2})(), None)
-        half = model(input_ids=ids).logits
-        assert not torch.allclose(half, ref, atol=1e-4) and not torch.allclose(half, unmasked, atol=1e-4)
-        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
-        assert torch.equal(model(input_ids=ids).logits, unmasked)  # m = 1: the grown model, bit for bit
-    split = surgery.apply(
-        write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96}}}}]\n", "s.yaml"),
-        tmp_path / "split",
-        progress=False,
-    ).path
-    with pytest.raises(PlanError, match="adds neither"):
-        fade_in_new_layers(model, split, 4, "cfg", small_dir=small)
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_zero_and_random_hidden_units(models, tmp_path, family):
     """G_zero / G_random for the residual stream: new units appended, the new rows and columns of what
@@ -357,6 +322,16 @@ def test_masks_fade_in_new_stream_units_heads_and_mlp_units(models, tmp_path, fa
         assert (half - ref).abs().max() > 1e-2 and (half - unmasked).abs().max() > 1e-2
         cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
         assert torch.equal(model(input_ids=ids).logits, unmasked)  # m = 1: bit for bit
+    if family == "llama":  # split units are copies, not new: nothing to fade in
+        from surgery.errors import PlanError
+
+        split = surgery.apply(
+            write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{intermediate: 96}}}}]\n", "s.yaml"),
+            tmp_path / "split",
+            progress=False,
+        ).path
+        with pytest.raises(PlanError, match="adds neither"):
+            fade_in_new_layers(model, split, 4, "cfg", small_dir=small)
 
 
 def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_path):
@@ -389,37 +364,21 @@ def test_masks_refuse_fused_experts_and_learn_refuses_non_copies(models, tmp_pat
     assert "copies" in str(e.value) and "cfg.yaml:9" in str(e.value) and "operator: plan" in str(e.value)
 
 
-MASKED_WIDTH = """\
-grow:
-  at_tokens: 2048
-  mask_steps: 6
-  plan:
-    models: {small: TRAINED}
-    steps:
-      - take: {model: small}
-      - widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random, std: 0.05}
-save_every: 1
-"""
+def _masked_width() -> str:
+    """test_mutations' masked-growth run with width growth in place of new layers."""
+    from .test_mutations import MASKED
+
+    step = "- widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random, std: 0.05}"
+    return MASKED.replace("- expand: {groups: 2, init: random, std: 0.05}", step)
 
 
 def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
     """`grow.mask_steps` on width growth in a real run: killed inside the ramp and resumed, the run
     equals an uninterrupted one bitwise (the masks follow the global step)."""
     pytest.importorskip("accelerate")
-    from surgery.train import train
+    from .test_train import killed_and_resumed
 
-    from .test_train import config, quiet, write_pydoc_corpus
-
-    small = models("llama")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_dir.mkdir(), cut_dir.mkdir()
-    full = train(config(full_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet)
-    assert train(config(cut_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet, stop_after=5).path is None
-    again = train(config(cut_dir, corpus, small, MASKED_WIDTH, steps=10), progress=False, echo=quiet, resume=True)
-    ta, tb = load_tensors(full.path), load_tensors(again.path)
+    ta, tb, _ = killed_and_resumed(tmp_path, models("llama"), _masked_width())
     assert ta["model.embed_tokens.weight"].shape[1] == 64 and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
