@@ -195,7 +195,7 @@ def _widen(s: Widen, stack, ctx: Ctx):
     if s.intermediate is not None and not family.mlp_in:
         raise ctx.fail(
             f"width growth is not available for family {family.name}: its architecture entry does not describe its MLP tensors",
-            "widen a model of a supported family (llama, mistral, qwen2/3, gemma, phi3, gpt2, gpt_neox, mixtral, llava), "
+            "widen a model of a supported family (llama, mistral, qwen2/3, qwen_moe, gemma, phi3, gpt2, gpt_neox, mixtral, llava), "
             "or add mlp_in/mlp_out to its architecture entry",
             ("intermediate",),
         )
