@@ -533,3 +533,20 @@ def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, 
         train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
     assert "init: split" in str(e.value) and "train.yaml:" in str(e.value)
     assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
+
+
+def test_a_widened_config_transformers_refuses_is_an_error(models, tmp_path):
+    """Llama's config refuses a hidden size that is not a multiple of the heads: such an output could
+    not be loaded, so the plan is invalid, located, with the fix; Qwen2's config accepts it (the head
+    size is explicit) and the grown model loads and keeps its function."""
+    for family, valid in (("llama", False), ("qwen2", True)):
+        m = models(family)
+        plan = write_plan(tmp_path, f"models: {{a: {m}}}\nsteps: [{{take: {{model: a}}}}, {{widen: {{heads: 6}}}}]\n", f"{family}.yaml")
+        rep = surgery.validate(plan)
+        assert rep.valid == valid, rep.problems
+        if not valid:
+            assert "transformers refuses" in str(rep.problems[0]) and f"{family}.yaml:2" in rep.problems[0].where
+            assert "heads that divide" in rep.problems[0].fix
+        else:
+            out = surgery.apply(plan, tmp_path / family, progress=False).path
+            assert (logits(out) - logits(m)).abs().max().item() <= 5e-6

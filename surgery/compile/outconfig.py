@@ -92,7 +92,19 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
                 cfg[key] = new
     if w is not None and (w.heads is not None or w.kv_heads is not None or w.hidden is not None):
         h, a = cfg.get(hk), cfg.get(ak)
-        if isinstance(h, int) and isinstance(a, int) and a and h % a:
+        uneven = isinstance(h, int) and isinstance(a, int) and a and h % a
+        refused = _refused_by_transformers(full)
+        if refused is not None:  # an output transformers cannot load is not an output
+            from surgery.errors import PlanError
+
+            raise PlanError(
+                Problem(
+                    stack[0].widen_where,
+                    f"transformers refuses the widened config: {refused}",
+                    f"choose heads that divide {hk} {h}, or grow {hk} too" if uneven else "choose sizes the model's config accepts",
+                )
+            )
+        if uneven and refused is None and _transformers_missing():
             warnings.append(
                 Problem(
                     stack[0].widen_where,
@@ -141,3 +153,29 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
     if "dtype" not in full and "torch_dtype" not in full:
         full["dtype"] = tname
     return full, changes
+
+
+def _transformers_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is None
+
+
+def _refused_by_transformers(full: dict) -> str | None:
+    """Why transformers' own config class for this model type refuses `full`, or None (accepted, or
+    transformers absent, or a model type it does not know). Asked only for a widened model: its sizes
+    are the user's, and some configs check them (Llama: hidden a multiple of heads)."""
+    if _transformers_missing() or not isinstance(full.get("model_type"), str):
+        return None
+    import transformers
+
+    kwargs = {k: v for k, v in full.items() if k != "model_type"}
+    try:
+        transformers.AutoConfig.for_model(full["model_type"], **kwargs)
+    except ValueError as e:
+        if "Unrecognized model" in str(e):
+            return None  # a model type transformers does not know: not ours to judge
+        return " ".join(str(e).split())[:300]
+    except Exception as e:  # a config class's own validation (huggingface_hub's strict dataclasses)
+        return " ".join(str(e).split())[:300]
+    return None
