@@ -15,7 +15,9 @@ which):
   over the stream computes its statistics with the new units weighted by m (MSG's masked
   normalisation: mean_c(x) = sum_i c_i x_i / sum_i c_i, c_i = 1 for old units and m for new ones)
   and its new outputs times m. At m = 0 the new units are zero everywhere and every norm sees the
-  small model's statistics: the small model's function (within float rounding).
+  small model's statistics: the small model's function (within float rounding). A mixture of
+  experts whose weights transformers fuses is masked at the experts' combined output; its new MLP
+  units (inside the fused weights) cannot be, and are refused.
 """
 
 from __future__ import annotations
@@ -210,7 +212,9 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         for pattern, _dim in fam.hidden_out:  # every kind of writer the checkpoint has must be a hookable module
             found = _modules(model, fam, [pattern])
             if not found and present(pattern):
-                hook_all([], None, f"holds the stream's writer {pattern!r}")
+                found = _fused_experts(model, fam)  # the experts' down projections: their combined output
+                if not found:
+                    hook_all([], None, f"holds the stream's writer {pattern!r}")
             writers += [m for m in found if all(m is not w for w in writers)]
         writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
         # a VLM's projector: its inner layer and its output are as wide as the stream (new units times m)
@@ -244,6 +248,20 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
             set_all(state.global_step)
 
     return Fade()
+
+
+def _fused_experts(model, fam) -> list:
+    """The modules holding a mixture of experts' fused weights, one per layer (transformers 5 keeps
+    every expert's down projection in one [experts, hidden, units] parameter): their output is the
+    experts' combined write to the stream, so its new units can be masked there. [] when the layers
+    do not all have one."""
+    layers = model.get_submodule(fam.layer_prefix.rstrip("."))
+    found = [
+        m
+        for n, m in model.named_modules()
+        if n.startswith(fam.layer_prefix) and n.endswith(".experts") and any(p.dim() == 3 for p in m.parameters(recurse=False))
+    ]
+    return found if len(found) == len(layers) else []
 
 
 def _module_layout(model, fam):
