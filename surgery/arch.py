@@ -180,6 +180,39 @@ class Family:
         sub = config.get(self.text_config) if self.text_config else None
         return sub if isinstance(sub, dict) else config
 
+    # -- widths (of a language-model config: `lm_config(config)`) ----------------------------------
+    def head_size(self, cfg: dict) -> int | None:
+        """The attention head size: the config's own, or hidden / heads (GPT-2, NeoX: no key for it)."""
+        d = cfg.get(self.head_dim_key) if self.head_dim_key else None
+        if isinstance(d, int) and d:
+            return d
+        h, a = cfg.get(self.hidden_key), cfg.get(self.heads_key)
+        return h // a if isinstance(h, int) and isinstance(a, int) and a else None
+
+    def mlp_size(self, cfg: dict) -> int | None:
+        """The MLP's units (intermediate_key), or intermediate_factor x hidden where the config leaves it null (GPT-2)."""
+        v = cfg.get(self.intermediate_key)
+        if isinstance(v, int):
+            return v
+        h = cfg.get(self.hidden_key)
+        return self.intermediate_factor * h if self.intermediate_factor and isinstance(h, int) else None
+
+    def mlp_sizes_after(self, cfg: dict, new_primary: int) -> dict[str, int]:
+        """Every MLP size key's value once intermediate_key grows to `new_primary`: the others (a
+        shared expert, dense layers) by the same ratio."""
+        primary = cfg.get(self.intermediate_key)
+        out = {self.intermediate_key: new_primary}
+        for key in self.mlp_size_keys()[1:]:
+            old = cfg.get(key)
+            if isinstance(old, int) and isinstance(primary, int) and primary:
+                out[key] = round(old * new_primary / primary)
+        return out
+
+    @property
+    def final_norm_bias(self) -> str:
+        """The final norm's bias (a LayerNorm's: GPT-2's ln_f.bias), or ""."""
+        return self.final_norm[: -len("weight")] + "bias" if self.final_norm.endswith(".weight") else ""
+
     def for_tensors(self, names: list[str]) -> "Family":
         """This family in the tensor-name layout `names` use (see name_variants)."""
         if any(n.startswith(self.layer_prefix) for n in names):

@@ -78,11 +78,10 @@ def widen(x, r):
     for b, (blk, (old, new_size)) in enumerate(zip(blocks, sizes, strict=True)):
         extra = new_size - old
         if r.init == "split":
-            src = torch.arange(old, new_size, device=x.device) % old  # new unit -> the unit it copies
-            grown = torch.cat([blk, blk.index_select(r.dim, src)], dim=r.dim)
+            src = [j % old for j in range(new_size)]  # output unit -> the unit it is (a copy of)
+            grown = torch.cat([blk, blk.index_select(r.dim, torch.tensor(src[old:], dtype=torch.long, device=x.device))], dim=r.dim)
             if r.role == "out":  # the columns reading a unit and its copies share its weight
-                full = list(range(old)) + [j % old for j in range(old, new_size)]
-                scale = torch.tensor(split_shares(full, old, r.shares, r.seed, r.share_key), dtype=torch.float64, device=x.device)
+                scale = torch.tensor(split_shares(src, old, r.shares, r.seed, r.share_key), dtype=torch.float64, device=x.device)
                 shape = [1] * grown.dim()
                 shape[r.dim] = -1
                 grown = (grown.double() * scale.reshape(shape)).to(blk.dtype)

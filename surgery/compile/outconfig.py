@@ -69,16 +69,15 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
     if w is not None and w.hidden is not None:
         h_old = cfg.get(hk)
         if isinstance(h_old, int) and w.hidden != h_old:
-            heads = cfg.get(ak)
-            head_dim = (cfg.get(dk) if dk else None) or (h_old // heads if isinstance(heads, int) and heads else None)
+            head_dim, units = family.head_size(cfg), family.mlp_size(cfg)  # both at the old width
             changes.append(f"{hk}: {h_old} -> {w.hidden} (widen)")
             cfg[hk] = w.hidden
             if dk and head_dim and cfg.get(dk) != head_dim:
                 changes.append(f"{dk}: {cfg.get(dk)} -> {head_dim} (kept: the heads keep their size)")
                 cfg[dk] = head_dim
             ik = family.intermediate_key
-            if family.intermediate_factor and cfg.get(ik) is None and w.intermediate is None:  # GPT-2: n_inner null = 4 x hidden
-                cfg[ik] = family.intermediate_factor * h_old
+            if cfg.get(ik) is None and w.intermediate is None and units is not None:  # GPT-2: n_inner null = 4 x hidden
+                cfg[ik] = units
                 changes.append(f"{ik}: null -> {cfg[ik]} (written: the MLP keeps its {cfg[ik]} units)")
     from surgery.compile.tensors import head_counts
 
@@ -104,7 +103,7 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
                     f"choose heads that divide {hk} {h}, or grow {hk} too" if uneven else "choose sizes the model's config accepts",
                 )
             )
-        if uneven and refused is None and _transformers_missing():
+        if uneven and _transformers_missing():
             warnings.append(
                 Problem(
                     stack[0].widen_where,
@@ -117,13 +116,10 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
     if w is not None and w.intermediate is not None and family.mlp_in:
         key, new_i = family.intermediate_key, w.intermediate
         primary = cfg.get(key)
-        for other in family.mlp_size_keys()[1:]:  # a shared expert, dense layers: the same ratio
-            old = cfg.get(other)
-            if isinstance(old, int) and isinstance(primary, int) and primary:
-                grown = round(old * new_i / primary)
-                if grown != old:
-                    changes.append(f"{other}: {old} -> {grown} (widen, x{new_i / primary:g} as {key})")
-                    cfg[other] = grown
+        for other, grown in family.mlp_sizes_after(cfg, new_i).items():  # a shared expert, dense layers: the same ratio
+            if other != key and grown != cfg.get(other):
+                changes.append(f"{other}: {cfg.get(other)} -> {grown} (widen, x{new_i / primary:g} as {key})")
+                cfg[other] = grown
         if cfg.get(key) != new_i:
             changes.append(f"{key}: {cfg.get(key)} -> {new_i} (widen)")
             cfg[key] = new_i
@@ -172,10 +168,8 @@ def _refused_by_transformers(full: dict) -> str | None:
     kwargs = {k: v for k, v in full.items() if k != "model_type"}
     try:
         transformers.AutoConfig.for_model(full["model_type"], **kwargs)
-    except ValueError as e:
-        if "Unrecognized model" in str(e):
+    except Exception as e:  # ValueError, or a config class's own validation (huggingface_hub's strict dataclasses)
+        if isinstance(e, ValueError) and "Unrecognized model" in str(e):
             return None  # a model type transformers does not know: not ours to judge
-        return " ".join(str(e).split())[:300]
-    except Exception as e:  # a config class's own validation (huggingface_hub's strict dataclasses)
         return " ".join(str(e).split())[:300]
     return None

@@ -215,8 +215,7 @@ def _widen(s: Widen, stack, ctx: Ctx):
     if not family.head_dim_key and (s.heads is not None or s.kv_heads is not None):
         # GPT-2: the attention is exactly the residual stream's width (head size = n_embd / n_head)
         cfg = family.lm_config(ctx.ckpts[stack[0].sources[0][0]].config) if stack else {}
-        h, a = cfg.get(family.hidden_key), cfg.get(family.heads_key)
-        d = h // a if isinstance(h, int) and isinstance(a, int) and a else None
+        d = family.head_size(cfg)
         want = (s.hidden // d) if (d and s.hidden is not None and s.hidden % d == 0) else None
         if s.kv_heads is not None or s.hidden is None or (want is not None and s.heads != want):
             raise ctx.fail(

@@ -225,9 +225,8 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
         return r
     kind, dim, parts = role
     old, new = r.shape[dim] // parts, spec.widen.intermediate
-    key = family.mlp_size_key(suffix)
-    if key != family.intermediate_key:  # another MLP of the model (a shared expert, a dense layer): the same ratio
-        new = _scaled_size(family, base, key, old, new)
+    key = family.mlp_size_key(suffix)  # another MLP of the model (a shared expert, a dense layer) grows by the same ratio
+    new = family.mlp_sizes_after(family.lm_config(base.config), new).get(key, new)
     if new < old:
         raise PlanError(
             Problem(
@@ -238,15 +237,13 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
         )
     if new == old:
         return r
-    std = spec.widen.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
-    w = spec.widen
+    w, std = spec.widen, _init_std(spec.widen, family, base)
     return Widen(r, kind, dim, parts, old, new, w.init, std, w.seed, out_name, shares=w.shares, share_key=f"mlp:{key}")
 
 
-def _scaled_size(family: Family, base: Checkpoint, key: str, old: int, new_primary: int) -> int:
-    """The new size of MLP units sized by `key` when intermediate_key grows to `new_primary`."""
-    primary = family.lm_config(base.config).get(family.intermediate_key)
-    return round(old * new_primary / primary) if isinstance(primary, int) and primary else new_primary
+def _init_std(w, family: Family, base: Checkpoint) -> float:
+    """The std of `init: random` units: the step's own, or the model's initializer_range (0.02)."""
+    return w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
 
 
 def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int, new: int) -> list:
@@ -258,7 +255,7 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
     import math
 
     w = spec.widen
-    std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
+    std = _init_std(w, family, base)
     emb = set(family.embeddings) | set(family.position_embeddings) | {family.lm_head}
     keep = tuple(range(h_old)) + (0,) * (new - h_old)
     # Gemma multiplies its embedding by sqrt(hidden size): the old units are divided by the growth of
@@ -287,7 +284,7 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
                 g = Gather(g, 1, tuple(range(new)), (s,) * h_old + (1.0,) * (new - h_old))
         elif family.final_norm and name == family.final_norm:
             g = neutral(r, True, 1.0 / s if base.tied else 1.0)
-        elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
+        elif family.final_norm_bias and name == family.final_norm_bias:
             g = neutral(r, False)
         elif family.other_roles(name):  # a VLM's projector: new units on every hidden-sized dim
             g = r
@@ -314,16 +311,13 @@ def head_counts(family: Family, base: Checkpoint, w) -> tuple[int, int, int, int
     """(A, K, A', K', head_dim) for a `widen` with heads/kv_heads, or None; the ratio A/K is kept."""
     if w is None or (w.heads is None and w.kv_heads is None and not (w.hidden is not None and not family.head_dim_key)):
         return None
-    if w.heads is None and w.kv_heads is None:  # no head size in the config: the heads grow with the hidden size
-        cfg = family.lm_config(base.config)
-        a, h = cfg.get(family.heads_key), cfg.get(family.hidden_key)
-        if isinstance(a, int) and isinstance(h, int) and a and h % a == 0 and w.hidden % (h // a) == 0:
-            w = w.model_copy(update={"heads": w.hidden // (h // a)})
     cfg = family.lm_config(base.config)
+    d = family.head_size(cfg)
     a, k = cfg.get(family.heads_key), cfg.get(family.kv_heads_key) or cfg.get(family.heads_key)
-    h = cfg.get(family.hidden_key)
-    d = cfg.get(family.head_dim_key) if family.head_dim_key else None
-    d = d or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
+    if w.heads is None and w.kv_heads is None:  # no head size in the config: the heads grow with the hidden size
+        h = cfg.get(family.hidden_key)
+        if d and isinstance(h, int) and isinstance(a, int) and h % a == 0 and w.hidden % d == 0:
+            w = w.model_copy(update={"heads": w.hidden // d})
     if not (isinstance(a, int) and isinstance(k, int) and isinstance(d, int) and k and a % k == 0):
         raise PlanError(Problem(None, "widen heads: the config does not give num_attention_heads, num_key_value_heads and the head size"))
     g = a // k
@@ -454,8 +448,8 @@ def layer_tensors(
             r = Zeros(r.shape, r.dtype) if len(r.shape) < 2 else RandomNormal(r.shape, r.dtype, spec.std, spec.seed, out_name)
         if spec.widen is not None:
             w = spec.widen
-            std = w.std or float(family.lm_config(base.config).get("initializer_range") or 0.02)
-            r = _heads(_widened(r, spec, family, base, suffix, out_name), family, heads, suffix, w.init, std, w.seed, out_name, w.shares)
+            r = _widened(r, spec, family, base, suffix, out_name)
+            r = _heads(r, family, heads, suffix, w.init, _init_std(w, family, base), w.seed, out_name, w.shares)
         for filt, k in spec.scales:
             if filt is None or filt in out_name:
                 r = Scale(r, k)
@@ -532,7 +526,7 @@ def widen_hidden(tensors: list[OutTensor], spec: LayerSpec, family: Family, base
             else:  # logits = E' n': E' is the copied (and scaled) embedding, so n' carries the division
                 c = tuple(x / emb_scale for x in share)  # sum over a unit's copies of c * emb_scale = 1
                 g = Gather(r, 0, src, c, tuple(x - 1 for x in c) if family.norm_plus_one else None)
-        elif family.final_norm.endswith(".weight") and name == family.final_norm[: -len("weight")] + "bias":
+        elif family.final_norm_bias and name == family.final_norm_bias:
             # a LayerNorm's bias (GPT-2's ln_f) goes with its gain: copied, or divided for a tied head
             g = Gather(r, 0, src, share if base.tied else None)
         elif family.other_roles(name):  # a VLM's projector: what writes the stream copied, what reads it divided

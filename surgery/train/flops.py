@@ -42,9 +42,7 @@ def flops_per_token(model_dir: str | Path, seq_len: int) -> dict:
         n += math.prod(emb.shape) if emb is not None else 0
     layers = int(text.get(fam.num_layers_key) or text.get("num_hidden_layers") or 0)
     heads = text.get(fam.heads_key) or 0
-    hidden = text.get(fam.hidden_key) or 0
-    head_dim = (text.get(fam.head_dim_key) if fam.head_dim_key else None) or (hidden // heads if heads else 0)
-    width = int(heads) * int(head_dim)
+    width = int(heads) * int(fam.head_size(text) or 0)
     return {
         "flops_per_token": 6 * n + 12 * layers * width * seq_len,
         "matmul_params": n,

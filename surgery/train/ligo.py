@@ -93,9 +93,8 @@ class _Width:
         a, a2 = sc.get(fam.heads_key), gc.get(fam.heads_key)
         k = (sc.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a
         k2 = (gc.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a2
-        d = (gc.get(fam.head_dim_key) if fam.head_dim_key else None) or (h2 // a2 if h2 and a2 else None)
-        inter = sc.get(fam.intermediate_key) or (fam.intermediate_factor * h if fam.intermediate_factor and h else None)
-        inter2 = gc.get(fam.intermediate_key) or (fam.intermediate_factor * h2 if fam.intermediate_factor and h2 else None)
+        d = fam.head_size(gc)
+        inter, inter2 = fam.mlp_size(sc), fam.mlp_size(gc)
         self.d = d
         self.scale = math.sqrt(h / h2) if fam.embed_scaled and h and h2 else 1.0  # Gemma's sqrt(hidden) embedding scale
         self.A: dict = {}
@@ -192,7 +191,7 @@ class _Width:
                     y = y * self.scale
             elif name == fam.lm_head:
                 y = self._along(x, 1, B["stream"])
-            elif name == fam.final_norm or (fam.final_norm.endswith(".weight") and name == fam.final_norm[: -len("weight")] + "bias"):
+            elif name == fam.final_norm or (fam.final_norm_bias and name == fam.final_norm_bias):
                 gain = name == fam.final_norm
                 if not self.tied:
                     y = self._gain(x, A["stream"], plus and gain)

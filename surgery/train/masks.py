@@ -118,14 +118,8 @@ class NormMask:
 def _sizes(config_dir: Path, fam) -> dict:
     """hidden, intermediate and attention width (heads x head size) of a checkpoint's config."""
     cfg = fam.lm_config(json.loads((Path(config_dir) / "config.json").read_text()))
-    h = cfg.get(fam.hidden_key)
-    a = cfg.get(fam.heads_key)
-    d = cfg.get(fam.head_dim_key) if fam.head_dim_key else None
-    d = d or (h // a if isinstance(h, int) and isinstance(a, int) and a else None)
-    inter = cfg.get(fam.intermediate_key)
-    if inter is None and fam.intermediate_factor and isinstance(h, int):
-        inter = fam.intermediate_factor * h
-    return {"hidden": h, "intermediate": inter, "attention": a * d if isinstance(a, int) and isinstance(d, int) else None}
+    a, d = cfg.get(fam.heads_key), fam.head_size(cfg)
+    return {"hidden": cfg.get(fam.hidden_key), "intermediate": fam.mlp_size(cfg), "attention": a * d if isinstance(a, int) and d else None}
 
 
 def _modules(model, fam, patterns) -> list:
