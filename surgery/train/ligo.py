@@ -269,12 +269,15 @@ def learn_growth(
         widened.get("shares", "even"),
         int(widened.get("seed", 0)),
     )
-    for module, names in ((model.get_input_embeddings(), fam.embeddings), (model.get_output_embeddings(), [fam.lm_head])):
-        found = [n for n, p in model.named_parameters() if module is not None and p is getattr(module, "weight", None)]
-        if (
-            found and names and found[0] not in names and found[0] not in width.aliases and found[0] not in fam.embeddings
-        ):  # tied: the embedding
-            width.aliases[found[0]] = names[0]
+    # where transformers names the embedding or head otherwise than the checkpoint does (NeoX's embed_out)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    emb_in = getattr(model.get_input_embeddings(), "weight", None)
+    emb_out = getattr(model.get_output_embeddings(), "weight", None)
+    for weight, ckpt_names in ((emb_in, list(fam.embeddings)), (emb_out, [fam.lm_head])):
+        n = name_of.get(id(weight))
+        tied_head = weight is emb_out and emb_out is emb_in  # a tied head is the embedding itself
+        if n is not None and ckpt_names and n not in ckpt_names and not tied_head:
+            width.aliases[n] = ckpt_names[0]
     prefix = fam.layer_prefix
     pat = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
     small_sd = {n: p.detach() for n, p in small.named_parameters()}

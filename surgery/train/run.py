@@ -973,7 +973,7 @@ def _append_once(path: Path, records: list[dict]) -> None:
 
 
 def _learn_operator(cfg: Config, prev: Stage, grown: Path, tps: int, echo) -> dict:
-    """G_learn: train LiGO's depth operator on the data that follows stage `prev` (its own steps,
+    """G_learn: train LiGO's operator (depth, and width when the plan widens) on the data that follows stage `prev` (its own steps,
     before the grown model's), write the grown weights into `grown`; the metrics record of it."""
     import torch
     import transformers
