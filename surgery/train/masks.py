@@ -115,9 +115,12 @@ class NormMask:
         return (z * c).to(output.dtype)
 
 
-def _sizes(config_dir: Path, fam) -> dict:
-    """hidden, intermediate and attention width (heads x head size) of a checkpoint's config."""
-    cfg = fam.lm_config(json.loads((Path(config_dir) / "config.json").read_text()))
+def _lm_config(config_dir: Path, fam) -> dict:
+    return fam.lm_config(json.loads((Path(config_dir) / "config.json").read_text()))
+
+
+def _sizes(cfg: dict, fam) -> dict:
+    """hidden, intermediate and attention width (heads x head size) of a language-model config."""
     a, d = cfg.get(fam.heads_key), fam.head_size(cfg)
     return {"hidden": cfg.get(fam.hidden_key), "intermediate": fam.mlp_size(cfg), "attention": a * d if isinstance(a, int) and d else None}
 
@@ -155,7 +158,8 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
     if widened.get("init") in ("zero", "random"):
         if small_dir is None:
             raise PlanError("grow.mask_steps on width growth needs the small model's config", where=where)
-        before, after = _sizes(small_dir, fam), _sizes(model_dir, fam)
+        small_cfg, grown_cfg = _lm_config(small_dir, fam), _lm_config(model_dir, fam)
+        before, after = _sizes(small_cfg, fam), _sizes(grown_cfg, fam)
         grew = {k: before[k] for k in before if isinstance(before[k], int) and isinstance(after[k], int) and after[k] > before[k]}
     if not new and not grew:
         raise PlanError(
@@ -190,7 +194,6 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         return any(re.fullmatch(pattern, x) for x in suffixes)
 
     if "intermediate" in grew:
-        small_cfg = fam.lm_config(json.loads((Path(small_dir) / "config.json").read_text()))
         for entry in fam.mlp_out:  # each MLP of the model (experts, a shared expert, dense layers) from its own size
             if not present(entry[0]):
                 continue
@@ -215,7 +218,7 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         others = [re.compile(p) for p, _d, role in fam.hidden_other if role == "out"]
         writers += [m for n, m in model.named_modules() if any(r.fullmatch(n + ".weight") for r in others)]
         hook_all(writers, StreamMask(h), "writes the residual stream")
-        width = _sizes(model_dir, fam)["hidden"]
+        width = grown_cfg.get(fam.hidden_key)
         norms = [
             m
             for n, m in model.named_modules()
