@@ -547,3 +547,22 @@ def test_a_widened_config_transformers_refuses_is_an_error(models, tmp_path):
         else:
             out = surgery.apply(plan, tmp_path / family, progress=False).path
             assert (logits(out) - logits(m)).abs().max().item() <= 5e-6
+
+
+@pytest.mark.parametrize(
+    "widen, expect",
+    [
+        ("{heads: 6}", "transformers refuses the widened config"),  # Llama: hidden 32 is not a multiple of 6 heads
+        ("{hidden: 64, init: zero, shares: random}", "`shares` is for init: split"),
+        ("{heads: 8, kv_heads: 3}", "keep that ratio"),
+    ],
+)
+def test_widen_refusals_through_the_cli(models, tmp_path, widen, expect):
+    """The CLI prints each widen refusal with the plan's file:line, no traceback, and exits 1 (validate
+    and apply alike; apply writes nothing)."""
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps:\n  - take: {{model: a}}\n  - widen: {widen}\n")
+    for args in (["validate", str(plan)], ["apply", str(plan), "-o", str(tmp_path / "out")]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and expect in r.output and f"{plan}:4" in r.output, r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()

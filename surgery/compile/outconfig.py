@@ -91,19 +91,7 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
                 cfg[key] = new
     if w is not None and (w.heads is not None or w.kv_heads is not None or w.hidden is not None):
         h, a = cfg.get(hk), cfg.get(ak)
-        uneven = isinstance(h, int) and isinstance(a, int) and a and h % a
-        refused = _refused_by_transformers(full)
-        if refused is not None:  # an output transformers cannot load is not an output
-            from surgery.errors import PlanError
-
-            raise PlanError(
-                Problem(
-                    stack[0].widen_where,
-                    f"transformers refuses the widened config: {refused}",
-                    f"choose heads that divide {hk} {h}, or grow {hk} too" if uneven else "choose sizes the model's config accepts",
-                )
-            )
-        if uneven and _transformers_missing():
+        if isinstance(h, int) and isinstance(a, int) and a and h % a and _transformers_missing():
             warnings.append(
                 Problem(
                     stack[0].widen_where,
@@ -132,6 +120,20 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
                     "multiple of 16 bytes (8 units in bf16, 4 in float32); this model may load and then fail to run",
                     f"use a multiple of 8, e.g. {new_i + (-new_i) % 8}",
                     code="config",
+                )
+            )
+    if w is not None:  # every widened config is asked of transformers: an output it cannot load is not an output
+        refused = _refused_by_transformers(full)
+        if refused is not None:
+            from surgery.errors import PlanError
+
+            h, a = cfg.get(hk), cfg.get(ak)
+            uneven = isinstance(h, int) and isinstance(a, int) and a and h % a
+            raise PlanError(
+                Problem(
+                    stack[0].widen_where,
+                    f"transformers refuses the widened config: {refused}",
+                    f"choose heads that divide {hk} {h}, or grow {hk} too" if uneven else "choose sizes the model's config accepts",
                 )
             )
     for key in family.position_dependent_config:
