@@ -482,15 +482,59 @@ def plot(a: Analysis, path: Path) -> bool:
     return True
 
 
-def write_report(a: Analysis, folder: Path, force: bool = False, extra: dict | None = None) -> list[Path]:
+def report_reads(models: list[str | Path], files: list[str], cache_dir: str | Path | None = None) -> dict[str, list[Path]]:
+    """What `analyze` reads, for the output-folder protocol: each model's folder, every data file
+    (globs expanded, and the folder each starts from), the token cache."""
+    import glob as globlib
+
+    from surgery.io.checkpoint import resolve_ref
+    from surgery.train.data import default_cache_dir
+
+    reads: dict[str, list[Path]] = {"a model being analysed": [], "a data file": []}
+    for m in models:
+        if m is None or not str(m).strip() or "\0" in str(m):
+            continue
+        try:
+            reads["a model being analysed"].append(resolve_ref(str(m), Path.cwd()))
+        except SurgeryError:
+            reads["a model being analysed"].append(Path(str(m)))
+    for f in files:
+        if not f or "\0" in f or len(f) > 4096:
+            continue
+        p = Path(f).expanduser().absolute()
+        if globlib.has_magic(f):
+            first = next(i for i, q in enumerate(p.parts) if globlib.has_magic(q))
+            reads["a data file"] += [Path(*p.parts[:first]), *map(Path, globlib.glob(str(p), recursive=True))]
+        else:
+            reads["a data file"].append(p)
+    reads["the token cache"] = [Path(cache_dir) if cache_dir else default_cache_dir()]
+    return reads
+
+
+def check_report_target(folder: str | Path, reads: dict, force: bool = False) -> Path:
+    """Refuse a report folder before any work is done: an existing one without --force, or one that
+    is or holds anything the analysis reads (the model, --against, the data)."""
+    from surgery.io.outdir import OutputFolder, output_path
+
+    out = output_path(folder)
+    with OutputFolder(out, force=force, reads=reads) as f:
+        f.check_target()
+    return out
+
+
+def write_report(a: Analysis, folder: Path, *, reads: dict, force: bool = False, extra: dict | None = None, plans=()) -> list[Path]:
+    """analysis.json, analysis.txt, layers.png and one plan file per suggestion (`suggest-drop-4.yaml`)
+    into `folder`, through the output-folder protocol, never over anything in `reads`."""
     from surgery.io.outdir import OutputFolder, atomic_write, output_path
 
     out = output_path(folder)
-    with OutputFolder(out, force=force) as f:
+    with OutputFolder(out, force=force, reads=reads) as f:
         f.check_target()
         staging = f.fresh_staging()
         atomic_write(staging / "analysis.json", json.dumps(extra or a.as_dict(), indent=2) + "\n")
         (staging / "analysis.txt").write_text(text_report(a) + "\n")
+        for what, text, _why in plans:
+            atomic_write(staging / f"suggest-{what.replace(':', '-')}.yaml", text)
         plot(a, staging / "layers.png")
         f.publish()
     return sorted(out.iterdir())

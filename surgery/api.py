@@ -113,7 +113,7 @@ def apply(
     else:
         out = output_path(out)
     program = compile_plan(p, allow_pickle=allow_pickle)
-    protected = {"the plan": Path(p.doc.source)} if Path(p.doc.source).is_file() else {}
+    reads = {"the plan": Path(p.doc.source)} if Path(p.doc.source).is_file() else {}
     return execute(
         program,
         out,
@@ -125,7 +125,7 @@ def apply(
         resume=resume,
         pipeline=pipeline,
         stats=stats,
-        protected=protected,
+        reads=reads,
     )
 
 

@@ -58,26 +58,18 @@ def _user_errors(fn):
     return wrapper
 
 
-def _check_one_file(out: Path, force: bool, keep: list[Path] = (), what: str = "the plan") -> None:
-    """A one-file output (a schema, an exported config, a picture): never over an existing file
-    without --force, never over a link or a file the command reads (the plan, a run's metrics.jsonl),
-    whatever --force says."""
-    from surgery.errors import OutputError
+def _write_file(out: Path, text: str, force: bool, reads: dict | None = None) -> None:
+    """A one-file output, written whole or not at all, never over anything the command reads."""
+    from surgery.io.outdir import atomic_write, check_file_target
 
-    if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise OutputError(f"{out} is a link or not a regular file", fix="write to a new file")
-    if any(out.resolve() == Path(k).resolve() for k in keep):
-        raise OutputError(f"{out} is {what} this command reads; it is never replaced", fix="write to another file")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", fix="pass --force to replace it")
-
-
-def _write_file(out: Path, text: str, force: bool, keep: list[Path] = ()) -> None:
-    from surgery.io.outdir import atomic_write
-
-    _check_one_file(out, force, keep)
+    check_file_target(out, force, reads or {})
     atomic_write(out, text)
     click.echo(f"wrote {out}", err=True)
+
+
+def _program_reads(program, plan: Path) -> dict:
+    """What a compiled plan reads: the plan file and every source model's folder."""
+    return {"the plan": plan} | {f"source model {n!r}": ck.path for n, ck in program.ckpts.items()}
 
 
 class _Group(click.Group):
@@ -314,9 +306,12 @@ def show(plan, out, force, offline):
     from surgery.api import compile_plan, load_plan
     from surgery.report.show import draw_layer_map
 
+    from surgery.io.outdir import check_file_target
+
     out = out or plan.with_suffix(".svg")
-    _check_one_file(out, force, keep=[plan])
+    check_file_target(out, force, {"the plan": plan})  # before opening the models
     program = compile_plan(load_plan(plan), headers_only=True, offline=offline)
+    check_file_target(out, force, _program_reads(program, plan))
     click.echo(f"wrote {draw_layer_map(program, out)}")
 
 
@@ -362,11 +357,12 @@ def export(plan, fmt, out, force):
     from surgery.api import compile_plan, load_plan
     from surgery.compile.export import to_mergekit_yaml
 
-    text = to_mergekit_yaml(compile_plan(load_plan(plan)))
+    program = compile_plan(load_plan(plan))
+    text = to_mergekit_yaml(program)
     if out is None:
         click.echo(text, nl=False)
         return
-    _write_file(out, text, force, keep=[plan])
+    _write_file(out, text, force, _program_reads(program, plan))
 
 
 @main.command()
@@ -643,7 +639,9 @@ def plot(runs, x, out, no_train_loss, title, force):
       surgery plot out-scratch out-stack out-random --x flops -o growth.png"""
     from surgery.train.plot import compare_runs
 
-    _check_one_file(out, force, [Path(r) / "metrics.jsonl" for r in runs], what="a run's metrics.jsonl")
+    from surgery.io.outdir import check_file_target
+
+    check_file_target(out, force, {"a run's metrics.jsonl": [Path(r) / "metrics.jsonl" for r in runs]})
     click.echo(f"wrote {compare_runs(list(runs), out, x=x, title=title, train_loss=not no_train_loss)}")
 
 
@@ -773,10 +771,14 @@ def analyze(
     one layer plus the activations, whatever the depth. --suggest turns the result into a plan;
     for drop:N it also measures, in the same pass, the held-out loss with each block of N removed and
     suggests the cheapest (--rank distance: the smallest angular distance alone)."""
-    from surgery.analyze import analyze as run, compare, parse_suggestion, suggest, text_report, write_report
+    from surgery.analyze import analyze as run, check_report_target, compare, parse_suggestion, report_reads, suggest, text_report
+    from surgery.analyze import write_report
 
     show = sys.stderr.isatty() and fmt == "text"
     kinds = [parse_suggestion(w) for w in suggestions]
+    reads = report_reads([model, against], list(files))
+    if out is not None:  # an empty -o is an error, as everywhere; refused before any work
+        out = check_report_target(out, reads, force)
     sizes = tuple(n for kind, n in kinds if kind == "drop") if rank == "loss" else ()
     common = dict(
         samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device, text_field=text_field, progress=show, dtype=dtype
@@ -791,12 +793,12 @@ def analyze(
         text, why = suggest(a, what, "m", str(Path(model).resolve()) if Path(model).exists() else str(model))
         plans.append((what, text, why))
     doc["suggestions"] = [{"suggest": w, "plan": t, "why": y} for w, t, y in plans]
-    if out:
-        write_report(a, out, force=force, extra=doc)
+    if out is not None:
+        write_report(a, out, reads=reads, force=force, extra=doc, plans=plans)
     if fmt == "json":
         click.echo(json.dumps(doc, indent=2))
         return
-    if plans and not out and len(plans) == 1 and not sys.stdout.isatty():
+    if plans and out is None and len(plans) == 1 and not sys.stdout.isatty():
         click.echo(plans[0][1], nl=False)  # `--suggest drop:4 > plan.yaml`
         click.echo(f"# {plans[0][2]}")
         return

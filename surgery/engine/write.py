@@ -449,14 +449,14 @@ def execute(
     resume: bool = False,
     pipeline: str = "off",
     stats: str | Path | None = None,
-    protected: dict[str, Path] | None = None,
+    reads: dict[str, Path] | None = None,
 ) -> Result:
     """Write `program` to the folder `out` through the output-folder protocol (surgery.outdir).
 
     `pipeline`: "off" (default: per chunk copy in, compute, copy back, synchronously), "on" (the
     pinned-buffer, multi-stream device pipeline; opt-in until measured on GPUs), "host" (that
     pipeline with host buffers, to test it on a CPU). `stats`: a file to write device and memory
-    figures to (for bench/). `protected`: more paths that --force must never replace (the plan)."""
+    figures to (for bench/). `reads`: what else the command reads besides the program's models (the plan), never replaced."""
     import time
 
     t0 = time.perf_counter()
@@ -464,7 +464,11 @@ def execute(
         raise OutputError(f"unknown pipeline {pipeline!r}", fix="use off, on or host")
     out = output_path(out)
     _refuse_output_in_source(program, out)
-    guard = {f"source model {n!r}": ck.path for n, ck in program.ckpts.items()} | dict(protected or {})
+    guard = {f"source model {n!r}": ck.path for n, ck in program.ckpts.items()} | dict(reads or {})
+    if stats is not None:
+        from surgery.io.outdir import check_file_target
+
+        check_file_target(Path(stats), True, guard, option="--stats-json")
     metadata = {"format": "pt", "producer": f"surgery {__version__}"}
     headers = {s.name: shard_header(s, metadata) for s in program.shards}
     cpus = os.cpu_count() or 1
@@ -473,7 +477,7 @@ def execute(
     dev = resolve_device(device) if any(not _is_raw(t) and not _is_zero(t) for t in program.tensors) else "cpu"
     slots = max(1, min(workers, cpus)) if dev == "cpu" else 2
     chunk = plan_memory(program, max_memory, slots, dev)
-    with OutputFolder(out, force=force, protected=guard) as folder:
+    with OutputFolder(out, force=force, reads=guard) as folder:
         staged_io = None
         if pipeline == "host" or (pipeline == "on" and dev != "cpu"):
             # free pinned buffers kept for reuse: a few chunks per compute slot, within --max-memory

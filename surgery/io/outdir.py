@@ -15,8 +15,15 @@ unmarked one stays for --resume; a lone `.OUT.surgery-old` is put back.
 
 What --force may replace (`check_target`): only a folder that surgery or a HuggingFace save wrote
 (a safetensors index, `surgery.json`, `train.json`, or config.json with weights) or an empty
-one; never a symbolic link, the current directory, a folder holding the plan or a source, or a
-parent of any of them.
+one; never a symbolic link, the current directory, or anything the command reads.
+
+What a command reads is part of its contract with this module: `OutputFolder(out, force=...,
+reads=...)` has no default for `reads`, so every writer (apply, train, analyze, convert, and any
+to come) says which files and folders it reads (plan, config, models, data files, caches), and
+no folder this protocol removes or replaces (OUT, its side folder, its old copy, a run's work
+folder) may be one of them or hold one of them, with or without --force. One-file outputs
+(`check_file_target`) follow the same rule: never a file the command reads, nor an existing file
+inside a folder it reads.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from surgery.errors import OutputError
+
+Reads = Mapping[str, "str | os.PathLike | Iterable[str | os.PathLike]"]
 
 PARTIAL, OLD, LOCK, COMPLETE = ".surgery-partial", ".surgery-old", ".surgery-lock", ".surgery-complete"
 # what marks a folder as one surgery wrote (a model, a training run, an `analyze -o` report), so
@@ -113,16 +123,81 @@ def create_file(path: Path, mode: int = 0o644) -> int:
         return os.open(path, flags | os.O_EXCL, mode)
 
 
-class OutputFolder:
-    """Owns OUT while one run writes it: `with OutputFolder(out, force=...) as o: ... o.publish()`."""
+def _spellings(p: str | os.PathLike) -> set[Path]:
+    """A path as written (absolute, normalised, links not followed) and as resolved: a file read
+    through a link is guarded both where the link is and where it points."""
+    text = os.fspath(p)
+    out = {Path(os.path.abspath(os.path.expanduser(text)))}
+    try:
+        out.add(Path(text).expanduser().resolve())
+    except (OSError, RuntimeError):
+        pass
+    return out
 
-    def __init__(self, out: Path, *, force: bool = False, protected: dict[str, Path] | None = None):
+
+def read_paths(reads: Reads) -> list[tuple[str, Path]]:
+    """(what, path) for every declared read, a value being one path or several."""
+    pairs: list[tuple[str, Path]] = []
+    for what, value in reads.items():
+        if value is None:
+            continue
+        values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        for v in values:
+            if v is not None and os.fspath(v).strip() and "\0" not in os.fspath(v):
+                pairs.append((what, Path(os.fspath(v))))
+    return pairs
+
+
+def refuse_over_reads(target: Path, reads: Reads, *, role: str = "the output") -> None:
+    """Refuse `target` (a folder this command will remove or replace) when it is, or holds,
+    anything the command reads."""
+    mine = _spellings(target)
+    for what, r in read_paths(reads):
+        for rp in _spellings(r):
+            hit = next((t for t in mine if t == rp or t in rp.parents), None)
+            if hit is not None:
+                holds = "is" if hit == rp else "holds"
+                raise OutputError(
+                    f"{role} {target} {holds} {what} this command reads ({r}); it is never replaced or removed, with or without --force",
+                    where=str(target),
+                    fix="write the output to another folder",
+                )
+
+
+def check_file_target(out: Path, force: bool, reads: Reads, *, option: str = "-o/--out") -> None:
+    """A one-file output (a schema, an exported config, a picture): never over an existing file
+    without --force, never over a link, a file the command reads, or an existing file inside a
+    folder it reads, whatever --force says."""
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise OutputError(f"{option}: {out} is a link or not a regular file", fix="write to a new file")
+    mine = _spellings(out)
+    for what, r in read_paths(reads):
+        for rp in _spellings(r):
+            if rp in mine or (out.exists() and rp.is_dir() and any(rp in t.parents for t in mine)):
+                inside = "" if rp in mine else f" inside {rp}"
+                raise OutputError(
+                    f"{option}: {out} is{inside} {what} this command reads; it is never replaced",
+                    where=str(out),
+                    fix="write to another file",
+                )
+    if out.exists() and not force:
+        raise OutputError(f"{option}: {out} already exists", fix="pass --force to replace it")
+
+
+class OutputFolder:
+    """Owns OUT while one run writes it: `with OutputFolder(out, force=..., reads=...) as o: ... o.publish()`.
+
+    `reads` (required): what the command reads, {what: path or paths}; `side`: more folders of
+    this run that the protocol may remove (a training run's work folder)."""
+
+    def __init__(self, out: Path, *, force: bool = False, reads: Reads, side: Iterable[Path] = ()):
         self.out = out
         self.force = force
-        self.protected = {k: Path(v) for k, v in (protected or {}).items()}
+        self.reads = dict(reads)
         self.staging = out.parent / f".{out.name}{PARTIAL}"
         self.old = out.parent / f".{out.name}{OLD}"
         self.lock_path = out.parent / f".{out.name}{LOCK}"
+        self.side = [Path(p) for p in side]
         self._lock_fd: int | None = None
         self.notes: list[str] = []
 
@@ -223,13 +298,25 @@ class OutputFolder:
 
     # -- the target ----------------------------------------------------------------------------
     def check_target(self) -> None:
-        """Refuse an output that exists (without --force) or that --force must not replace."""
+        """Refuse an output that exists (without --force) or that --force must not replace, and
+        any folder of this run (OUT, its side folders) that is or holds something the command reads."""
         out = self.out
         if out.is_symlink():
             raise OutputError(
                 f"output {out} is a symbolic link; surgery replaces folders, not links",
                 fix="remove the link, or write to the folder it points to by its own path",
             )
+        if out.exists() and self.force:
+            real = out.resolve()
+            cwd = Path.cwd().resolve()
+            if real == cwd or real in cwd.parents:
+                raise OutputError(
+                    f"--force would replace {out}, which is (or contains) the current directory", fix="write the output to a new folder"
+                )
+        refuse_over_reads(out, self.reads)
+        sides = [(self.staging, "the side folder"), (self.old, "the old-output folder")] + [(p, "the run's work folder") for p in self.side]
+        for p, role in sides:
+            refuse_over_reads(p, self.reads, role=role)
         if not out.exists():
             return
         if not out.is_dir():
@@ -239,19 +326,6 @@ class OutputFolder:
                 f"output folder {out} already exists",
                 fix="pass --force to replace it (only once the new one is complete), or choose another folder",
             )
-        real = out.resolve()
-        cwd = Path.cwd().resolve()
-        if real == cwd or real in cwd.parents:
-            raise OutputError(
-                f"--force would replace {out}, which is (or contains) the current directory", fix="write the output to a new folder"
-            )
-        for what, p in self.protected.items():
-            try:
-                pr = p.resolve()
-            except (OSError, RuntimeError):
-                continue
-            if pr == real or real in pr.parents:
-                raise OutputError(f"--force would replace {out}, which holds {what} ({p})", fix="write the output to another folder")
         entries = [e.name for e in out.iterdir()]
         if entries and not _looks_like_output(out):
             raise OutputError(

@@ -659,10 +659,8 @@ def train(
     check_loadable(model_dir, cfg.where("model"))
     if model_dir == out.resolve() or model_dir in out.resolve().parents:
         raise OutputError(f"the output {out} is inside the model being trained ({model_dir})", fix="choose another output folder")
-    protected = {"the model being trained": model_dir}
-    if Path(cfg.doc.source).is_file():
-        protected["the training config"] = Path(cfg.doc.source)
-    folder = OutputFolder(out, force=force, protected=protected)
+    work = out.parent / f".{out.name}.surgery-train"
+    folder = OutputFolder(out, force=force, reads=training_reads(cfg, model_dir), side=[work])
     if is_main():
         folder.acquire()  # held until the output is published (a second run gets "already being written")
         try:
@@ -694,6 +692,35 @@ def train(
         folder.release()
 
 
+def training_reads(cfg: Config, model_dir: Path) -> dict[str, list[Path]]:
+    """Everything a run reads, for the output-folder protocol: the model, the config, every data and
+    held-out file (globs expanded, and the folder each glob starts from), HF datasets saved on disk,
+    the token cache, the grow plan."""
+    import glob as globlib
+
+    from surgery.train.data import default_cache_dir
+
+    b, d = cfg.body, cfg.body.data
+    reads: dict[str, list[Path]] = {"the model being trained": [model_dir], "the training config": [], "a data file": []}
+    if Path(cfg.doc.source).is_file():
+        reads["the training config"].append(Path(cfg.doc.source))
+    entries = list(d.files) + list(d.eval_files) + [e for s in d.sources for e in (*s.files, *s.eval_files)]
+    for e in entries:
+        text = e if isinstance(e, str) else e.dataset
+        if not text or "\0" in text or len(text) > 4096:
+            continue
+        p = cfg.path(text)
+        if globlib.has_magic(text):
+            static = Path(*[part for part in p.parts[: next(i for i, q in enumerate(p.parts) if globlib.has_magic(q))]])
+            reads["a data file"] += [static, *map(Path, globlib.glob(str(p), recursive=True))]
+        elif isinstance(e, str) or p.exists():
+            reads["a data file"].append(p)
+    reads["the token cache"] = [cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()]
+    if b.grow is not None and isinstance(b.grow.plan, str):
+        reads["the grow plan"] = [cfg.path(b.grow.plan)]
+    return reads
+
+
 def _train(
     cfg: Config,
     out: Path,
@@ -708,7 +735,7 @@ def _train(
     t0: float,
 ) -> TrainResult:
     b = cfg.body
-    work = out.parent / f".{out.name}.surgery-train"
+    work = folder.side[0]
     if work.exists() and not resume:
         if not force:
             raise OutputError(
