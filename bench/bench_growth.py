@@ -12,23 +12,28 @@ Runs (each one `surgery train` on the pydoc corpus, the same seed, data order an
 the small model trains for d tokens, is grown, and the grown model trains on the next T - d tokens
 with optimizer and schedule reset, as in the paper):
 - scratch:             the target (L layers, width h) from random init;
-- depth, from an L/4-layer model:
+- control-depth/-width: the small model (L/4 layers; half the width) trained on T tokens without
+                       growth: a win over it is what growth adds, a win over scratch alone is not;
+- depth, from an L/4-layer model, each by its name in the paper (`gstack: {operator, factor: 4}`,
+  laid out as the paper's code tongxuluo/prts lays it):
     G_direct (stack):  `stack: {times: 4}`;
-    G_zero:            `expand` with zero new layers (3 after each old one);
-    G_random (+mask):  `expand` with random new layers, faded in by `mask_steps`;
+    G_zero:            each layer followed by 3 copies whose o_proj and down_proj are zero;
+    G_random (+mask):  3L/4 new random layers on top, faded in by `mask_steps`; and ours beside it,
+                       the same new layers interleaved (`expand: {init: random}`);
     G_learn (LiGO):    the stacking plan with `operator: learn` (LiGO's depth operator, learn steps
                        counted in FLOPs);
 - width, from a model of half the width (stream, heads and MLP):
-    G_direct (split):  `widen` hidden, heads and MLP by splitting (the same function), with even
-                       shares (Net2Net: the copies stay copies) and with `shares: random` (LEMON's
-                       asymmetric split: the same function, copies free to diverge);
-    G_zero:            `widen` with `init: zero` (new units appended, zero);
+    G_direct (split):  `widen` by splitting (the same function), with even shares (Net2Net: the
+                       copies stay copies) and with `shares: random` (LEMON-like: the paper's);
+    G_zero:            `widen: {init: zero}`: the paper's [[W, A], [O, C]] (App. A.4);
     G_random (+mask):  `widen` with `init: random`, faded in by `mask_steps` (MSG's masked norms);
-    G_learn (LiGO):    the split plan (random shares) with `operator: learn` (LiGO's width and depth
-                       matrices).
+    G_learn (LiGO):    the split plan (random shares) with `operator: learn`.
 FLOPs come from each run's metrics.jsonl (6N + 12 L d T per token, each stage at its own size).
-Reported: final held-out loss, total FLOPs, and the speed-up: 1 - (FLOPs at which the run's
-held-out curve first reaches scratch's final loss) / (scratch's FLOPs); "-" if it never does.
+Reported, against scratch's final loss (training loss as the paper measures it, smoothed over the
+last 5 logged steps; and held-out loss): the paper's speed-up sp = FLOPs_scratch / FLOPs_G - 1
+(Du et al. 2024, App. B.2, Eq. 48), and beside it the FLOPs saved, 1 - FLOPs_G / FLOPs_scratch;
+"-" where the run never reaches scratch's loss. The paper's Fig. 3 figures (400M grown to 1.1B)
+are printed beside ours.
 Outputs: bench/results/growth-<size>-<time>.json/.md and growth-<size>.png (loss against FLOPs).
 """
 
@@ -101,8 +106,10 @@ def main() -> int:
             "    steps:\n      - take: {model: small}\n" + step
         )
 
-    stack = "      - stack: {times: 4}\n"
-    expand = f"      - expand: {{groups: {small_layers}, per_group: 3, init: INIT}}\n"
+    stack = "      - gstack: {operator: direct, factor: 4}\n"
+    g_zero = "      - gstack: {operator: zero, factor: 4}\n"
+    g_random = "      - gstack: {operator: random, factor: 4, std: 0.02}\n"
+    interleaved = f"      - expand: {{groups: {small_layers}, per_group: 3, init: random, std: 0.02}}\n"
     mask = f"  mask_steps: {max(1, (steps - at) // 4)}\n"
     learn = f"  operator: learn\n  learn_steps: {max(2, at // 4)}\n  learn_lr: {args.learn_lr}\n"
     widen = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}}}\n"
@@ -110,11 +117,14 @@ def main() -> int:
     wide = f"      - widen: {{hidden: {hidden}, heads: {heads}, intermediate: {inter}, init: INIT}}\n"
     runs = {
         "scratch": ("-", "-", f"model: {models['target']}\n" + common),
+        "control-depth": ("-", "no growth (L/4 layers)", f"model: {models['shallow']}\n" + common),
+        "control-width": ("-", "no growth (half width)", f"model: {models['narrow']}\n" + common),
         "stack": ("depth", "G_direct", grown("shallow", stack)),
-        "zero": ("depth", "G_zero", grown("shallow", expand.replace("INIT", "zero"))),
-        "random+mask": ("depth", "G_random", grown("shallow", expand.replace("INIT", "random, std: 0.02"), mask)),
+        "zero": ("depth", "G_zero", grown("shallow", g_zero)),
+        "random+mask": ("depth", "G_random", grown("shallow", g_random, mask)),
+        "random-interleaved+mask": ("depth", "G_random (interleaved, ours)", grown("shallow", interleaved, mask)),
         "learn": ("depth", "G_learn", grown("shallow", stack, learn)),
-        "split-width": ("width", "G_direct (even)", grown("narrow", widen)),
+        "split-width": ("width", "G_direct (even, ours)", grown("narrow", widen)),
         "split-width+shares": ("width", "G_direct", grown("narrow", uneven)),
         "zero-width": ("width", "G_zero", grown("narrow", wide.replace("INIT", "zero"))),
         "random-width+mask": ("width", "G_random", grown("narrow", wide.replace("INIT", "random, std: 0.02"), mask)),
@@ -136,6 +146,7 @@ def main() -> int:
             continue
         recs = read_metrics(res.path / "metrics.jsonl")
         curve = sorted({r["flops"]: r["eval_loss"] for r in recs if "eval_loss" in r and "flops" in r}.items())
+        train_curve = _smooth(sorted({r["flops"]: r["loss"] for r in recs if "loss" in r and "flops" in r}.items()))
         curves[name] = res.path
         rows.append(
             {
@@ -146,6 +157,9 @@ def main() -> int:
                 "perplexity": res.perplexity,
                 "flops": res.flops,
                 "curve": curve,
+                "train_curve": train_curve,
+                "train_loss": train_curve[-1][1] if train_curve else None,
+                "paper": PAPER_FIG3.get((axis, op)),
                 "seconds": round(res.seconds, 1),
             }
         )
@@ -153,14 +167,16 @@ def main() -> int:
     if rows[0].get("diverged"):
         print("scratch diverged: nothing to compare against; lower --lr")
         return 1
-    target = rows[0]["eval_loss"]
     base = rows[0]["flops"]
-    for r in rows:
-        if r.get("diverged"):
-            continue
-        reach = _first_reach(r["curve"], target)
-        r["flops_to_scratch_loss"] = reach
-        r["speedup"] = None if reach is None else round(1 - reach / base, 3)
+    for metric, curve_key, final in (("held_out", "curve", rows[0]["eval_loss"]), ("train", "train_curve", rows[0]["train_loss"])):
+        for r in rows:
+            if r.get("diverged"):
+                continue
+            reach = _first_reach(r[curve_key], final)
+            r[f"{metric}_flops_to_scratch"] = reach
+            r[f"{metric}_speedup_paper"] = None if not reach else round(base / reach - 1, 3)  # Eq. 48
+            r[f"{metric}_flops_saved"] = None if reach is None else round(1 - reach / base, 3)
+        rows[0][f"{metric}_speedup_paper"], rows[0][f"{metric}_flops_saved"] = 0.0, 0.0
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {
@@ -175,16 +191,24 @@ def main() -> int:
     }
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.json").write_text(json.dumps(doc, indent=2))
     lines = [
-        "| run | growth | operator | held-out loss | training FLOPs | FLOPs to reach scratch's final loss | speed-up |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| run | growth | operator | training loss | held-out loss | training FLOPs | speed-up (paper's Eq. 48), training loss "
+        "| FLOPs saved, training loss | speed-up, held-out | FLOPs saved, held-out | paper, Fig. 3 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def pct(v):
+        return "-" if v is None else f"{v:+.1%}" if v else "0%"
+
     for r in rows:
         if r.get("diverged"):
-            lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['diverged']} | | | |")
+            lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['diverged']} | | | | | | | |")
             continue
-        reach = "-" if r["flops_to_scratch_loss"] is None else f"{r['flops_to_scratch_loss']:.3e}"
-        speed = "-" if r["speedup"] is None else f"{r['speedup']:.0%}"
-        lines.append(f"| {r['run']} | {r['axis']} | {r['operator']} | {r['eval_loss']:.4f} | {r['flops']:.3e} | {reach} | {speed} |")
+        paper = "" if r["paper"] is None else f"{r['paper']:+.1%}"
+        lines.append(
+            f"| {r['run']} | {r['axis']} | {r['operator']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r['flops']:.3e} "
+            f"| {pct(r['train_speedup_paper'])} | {pct(r['train_flops_saved'])} | {pct(r['held_out_speedup_paper'])} "
+            f"| {pct(r['held_out_flops_saved'])} | {paper} |"
+        )
     (args.results / f"growth-{args.size}-lr{args.lr}-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -192,6 +216,29 @@ def main() -> int:
     except Exception as e:  # the figure is a convenience; the table is the result
         print(f"(no figure: {e})")
     return 0
+
+
+# The paper's Fig. 3 (Du et al. 2024): 400M grown to 1.1B after d = 10B tokens (g = 4), speed-up
+# FLOPs_scratch / FLOPs_G - 1 to reach the same training loss, per operator and direction.
+PAPER_FIG3 = {
+    ("depth", "G_direct"): 0.491,
+    ("depth", "G_learn"): 0.486,
+    ("depth", "G_zero"): 0.466,
+    ("depth", "G_random"): -0.257,
+    ("width", "G_direct"): -0.007,
+    ("width", "G_learn"): -0.154,
+    ("width", "G_zero"): -0.179,
+    ("width", "G_random"): -0.138,
+}
+
+
+def _smooth(curve: list, k: int = 5) -> list:
+    """A training-loss curve [(flops, loss)] as the mean of each point and the k - 1 before it."""
+    out = []
+    for i, (f, _) in enumerate(curve):
+        window = [loss for _, loss in curve[max(0, i - k + 1) : i + 1]]
+        out.append((f, sum(window) / len(window)))
+    return out
 
 
 def _first_reach(curve: list, target: float) -> float | None:

@@ -53,9 +53,12 @@ def test_growth_benchmark_harness(tmp_path):
     runs = [r["run"] for r in doc["rows"]]
     assert runs == [
         "scratch",
+        "control-depth",
+        "control-width",
         "stack",
         "zero",
         "random+mask",
+        "random-interleaved+mask",
         "learn",
         "split-width",
         "split-width+shares",
@@ -65,7 +68,13 @@ def test_growth_benchmark_harness(tmp_path):
     ]
     done = [r for r in doc["rows"] if not r.get("diverged")]
     assert len(done) == len(runs)
-    assert all(r["flops"] > 0 and r["curve"] for r in done) and doc["rows"][0]["speedup"] == 0.0
+    assert all(r["flops"] > 0 and r["curve"] and r["train_curve"] for r in done)
+    assert doc["rows"][0]["train_speedup_paper"] == 0.0 and doc["rows"][0]["held_out_flops_saved"] == 0.0
     # a grown run spends fewer FLOPs than scratch for the same tokens (its first stage is smaller)
     assert all(r["flops"] < doc["rows"][0]["flops"] for r in done[1:])
-    assert "| learn-width | width | G_learn |" in md
+    assert "| learn-width | width | G_learn |" in md and "| zero | depth | G_zero |" in md and "+46.6%" in md
+    # the paper's metric and ours agree where both exist: sp = 1 / (1 - saved) - 1
+    for r in done:
+        sp, saved = r["train_speedup_paper"], r["train_flops_saved"]
+        if sp is not None and saved is not None:
+            assert abs(sp - (1 / (1 - saved) - 1)) < 0.01

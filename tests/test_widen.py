@@ -224,9 +224,10 @@ def test_a_matrix_the_family_does_not_describe_is_refused(models, tmp_path, hidd
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_zero_and_random_hidden_units(models, tmp_path, family):
-    """G_zero / G_random for the residual stream: new units appended, the new rows and columns of what
-    writes and reads the stream zero or normal(0, std) (seeded), the old ones untouched, norms a neutral
-    gain for them (1; 0 for Gemma's 1 + w; LayerNorm biases 0); the model loads and runs."""
+    """G_zero / G_random for the residual stream: new units appended; the embeddings' new columns zero
+    (G_zero) or normal(0, std) (seeded), the old ones untouched; norms a neutral gain for the new units
+    (1; 0 for Gemma's 1 + w; LayerNorm biases 0) and, under G_zero, RMS gains rescaled; the model
+    loads and runs."""
     import transformers
 
     m = models(family)
@@ -250,7 +251,13 @@ def test_zero_and_random_hidden_units(models, tmp_path, family):
             assert torch.equal(new[emb][:, :32], old[emb])
         norm = "transformer.h.0.ln_1" if family == "gpt2" else "model.layers.0.input_layernorm"
         gain = new[f"{norm}.weight"]
-        assert torch.equal(gain[:32], old[f"{norm}.weight"]) and torch.all(gain[32:] == (0.0 if family == "gemma3" else 1.0))
+        g_old = old[f"{norm}.weight"]
+        if tag == "zero" and family != "gpt2":  # the paper's Eq. 33: RMS gains times sqrt(d / D) (Gemma: 1 + w)
+            want = (1 + g_old) * 0.5**0.5 - 1 if family == "gemma3" else g_old * 0.5**0.5
+            assert torch.allclose(gain[:32], want, atol=1e-7)
+        else:
+            assert torch.equal(gain[:32], g_old)
+        assert torch.all(gain[32:] == (0.0 if family == "gemma3" else 1.0))
         if family == "gpt2":
             assert not new[f"{norm}.bias"][32:].any()
         logits = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=torch.tensor([[3, 4, 5]])).logits

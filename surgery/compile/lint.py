@@ -8,6 +8,8 @@ and ignore the ones a team has decided are fine (`--ignore duplicated-layers`):
 - `vocab-mismatch`, `rope-mismatch`: a merge of models with different vocabularies or RoPE settings;
 - `narrowing-dtype`: the output dtype is narrower (or of another range) than an input's;
 - `gradient-too-long`: a gradient list with more anchors than the layers it spans;
+- `dead-parameters`: new parameters that no gradient can reach (`dead_parameters`): an all-zero
+  block (`expand: {init: zero}`), zero units in width (`widen: {init: zero}`);
 - (from compile) `unknown-family`, `guessed-identity`, `config`, `chat-template`.
 """
 
@@ -28,6 +30,7 @@ CODES = (
     "chat-template",
     "unused-parameter",
     "approximate-growth",
+    "dead-parameters",
 )
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
 
@@ -117,6 +120,7 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                         code="gradient-too-long",
                     )
                 )
+    out += [Problem(where, text, fix, code="dead-parameters") for where, text, fix in dead_parameters(stack, ckpts)]
     input_floats = {t.dtype for ck in ckpts.values() for t in ck.tensors.values() if t.dtype in FLOAT_CODES}
     narrower = sorted(c for c in input_floats if _narrows(c, out_code))
     if narrower:
@@ -170,3 +174,49 @@ def _narrows(src: str, out: str) -> bool:
 
 def _widest(codes) -> str:
     return max(codes, key=lambda c: (DTYPES[c][1], c == "F32"))
+
+
+def dead_parameters(stack, ckpts) -> list[tuple[str, str, str]]:
+    """(where, what, fix) for new parameters that training can never move.
+
+    Depth: a block whose every weight but its norms is zero (`expand: {init: zero}`): its values are
+    0, so o_proj gets no gradient and q/k/v none through o_proj = 0; its MLP computes act(0) * 0, so
+    gate, up and down get none either (with biases only the output biases move, feeding nothing back).
+    Width, the paper's G_zero (`widen: {init: zero}`) without growing the stream: a new unit's
+    writers are zero (O) and only its readers random, which trains where one factor is enough (a
+    GELU MLP, the values of new heads) but not where two zero factors meet: new heads' queries and
+    keys (q k^T: each one's gradient is the other) and a gated MLP's new units (act(gate) * up). When
+    the stream grows too, its new units become non-zero as training moves O, and through the random
+    C blocks everything moves."""
+    out: list[tuple[str, str, str]] = []
+    zero = [i for i, s in enumerate(stack) if s.new and s.init == "zero"]
+    if zero:
+        shown = ", ".join(map(str, zero[:8])) + (f" and {len(zero) - 8} more" if len(zero) > 8 else "")
+        out.append(
+            (
+                stack[zero[0]].where,
+                f"layers {shown} are zero but for their norms: no gradient reaches any of their weights (values 0 give o_proj "
+                "none, act(0) * 0 gives the MLP none), so they never train and the grown model trains like the one without them",
+                "use `init: identity` (LLaMA Pro, the Gstack paper's G_zero: only the output projections zero) or "
+                "`init: random` with grow.mask_steps; or `gstack: {operator: zero, factor: N}`",
+            )
+        )
+    w = stack[0].widen if stack else None
+    if w is not None and w.init == "zero" and w.hidden is None:
+        ck = ckpts[stack[0].sources[0][0]]
+        fam = ck.family
+        roles = [fam.mlp_role(sfx) for sfx in (ck.layers[0] if ck.layers else {})]
+        gated = sum(r[2] for r in roles if r is not None and r[0] == "in") >= 2  # gate and up (or a fused gate_up)
+        dead = ["new heads' query and key rows (q k^T: each one's gradient is the other, both zero)"] if w.heads or w.kv_heads else []
+        dead += ["the gated MLP's new units (act(gate) * up with both zero)"] if w.intermediate is not None and gated else []
+        if dead:
+            out.append(
+                (
+                    stack[0].widen_where,
+                    f"widen with init: zero (the paper's G_zero) without growing `hidden`: {' and '.join(dead)} never receive a "
+                    "gradient; their readers (o_proj, down_proj) train, but these units stay off",
+                    "grow `hidden` too (as the paper does: its new stream units move first and free the rest), or use "
+                    "`init: random` with grow.mask_steps, or `init: split` with `shares: random`",
+                )
+            )
+    return out

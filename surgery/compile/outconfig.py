@@ -75,6 +75,13 @@ def output_config(base: Checkpoint, ckpts, stack: list[LayerSpec], family: Famil
             if dk and head_dim and cfg.get(dk) != head_dim:
                 changes.append(f"{dk}: {cfg.get(dk)} -> {head_dim} (kept: the heads keep their size)")
                 cfg[dk] = head_dim
+            eps = cfg.get("rms_norm_eps")
+            if w.init == "zero" and isinstance(eps, (int, float)) and not isinstance(eps, bool):
+                # the paper's G_zero: RMS'(x') = RMS(x) sqrt(h_old / new) over the new zero units, exactly when
+                # the epsilon under the root scales the same way (per-head q/k norms, which share it, are
+                # compensated in the tensors: compile.tensors.per_head_norms)
+                cfg["rms_norm_eps"] = eps * h_old / w.hidden
+                changes.append(f"rms_norm_eps: {eps} -> {cfg['rms_norm_eps']:.6g} (G_zero: the norms' statistics run over new zero units)")
             ik = family.intermediate_key
             if cfg.get(ik) is None and w.intermediate is None and units is not None:  # GPT-2: n_inner null = 4 x hidden
                 cfg[ik] = units

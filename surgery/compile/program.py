@@ -21,7 +21,15 @@ from surgery.plan import Merge, Plan, Take
 
 from surgery.compile.outconfig import output_config
 from surgery.compile.stack import Ctx, LayerSpec
-from surgery.compile.tensors import widen_hidden, OutTensor, layer_tensors, non_layer_tensors, realign_vocab, vocabularies_differ
+from surgery.compile.tensors import (
+    has_layer_norm,
+    widen_hidden,
+    OutTensor,
+    layer_tensors,
+    non_layer_tensors,
+    realign_vocab,
+    vocabularies_differ,
+)
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,17 @@ def compile_plan(
                     "multiple: units are copied unevenly, so norms see a different RMS and the grown model "
                     "computes the original function only approximately",
                     f"use a multiple of {h_old} (e.g. {2 * h_old}) for an exact copy",
+                    code="approximate-growth",
+                )
+            )
+        if stack[0].widen.init == "zero" and has_layer_norm(family, base) and stack[0].widen.hidden != h_old:
+            warnings.append(
+                Problem(
+                    stack[0].widen_where,
+                    f"the paper's G_zero keeps the function through RMS norms (their gains are rescaled); {family.name}'s "
+                    "LayerNorms also subtract a mean, which now runs over the new zero units, so the grown model computes "
+                    "the original function only approximately",
+                    "train it further as it is, or use `init: split` (exact) or `init: random` with grow.mask_steps (exact at mask 0)",
                     code="approximate-growth",
                 )
             )

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.errors import PlanError, Problem, SurgeryError
-from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Merge, Plan, ScaleStep, Stack, Step, Take, Widen
+from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Gstack, Merge, Plan, ScaleStep, Stack, Step, Take, Widen
 from surgery.plan.settings import Cond, conditions_of
 
 
@@ -186,6 +186,22 @@ def _expand(s: Expand, stack, ctx: Ctx):
         top = block[-1]
         out += [replace(top, init=s.init, std=std, seed=s.seed, step="expand", where=ctx.where)] * s.per_group
     return out
+
+
+@op("gstack")
+def _gstack(s: Gstack, stack, ctx: Ctx):
+    """The paper's operator as the step a user would write by hand (see `Gstack`'s docstring)."""
+    _need_stack(stack, ctx)
+    n = len(stack)
+    if n * s.factor > MAX_LAYERS:
+        raise ctx.fail(f"growing {n} layers {s.factor} times gives {n * s.factor}, over the limit of {MAX_LAYERS}", key=("factor",))
+    if s.operator == "direct":
+        grown = _stack(Stack.model_construct(times=s.factor, layers=None), stack, ctx)
+    elif s.operator == "zero":
+        grown = _expand(Expand.model_construct(groups=n, per_group=s.factor - 1, init="identity", std=None, seed=s.seed), stack, ctx)
+    else:
+        grown = _expand(Expand.model_construct(groups=1, per_group=(s.factor - 1) * n, init="random", std=s.std, seed=s.seed), stack, ctx)
+    return [replace(x, step=f"gstack {s.operator}: {x.step}") if x.where == ctx.where else x for x in grown]
 
 
 @op("widen")

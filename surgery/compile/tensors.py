@@ -4,7 +4,7 @@ recipes per tensor, and token-indexed tensors realigned to one vocabulary."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from surgery import registry
 from surgery.arch import Family
@@ -238,7 +238,32 @@ def _widened(r: Recipe, spec: LayerSpec, family: Family, base: Checkpoint, suffi
     if new == old:
         return r
     w, std = spec.widen, _init_std(spec.widen, family, base)
-    return Widen(r, kind, dim, parts, old, new, w.init, std, w.seed, out_name, shares=w.shares, share_key=f"mlp:{key}")
+    init = paper_fill(w.init, reads=kind == "out")  # down_proj reads the MLP's units; gate/up write them
+    return Widen(r, kind, dim, parts, old, new, init, std, w.seed, out_name, shares=w.shares, share_key=f"mlp:{key}")
+
+
+def has_layer_norm(family: Family, base: Checkpoint) -> bool:
+    """Whether the model's norms over the stream are LayerNorms (a final norm with a bias: GPT-2, NeoX)
+    rather than RMS norms."""
+    return bool(family.final_norm_bias) and family.final_norm_bias in base.tensors
+
+
+def per_head_norms(family: Family, base: Checkpoint, hidden: int) -> bool:
+    """Whether a layer has norms other than over the residual stream (Qwen3's and Gemma 3's per-head
+    q/k norms), which share the config's epsilon."""
+    layer = base.layers[0] if base.layers else {}
+    return any(base.tensors[n].shape != (hidden,) for suffix, n in layer.items() if family.is_norm(suffix))
+
+
+def paper_fill(init: str, reads: bool) -> str:
+    """How the new entries of one grown dimension are filled. `zero` is the Gstack paper's G_zero in
+    width (Du et al. 2024, App. A.4, Eq. 14; prts `zero.py`): W' = [[W, A], [O, C]], what a new unit
+    takes from the old units is zero (O) and whatever reads a new unit is random (A, C), so new
+    units start at 0 (the same function) yet every new weight is reachable by a gradient. A tensor
+    that writes the grown units gets zero rows, one that reads them random columns."""
+    if init != "zero":
+        return init
+    return "random" if reads else "zero"
 
 
 def _init_std(w, family: Family, base: Checkpoint) -> float:
@@ -247,15 +272,26 @@ def _init_std(w, family: Family, base: Checkpoint) -> float:
 
 
 def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family, base: Checkpoint, h_old: int, new: int) -> list:
-    """G_zero / G_random in width for the residual stream: units h_old .. new are new, appended; every
-    matrix that writes or reads the stream gets new rows or columns, zero or normal(0, std) (seeded
-    per tensor), and every norm a neutral gain for them (1, or 0 for Gemma's 1 + w; biases 0). Not
-    the same function (a norm's RMS now runs over the new units too): the paper's G_zero and
-    G_random are not function-preserving in width either."""
+    """G_zero / G_random in width for the residual stream: units h_old .. new are new, appended.
+
+    zero (the paper's G_zero, App. A.4): what writes the stream (embeddings, o/down projections)
+    gets zero new rows (E' = [E, O]; [O, C] under W), what reads it random new columns (A, C of
+    Eq. 14), so the new units are 0 and stay out of every old unit's computation; each RMS norm
+    over the stream has its old gains times alpha = sqrt(h_old / new) (Eq. 33: the RMS now runs over
+    new zero units too) and a gain of 1 for the new units (the paper's xi; prts zeroes it, which
+    would leave the new units without a gradient). The function is kept exactly for RMS norms; a
+    LayerNorm's mean also runs over the zeros, so LayerNorm families keep it only approximately
+    (compile warns). random (G_random): every new entry normal(0, std), norms a neutral gain;
+    function-preserving only under MSG's masks in training (`grow.mask_steps`)."""
     import math
 
     w = spec.widen
     std = _init_std(w, family, base)
+    alpha = math.sqrt(h_old / new) if w.init == "zero" and not has_layer_norm(family, base) else 1.0
+    # G_zero scales the config's rms_norm_eps by h_old / new (outconfig) so the stream's norms are exact;
+    # a per-head q/k norm shares that epsilon: its projection is scaled by sqrt(h_old / new), and since
+    # norm(c q) = q / sqrt(ms(q) + eps' / c^2) it computes exactly what it did
+    qk_scale = alpha if alpha != 1.0 and per_head_norms(family, base, h_old) else 1.0
     emb = set(family.embeddings) | set(family.position_embeddings) | {family.lm_head}
     keep = tuple(range(h_old)) + (0,) * (new - h_old)
     # Gemma multiplies its embedding by sqrt(hidden size): the old units are divided by the growth of
@@ -268,6 +304,17 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
         add = (old_scale - 1.0) if family.norm_plus_one else 0.0  # 1 + w' = (1 + w) c
         return Gather(r, 0, keep, (old_scale,) * h_old + (0.0,) * (new - h_old), (add,) * h_old + (one,) * (new - h_old))
 
+    def grown(r: Recipe, dim: int, reads: bool, key: str) -> Recipe:
+        fill = paper_fill(w.init, reads)
+        inner, cast = (r.inner, r) if isinstance(r, Cast) else (r, None)
+        if fill == "zero" and isinstance(inner, Widen) and inner.init == "random" and inner.dim != dim:
+            # a writer of the stream whose other dimension grew first with random columns (o_proj over new
+            # heads, down_proj over new MLP units): its new rows are zero under the old columns only, so the
+            # rows grow first and the columns after, over them too (C random, as Eq. 14 has it)
+            g = replace(inner, inner=Widen(inner.inner, "in", dim, 1, h_old, new, fill, std, w.seed, key))
+            return replace(cast, inner=g) if cast is not None else g
+        return Widen(r, "in", dim, 1, h_old, new, fill, std, w.seed, key)
+
     out = []
     for t in tensors:
         r, name, g = t.recipe, t.name, None
@@ -275,21 +322,27 @@ def _new_hidden_units(tensors: list[OutTensor], spec: LayerSpec, family: Family,
         if split is not None:
             role = family.hidden_role(split[1])
             if role is not None:
-                g = Widen(r, "in", role[1], 1, h_old, new, w.init, std, w.seed, f"{name}|hidden")
+                g = grown(r, role[1], role[0] == "in", f"{name}|hidden")
+                entry = family.attention_entry(split[1])
+                if qk_scale != 1.0 and entry is not None and entry[0] in ("q", "k"):
+                    g = Scale(g, qk_scale)
+            elif qk_scale != 1.0 and (family.attention_entry(split[1]) or ("",))[0] in ("q", "k"):  # a q/k bias
+                g = Scale(r, qk_scale)
             elif len(r.shape) == 1 and r.shape[0] == h_old and family.is_norm(split[1]):
-                g = neutral(r, not split[1].endswith(".bias"))
+                gain = not split[1].endswith(".bias")
+                g = neutral(r, gain, alpha if gain else 1.0)
         elif name in emb and len(r.shape) == 2 and r.shape[1] == h_old:
-            g = Widen(r, "in", 1, 1, h_old, new, w.init, std, w.seed, f"{name}|hidden")
+            g = grown(r, 1, name == family.lm_head and name not in family.embeddings, f"{name}|hidden")
             if s != 1.0 and name in family.embeddings:
                 g = Gather(g, 1, tuple(range(new)), (s,) * h_old + (1.0,) * (new - h_old))
         elif family.final_norm and name == family.final_norm:
-            g = neutral(r, True, 1.0 / s if base.tied else 1.0)
+            g = neutral(r, True, alpha * (1.0 / s if base.tied else 1.0))
         elif family.final_norm_bias and name == family.final_norm_bias:
             g = neutral(r, False)
         elif family.other_roles(name):  # a VLM's projector: new units on every hidden-sized dim
             g = r
-            for _kind, dim in family.other_roles(name):
-                g = Widen(g, "in", dim, 1, h_old, new, w.init, std, w.seed, f"{name}|hidden{dim}")
+            for kind, dim in family.other_roles(name):
+                g = grown(g, dim, kind == "in", f"{name}|hidden{dim}")
         if g is None and len(r.shape) == 2 and r.shape[1] == h_old:
             raise _undescribed(spec, family, name, r)
         out.append(OutTensor(name, g) if g is not None else t)
@@ -367,7 +420,8 @@ def _heads(
         if blocks is None:
             return r
         dim = (1 if hdim is None else hdim) if role == "o" else at
-        return Widen(r, "in", dim, 1, blocks[0][0], blocks[0][1], init, std, seed, f"{key}|heads", blocks if len(blocks) > 1 else None)
+        fill = paper_fill(init, reads=role == "o")  # o_proj reads the heads; q/k/v write them
+        return Widen(r, "in", dim, 1, blocks[0][0], blocks[0][1], fill, std, seed, f"{key}|heads", blocks if len(blocks) > 1 else None)
     g = a // k
     kv_src = [j % k for j in range(k2)]
     q_src = [kv_src[h // g] * g + h % g for h in range(a2)]

@@ -145,11 +145,43 @@ class Widen(Step):
 
     @model_validator(mode="after")
     def _what(self):
-        check_std(self)
+        if self.std is not None and self.init == "split":
+            raise ValueError("`std` only applies to init: zero (its random A, C blocks) and init: random, not to split")
         if self.shares != "even" and self.init != "split":
             raise ValueError("`shares` is for init: split (zero and random units are new, not copies)")
         if self.intermediate is None and self.hidden is None and self.heads is None and self.kv_heads is None:
             raise ValueError("give `intermediate` (MLP units), `hidden` (the residual stream's width), `heads` or `kv_heads`")
+        return self
+
+
+class Gstack(Step):
+    """A growth operator of the Gstack paper (Du et al., NeurIPS 2024, Appendix A) by its name, laid
+    out as its reference code (tongxuluo/prts) lays it; it writes the same layers as the hand-written
+    step named beside each operator (`validate` shows them):
+
+    - direct: `stack: {times: factor}` (G↑direct, the paper's Gstack);
+    - zero: each layer followed by factor - 1 copies whose attention output and MLP down
+      projections are zero (prts `G_zero_depthwise.py`): `expand: {groups: n, per_group: factor - 1,
+      init: identity}`; the same function; the zeroed projections get a gradient at once and the
+      rest of the copy through them after the first step (an all-zero block never does);
+    - random: (factor - 1) * n new random layers on top of the n old ones (prts `msg.py`), to be
+      faded in by `grow.mask_steps` in training: `expand: {groups: 1, per_group: (factor-1) n, init: random}`.
+
+    G↑learn is `direct` with `grow: {operator: learn}` in training. The width operators are `widen`
+    (see the README's operator table)."""
+
+    op: ClassVar[str] = "gstack"
+    summary: ClassVar[str] = "a Gstack depth operator by name (direct | zero | random, x factor), laid out as the paper's code"
+    operator: Literal["direct", "zero", "random"]
+    direction: Literal["depth"] = "depth"
+    factor: StrictInt = Field(ge=2, le=64)
+    std: Optional[StrictFloat] = Field(default=None, gt=0)
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _std(self):
+        if self.std is not None and self.operator != "random":
+            raise ValueError(f"`std` only applies to operator: random (this step has operator: {self.operator})")
         return self
 
 
@@ -321,7 +353,7 @@ class ScaleStep(Step):
     _r = field_validator("layers")(check_range)
 
 
-BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Drop, Merge, ScaleStep, Widen)
+BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Gstack, Drop, Merge, ScaleStep, Widen)
 
 
 def step_types() -> dict[str, type[Step]]:

@@ -149,6 +149,9 @@ class TrainConfig(Strict):
     data: Data
     trainable: Union[str, tuple[str, ...]] = "all"  # all | new-layers | glob patterns over parameter names
     freeze_embeddings: bool = False  # keep the input embeddings and lm_head (tied or not) fixed
+    # new parameters no gradient can reach (all-zero blocks, zero width units) are refused for
+    # `trainable: new-layers|new-params` and `grow:` unless this says they are meant
+    allow_dead: bool = False
     # optimisation
     lr: float = Field(default=3e-4, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)

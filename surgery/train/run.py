@@ -89,7 +89,7 @@ def _barrier():
 # ---- what trains ----
 
 
-def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str], list[str]]:
+def select_trainable(model, spec, model_dir: Path, where: str, allow_dead: bool = False) -> tuple[set[str], list[str]]:
     """Names (every alias, so tied weights count once) of the parameters that train, and notes."""
     aliases: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -107,6 +107,14 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
             )
         meta = json.loads(prov.read_text())
         new = meta.get("new_layers") or []
+        dead = [r.get("layer") for r in meta.get("layer_map") or [] if isinstance(r, dict) and r.get("new") and r.get("made") == "zero"]
+        if dead and not allow_dead:
+            raise PlanError(
+                f"{prov}: new layers {dead[:8]} were made all zero (`init: zero`): no gradient reaches their weights, so "
+                "`trainable: new-layers` would train nothing",
+                where=where,
+                fix="regrow with `init: identity` (the paper's G_zero) or `init: random`; or set `allow_dead: true` to train anyway",
+            )
         if not new:
             raise PlanError(
                 f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
@@ -122,7 +130,14 @@ def select_trainable(model, spec, model_dir: Path, where: str) -> tuple[set[str]
         # a widened matrix holds old and new units side by side; requires_grad freezes whole tensors,
         # so `new-params` trains every tensor that grew (old units in it too) and freezes the rest
         prov = model_dir / "surgery.json"
-        grown = (json.loads(prov.read_text()).get("widened") or {}).get("tensors") if prov.is_file() else None
+        widened = (json.loads(prov.read_text()).get("widened") or {}) if prov.is_file() else {}
+        grown = widened.get("tensors") if isinstance(widened, dict) else None
+        if grown is not None and not (isinstance(grown, list) and all(isinstance(n, str) and n and "*" not in n for n in grown)):
+            raise PlanError(
+                f"{prov}: widened.tensors must be a list of tensor names, not {type(grown).__name__} {str(grown)[:60]!r}",
+                where=where,
+                fix="regenerate the model with `surgery apply`; surgery.json is written by surgery",
+            )
         if not grown:
             raise PlanError(
                 f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has "
@@ -546,7 +561,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
     where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
-    names, notes = select_trainable(model, stage.trainable, stage.model_dir, where)
+    names, notes = select_trainable(model, stage.trainable, stage.model_dir, where, allow_dead=b.allow_dead)
     n_train, n_all = apply_freezing(model, names, b.freeze_embeddings, cfg.where("freeze_embeddings") if b.freeze_embeddings else where)
     if is_main():
         echo(
@@ -755,6 +770,13 @@ def _train(
         from surgery.api import compile_plan
 
         program = compile_plan(load_grow_plan(cfg, model_dir))  # a bad grow plan fails now, not after stage 1
+        from surgery.compile.lint import dead_parameters
+
+        dead = dead_parameters(program.stack, program.ckpts)
+        if dead and not b.allow_dead:
+            where, what, fix = dead[0]
+            where = f"{cfg.where('grow', 'plan')} ({where})"
+            raise PlanError(f"the grow plan's {what}", where=where, fix=f"{fix}; or set `allow_dead: true`")
         if b.grow.operator == "learn":
             from surgery.train.ligo import check_learnable
 
