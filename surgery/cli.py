@@ -102,6 +102,7 @@ def main():
       surgery validate plan.yaml     what would be written (reads headers only)
       surgery apply plan.yaml -o out a complete, loadable checkpoint in ./out
       surgery inspect ./model        family, layers, params, dtypes of a checkpoint
+      surgery convert m.gguf -o m    a llama.cpp GGUF file as a HuggingFace checkpoint
       surgery show plan.yaml         the layer map as a picture (SVG/PNG)
       surgery train cfg.yaml         continue pretraining the result, or grow-then-train
       surgery advise -N 7B -D 2T     when to grow (Gstack's guideline)
@@ -383,8 +384,9 @@ def verify(out, recompute):
     problems = verify_output(out)
     if not problems and recompute:
         from surgery.engine.recompute import recompute as redo
+        from surgery.io.gguf import is_conversion, recompute_converted
 
-        problems = redo(out)
+        problems = recompute_converted(out) if is_conversion(out) else redo(out)
     if problems:
         from surgery.errors import OutputError
 
@@ -393,6 +395,33 @@ def verify(out, recompute):
         f"ok: {out} is complete; every shard's size, header and CRC-32 match its surgery.json"
         + ("; every tensor equals its recomputation from the sources" if recompute else "")
     )
+
+
+@main.command()
+@click.argument("gguf", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, help="The checkpoint folder to write (safetensors, config, tokenizer, chat template).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float32", "float16"]),
+    default="bfloat16",
+    show_default=True,
+    help="What the dequantized weights are stored as (float32 keeps every dequantized value exactly).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@_user_errors
+def convert(gguf, out, dtype, force):
+    """Convert a llama.cpp GGUF file (quantized or not) into a HuggingFace checkpoint folder.
+
+    \b
+    Read with the `gguf` package and transformers' own GGUF mapping (config, tokenizer, chat
+    template, tensor names), dequantized one tensor at a time (memory: one tensor), written
+    through surgery's output protocol; surgery.json records the file's SHA-256, so
+    `surgery verify OUT --sources` re-reads the GGUF and compares every tensor.
+      surgery convert SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2 --dtype float32
+    A plan may also name a .gguf file as a model (converted once into the cache, float32)."""
+    from surgery.io.gguf import convert as run
+
+    run(gguf, out, dtype=dtype, force=force, echo=lambda m: click.echo(m, err=True))
 
 
 @main.command()

@@ -86,9 +86,12 @@ def killed_and_resumed(tmp_path: Path, model: Path, extra: str, steps: int = 10,
 def test_advise_warns_outside_the_fitted_range_and_gives_no_snippet_past_the_budget():
     r = CliRunner().invoke(main, ["advise", "--params", "1.6M", "--tokens", "3M"])
     assert r.exit_code == 0, r.output
-    assert "outside the 410.00M-7.00B parameters" in r.output and "not below the budget" in r.output and "at_tokens:" not in r.output
-    j = json.loads(CliRunner().invoke(main, ["advise", "-N", "7B", "-D", "2T", "--format", "json"]).output)
+    assert "outside the 410.00M-3.00B parameters" in r.output and "not below the budget" in r.output and "at_tokens:" not in r.output
+    j = json.loads(CliRunner().invoke(main, ["advise", "-N", "3B", "-D", "2T", "--format", "json"]).output)
     assert j["warnings"] == [] and j["snippet"] is True
+    # the paper fitted the formula on 410M, 1.1B and 3B: its own 7B row is an extrapolation, said so
+    j = json.loads(CliRunner().invoke(main, ["advise", "-N", "7B", "-D", "2T", "--format", "json"]).output)
+    assert j["snippet"] is True and "outside the 410.00M-3.00B parameters" in j["warnings"][0]
 
 
 def test_a_missing_matplotlib_is_said_once(tmp_path, corpus, models, monkeypatch):

@@ -83,6 +83,16 @@ def resolve_ref(
     local = resolve_path(ref, base_dir)
     if local.is_dir():
         return local.resolve()
+    if local.suffix.lower() == ".gguf" and local.is_file():  # llama.cpp's format: converted once into the cache
+        from surgery.errors import SurgeryError
+        from surgery.io.gguf import cached_conversion
+
+        try:
+            return cached_conversion(local)
+        except SurgeryError as e:
+            raise CheckpointError(
+                [Problem(where or p.where, f"{ref}: {p.where}: {p.what}" if where else p.what, p.fix) for p in e.problems]
+            ) from None
     looks_local = ref.startswith((".", "/", "~")) or local.exists() or not _HUB_ID.match(ref)
     if looks_local:
         if local.exists():

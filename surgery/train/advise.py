@@ -14,7 +14,7 @@ import math
 
 GROWTH_FACTOR = 4
 A, B, C0 = 0.88, 163.27, -5.74
-FITTED_PARAMS = (410e6, 7e9)  # the model sizes the paper fitted the formula on
+FITTED_PARAMS = (410e6, 3e9)  # the paper fitted the formula on N = 410M, 1.1B and 3B (§4.2, Fig. 8)
 
 
 def gstack_growth_tokens(params: float, tokens: float) -> float:
