@@ -244,6 +244,7 @@ def analyze(
                 s += float(_angle(last[k][l0], last[k][l0 + n]).sum())
             row.append(s / n_seq)
         distance.append(row)
+    _require_finite(mdir, norms, distance, loss, drop_loss)
     best = {n: min(range(len(row)), key=row.__getitem__) for n, row in enumerate(distance, 1) if n < L}
     res = Analysis(
         str(model),
@@ -267,11 +268,58 @@ def analyze(
     return res
 
 
+def _require_finite(mdir, norms, distance, loss, drop_loss) -> None:
+    """A measurement that is NaN or inf is no measurement: never printed as a suggestion or a table."""
+
+    def bad(values) -> bool:
+        return any(not math.isfinite(float(v)) for v in values)
+
+    where = next((i for i, v in enumerate(norms) if not math.isfinite(float(v))), None)
+    if where is not None or bad(v for row in distance for v in row) or (loss is not None and bad([loss])):
+        at = f" (the hidden states entering layer {where} are the first that are not)" if where is not None else ""
+        raise CheckpointError(
+            f"the model's activations are not finite on this text{at}: its weights hold NaN or inf, so no layer can be measured",
+            where=str(mdir),
+            fix="check the checkpoint (surgery verify; was it written by a diverged run?)",
+        )
+    for n, row in (drop_loss or {}).items():
+        if bad(row):
+            raise CheckpointError(
+                f"the held-out loss with a block of {n} layer(s) removed is not finite: the model's weights hold NaN or inf",
+                where=str(mdir),
+                fix="check the checkpoint",
+            )
+
+
+def check_comparable(model: str, against: str) -> None:
+    """`--against` is refused before any work when its hidden size differs from the model's (read
+    from the headers: the embedding's width)."""
+    from surgery.io.checkpoint import open_checkpoint, resolve_ref
+
+    widths = []
+    for ref in (model, against):
+        path = resolve_ref(str(ref), Path.cwd())
+        ck = open_checkpoint("model", str(ref), path)
+        emb = next((ck.tensors[e] for e in ck.family.embeddings if e in ck.tensors), None)
+        widths.append(emb.shape[-1] if emb is not None else None)
+    if None not in widths and widths[0] != widths[1]:
+        raise PlanError(
+            f"--against {against}: its hidden size is {widths[1]}, the model's {widths[0]}; cosine and CKA compare states of one width",
+            fix="compare models of the same hidden size (e.g. a merge or a fine-tune against its parent)",
+        )
+
+
 def compare(a: Analysis, b: Analysis) -> dict:
     """Layer by layer, two models on the same samples (e.g. a merge against a parent): the mean cosine
     of their last-token states entering each layer, and linear CKA (Kornblith et al. 2019) of them."""
     if a.samples != b.samples or a.seq_len != b.seq_len:
         raise PlanError("--against: both models must see the same samples", fix="use the same --samples and --seq-len")
+    wa, wb = a.last_token[0].shape[-1], b.last_token[0].shape[-1]
+    if wa != wb:
+        raise PlanError(
+            f"--against {b.model}: its hidden states are {wb} wide, the model's {wa}; cosine and CKA compare states of one width",
+            fix="compare models of the same hidden size (e.g. a merge or a fine-tune against its parent)",
+        )
     n = min(a.num_layers, b.num_layers) + 1
     cos, cka = [], []
     for i in range(n):
@@ -363,7 +411,16 @@ def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[st
     """(plan YAML, one-line reason) for `drop:N`, `dus:S` or `expand:K`."""
     kind, k = parse_suggestion(what)
     L = a.num_layers
-    head = f"# suggested by surgery analyze ({a.samples} samples x {a.seq_len} tokens)\nmodels: {{{model_name}: {model_ref}}}\nsteps:\n"
+
+    def plan(step: dict) -> str:
+        """The plan as the YAML library writes it from the plan's data (a model path with `#`, `: `
+        or quotes stays one string), under a comment saying where it came from."""
+        import yaml
+
+        doc = {"models": {model_name: str(model_ref)}, "steps": [{"take": {"model": model_name}}, step]}
+        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, allow_unicode=True, width=1 << 16)
+        return f"# suggested by surgery analyze ({a.samples} samples x {a.seq_len} tokens)\n{text}"
+
     if kind == "drop":
         if not 1 <= k < L:
             raise PlanError(f"--suggest drop:{k}: a {L}-layer model can drop 1 to {L - 1} layers")
@@ -384,7 +441,7 @@ def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[st
         else:
             s = d
             why = f"layers [{s}, {s + k}) change the last-token representation least: {by_distance}"
-        return head + f"  - take: {{model: {model_name}}}\n  - drop: {{layers: [{s}, {s + k}]}}\n", why
+        return plan({"drop": {"layers": [s, s + k]}}), why
     if kind == "dus":
         if k % 2 or not 2 <= k <= 2 * (L - 1):
             raise PlanError(f"--suggest dus:{k}: depth up-scaling gives s = 2(n - m), so s is even and 2 <= s <= {2 * (L - 1)}")
@@ -395,7 +452,7 @@ def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[st
         if L - m > m:
             d = a.distance[L - 2 * m - 1][m]
             why += f", with last-token angular distance {d:.4f} across them"
-        return head + f"  - take: {{model: {model_name}}}\n  - dus: {{trim: {m}}}\n", why
+        return plan({"dus": {"trim": m}}), why
     if kind == "expand":
         if not 1 <= k <= L:
             raise PlanError(f"--suggest expand:{k}: at most {L} identity blocks for {L} layers")
@@ -404,7 +461,7 @@ def suggest(a: Analysis, what: str, model_name: str, model_ref: str) -> tuple[st
                 f"LLaMA Pro's rule: {k} groups of {L // k} layers, an identity block after each group "
                 f"(the layers with the largest Block Influence are {_top(a.block_influence, k)})"
             )
-            return head + f"  - take: {{model: {model_name}}}\n  - expand: {{groups: {k}, init: identity}}\n", why
+            return plan({"expand": {"groups": k, "init": "identity"}}), why
         raise PlanError(
             f"--suggest expand:{k}: LLaMA Pro's even groups need K to divide the {L} layers",
             fix=f"use one of {[g for g in range(1, L + 1) if L % g == 0]}",

@@ -32,6 +32,11 @@ def validate(
         program = compile_plan(p, allow_pickle=allow_pickle, headers_only=True, offline=offline)
     except SurgeryError as e:
         return Report(source, False, e.problems)
+    except OSError as e:  # the file system refused a path the plan or a model names: located, as apply says it
+        from surgery.errors import Problem
+
+        where = str(e.filename)[:300] if e.filename else source
+        return Report(source, False, [Problem(where, f"{e.strerror or e}", "check the paths the plan and its models name")])
     return Report(source, True, warnings=[w for w in program.warnings if w.code not in ignore], program=program)
 
 

@@ -67,6 +67,28 @@ def _write_file(out: Path, text: str, force: bool, reads: dict | None = None) ->
     click.echo(f"wrote {out}", err=True)
 
 
+def _check_figure_suffix(out: Path, option: str = "-o/--out") -> None:
+    """A figure's file name must end in a format matplotlib writes: said before any work, with the choices."""
+    from surgery.errors import OutputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        from matplotlib.figure import Figure
+
+        formats = sorted(Figure().canvas.get_supported_filetypes())
+    except ImportError:
+        raise OutputError("drawing figures needs matplotlib", fix="pip install matplotlib (or 'surgery[train]')") from None
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise OutputError(
+            f"{option}: {out.name} has {'no extension' if not suffix else f'the extension .{suffix}'}, which is not a figure format",
+            where=str(out),
+            fix=f"end the file name in one of: {', '.join('.' + f for f in formats)}",
+        )
+
+
 def _program_reads(program, plan: Path) -> dict:
     """What a compiled plan reads: the plan file and every source model's folder."""
     return {"the plan": plan} | {f"source model {n!r}": ck.path for n, ck in program.ckpts.items()}
@@ -227,6 +249,7 @@ approximate-growth (widen hidden by a non-multiple: the function is kept only ap
 @click.option("--offline", is_flag=True, help="Use only the local caches (hub cache, surgery's header cache); no network.")
 @click.option("--tensors", is_flag=True, help="Also list every output tensor with its recipe (text format).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled checkpoints (headers are read with weights_only=True).")
+@_user_errors
 def validate(plans, fmt, strict, ignore, offline, tensors, allow_pickle):
     """Check PLANS (files or globs; surgery plans or mergekit configs) without downloading weights.
 
@@ -671,6 +694,7 @@ def plot(runs, x, out, no_train_loss, title, force):
     from surgery.io.outdir import check_file_target
 
     check_file_target(out, force, {"a run's metrics.jsonl": [Path(r) / "metrics.jsonl" for r in runs]})
+    _check_figure_suffix(out)
     click.echo(f"wrote {compare_runs(list(runs), out, x=x, title=title, train_loss=not no_train_loss)}")
 
 
@@ -808,6 +832,10 @@ def analyze(
     reads = report_reads([model, against], list(files))
     if out is not None:  # an empty -o is an error, as everywhere; refused before any work
         out = check_report_target(out, reads, force)
+    if against:
+        from surgery.analyze import check_comparable
+
+        check_comparable(model, against)
     sizes = tuple(n for kind, n in kinds if kind == "drop") if rank == "loss" else ()
     common = dict(
         samples=samples, seq_len=seq_len, micro_batch=micro_batch, device=device, text_field=text_field, progress=show, dtype=dtype

@@ -37,7 +37,8 @@ class SurgeryError(ValueError):
         elif isinstance(problems, Problem):
             problems = [problems]
         assert problems, "SurgeryError needs at least one problem"
-        self.problems: list[Problem] = list(problems)
+        # one mistake found on several paths (a widen error met by every layer) is said once
+        self.problems: list[Problem] = list(dict.fromkeys(problems))
         super().__init__(str(self))
 
     def __str__(self) -> str:

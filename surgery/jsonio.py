@@ -13,6 +13,28 @@ from surgery.errors import SurgeryError
 
 MAX_JSON_BYTES = 64 << 20  # config.json, indexes and surgery.json are far smaller
 MAX_DEPTH = 256
+MAX_COUNT = 10**18  # steps, tokens, sizes: far beyond any real run, far below float64's exact range of trouble
+MAX_FLOPS = 1e30  # a training run's FLOPs (today's largest are ~1e26)
+MAX_LOSS = 1e4  # nats per token; a loss above this is a corrupt record, not a diverged run (that is NaN or inf)
+
+
+def bounded_number(v: Any, *, lo: float, hi: float, integer: bool = False, nan: bool = False) -> bool:
+    """Whether `v`, a number read from a file or a command line, is usable: a real number (not a
+    bool, not a string), an integer where one is meant, finite unless `nan` allows NaN/inf, within
+    [lo, hi]. The one test every reader of numbers in files applies, so nothing downstream (sums,
+    proportions, fits, plots) can overflow."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if integer and not isinstance(v, int):
+        return False
+    if isinstance(v, int) and not lo <= v <= hi:
+        return False
+    f = float(v)
+    if not math.isfinite(f):
+        return nan
+    return lo <= f <= hi
 
 
 def parse_json(text: str | bytes, where: str, *, error: type[SurgeryError] = SurgeryError, what: str = "JSON") -> Any:

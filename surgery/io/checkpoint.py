@@ -80,7 +80,7 @@ def resolve_ref(
 
     `headers_only` (validate): a hub model not fully in the local cache is seen through a
     header-only view (config, index, safetensors headers; no tensor data, see hub.py)."""
-    local = resolve_path(ref, base_dir)
+    local = resolve_path(ref, base_dir, where)
     if local.is_dir():
         return local.resolve()
     if local.suffix.lower() == ".gguf" and local.is_file():  # llama.cpp's format: converted once into the cache
@@ -259,6 +259,8 @@ def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = Fal
             where=where,
             fix="the config and the weights disagree: fix config.json or use the matching weights",
         )
+    if not family.guessed and layers:
+        _check_widths(config, family, tensors, layers[found[0]], str(cfg_path))
     return Checkpoint(
         name=name,
         ref=ref,
@@ -272,6 +274,76 @@ def open_checkpoint(name: str, ref: str, path: Path, *, allow_pickle: bool = Fal
         header_hashes=hashes,
         pickled=pickled,
     )
+
+
+def _check_widths(config: dict, family: Family, tensors: dict, layer: dict[str, str], where: str) -> None:
+    """The tensors are the truth: every width config.json states (hidden size, vocabulary, heads and
+    head size, key/value heads, MLP units) must be the one the tensors' shapes have, or every step
+    that derives shapes from the config (widen, analyze, training, transformers' own loading) would
+    build on a contradiction. Checked where headers are read, so every command gets it."""
+    lm = family.lm_config(config)
+
+    def num(key):
+        v = lm.get(key) if key else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    seen: dict[str, list] = {}  # one problem per config value, naming the first tensor that contradicts it
+
+    def expect(tname: str, dim: int, want: int | None, what: str) -> None:
+        shape = tensors[tname].shape
+        if want is None or not -len(shape) <= dim < len(shape) or shape[dim] == want:
+            return
+        seen.setdefault(f"{what} = {want}", []).append((tname, shape, dim))
+
+    hidden, vocab = num(family.hidden_key), num("vocab_size")
+    for e in family.embeddings:
+        if e in tensors and len(tensors[e].shape) == 2:
+            expect(e, 1, hidden, family.hidden_key)
+            expect(e, 0, vocab, "vocab_size")
+    heads, kv = num(family.heads_key), num(family.kv_heads_key) or num(family.heads_key)
+    try:
+        hd = family.head_size(lm)
+    except Exception:  # a config too broken to say: the other checks still run
+        hd = None
+    hd = hd if isinstance(hd, int) and hd > 0 else None
+    for suffix, tname in layer.items():
+        role = family.hidden_role(suffix)
+        if role is not None:
+            expect(tname, role[1], hidden, family.hidden_key)
+        entry = family.attention_entry(suffix)
+        if entry is not None and hd and heads and kv:
+            r, hdim = entry
+            rows = 0 if hdim is None else hdim
+            want = {"q": heads * hd, "k": kv * hd, "v": kv * hd, "qkv": (heads + 2 * kv) * hd, "qkv_per_head": 3 * heads * hd}.get(r)
+            if r == "o":
+                expect(tname, 1 if hdim is None else hdim, heads * hd, f"{family.heads_key} x head size ({heads} x {hd})")
+            elif want is not None:
+                expect(tname, rows, want, f"{family.heads_key}/{family.kv_heads_key} x head size ({heads}/{kv} x {hd})")
+        mlp = family.mlp_role(suffix)
+        if mlp is not None:
+            kind, dim, parts = mlp
+            key = family.mlp_size_key(suffix)
+            size = num(key)
+            if size is None and key == family.intermediate_key:
+                try:
+                    size = family.mlp_size(lm)
+                except Exception:
+                    size = None
+            expect(tname, dim, None if size is None else size * parts, key if parts == 1 else f"{parts} x {key}")
+    if seen:
+        problems = []
+        for said, hits in seen.items():
+            tname, shape, dim = hits[0]
+            more = f" (and {len(hits) - 1} more tensor(s))" if len(hits) > 1 else ""
+            problems.append(
+                Problem(
+                    where,
+                    f"config.json says {said}, but tensor {tname[:120]} has shape {list(shape)} ({shape[dim]} along dim {dim}){more}: "
+                    "the config and the weights disagree",
+                    "fix config.json to match the weights (or use the weights this config belongs to)",
+                )
+            )
+        raise CheckpointError(problems)
 
 
 def _ranges(xs: list[int]) -> str:
@@ -343,7 +415,7 @@ def _read_weights(path: Path, where: str, allow_pickle: bool):
             tensors[tname] = info
         if expected is not None:
             for tname in sorted(expected - set(found)):
-                problems.append(Problem(str(index), f"says tensor {tname!r} is in {fname}, but that file's header lacks it"))
+                problems.append(Problem(str(index), f"says tensor {tname[:120]!r} is in {fname}, but that file's header lacks it"))
     if problems:
         raise CheckpointError(problems)
     return tensors, hashes, False

@@ -27,6 +27,7 @@ def verify_output(out: str | Path) -> list[Problem]:
         index, prov = read_json(index_path), read_json(prov_path)
     except SurgeryError as e:
         return e.problems
+    problems += _check_config(out / "config.json", prov)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return [Problem(str(index_path), "not a valid index (needs a 'weight_map' object of tensor -> file name)")]
@@ -89,6 +90,24 @@ def verify_output(out: str | Path) -> list[Problem]:
                 Problem(where, "content differs from what was written (crc32 mismatch): the data is damaged", "apply the plan again")
             )
     return problems
+
+
+def _check_config(path: Path, prov) -> list[Problem]:
+    """config.json is one of the small files verify answers for: it must parse as an object with a
+    model_type and, for an apply output, state the layer count surgery.json records."""
+    try:
+        cfg = read_json(path)
+    except SurgeryError as e:
+        return e.problems
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        return [Problem(str(path), "is not a model config (a JSON object with a model_type)", "apply the plan again")]
+    want = prov.get("output", {}).get("num_layers") if isinstance(prov, dict) and isinstance(prov.get("output"), dict) else None
+    if isinstance(want, int):
+        lm = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        have = next((lm[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(lm.get(k), int)), None)
+        if have is not None and have != want:
+            return [Problem(str(path), f"says {have} layers; surgery.json records {want}", "the config was edited: apply the plan again")]
+    return []
 
 
 def _valid_entry(e) -> bool:

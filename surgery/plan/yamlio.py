@@ -25,6 +25,7 @@ from surgery.jsonio import bracket_depth
 from surgery.io.paths import resolve_path  # noqa: F401  (FromDocument.path; train imports it from here)
 
 MAX_NODES = 100_000
+MAX_INT = 2**64  # every count, index, size or seed a plan or config holds fits in 64 bits; bigger is a typo or an attack
 MAX_DEPTH = 64
 MAX_BYTES = 4 * 1024 * 1024
 
@@ -179,6 +180,18 @@ class _Builder:
                 where=self._where(node),
                 fix="plans use plain YAML: strings, numbers, lists and mappings",
             ) from None
+        except (ValueError, OverflowError) as e:  # a 5,000-digit integer: Python refuses to convert it
+            raise PlanError(
+                f"the number {str(node.value)[:24]}... ({len(str(node.value))} characters) cannot be read: {str(e)[:80]}",
+                where=self._where(node),
+                fix="numbers in plans and configs fit in 64 bits",
+            ) from None
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise PlanError(
+                f"the integer {str(value)[:24]}{'...' if len(str(value)) > 24 else ''} is out of range (more than 64 bits)",
+                where=self._where(node),
+                fix="give a realistic count or index",
+            )
         if isinstance(value, (bytes, bytearray)):
             raise PlanError(
                 f"unsupported YAML value: tag {node.tag!r} (binary data)",

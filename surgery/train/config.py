@@ -69,7 +69,7 @@ class DataSource(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     files: tuple[DataFile, ...] = Field(min_length=1)
     eval_files: tuple[DataFile, ...] = ()  # default: the last `eval_fraction` of this domain's sequences
-    weight: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)  # relative; used when data.weights is `given`
+    weight: Optional[float] = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)  # relative; used when data.weights is `given`
 
 
 class Data(Strict):
@@ -243,6 +243,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 def config_from_text(text: str, base_dir: str | Path = ".", overrides: dict | None = None, source: str = "<config>") -> Config:
     return config_from_doc(load_yaml_text(text, source), Path(base_dir).resolve(), overrides)
+
+
+def run_sequences(body: TrainConfig, world: int = 1) -> int:
+    """The training sequences a run draws in all: its budget (`steps`, or `tokens` at micro_batch x
+    seq_len x grad_accum x world tokens per step) in sequences. `train` draws exactly this many and
+    `mix` judges each domain's supply (`exhausted: stop|repeat`) against it, so they cannot disagree."""
+    per_step = body.micro_batch * body.grad_accum * world
+    total = body.steps if body.steps is not None else math.ceil(body.tokens / (per_step * body.data.seq_len))
+    return total * per_step
+
+
+def default_seq_len(max_positions) -> int:
+    """data.seq_len when the config leaves it out: the model's context, at most 2048."""
+    return min(2048, max_positions) if isinstance(max_positions, int) and max_positions > 0 else 2048
 
 
 def train_schema() -> dict:

@@ -31,9 +31,10 @@ from surgery.errors import PlanError, SurgeryError
 from surgery.jsonio import parse_json
 from surgery.plan.yamlio import resolve_path
 
-FORMAT = "surgery-tokens/1"
-PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about this many characters
+FORMAT = "surgery-tokens/2"  # 2: long documents cut into 64K-character pieces (was 1M)
+PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters (cut at line ends)
 BATCH_PIECES = 64
+BATCH_CHARS = 1 << 18  # and at most this many characters per tokenizer call: memory bounded whatever the records
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -213,10 +214,27 @@ def _texts(src: Source, unit: str, values):
     for at, text in values:
         if isinstance(text, str):
             if text:
-                yield text, True, True
+                yield from split_document(text)
         else:
             skipped.add(at, text)
     skipped.report()
+
+
+def split_document(text: str) -> Iterator[tuple[str, bool, bool]]:
+    """One document as (piece, first, last) pieces of at most PIECE_CHARS characters, cut at a line
+    end (else a space) when there is one, so a record of megabytes is tokenized piece by piece in
+    bounded memory, as .txt files are, whatever file it came from (JSONL, parquet, HF datasets)."""
+    if len(text) <= PIECE_CHARS:
+        yield text, True, True
+        return
+    start, n = 0, len(text)
+    while start < n:
+        end = min(n, start + PIECE_CHARS)
+        if end < n:
+            cut = text.rfind("\n", start, end) + 1 or text.rfind(" ", start, end) + 1
+            end = cut if cut > start else end
+        yield text[start:end], start == 0, end >= n
+        start = end
 
 
 class _Skipped:
@@ -374,10 +392,13 @@ def _build(src: Source, tokenizer, stem: Path, separator: str | None, progress) 
                 progress(sum(len(t) for t, _, _ in batch))
             batch.clear()
 
+        chars = 0
         for piece in read_pieces(src, separator):
             batch.append(piece)
-            if len(batch) >= BATCH_PIECES:
+            chars += len(piece[0])
+            if len(batch) >= BATCH_PIECES or chars >= BATCH_CHARS:
                 flush()
+                chars = 0
         if batch:
             flush()
     os.replace(tmp_tok, stem.with_suffix(".tok"))

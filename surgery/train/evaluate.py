@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from surgery.errors import PlanError
+from surgery.errors import CheckpointError, PlanError
 
 
 def evaluate(
@@ -181,6 +181,13 @@ class _Models:
             bar.close()
         if count == 0:
             raise PlanError("no token was scored (the text is all document starts?)", fix="give longer documents")
+        for key, path in (("model", self.mdir), ("against", self.against)):
+            if not math.isfinite(nll[key]):
+                raise CheckpointError(
+                    f"the loss of {path} on this text is not finite ({nll[key]}): its weights or activations hold NaN or inf",
+                    where=str(path),
+                    fix="check the checkpoint (surgery verify; was it written by a diverged run?)",
+                )
         out = {
             "model": str(self.mdir),
             "tokens": n,

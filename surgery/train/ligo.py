@@ -251,10 +251,13 @@ def learn_growth(
 
     grown_ck = open_checkpoint("grown", str(grown_dir), grown_dir)
     fam = grown_ck.family
+    from surgery.io.provenance import read_provenance
+
+    checked = read_provenance(grown_dir, required=True, where=where)  # validated; the raw record is rewritten below
     prov_path = grown_dir / "surgery.json"
     prov = json.loads(prov_path.read_text())
-    layer_map = prov["layer_map"]
-    widened = prov.get("widened") or {}
+    layer_map = checked.layer_map_dicts()
+    widened = checked.widened_dict()
     check_learnable(layer_map, widened, where)
     small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)

@@ -46,3 +46,17 @@ def check_loadable(path: Path, where: str | None = None) -> None:
                 "which loads with torch.load(weights_only=True))",
             )
         raise CheckpointError(f"{path.name} has no weights (*.safetensors)", where=where)
+    tc_path = path / "tokenizer_config.json"
+    tc = read_json(tc_path, error=CheckpointError) if tc_path.is_file() else {}
+    if isinstance(tc, dict) and tc.get("auto_map"):
+        raise CheckpointError(
+            f"{path.name}'s tokenizer needs remote code (tokenizer_config.json has auto_map: {str(tc['auto_map'])[:80]}); "
+            "surgery never runs code from a model folder",
+            where=str(tc_path),
+            fix="use a tokenizer transformers ships (e.g. a tokenizer.json with PreTrainedTokenizerFast)",
+        )
+    # the same checked reader as apply and validate: headers inside their files (a truncated or zeroed
+    # shard is a located error here, not a crash inside transformers) and config widths that match the tensors
+    from surgery.io.checkpoint import open_checkpoint
+
+    open_checkpoint("model", str(path), path)

@@ -148,10 +148,11 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
 
     from surgery.io.checkpoint import open_checkpoint
 
-    prov_path = model_dir / "surgery.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-    new = prov.get("new_layers") or []
-    widened = prov.get("widened") or {}
+    from surgery.io.provenance import read_provenance
+
+    prov = read_provenance(model_dir)
+    new = prov.new_layers if prov is not None else []
+    widened = prov.widened_dict() if prov is not None else {}
     ck = open_checkpoint("model", str(model_dir), model_dir)
     fam = _module_layout(model, ck.family)
     grew: dict = {}

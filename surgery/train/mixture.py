@@ -330,7 +330,7 @@ def describe(config, *, progress: bool = False) -> dict:
 
     from surgery.errors import PlanError
     from surgery.io.checkpoint import resolve_ref
-    from surgery.train.config import WEIGHT_RULES, Config, load_config
+    from surgery.train.config import WEIGHT_RULES, Config, default_seq_len, load_config, run_sequences
     from surgery.train.data import build_corpus
     from surgery.train.loadable import check_loadable
 
@@ -340,11 +340,13 @@ def describe(config, *, progress: bool = False) -> dict:
         raise PlanError("this config has no `data.sources:` (a mixture of domains) to describe", where=cfg.where("data"))
     model_dir = resolve_ref(cfg.body.model, cfg.base_dir, where=cfg.where("model"))
     check_loadable(model_dir, cfg.where("model"))
-    if d.seq_len is None:
-        cfg.body = cfg.body.model_copy(update={"data": d.model_copy(update={"seq_len": 2048})})
     transformers.utils.logging.set_verbosity_error()
+    if d.seq_len is None:  # as `train` resolves it
+        ctx = getattr(transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False), "max_position_embeddings", None)
+        cfg.body = cfg.body.model_copy(update={"data": d.model_copy(update={"seq_len": default_seq_len(ctx)})})
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    corpus = build_corpus(cfg, tok, model_dir, progress=progress, all_stats=True)
+    # the run's own budget, as `train` draws it: a domain short of its share is judged against that
+    corpus = build_corpus(cfg, tok, model_dir, sequences=run_sequences(cfg.body), progress=progress, all_stats=True)
     rows = corpus.mixture["domains"]
     stats = [TokenStats(**r["stats"]) for r in rows]
     seqs = [r["train_sequences"] for r in rows]
@@ -400,6 +402,8 @@ def read_run(folder) -> dict:
         )
     c = summary.get("config") if isinstance(summary.get("config"), dict) else {}
     data = c.get("data") if isinstance(c.get("data"), dict) else {}
+    if "data" in c and not isinstance(c["data"], dict):
+        raise PlanError("train.json's config.data is not a mapping", where=str(tj), fix="fit runs written by `surgery train`")
     sources = {s["name"]: s for s in data.get("sources") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)}
     domains = mix.get("domains") if isinstance(mix, dict) else None
     if not isinstance(domains, list) or not all(
@@ -418,10 +422,7 @@ def read_run(folder) -> dict:
         "path": str(folder),
         "proportions": {r["name"]: r["proportion"] for r in domains},
         "sources": sources,
-        "tokens_per_step": c.get("micro_batch", 0)
-        * c.get("grad_accum", 1)
-        * (c.get("data", {}).get("seq_len") or 0)
-        * summary.get("world_size", 1),
+        "tokens_per_step": _tokens_per_step(c, data, summary) or 0,
         "curves": {k: sorted(v.items()) for k, v in curves.items()},
     }
 
@@ -431,9 +432,11 @@ def _finite(v) -> bool:
 
 
 def _tokens_per_step(c: dict, data: dict, summary: dict):
+    from surgery.jsonio import bounded_number
+
     parts = (c.get("micro_batch"), c.get("grad_accum", 1), data.get("seq_len"), summary.get("world_size", 1))
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in parts):
-        return None  # unknown: only runs that record it are compared
+    if not all(bounded_number(x, lo=1, hi=1 << 24, integer=True) for x in parts):
+        return None  # unknown (or absurd): only runs that record a usable one are compared
     return parts[0] * parts[1] * parts[2] * parts[3]
 
 

@@ -4,7 +4,6 @@ model grew."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 
@@ -13,7 +12,7 @@ def read_metrics(path: Path) -> list[dict]:
     record a JSON object, its counters finite numbers, its losses numbers (a diverged run's NaN
     allowed), a domain's losses a mapping of numbers), or a located error naming the line."""
     from surgery.errors import PlanError
-    from surgery.jsonio import MAX_JSON_BYTES, parse_json
+    from surgery.jsonio import MAX_COUNT, MAX_FLOPS, MAX_JSON_BYTES, MAX_LOSS, bounded_number, parse_json
 
     path = Path(path)
     try:
@@ -30,15 +29,20 @@ def read_metrics(path: Path) -> list[dict]:
         rec = parse_json(line, where, error=PlanError, what="the record")
         if not isinstance(rec, dict):
             raise PlanError("a metrics record is a JSON object", where=where)
-        for key in ("step", "stage", "tokens", "flops"):
-            if key in rec and not (_number(rec[key]) and math.isfinite(rec[key]) and rec[key] >= 0):
-                raise PlanError(f"{key!r} is {str(rec[key])[:40]!r}, not a finite number >= 0", where=where)
+        for key, hi in (("step", MAX_COUNT), ("stage", 10**6), ("tokens", MAX_COUNT), ("flops", MAX_FLOPS)):
+            if key in rec and not bounded_number(rec[key], lo=0, hi=hi):
+                raise PlanError(f"{key!r} is {str(rec[key])[:40]!r}, not a finite number in [0, {hi:.0e}]", where=where)
         for key in ("loss", "eval_loss"):
-            if key in rec and not _number(rec[key]):
-                raise PlanError(f"{key!r} is {str(rec[key])[:40]!r}, not a number", where=where)
+            if key in rec and not bounded_number(rec[key], lo=-MAX_LOSS, hi=MAX_LOSS, nan=True):
+                raise PlanError(
+                    f"{key!r} is {str(rec[key])[:40]!r}, not a number (a loss, at most {MAX_LOSS:.0e} in size, or NaN)", where=where
+                )
         by = rec.get("eval_loss_by_domain")
-        if by is not None and not (isinstance(by, dict) and all(isinstance(k, str) and _number(v) for k, v in by.items())):
-            raise PlanError("'eval_loss_by_domain' is not a mapping of domain names to numbers", where=where)
+        if by is not None and not (
+            isinstance(by, dict)
+            and all(isinstance(k, str) and bounded_number(v, lo=-MAX_LOSS, hi=MAX_LOSS, nan=True) for k, v in by.items())
+        ):
+            raise PlanError("'eval_loss_by_domain' is not a mapping of domain names to losses", where=where)
         recs.append(rec)
     return recs
 

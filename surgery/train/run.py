@@ -97,29 +97,33 @@ def select_trainable(model, spec, model_dir: Path, where: str, allow_dead: bool 
     notes = []
     if spec == "all":
         return {n for names in aliases.values() for n in names}, notes
-    if spec == "new-layers":
-        prov = model_dir / "surgery.json"
-        if not prov.is_file():
+    exact = False
+    if spec in ("new-layers", "new-params"):
+        from surgery.io.provenance import read_provenance
+
+        prov = read_provenance(model_dir)
+        if prov is None:
+            what = "the layer map" if spec == "new-layers" else "the widened tensors"
             raise PlanError(
-                f"trainable: new-layers reads the layer map from surgery.json, and {model_dir} has none",
+                f"trainable: {spec} reads {what} from surgery.json, and {model_dir} has none",
                 where=where,
                 fix="train a `surgery apply` output, or name parameters with patterns",
             )
-        meta = json.loads(prov.read_text())
-        new = meta.get("new_layers") or []
-        dead = [r.get("layer") for r in meta.get("layer_map") or [] if isinstance(r, dict) and r.get("new") and r.get("made") == "zero"]
-        if dead and not allow_dead:
-            raise PlanError(
-                f"{prov}: new layers {dead[:8]} were made all zero (`init: zero`): no gradient reaches their weights, so "
-                "`trainable: new-layers` would train nothing",
-                where=where,
-                fix="regrow with `init: identity` (the paper's G_zero) or `init: random`; or set `allow_dead: true` to train anyway",
-            )
+    if spec == "new-layers":
+        new = prov.new_layers
         if not new:
             raise PlanError(
-                f"{prov}: the plan added no new layers (copies and merges only), so nothing would train",
+                f"{model_dir / 'surgery.json'}: the plan added no new layers (copies and merges only), so nothing would train",
                 where=where,
                 fix="use trainable: all, or patterns",
+            )
+        dead = prov.zero_layers
+        if dead and not allow_dead:
+            raise PlanError(
+                f"{model_dir / 'surgery.json'}: new layers {dead[:8]} were made all zero (`init: zero`): no gradient reaches "
+                "their weights, so `trainable: new-layers` would train nothing",
+                where=where,
+                fix="regrow with `init: identity` (the paper's G_zero) or `init: random`; or set `allow_dead: true` to train anyway",
             )
         from surgery.io.checkpoint import open_checkpoint
 
@@ -129,29 +133,20 @@ def select_trainable(model, spec, model_dir: Path, where: str, allow_dead: bool 
     elif spec == "new-params":
         # a widened matrix holds old and new units side by side; requires_grad freezes whole tensors,
         # so `new-params` trains every tensor that grew (old units in it too) and freezes the rest
-        prov = model_dir / "surgery.json"
-        widened = (json.loads(prov.read_text()).get("widened") or {}) if prov.is_file() else {}
-        grown = widened.get("tensors") if isinstance(widened, dict) else None
-        if grown is not None and not (isinstance(grown, list) and all(isinstance(n, str) and n and "*" not in n for n in grown)):
+        if prov.widened is None:
             raise PlanError(
-                f"{prov}: widened.tensors must be a list of tensor names, not {type(grown).__name__} {str(grown)[:60]!r}",
-                where=where,
-                fix="regenerate the model with `surgery apply`; surgery.json is written by surgery",
-            )
-        if not grown:
-            raise PlanError(
-                f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has "
-                + ("none" if prov.is_file() else "no surgery.json"),
+                f"trainable: new-params reads the widened tensors from surgery.json; {model_dir} has none (no `widen` step)",
                 where=where,
                 fix="train a `surgery apply` output of a plan with `widen`, or use all / patterns",
             )
-        patterns = list(grown)
-        notes.append(f"{len(grown)} widened tensors train (whole tensors: their old units too)")
+        patterns, exact = list(prov.widened.tensors), True
+        notes.append(f"{len(patterns)} widened tensors train (whole tensors: their old units too)")
     else:
         patterns = [spec] if isinstance(spec, str) else list(spec)
     chosen = set()
+    wanted = set(patterns) if exact else None  # tensor names from surgery.json are names, never patterns
     for names in aliases.values():
-        if any(fnmatchcase(n, pat) for n in names for pat in patterns):
+        if any((n in wanted) if exact else fnmatchcase(n, pat) for n in names for pat in patterns):
             chosen.update(names)
     if not chosen:
         some = ", ".join(list(n for names in aliases.values() for n in names)[:6])
@@ -203,6 +198,36 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
         Stage(1, model_dir, at, "all", total if keep else at, 0, 0, total),
         Stage(2, None, total - at, b.grow.trainable or b.trainable, total if keep else total - at, at if keep else 0, at, total),
     ], tps
+
+
+def _check_grown(cfg: Config, program) -> None:
+    """Everything stage 2 will need from the grow plan, checked when the run starts (not after stage
+    1 has trained): masks need something new to fade in, `new-layers` needs new layers and
+    `new-params` a widen."""
+    g, b = cfg.body.grow, cfg.body
+    widened = program.widened()
+    new_units = bool(widened) and widened.get("init") in ("zero", "random")
+    if g.mask_steps is not None and not program.new_layers and not new_units:
+        raise PlanError(
+            "grow.mask_steps fades in new layers or new units, and the grow plan adds neither (stacked copies and split "
+            "units are not new: they already compute the small model's function)",
+            where=cfg.where("grow", "mask_steps"),
+            fix="grow with `expand` or `gstack: {operator: random}`, or `widen` with init: random|zero; or drop mask_steps",
+        )
+    trainable = g.trainable or b.trainable
+    where = cfg.where("grow", "trainable") if g.trainable else cfg.where("trainable")
+    if trainable == "new-layers" and not program.new_layers:
+        raise PlanError(
+            "trainable: new-layers after growth, but the grow plan adds no new layers (stacked or copied layers are not new)",
+            where=where,
+            fix="grow with `expand` (LLaMA Pro) or `gstack: {operator: zero|random}`, or train all layers",
+        )
+    if trainable == "new-params" and not widened:
+        raise PlanError(
+            "trainable: new-params after growth, but the grow plan has no `widen` step: no parameter grew",
+            where=where,
+            fix="add a `widen` step to the grow plan, or use all / new-layers / patterns",
+        )
 
 
 def load_grow_plan(cfg: Config, model_path: Path):
@@ -763,8 +788,10 @@ def _train(
         raise OutputError(f"nothing to resume: no interrupted run for {out} (looked for {work.name})", fix="run without --resume")
     _barrier()
     if b.data.seq_len is None:
-        ctx = getattr(_source_config(model_dir), "max_position_embeddings", None) or 2048
-        b = cfg.body = b.model_copy(update={"data": b.data.model_copy(update={"seq_len": min(2048, ctx)})})
+        from surgery.train.config import default_seq_len
+
+        ctx = getattr(_source_config(model_dir), "max_position_embeddings", None)
+        b = cfg.body = b.model_copy(update={"data": b.data.model_copy(update={"seq_len": default_seq_len(ctx)})})
     stages, tps = plan_stages(cfg, model_dir)
     if b.grow is not None:
         from surgery.api import compile_plan
@@ -781,6 +808,7 @@ def _train(
             from surgery.train.ligo import check_learnable
 
             check_learnable(program.layer_map(), program.widened(), cfg.where("grow", "operator"))
+        _check_grown(cfg, program)
     if resume:
         _check_resumable(work / "config.json", b, where=cfg.where())
     if is_main():
