@@ -649,17 +649,18 @@ def mix_show(config, fmt):
 @click.option("--steps", type=click.IntRange(1), help="Optimise the proportions for a run of this many steps (default: the longest run's).")
 @click.option(
     "--holdout",
-    type=click.FloatRange(0, 0.9),
-    default=0.25,
+    default="final",
     show_default=True,
-    help="Each run's last fraction of evaluations, held out of the fit.",
+    help="What is held out of the fit: `final` (each run's final evaluation, as BiMix evaluates its law) or a fraction "
+    "of each run's last evaluations (e.g. 0.25).",
 )
 @click.option(
     "--min-share",
     type=click.FloatRange(0, 1),
-    default=0.01,
+    default=0.0,
     show_default=True,
-    help="Every domain keeps at least this proportion (the law gives a domain whose loss does not fall with its share none).",
+    help="Every domain keeps at least this proportion (not in the paper; with 0 a domain whose loss does not fall with "
+    "its share gets none).",
 )
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @_user_errors
@@ -668,8 +669,16 @@ def mix_fit(runs, steps, holdout, min_share, fmt):
     held-out curves of finished proxy runs (different proportions, the same domains), report R^2 and
     the mean relative error on held-out points, and print the proportions that minimise the
     predicted average loss at --steps as a ready `data.sources` block."""
+    from surgery.errors import PlanError
     from surgery.train.mixture import fit_runs, fit_text
 
+    if holdout != "final":
+        try:
+            holdout = float(holdout)
+        except ValueError:
+            holdout = -1.0
+        if not 0 <= holdout <= 0.9:
+            raise PlanError(f"--holdout {holdout!r}: give `final` or a fraction in [0, 0.9]", fix="e.g. --holdout final or --holdout 0.25")
     doc = fit_runs(list(runs), steps=steps, holdout=holdout, min_share=min_share)
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else fit_text(doc))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -170,16 +171,34 @@ def test_mix_fit_recovers_the_law_from_runs_and_prints_a_sources_block(tmp_path)
     for p in (0.25, 0.5, 0.75):
         runs.append(tmp_path / f"p{int(p * 100)}")
         _fake_run(runs[-1], {"docs": p, "code": 1 - p}, laws)
-    doc = fit_runs(runs, steps=5000)
+    doc = fit_runs(runs, steps=5000)  # the paper's evaluation: each run's final step held out
     for name, law in laws.items():
-        got = doc["domains"][name]["law"]
+        got, d = doc["domains"][name]["law"], doc["domains"][name]
         assert (got["alpha"], got["beta"]) == pytest.approx((law.alpha, law.beta), rel=1e-3)
-        assert doc["domains"][name]["held_out"]["mean_relative_error"] < 1e-4 and doc["domains"][name]["fit"]["r2"] > 0.9999
+        assert d["held_out"]["points"] == 3 and d["fit"]["points"] == 3 * 19  # the final step of each run
+        assert d["held_out"]["mean_relative_error"] < 1e-4 and d["fit"]["r2_log"] > 0.9999 and d["fit"]["r2"] > 0.9999
+    assert doc["holdout"] == "final" and doc["min_share"] == 0.0
+    quarter = fit_runs(runs, steps=5000, holdout=0.25)  # today's split, still there
+    assert quarter["domains"]["docs"]["held_out"]["points"] == 3 * 5
+    # a law that is wrong on a log scale shows in the paper's R^2: a noisy domain's log R^2 drops below 1
+    noisy = {"docs": Law(0.1, 5.0, 0.5, 2.0), "code": Law(0.3, 4.0, 0.6, 1.5)}
+    for p, run in zip((0.25, 0.5, 0.75), runs, strict=True):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for k, rec in enumerate(recs):
+            rec["eval_loss_by_domain"]["code"] *= 1 + 0.05 * (-1) ** k
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    worse = fit_runs(runs, steps=5000)["domains"]
+    assert worse["code"]["fit"]["r2_log"] < 0.99 < worse["docs"]["fit"]["r2_log"]
+    for p, run in zip((0.25, 0.5, 0.75), runs, strict=True):
+        shutil.rmtree(run)
+        _fake_run(run, {"docs": p, "code": 1 - p}, noisy)
     want = optimal_proportions(list(laws.values()), 5000)
     assert list(doc["proportions"].values()) == pytest.approx(want, rel=1e-3)
     r = CliRunner().invoke(main, ["mix", "fit", *map(str, runs), "--steps", "5000"])
     assert r.exit_code == 0, r.output
-    assert "data:\n  sources:" in r.output and '"name": "code"' in r.output and "R2" in r.output
+    assert "data:\n  sources:" in r.output and '"name": "code"' in r.output and "R2 log" in r.output and "final step" in r.output
+    bad_holdout = CliRunner().invoke(main, ["mix", "fit", *map(str, runs), "--holdout", "most"])
+    assert bad_holdout.exit_code == 1 and "give `final` or a fraction" in bad_holdout.output
     one = CliRunner().invoke(main, ["mix", "fit", str(runs[0])])
     assert one.exit_code == 1 and "same proportions" in one.output
     bad = CliRunner().invoke(main, ["mix", "fit", str(tmp_path)])
@@ -317,3 +336,17 @@ def test_mixture_command_errors_are_located(tmp_path):
         f.write('{"step": 210, "tokens": 1000, "eval_loss": 3.0}\n')
     r = CliRunner().invoke(main, ["plot", str(runs[0]), "--x", "flops", "-o", str(tmp_path / "f.png")])
     assert r.exit_code == 1 and "p25/metrics.jsonl" in r.output and "records without 'flops'" in r.output and "tokens or steps" in r.output
+
+
+def test_the_entropy_base_is_a_setting_and_bits_sharpen_the_softmax():
+    from surgery.train.mixture import TokenStats, proportions
+
+    def stats(h):
+        return TokenStats(**{**{f: 0 for f in TokenStats.__dataclass_fields__}, "conditional_entropy": h})
+
+    st = [stats(2.0), stats(3.0)]
+    nats = proportions("entropy", [None, None], [1, 1], st)
+    bits = proportions("entropy", [None, None], [1, 1], st, "2")
+    assert nats[1] == pytest.approx(math.exp(3) / (math.exp(2) + math.exp(3)))
+    assert bits[1] == pytest.approx(math.exp(3 / math.log(2)) / (math.exp(2 / math.log(2)) + math.exp(3 / math.log(2))))
+    assert bits[1] > nats[1] > 0.5

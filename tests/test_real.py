@@ -149,7 +149,7 @@ def test_split_widening_keeps_the_real_models_logits(smol, tmp_path):
     res = surgery.apply(plan, tmp_path / "wide", progress=False)
     ids = _ids(smol)
     diff = (_logits(res.path, ids) - _logits(smol, ids)).abs().max().item()
-    assert diff < 2e-3, diff  # logits of magnitude ~20 through 30 layers
+    assert diff < 2e-4, diff  # observed 6.7e-5 on logits up to 41, through 30 layers (float32 rounding)
 
 
 @pytest.mark.parametrize(

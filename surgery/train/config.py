@@ -81,6 +81,9 @@ class Data(Strict):
     # sizes), or from each domain's token statistics (BiMix's entropy proxies): `entropy` (=
     # conditional-entropy), `joint-entropy`, `marginal-entropy`
     weights: Literal[WEIGHT_RULES] = "given"
+    # the entropy rules' softmax is over entropies in nats (e) or bits (2); the BiMix paper does not
+    # state its base, and the two give different proportions (bits: a sharper softmax)
+    entropy_base: Literal["e", "2"] = "e"
     # a domain with fewer sequences than its share: reuse them (reported), or stop: the run does not start (a located error)
     exhausted: Literal["repeat", "stop"] = "repeat"
     entropy_max_tokens: Annotated[int, COUNT_SCHEMA] = 10_000_000  # entropy statistics read at most this many tokens per domain
@@ -88,8 +91,10 @@ class Data(Strict):
     text_field: str = "text"  # the field of JSONL records / parquet columns holding the text
     seq_len: Optional[int] = Field(default=None, ge=8, le=1 << 20)  # default: the model's context, at most 2048
     eval_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
-    eval_max_tokens: Annotated[int, COUNT_SCHEMA] = 2_000_000  # held-out text is capped: it is evaluated ~10 times a run
-    _eval_cap = field_validator("eval_max_tokens", mode="before")(lambda v: parse_count(v))
+    # held-out text is capped (it is evaluated ~10 times a run): default 2M tokens on a GPU, 64K on a CPU
+    # (a 135M model scores ~100 tokens/s there); a run that caps says so
+    eval_max_tokens: Annotated[Optional[int], COUNT_SCHEMA] = None
+    _eval_cap = field_validator("eval_max_tokens", mode="before")(lambda v: None if v is None else parse_count(v))
     separator: Optional[str] = None  # split .txt files into documents at this string (default: one document per file)
     cache_dir: Optional[str] = None  # tokenized shards (default: $SURGERY_CACHE/tokens or ~/.cache/surgery/tokens)
 
@@ -243,6 +248,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 def config_from_text(text: str, base_dir: str | Path = ".", overrides: dict | None = None, source: str = "<config>") -> Config:
     return config_from_doc(load_yaml_text(text, source), Path(base_dir).resolve(), overrides)
+
+
+EVAL_TOKENS_GPU, EVAL_TOKENS_CPU = 2_000_000, 65_536
+
+
+def eval_token_cap(d: Data) -> int:
+    """data.eval_max_tokens, or its default for the machine: 2M tokens with a GPU, 64K on a CPU."""
+    if d.eval_max_tokens is not None:
+        return d.eval_max_tokens
+    import torch
+
+    return EVAL_TOKENS_GPU if torch.cuda.is_available() else EVAL_TOKENS_CPU
 
 
 def run_sequences(body: TrainConfig, world: int = 1) -> int:

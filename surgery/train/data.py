@@ -556,14 +556,25 @@ def build_corpus(
     return Corpus(order, held, n_train * d.seq_len, n_eval * d.seq_len, len(train.doc_starts), len(train.parts))
 
 
+def _say_capped(what: str, kept: int, available: int, default: bool) -> None:
+    """The held-out set was cut: said once, with the setting that decides it."""
+    why = "the default on this machine; set data.eval_max_tokens to change it" if default else "data.eval_max_tokens"
+    print(f"note: held-out text for {what}: {kept:,} of {available:,} tokens are evaluated ({why})", file=sys.stderr)
+
+
 def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: str, what: str = "the training data"):
     """(training Packed, held-out Packed or None, their sequence counts): the eval files' text, or
     the last `eval_fraction` of the training sequences (capped at eval_max_tokens)."""
+    from surgery.train.config import eval_token_cap
+
     L = d.seq_len
     n = len(train) // L
-    cap = max(1, d.eval_max_tokens // L)
+    limit = eval_token_cap(d)
+    cap = max(1, limit // L)
     if ev is not None:
         n_eval_seq = min(cap, len(ev) // L)
+        if len(ev) // L > cap:
+            _say_capped(what, n_eval_seq * L, len(ev), d.eval_max_tokens is None)
         if n_eval_seq == 0:
             raise PlanError(
                 f"the eval files hold {len(ev):,} tokens, less than one sequence of {L}",
@@ -573,6 +584,8 @@ def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: st
         held, n_train = Packed(ev, L, 0, n_eval_seq), n
     else:
         n_eval_seq = min(cap, max(1, round(n * d.eval_fraction))) if d.eval_fraction > 0 else 0
+        if d.eval_fraction > 0 and round(n * d.eval_fraction) > cap:
+            _say_capped(what, n_eval_seq * L, round(n * d.eval_fraction) * L, d.eval_max_tokens is None)
         n_train = n - n_eval_seq
         held = Packed(train, L, n_train, n_eval_seq) if n_eval_seq else None
     if n_train < 1:
@@ -607,7 +620,9 @@ def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_sta
         if all_stats or d.weights in ENTROPY_RULES:
             row["stats"] = token_statistics(train, n_train * L, d.entropy_max_tokens)
         rows.append(row)
-    p = proportions(d.weights, [r["weight"] for r in rows], [r["train_sequences"] for r in rows], [r.get("stats") for r in rows])
+    p = proportions(
+        d.weights, [r["weight"] for r in rows], [r["train_sequences"] for r in rows], [r.get("stats") for r in rows], d.entropy_base
+    )
     length = sequences or sum(r["train_sequences"] for r in rows)
     mix = Mixture(parts, [r["name"] for r in rows], p, length, cfg.body.seed, start=start)
     notes, problems = [], []

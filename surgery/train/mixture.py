@@ -187,8 +187,11 @@ ENTROPY_RULES = {"entropy": "conditional_entropy", "conditional-entropy": "condi
 ENTROPY_RULES.update({"joint-entropy": "joint_entropy", "marginal-entropy": "marginal_entropy"})
 
 
-def proportions(rule: str, weights: list[float | None], tokens: list[int], stats: list[TokenStats] | None = None) -> list[float]:
-    """The domains' sampling proportions (they sum to 1) under `rule` (data.weights)."""
+def proportions(
+    rule: str, weights: list[float | None], tokens: list[int], stats: list[TokenStats] | None = None, base: str = "e"
+) -> list[float]:
+    """The domains' sampling proportions (they sum to 1) under `rule` (data.weights). Entropies are
+    in nats (`base` "e", the default) or bits (`base` "2", data.entropy_base): the softmax differs."""
     if rule == "given":
         w = np.asarray(weights, dtype=np.float64)
     elif rule == "uniform":
@@ -197,7 +200,9 @@ def proportions(rule: str, weights: list[float | None], tokens: list[int], stats
         w = np.asarray(tokens, dtype=np.float64)
     elif rule in ENTROPY_RULES:
         h = np.asarray([getattr(s, ENTROPY_RULES[rule]) for s in stats], dtype=np.float64)
-        w = np.exp(h - h.max())  # softmax of the entropies (nats)
+        if base == "2":
+            h = h / math.log(2)  # entropies in bits: the same softmax at temperature ln 2 (sharper)
+        w = np.exp(h - h.max())  # softmax of the entropies (nats unless base 2)
     else:
         raise ValueError(f"unknown weights rule {rule!r}")
     return [float(x) for x in w / w.sum()]
@@ -278,13 +283,19 @@ def fit_law(r, s, loss, *, iters: int = 300) -> Law:
 
 
 def fit_quality(law: Law, r, s, loss) -> dict:
+    """How well `law` predicts the points: R^2 on a log scale (BiMix's per-domain measure, Tables 1-2),
+    R^2 on the losses themselves, and the mean relative error."""
     y = np.asarray(loss, dtype=np.float64)
     pred = law(r, s)
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
+
+    def r2(a, b) -> float:
+        ss_tot = float(((a - a.mean()) ** 2).sum())
+        return 1 - float(((a - b) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
     return {
         "points": len(y),
-        "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+        "r2_log": r2(np.log(y), np.log(pred)) if len(y) else float("nan"),
+        "r2": r2(y, pred) if len(y) else float("nan"),
         "mean_relative_error": float((np.abs(pred - y) / y).mean()) if len(y) else float("nan"),
     }
 
@@ -354,7 +365,8 @@ def describe(config, *, progress: bool = False) -> dict:
     for rule in WEIGHT_RULES:
         if rule == "given" and any(r["weight"] is None for r in rows):
             continue
-        rules[rule] = dict(zip([r["name"] for r in rows], proportions(rule, [r["weight"] for r in rows], seqs, stats), strict=True))
+        shares = proportions(rule, [r["weight"] for r in rows], seqs, stats, d.entropy_base)
+        rules[rule] = dict(zip([r["name"] for r in rows], shares, strict=True))
     return {"config": str(cfg.source), "weights": d.weights, "seq_len": cfg.body.data.seq_len, "domains": rows, "proportions": rules}
 
 
@@ -440,11 +452,17 @@ def _tokens_per_step(c: dict, data: dict, summary: dict):
     return parts[0] * parts[1] * parts[2] * parts[3]
 
 
-def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, importance: dict | None = None, min_share: float = 0.0) -> dict:
-    """Fit L_i(r_i, s) per domain to several proxy runs' held-out curves. Each run's last `holdout`
-    fraction of evaluations (by step) is held out: R^2 and mean relative error are reported on the
-    points fitted and on those held out (extrapolation in s). Then the proportions minimising the
-    (importance-weighted) sum of the predicted losses at `steps` (default: the longest run's)."""
+def fit_runs(
+    folders, *, steps: int | None = None, holdout: float | str = "final", importance: dict | None = None, min_share: float = 0.0
+) -> dict:
+    """Fit L_i(r_i, s) per domain to several proxy runs' held-out curves. Held out of the fit:
+    each run's final evaluation (`holdout="final"`, as BiMix evaluates its law: fitted on the earlier
+    steps, judged on the final one), or its last `holdout` fraction of evaluations. Reported per
+    domain, on the points fitted and on those held out: R^2 on a log scale (the paper's measure),
+    R^2 on the losses and the mean relative error (the held-out one is the extrapolation error in
+    s). Then the proportions minimising the (importance-weighted) sum of the predicted losses at
+    `steps` (default: the longest run's). `min_share` (default 0, as in the paper) keeps every
+    domain at least that share."""
     from surgery.errors import PlanError
 
     runs = [read_run(f) for f in folders]
@@ -475,7 +493,10 @@ def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, import
             pts = run["curves"][name]
             if r <= 0 or not pts:
                 continue
-            cut = len(pts) - int(round(len(pts) * holdout)) if len(pts) > 2 else len(pts)
+            if holdout == "final":
+                cut = len(pts) - 1 if len(pts) > 2 else len(pts)
+            else:
+                cut = len(pts) - int(round(len(pts) * holdout)) if len(pts) > 2 else len(pts)
             fit_pts += [(r, s, y) for s, y in pts[:cut]]
             held_pts += [(r, s, y) for s, y in pts[cut:]]
         if len(fit_pts) < 4:
@@ -496,6 +517,7 @@ def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, import
     w = [float((importance or {}).get(n, 1.0)) for n in names]
     best = optimal_proportions(laws, S, w, min_share)
     out.update(
+        holdout=holdout,
         min_share=min_share,
         steps=S,
         proportions=dict(zip(names, best, strict=True)),
@@ -509,12 +531,19 @@ def fit_runs(folders, *, steps: int | None = None, holdout: float = 0.25, import
 def fit_text(doc: dict) -> str:
     import json
 
-    lines = [f"BiMix fitted to {len(doc['runs'])} runs: L_i(r, s) = A_i / r^alpha_i * (B_i / s^beta_i + C_i), A_i = 1", ""]
-    lines.append("domain        alpha      B         beta     C        R2 fit  R2 held-out  mean rel. err held-out")
+    held_what = "each run's final step" if doc.get("holdout", "final") == "final" else f"each run's last {doc['holdout']:.0%} of steps"
+    lines = [
+        f"BiMix fitted to {len(doc['runs'])} runs: L_i(r, s) = A_i / r^alpha_i * (B_i / s^beta_i + C_i), A_i = 1; held out: {held_what}",
+        "",
+        "domain        alpha      B         beta     C     R2 log fit  R2 fit  | held out: R2 log   R2   mean rel. err",
+    ]
     for name, d in doc["domains"].items():
         law, f, h = d["law"], d["fit"], d["held_out"]
-        held = f"{h['r2']:>11.4f}  {h['mean_relative_error']:>10.3%}" if h else f"{'-':>11}  {'-':>10}"
-        lines.append(f"{name:<12} {law['alpha']:>7.4f} {law['B']:>9.4f} {law['beta']:>8.4f} {law['C']:>8.4f} {f['r2']:>8.4f}  {held}")
+        held = f"{h['r2_log']:>10.4f} {h['r2']:>7.4f}  {h['mean_relative_error']:>10.3%}" if h else f"{'-':>10} {'-':>7}  {'-':>10}"
+        lines.append(
+            f"{name:<12} {law['alpha']:>7.4f} {law['B']:>9.4f} {law['beta']:>8.4f} {law['C']:>8.4f} {f['r2_log']:>10.4f} "
+            f"{f['r2']:>7.4f}  | {held}"
+        )
     lines += [
         "",
         f"proportions minimising the predicted average held-out loss at {doc['steps']:,} steps (predicted {doc['predicted_average']:.4f}):",
