@@ -197,3 +197,25 @@ def test_paper_g_zero_blocks_and_gradients(models, tmp_path):
     assert attn.v_proj.weight.grad[16:].abs().max() > 0
     r = CliRunner().invoke(main, ["validate", str(tmp_path / "h.yaml")])
     assert "[dead-parameters]" in r.output and "query and key rows" in r.output, r.output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2"])
+def test_paper_g_random_on_top_at_mask_0_is_the_small_model(models, tmp_path, family):
+    """G↑random (prts msg.py): the new layers on top, faded in by masks; at mask 0 the grown model
+    computes the small one's logits bit for bit, at mask 1 its own."""
+    import transformers
+
+    from surgery.train.masks import fade_in_new_layers
+
+    small = models(family)
+    grown = surgery.apply(_plan(tmp_path, small, "gstack: {operator: random, factor: 2, std: 0.05}"), tmp_path / "g", progress=False)
+    assert grown.new_layers == list(range(4, 8))
+    model = transformers.AutoModelForCausalLM.from_pretrained(grown.path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+    cb = fade_in_new_layers(model, grown.path, 4, "cfg")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits(small, ids))
+        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
+        assert torch.equal(model(input_ids=ids).logits, unmasked)
