@@ -23,6 +23,15 @@ Examples:
 """
 
 
+# what Ctrl-C leaves behind, per command (the rest write nothing, or a whole file or nothing)
+_RESUME = {
+    "apply": "no output was completed (`surgery apply --resume` continues it)",
+    "train": "no output was completed (`surgery train --resume` continues from the last checkpoint)",
+    "convert": "no output was completed; run the conversion again",
+    "analyze": "no report was written; run the analysis again",
+}
+
+
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -36,7 +45,7 @@ def _user_errors(fn):
             click.echo(f"error: {e}".replace("\n", "\n  "), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; no output was completed (`surgery apply --resume` continues it)", err=True)
+            click.echo(f"interrupted; {_RESUME.get(fn.__name__, 'nothing was completed; run the command again')}", err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

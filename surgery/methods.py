@@ -81,7 +81,8 @@ def get_method(name: str, where: str | None = None) -> MethodSpec:
         raise SurgeryError(
             f"merge method {name!r} runs through mergekit's kernels, and the mergekit plugin is not installed",
             where=where,
-            fix="pip install -e plugins/surgery-mergekit (it brings mergekit 0.1.5)",
+            fix="install the surgery-mergekit plugin, which brings mergekit 0.1.5 "
+            "(from a source checkout: pip install -e plugins/surgery-mergekit)",
         )
     raise SurgeryError(
         f"unknown merge method {name!r}",

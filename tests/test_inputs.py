@@ -327,3 +327,25 @@ def test_suggested_plans_parse_whatever_the_model_folder_is_called(models, tmp_p
     plan = out / "suggest-drop-1.yaml"
     text = _run("validate", plan, expect_exit=0)
     assert "run #3: best" in text
+
+
+@pytest.mark.parametrize(
+    "command,target,said",
+    [
+        (["eval", "m", "--data", "x"], "surgery.train.evaluate.evaluate", "nothing was completed; run the command again"),
+        (["train", "cfg.yaml"], "surgery.train.train", "`surgery train --resume` continues"),
+        (["apply", "plan.yaml"], "surgery.api.apply", "`surgery apply --resume` continues"),
+    ],
+)
+def test_ctrl_c_says_what_is_left_for_that_command(monkeypatch, command, target, said):
+    import importlib
+
+    mod, name = target.rsplit(".", 1)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(mod), name, interrupted)
+    r = CliRunner().invoke(main, command)
+    assert r.exit_code == 130 and said in r.output, r.output
+    assert command[0] == "apply" or "apply --resume" not in r.output

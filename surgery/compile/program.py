@@ -193,7 +193,7 @@ def compile_plan(
                     f"the models' vocabularies differ from {tok!r}'s; realigning "
                     "their embeddings to its tokenizer (as mergekit's tokenizer_source does), or "
                     "tokenizer_options, needs the mergekit plugin",
-                    "pip install -e plugins/surgery-mergekit",
+                    "install the surgery-mergekit plugin (from a source checkout: pip install -e plugins/surgery-mergekit)",
                 )
             )
         realign = "model"

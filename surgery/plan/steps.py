@@ -565,7 +565,7 @@ def plan_from_doc(doc: Located, base_dir: Path, mergekit: Any = None) -> Plan:
                         doc.where((key,)),
                         "tokenizer: union merges the models' vocabularies with "
                         "mergekit's tokenizer code, and the mergekit plugin is not installed",
-                        "pip install -e plugins/surgery-mergekit",
+                        "install the surgery-mergekit plugin (from a source checkout: pip install -e plugins/surgery-mergekit)",
                     )
                 )
             elif isinstance(v, str) and v not in declared:
