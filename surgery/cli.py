@@ -439,9 +439,10 @@ def verify(out, recompute):
     show_default=True,
     help="What the dequantized weights are stored as (float32 keeps every dequantized value exactly).",
 )
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard (e.g. 2GB, 500MB).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @_user_errors
-def convert(gguf, out, dtype, force):
+def convert(gguf, out, dtype, shard_size, force):
     """Convert a llama.cpp GGUF file (quantized or not) into a HuggingFace checkpoint folder.
 
     \b
@@ -451,9 +452,15 @@ def convert(gguf, out, dtype, force):
     `surgery verify OUT --sources` re-reads the GGUF and compares every tensor.
       surgery convert SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2 --dtype float32
     A plan may also name a .gguf file as a model (converted once into the cache, float32)."""
+    from surgery.errors import PlanError
     from surgery.io.gguf import convert as run
+    from surgery.plan import parse_size
 
-    run(gguf, out, dtype=dtype, force=force, echo=lambda m: click.echo(m, err=True))
+    try:
+        size = parse_size(shard_size)
+    except ValueError as e:
+        raise PlanError(f"--shard-size: {e}", fix="e.g. --shard-size 2GB") from None
+    run(gguf, out, dtype=dtype, force=force, shard_size=size, echo=lambda m: click.echo(m, err=True))
 
 
 @main.command()

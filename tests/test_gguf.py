@@ -90,6 +90,8 @@ def test_convert_never_writes_over_the_gguf_file_it_reads(good, tmp_path):
     assert (folder / "m.gguf").read_bytes() == good
     r = CliRunner().invoke(main, ["convert", str(folder / "m.gguf"), "-o", ""])
     assert r.exit_code == 1 and "output path is empty" in r.output
+    r = CliRunner().invoke(main, ["convert", str(folder / "m.gguf"), "-o", str(tmp_path / "x"), "--shard-size", "lots"])
+    assert r.exit_code == 1 and "--shard-size" in r.output and "Traceback" not in r.output
 
 
 def test_convert_help_teaches():

@@ -255,8 +255,10 @@ def _write_shards(src: Path, reader, cfg, torch_dtype, code: str, staging: Path,
                 if cur is not None:
                     close_shard(cur)
                 cur = open_shard(len(shards) + 1)
-            raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            os.pwrite(cur["fd"], raw, 8 + cur["reserve"] + cur["pos"])
+            raw = memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())  # no copy of the tensor
+            at, done = 8 + cur["reserve"] + cur["pos"], 0
+            while done < nbytes:  # pwrite may write less than asked
+                done += os.pwrite(cur["fd"], raw[done:], at + done)
             cur["header"][name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [cur["pos"], cur["pos"] + nbytes]}
             cur["pos"] += nbytes
             cur["tensors"].append(name)
