@@ -105,6 +105,7 @@ def llama_pro(base: Path, files: dict, work: Path, tokens: int, evals: int) -> d
     grown = surgery.apply(plan, work / "pro", force=True, progress=False).path
     before = held_out(grown, files, 8192)
     rows = {"before": before}
+    print(f"  llama-pro before     {before}", flush=True)
     for trainable, lr in (("new-layers", "2e-4"), ("all", "2e-4")):
         run = train_run(grown, work / f"pro-{trainable}", files["code"], tokens, trainable, lr, evals)
         rows[trainable] = {**held_out(Path(run["path"]), files, 8192), "seconds": run["seconds"], "tokens_per_s": run["tokens_per_s"]}
@@ -196,16 +197,19 @@ def main() -> int:
     files = corpora(work / "data")
     only = [x for x in args.only.split(",") if x] or ["analyze", "llama-pro", "solar"]
     doc: dict = {"model": str(base), "tokens": args.tokens, "date": dt.date.today().isoformat()}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    partial = args.results / f"real-{stamp}.json"  # written after each experiment: an interrupted bench keeps what it measured
     if "analyze" in only:
         doc["analyze"] = analyze_rank(base, files, work, args.drop)
         print(f"  analyze: {json.dumps({k: v for k, v in doc['analyze'].items() if k != 'losses_half_b'})}", flush=True)
+        partial.write_text(json.dumps(doc, indent=2))
     if "llama-pro" in only:
         doc["llama_pro"] = llama_pro(base, files, work, args.tokens, args.evals)
+        partial.write_text(json.dumps(doc, indent=2))
     if "solar" in only:
         doc["solar"] = solar(base, files, work, args.tokens, args.evals)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (args.results / f"real-{stamp}.json").write_text(json.dumps(doc, indent=2))
+    partial.write_text(json.dumps(doc, indent=2))
     md = tables(doc)
     (args.results / f"real-{stamp}.md").write_text(md)
     print(md)
