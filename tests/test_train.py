@@ -560,7 +560,7 @@ def test_demo_grows_then_trains(demo_run):
     assert read_json(out / "train.json")["perplexity"] < 40  # trained: the untrained tiny model is at ~130
 
 
-def test_held_out_text_is_capped(tmp_path, corpus, models):
+def test_held_out_text_is_capped(tmp_path, corpus, models, capsys):
     import transformers
 
     from surgery.train.data import build_corpus
@@ -574,8 +574,16 @@ def test_held_out_text_is_capped(tmp_path, corpus, models):
 
     total, n_train, n_eval = split("")
     assert n_eval == round(total * 0.02) and n_train == total - n_eval  # the default: 2% held out
-    assert split(", eval_fraction: 0.2")[2] == round(total * 0.2)
+    assert split(", eval_fraction: 0.2, eval_max_tokens: 2M")[2] == round(total * 0.2)
     assert split(", eval_fraction: 0.2, eval_max_tokens: 1K")[2] == 1000 // 64  # capped
+    # the default cap is the machine's: 64K tokens on a CPU (2M on a GPU), and a capped run says so
+    import torch
+
+    from surgery.train.config import EVAL_TOKENS_CPU, EVAL_TOKENS_GPU
+
+    cap = EVAL_TOKENS_GPU if torch.cuda.is_available() else EVAL_TOKENS_CPU
+    assert split(", eval_fraction: 0.2")[2] == min(round(total * 0.2), cap // 64)
+    assert "held-out text for the training data" in capsys.readouterr().err
 
 
 def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):
