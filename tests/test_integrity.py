@@ -88,7 +88,7 @@ def test_resume_without_a_change_keeps_the_finished_shards(models, tmp_path, mon
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(models, tmp_path):
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     out = tmp_path / "out"
-    with OutputFolder(out.absolute(), reads={}):  # another process would hold the same lock
+    with OutputFolder(out.absolute()):  # another process would hold the same lock
         code = (
             "import surgery, sys\n"
             f"try:\n    surgery.apply({str(plan)!r}, {str(out)!r}, progress=False)\n"
@@ -490,7 +490,7 @@ def test_an_output_folder_that_cannot_be_created_is_a_located_error(models, tmp_
 
 def test_a_train_run_holds_its_output_too(models, tmp_path):
     cfg = _train_cfg(tmp_path, models("llama"))
-    with OutputFolder((tmp_path / "out").absolute(), reads={}):
+    with OutputFolder((tmp_path / "out").absolute()):
         r = CliRunner().invoke(main, ["train", str(cfg), "-q"])
     assert r.exit_code == 1 and f"already being written by PID {os.getpid()}" in r.output, r.output
 

@@ -17,9 +17,10 @@ What --force may replace (`check_target`): only a folder that surgery or a Huggi
 (a safetensors index, `surgery.json`, `train.json`, or config.json with weights) or an empty
 one; never a symbolic link, the current directory, or anything the command reads.
 
-What a command reads is part of its contract with this module: `OutputFolder(out, force=...,
-reads=...)` has no default for `reads`, so every writer (apply, train, analyze, convert, and any
-to come) says which files and folders it reads (plan, config, models, data files, caches), and
+What a command reads is part of its contract with this module: `check_target` (which every writer
+calls before it writes) refuses to run unless `OutputFolder(out, force=..., reads=...)` was given
+`reads`, so every writer (apply, train, analyze, convert, and any to come) says which files and
+folders it reads (plan, config, models, data files, caches), and
 no folder this protocol removes or replaces (OUT, its side folder, its old copy, a run's work
 folder) may be one of them or hold one of them, with or without --force. One-file outputs
 (`check_file_target`) follow the same rule: never a file the command reads, nor an existing file
@@ -187,13 +188,14 @@ def check_file_target(out: Path, force: bool, reads: Reads, *, option: str = "-o
 class OutputFolder:
     """Owns OUT while one run writes it: `with OutputFolder(out, force=..., reads=...) as o: ... o.publish()`.
 
-    `reads` (required): what the command reads, {what: path or paths}; `side`: more folders of
-    this run that the protocol may remove (a training run's work folder)."""
+    `reads`: what the command reads, {what: path or paths}, required before `check_target` (a
+    lock-only use needs none); `side`: more folders of this run that the protocol may remove (a
+    training run's work folder)."""
 
-    def __init__(self, out: Path, *, force: bool = False, reads: Reads, side: Iterable[Path] = ()):
+    def __init__(self, out: Path, *, force: bool = False, reads: Reads | None = None, side: Iterable[Path] = ()):
         self.out = out
         self.force = force
-        self.reads = dict(reads)
+        self.reads = None if reads is None else dict(reads)
         self.staging = out.parent / f".{out.name}{PARTIAL}"
         self.old = out.parent / f".{out.name}{OLD}"
         self.lock_path = out.parent / f".{out.name}{LOCK}"
@@ -301,6 +303,8 @@ class OutputFolder:
         """Refuse an output that exists (without --force) or that --force must not replace, and
         any folder of this run (OUT, its side folders) that is or holds something the command reads."""
         out = self.out
+        if self.reads is None:  # a writer that has not said what it reads cannot be checked: a bug, not a user error
+            raise TypeError("OutputFolder.check_target: the command must declare what it reads (reads={...}, {} for nothing)")
         if out.is_symlink():
             raise OutputError(
                 f"output {out} is a symbolic link; surgery replaces folders, not links",
