@@ -560,7 +560,7 @@ def test_demo_grows_then_trains(demo_run):
     assert read_json(out / "train.json")["perplexity"] < 40  # trained: the untrained tiny model is at ~130
 
 
-def test_held_out_text_is_capped(tmp_path, corpus, models, capsys):
+def test_held_out_text_is_capped(tmp_path, corpus, models, capsys, monkeypatch):
     import transformers
 
     from surgery.train.data import build_corpus
@@ -574,16 +574,24 @@ def test_held_out_text_is_capped(tmp_path, corpus, models, capsys):
 
     total, n_train, n_eval = split("")
     assert n_eval == round(total * 0.02) and n_train == total - n_eval  # the default: 2% held out
-    assert split(", eval_fraction: 0.2, eval_max_tokens: 2M")[2] == round(total * 0.2)
+    assert split(", eval_fraction: 0.2")[2] == round(total * 0.2)  # a tiny model's default cap on a CPU is 2M tokens
     assert split(", eval_fraction: 0.2, eval_max_tokens: 1K")[2] == 1000 // 64  # capped
-    # the default cap is the machine's: 64K tokens on a CPU (2M on a GPU), and a capped run says so
+    assert "held-out text for the training data: 960 of " in capsys.readouterr().err  # and said so
+    # the default is the machine's and the model's: 2M tokens on a GPU; on a CPU ~2e12 forward FLOPs
+    from surgery.train.config import Data, eval_token_cap
+
     import torch
 
-    from surgery.train.config import EVAL_TOKENS_CPU, EVAL_TOKENS_GPU
+    import surgery.train.config as tc
 
-    cap = EVAL_TOKENS_GPU if torch.cuda.is_available() else EVAL_TOKENS_CPU
-    assert split(", eval_fraction: 0.2")[2] == min(round(total * 0.2), cap // 64)
-    assert "held-out text for the training data" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        d = Data.model_validate({"files": ["x"]})
+        assert eval_token_cap(d, models("llama")) == 2_000_000  # 46K parameters: the ceiling
+        assert eval_token_cap(d, tmp_path / "no-model") == 65_536  # size unknown
+        monkeypatch.setattr(tc, "_parameters", lambda _: 135_000_000)  # SmolLM2-135M: 2e12 / 2.7e8 -> the 16K floor
+        assert eval_token_cap(d, "m") == 16_384
+        monkeypatch.setattr(tc, "_parameters", lambda _: 20_000_000)
+        assert eval_token_cap(d, "m") == 50_000
 
 
 def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):

@@ -91,8 +91,8 @@ class Data(Strict):
     text_field: str = "text"  # the field of JSONL records / parquet columns holding the text
     seq_len: Optional[int] = Field(default=None, ge=8, le=1 << 20)  # default: the model's context, at most 2048
     eval_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
-    # held-out text is capped (it is evaluated ~10 times a run): default 2M tokens on a GPU, 64K on a CPU
-    # (a 135M model scores ~100 tokens/s there); a run that caps says so
+    # held-out text is capped (it is evaluated ~10 times a run): default 2M tokens on a GPU; on a CPU what
+    # ~2e12 forward FLOPs allow for the model (16K tokens for a 135M model, 2M for a tiny one); said when it caps
     eval_max_tokens: Annotated[Optional[int], COUNT_SCHEMA] = None
     _eval_cap = field_validator("eval_max_tokens", mode="before")(lambda v: None if v is None else parse_count(v))
     separator: Optional[str] = None  # split .txt files into documents at this string (default: one document per file)
@@ -250,16 +250,36 @@ def config_from_text(text: str, base_dir: str | Path = ".", overrides: dict | No
     return config_from_doc(load_yaml_text(text, source), Path(base_dir).resolve(), overrides)
 
 
-EVAL_TOKENS_GPU, EVAL_TOKENS_CPU = 2_000_000, 65_536
+EVAL_TOKENS_GPU, EVAL_TOKENS_CPU, EVAL_TOKENS_CPU_MIN = 2_000_000, 65_536, 16_384
+EVAL_FLOPS_CPU = 2e12  # one held-out evaluation's forward FLOPs on a CPU: ~30 s on 2 cores
 
 
-def eval_token_cap(d: Data) -> int:
-    """data.eval_max_tokens, or its default for the machine: 2M tokens with a GPU, 64K on a CPU."""
+def eval_token_cap(d: Data, model_dir=None) -> int:
+    """data.eval_max_tokens, or its default for the machine: 2M tokens with a GPU; on a CPU, as many
+    as ~2e12 forward FLOPs allow for this model (2 x parameters per token; at least 16K, at most
+    2M: a 135M model gets 16K tokens, a tiny test model 2M), 64K when the size is unknown."""
     if d.eval_max_tokens is not None:
         return d.eval_max_tokens
     import torch
 
-    return EVAL_TOKENS_GPU if torch.cuda.is_available() else EVAL_TOKENS_CPU
+    if torch.cuda.is_available():
+        return EVAL_TOKENS_GPU
+    params = _parameters(model_dir) if model_dir is not None else None
+    if not params:
+        return EVAL_TOKENS_CPU
+    return int(min(EVAL_TOKENS_GPU, max(EVAL_TOKENS_CPU_MIN, EVAL_FLOPS_CPU / (2 * params))))
+
+
+def _parameters(model_dir) -> int | None:
+    """The checkpoint's parameter count from its safetensors headers (no weights read), or None."""
+    from surgery.errors import SurgeryError
+    from surgery.io.checkpoint import open_checkpoint
+
+    try:
+        ck = open_checkpoint("model", str(model_dir), Path(model_dir))
+    except (SurgeryError, OSError):
+        return None
+    return sum(t.numel for t in ck.tensors.values())
 
 
 def run_sequences(body: TrainConfig, world: int = 1) -> int:

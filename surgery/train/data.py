@@ -547,11 +547,14 @@ def build_corpus(
         srcs = expand_sources(entries, cfg.base_dir, d.text_field, where)
         return token_stream(srcs, tokenizer, model_dir, cache, d.separator, progress=progress)
 
+    from surgery.train.config import eval_token_cap
+
     if d.sources:
-        return _mixture_corpus(cfg, streams, sequences, start, all_stats)
+        return _mixture_corpus(cfg, streams, sequences, start, all_stats, limit=eval_token_cap(d, model_dir))
     train = streams(d.files, lambda i: cfg.where("data", "files", i))
     ev = streams(d.eval_files, lambda i: cfg.where("data", "eval_files", i)) if d.eval_files else None
-    tr, held, n_train, n_eval = _split(d, train, ev, cfg.where("data", "files"), cfg.where("data", "eval_files"))
+    limit = eval_token_cap(d, model_dir)
+    tr, held, n_train, n_eval = _split(d, train, ev, cfg.where("data", "files"), cfg.where("data", "eval_files"), limit=limit)
     order = Ordered(tr, cfg.body.seed, start, sequences or n_train)
     return Corpus(order, held, n_train * d.seq_len, n_eval * d.seq_len, len(train.doc_starts), len(train.parts))
 
@@ -562,14 +565,14 @@ def _say_capped(what: str, kept: int, available: int, default: bool) -> None:
     print(f"note: held-out text for {what}: {kept:,} of {available:,} tokens are evaluated ({why})", file=sys.stderr)
 
 
-def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: str, what: str = "the training data"):
+def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: str, what: str = "the training data", limit: int = 0):
     """(training Packed, held-out Packed or None, their sequence counts): the eval files' text, or
     the last `eval_fraction` of the training sequences (capped at eval_max_tokens)."""
     from surgery.train.config import eval_token_cap
 
     L = d.seq_len
     n = len(train) // L
-    limit = eval_token_cap(d)
+    limit = limit or eval_token_cap(d)
     cap = max(1, limit // L)
     if ev is not None:
         n_eval_seq = min(cap, len(ev) // L)
@@ -598,7 +601,7 @@ def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: st
     return Packed(train, L, 0, n_train), held, n_train, n_eval_seq
 
 
-def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_stats: bool = False) -> Corpus:
+def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_stats: bool = False, limit: int = 0) -> Corpus:
     from surgery.train.mixture import ENTROPY_RULES, Mixture, proportions, token_statistics
 
     d = cfg.body.data
@@ -610,7 +613,7 @@ def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_sta
         train = streams(src.files, lambda k, here=here: cfg.where(*here, "files", k))
         ev = streams(src.eval_files, lambda k, here=here: cfg.where(*here, "eval_files", k)) if src.eval_files else None
         tr, held, n_train, n_eval = _split(
-            d, train, ev, cfg.where(*here, "files"), cfg.where(*here, "eval_files"), what=f"source {src.name!r}"
+            d, train, ev, cfg.where(*here, "files"), cfg.where(*here, "eval_files"), what=f"source {src.name!r}", limit=limit
         )
         parts.append(tr)
         if held is not None:
