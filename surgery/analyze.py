@@ -542,10 +542,8 @@ def plot(a: Analysis, path: Path) -> bool:
 def report_reads(models: list[str | Path], files: list[str], cache_dir: str | Path | None = None) -> dict[str, list[Path]]:
     """What `analyze` reads, for the output-folder protocol: each model's folder, every data file
     (globs expanded, and the folder each starts from), the token cache."""
-    import glob as globlib
-
     from surgery.io.checkpoint import resolve_ref
-    from surgery.train.data import default_cache_dir
+    from surgery.train.data import data_paths, default_cache_dir
 
     reads: dict[str, list[Path]] = {"a model being analysed": [], "a data file": []}
     for m in models:
@@ -555,15 +553,7 @@ def report_reads(models: list[str | Path], files: list[str], cache_dir: str | Pa
             reads["a model being analysed"].append(resolve_ref(str(m), Path.cwd()))
         except SurgeryError:
             reads["a model being analysed"].append(Path(str(m)))
-    for f in files:
-        if not f or "\0" in f or len(f) > 4096:
-            continue
-        p = Path(f).expanduser().absolute()
-        if globlib.has_magic(f):
-            first = next(i for i, q in enumerate(p.parts) if globlib.has_magic(q))
-            reads["a data file"] += [Path(*p.parts[:first]), *map(Path, globlib.glob(str(p), recursive=True))]
-        else:
-            reads["a data file"].append(p)
+    reads["a data file"] = data_paths(files, Path.cwd())  # as `analyze` reads them: relative to the cwd
     reads["the token cache"] = [Path(cache_dir) if cache_dir else default_cache_dir()]
     return reads
 

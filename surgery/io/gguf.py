@@ -145,7 +145,7 @@ def _tensor_names(path: Path, reader, cfg):
         mapping = get_gguf_hf_weights_map(model, processor)
     except Exception as e:
         raise _fail(path, f"transformers cannot map this file's tensor names: {type(e).__name__}: {str(e)[:200]}") from None
-    return mapping, processor, set(model.state_dict())
+    return mapping, processor
 
 
 def _tensors(path: Path, reader, cfg, torch_dtype):
@@ -154,7 +154,7 @@ def _tensors(path: Path, reader, cfg, torch_dtype):
     import torch
     from gguf import dequantize
 
-    mapping, processor, expected = _tensor_names(path, reader, cfg)
+    mapping, processor = _tensor_names(path, reader, cfg)
     parsed = {"config": cfg.to_dict(), "tensors": {}}
     for t in reader.tensors:
         weights = dequantize(t.data, t.tensor_type)
@@ -164,7 +164,6 @@ def _tensors(path: Path, reader, cfg, torch_dtype):
         yield mapping[result.name], torch.from_numpy(np.require(result.weights, requirements=["C", "W"])).to(torch_dtype)
     for name, tensor in parsed["tensors"].items():  # what a processor assembled itself (MoE experts)
         yield name, tensor.to(torch_dtype)
-    del expected
 
 
 def convert(
@@ -176,8 +175,10 @@ def convert(
     progress: bool | None = None,
     shard_size: int = 5 * 10**9,
     echo=print,
+    sha256: str | None = None,
 ) -> Path:
-    """Write the HF checkpoint of a GGUF file to `out` (see the module's docstring)."""
+    """Write the HF checkpoint of a GGUF file to `out` (see the module's docstring). `sha256`: the
+    file's hash when the caller has it already (the cache key), so it is not read twice."""
     import torch
 
     src = Path(gguf_path).expanduser().absolute()
@@ -203,7 +204,7 @@ def convert(
                 "format": 1,
                 "converted": {
                     "from": str(src),
-                    "sha256": file_sha256(src),
+                    "sha256": sha256 or file_sha256(src),
                     "bytes": src.stat().st_size,
                     "dtype": dtype,
                     "version": CONVERT_VERSION,
@@ -319,13 +320,13 @@ def cached_conversion(path: str | Path, where: str | None = None) -> Path:
     """The checkpoint folder of a `.gguf` model named in a plan: converted once (float32) into
     $SURGERY_CACHE/gguf/<sha256 prefix>, then reused; a changed file gets a new folder."""
     src = Path(path).expanduser().absolute()
-    open_gguf(src)
+    open_gguf(src)  # a hostile file is refused before it is hashed
     root = Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "surgery") / "gguf"
-    key = file_sha256(src)[:24]
-    folder = root / f"{src.stem[:80]}-{key}"
+    digest = file_sha256(src)
+    folder = root / f"{src.stem[:80]}-{digest[:24]}"
     if (folder / "model.safetensors.index.json").is_file() and (folder / "surgery.json").is_file():
         return folder
-    convert(src, folder, dtype="float32", force=True, progress=False, echo=lambda *a: None)
+    convert(src, folder, dtype="float32", force=True, progress=False, echo=lambda *a: None, sha256=digest)
     return folder
 
 

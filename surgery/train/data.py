@@ -142,6 +142,25 @@ def expand_sources(entries, base_dir: Path, text_field: str, where) -> list[Sour
     return out
 
 
+def data_paths(entries, base_dir: Path) -> list[Path]:
+    """What data entries (files, globs, HF datasets) read on disk, for the output-folder protocol:
+    each file; for a glob, every match and the folder it starts from; a dataset saved on disk. Read
+    as `expand_sources` reads them (relative to `base_dir`); entries no file system can hold are
+    left to it to refuse."""
+    out: list[Path] = []
+    for e in entries:
+        text = e if isinstance(e, str) else e.dataset
+        if not text or "\0" in text or len(text) > 4096:
+            continue
+        p = resolve_path(text, base_dir)
+        if globlib.has_magic(text):
+            first = next(i for i, q in enumerate(p.parts) if globlib.has_magic(q))
+            out += [Path(*p.parts[:first]), *map(Path, globlib.glob(str(p), recursive=True))]
+        elif isinstance(e, str) or p.exists():
+            out.append(p)
+    return out
+
+
 def _is_local(name: str, base: Path) -> bool:
     return name.startswith((".", "/", "~")) or resolve_path(name, base).exists()
 

@@ -736,25 +736,14 @@ def training_reads(cfg: Config, model_dir: Path) -> dict[str, list[Path]]:
     """Everything a run reads, for the output-folder protocol: the model, the config, every data and
     held-out file (globs expanded, and the folder each glob starts from), HF datasets saved on disk,
     the token cache, the grow plan."""
-    import glob as globlib
-
-    from surgery.train.data import default_cache_dir
+    from surgery.train.data import data_paths, default_cache_dir
 
     b, d = cfg.body, cfg.body.data
-    reads: dict[str, list[Path]] = {"the model being trained": [model_dir], "the training config": [], "a data file": []}
+    reads: dict[str, list[Path]] = {"the model being trained": [model_dir], "the training config": []}
     if Path(cfg.doc.source).is_file():
         reads["the training config"].append(Path(cfg.doc.source))
     entries = list(d.files) + list(d.eval_files) + [e for s in d.sources for e in (*s.files, *s.eval_files)]
-    for e in entries:
-        text = e if isinstance(e, str) else e.dataset
-        if not text or "\0" in text or len(text) > 4096:
-            continue
-        p = cfg.path(text)
-        if globlib.has_magic(text):
-            static = Path(*[part for part in p.parts[: next(i for i, q in enumerate(p.parts) if globlib.has_magic(q))]])
-            reads["a data file"] += [static, *map(Path, globlib.glob(str(p), recursive=True))]
-        elif isinstance(e, str) or p.exists():
-            reads["a data file"].append(p)
+    reads["a data file"] = data_paths(entries, cfg.base_dir)
     reads["the token cache"] = [cfg.path(d.cache_dir) if d.cache_dir else default_cache_dir()]
     if b.grow is not None and isinstance(b.grow.plan, str):
         reads["the grow plan"] = [cfg.path(b.grow.plan)]
