@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 SIZES = {
     "gpu": (24, 512, 2048, 8, 4000, 400, 16, 512),  # not run here: for a machine with a GPU
     "medium": (16, 128, 512, 4, 720, 120, 8, 64),
+    "long": (16, 64, 256, 4, 4000, 400, 8, 64),  # small's shapes, 16x the tokens, on the stdlib corpus
     "small": (16, 64, 256, 4, 240, 40, 8, 64),
     "tiny": (8, 32, 64, 4, 12, 4, 4, 32),
 }
@@ -64,21 +65,36 @@ def main() -> int:
     ap.add_argument("--lr", default="1e-3", help="peak learning rate of every run")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--learn-lr", default="1e-2", help="grow.learn_lr of the LiGO runs (G_learn)")
+    ap.add_argument("--reuse", action="store_true", help="take a run's result from its output when its config is unchanged")
+    ap.add_argument("--steps", type=int, help="training steps of every run (default: the size's)")
+    ap.add_argument("--grow-at", type=int, help="the step at which the small model is grown (default: the size's)")
+    ap.add_argument(
+        "--corpus",
+        choices=("pydoc", "stdlib"),
+        help="pydoc: the documentation topics (~480K characters); stdlib: this Python's standard-library sources "
+        "(~13M characters), for budgets where a deep model overtakes a shallow one (default: the size's)",
+    )
     args = ap.parse_args()
     deep, hidden, inter, heads, steps, at, mb, seq = SIZES[args.size]
+    steps, at = args.steps or steps, args.grow_at or at
+    corpus = args.corpus or ("stdlib" if args.size == "long" else "pydoc")
     small_layers = deep // 4
 
     from surgery.errors import SurgeryError
     from surgery.tiny import build_tiny
     from surgery.train import train
-    from surgery.train.corpus import write_pydoc_corpus
+    from surgery.train.corpus import write_pydoc_corpus, write_stdlib_corpus
     from surgery.train.plot import compare_runs, read_metrics
 
-    work = args.work / args.size
+    work = args.work / f"{args.size}-{corpus}-{steps}"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SURGERY_CACHE", str(work / "cache"))
     if not (work / "corpus" / "train.jsonl").exists():
-        write_pydoc_corpus(work / "corpus" / "train.jsonl", eval_path=work / "corpus" / "eval.jsonl")
+        if corpus == "stdlib":
+            out, ev = work / "corpus" / "train.jsonl", work / "corpus" / "eval.jsonl"
+            write_stdlib_corpus(out, eval_path=ev, max_chars=1 << 62, every_file=True)
+        else:
+            write_pydoc_corpus(work / "corpus" / "train.jsonl", eval_path=work / "corpus" / "eval.jsonl")
     kv = max(1, heads // 2)
     half = dict(hidden_size=hidden // 2, num_attention_heads=heads // 2, num_key_value_heads=max(1, kv // 2), head_dim=hidden // heads)
     full = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv)
@@ -96,7 +112,7 @@ def main() -> int:
     tps = mb * seq
     every = max(1, steps // 12)
     common = (
-        f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}}}\n"
+        f"data: {{files: [corpus/train.jsonl], eval_files: [corpus/eval.jsonl], seq_len: {seq}, eval_max_tokens: 65536}}\n"
         f"lr: {args.lr}\nmicro_batch: {mb}\nwarmup: 4\nsteps: {steps}\neval_every: {every}\nseed: 0\n"
     )
 
@@ -137,9 +153,15 @@ def main() -> int:
             continue
         tag = name.replace("+", "-")
         cfg = work / f"{tag}.yaml"
-        cfg.write_text(text + f"output: {work / ('out-' + tag)}\n")
+        text += f"output: {work / ('out-' + tag)}\n"
+        done = work / f"out-{tag}" / "train.json"
+        if args.reuse and cfg.exists() and cfg.read_text() == text and done.exists():
+            res = _finished(done)  # the same config ran to the end before: its result, not a rerun
+        else:
+            cfg.write_text(text)
+            res = None
         try:
-            res = train(cfg, force=True, progress=False, echo=lambda *a: None)
+            res = res or train(cfg, force=True, progress=False, echo=lambda *a: None)
         except SurgeryError as e:  # a diverged run is a result too
             rows.append({"run": name, "axis": axis, "operator": op, "diverged": str(e).split(";")[0]})
             print(f"  {name:<12} {rows[-1]['diverged']}", flush=True)
@@ -181,6 +203,7 @@ def main() -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {
         "size": args.size,
+        "corpus": corpus,
         "lr": args.lr,
         "learn_lr": args.learn_lr,
         "target": shapes["target"],
@@ -230,6 +253,16 @@ PAPER_FIG3 = {
     ("width", "G_zero"): -0.179,
     ("width", "G_random"): -0.138,
 }
+
+
+def _finished(summary: Path):
+    """A finished run's result from its train.json (what `train` returned when it ran)."""
+    from types import SimpleNamespace
+
+    d = json.loads(summary.read_text())
+    return SimpleNamespace(
+        path=summary.parent, eval_loss=d["eval_loss"], perplexity=d["perplexity"], flops=d["flops"], seconds=d["seconds"]
+    )
 
 
 def _smooth(curve: list, k: int = 5) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -319,20 +320,26 @@ def test_masks_fade_in_new_stream_units_heads_and_mlp_units(models, tmp_path, fa
         w = "hidden: 64, heads: 8, kv_heads: 4"
     plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{{w}, init: random, std: 0.3}}}}]\n")
     grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
-    model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        unmasked = model(input_ids=ids).logits
-        ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()(input_ids=ids).logits
-        assert (unmasked - ref).abs().max() > 0.1
-        cb = fade_in_new_layers(model, grown, 4, "cfg", small_dir=small)
-        cb.on_train_begin(None, type("S", (), {"global_step": 0})(), None)
-        assert (model(input_ids=ids).logits - ref).abs().max().item() <= 2e-6, family  # m = 0: the small model
-        cb.on_step_end(None, type("S", (), {"global_step": 2})(), None)
-        half = model(input_ids=ids).logits
-        assert (half - ref).abs().max() > 1e-2 and (half - unmasked).abs().max() > 1e-2
-        cb.on_step_end(None, type("S", (), {"global_step": 4})(), None)
-        assert torch.equal(model(input_ids=ids).logits, unmasked)  # m = 1: bit for bit
+    # msg: MSG's stages (MLP units, the stream, heads; each 4 steps; of what the widen names: GPT-2's and
+    # NeoX's heads grow with the stream here, the MoE's MLP units stay), new heads masked at q, k, v
+    two = "moe" in family or family in ("mixtral", "gpt2", "gpt_neox")
+    for style, stages in (("msg", 2 if two else 3), ("together", 1)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(grown, dtype=torch.float32).eval()
+        with torch.no_grad():
+            unmasked = model(input_ids=ids).logits
+            ref = transformers.AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()(input_ids=ids).logits
+            assert (unmasked - ref).abs().max() > 0.1
+            cb = fade_in_new_layers(model, grown, 4, "cfg", small_dir=small, style=style)
+            cb.on_train_begin(None, type("S", (), {"global_step": 0})(), None)
+            assert (model(input_ids=ids).logits - ref).abs().max().item() <= 2e-6, (family, style)  # m = 0: the small model
+            seen = []
+            for step in range(2, 4 * stages + 1, 2):
+                cb.on_step_end(None, type("S", (), {"global_step": step})(), None)
+                seen.append(model(input_ids=ids).logits)
+            assert all((x - ref).abs().max() > 1e-2 for x in seen[:-1]) and all((x - unmasked).abs().max() > 1e-2 for x in seen[:-1])
+            assert all((x - y).abs().max() > 1e-4 for x, y in zip(seen, seen[1:], strict=False))  # every stage moves the function
+            assert torch.equal(seen[-1], unmasked), (family, style)  # every m = 1: bit for bit
     if family == "llama":  # split units are copies, not new: nothing to fade in
         from surgery.errors import PlanError
 
@@ -373,7 +380,8 @@ def _masked_width() -> str:
     from .test_mutations import MASKED
 
     step = "- widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random, std: 0.05}"
-    return MASKED.replace("- expand: {groups: 2, init: random, std: 0.05}", step)
+    # MSG's three stages (MLP units, stream, heads) of 2 steps: the same 6 steps of ramp
+    return MASKED.replace("- expand: {groups: 2, init: random, std: 0.05}", step).replace("mask_steps: 6", "mask_steps: 2")
 
 
 def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
@@ -425,9 +433,67 @@ def test_learned_width_operator_starts_at_the_split_and_learns(models, tmp_path,
     assert abs(loaded - rec["loss_after"]) < 1e-4, (loaded, rec["loss_after"])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3", "gpt2", "gpt_neox"])
+def test_the_papers_learned_width_operator_keeps_old_units_and_ties_its_sides(models, tmp_path, family):
+    """G_learn as the Gstack paper's code has it (`operator: learn`): one expansion [I; R] per kind of
+    unit, tied between in- and out-side, on rows. At step 0 every grown layer's tensor holds its
+    source layer's (l mod n: stacking's D) in its top-left corner, whatever the fused layout (GPT-2's
+    c_attn, Phi-3's qkv and gate_up, NeoX's per-head q|k|v), and the new rows and columns are not
+    zero; the random part is seeded; a few steps lower the loss; the record has one matrix per kind."""
+    import re
+
+    from surgery.train.ligo import learn_growth
+
+    small = models(family)
+    w = "hidden: 64, intermediate: 160" if family in ("gpt2", "gpt_neox") else "hidden: 64, heads: 8, kv_heads: 4, intermediate: 100"
+    steps = f"[{{take: {{model: s}}}}, {{gstack: {{operator: direct, factor: 2}}}}, {{widen: {{{w}, init: zero}}}}]"
+    plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: {steps}\n")
+    grown = surgery.apply(plan, tmp_path / "grown", progress=False).path
+    twin = tmp_path / "twin"
+    shutil.copytree(grown, twin)
+    quiet = lambda *a: None  # noqa: E731
+    learn_growth(small, grown, [], steps=0, lr=0.01, where="t", echo=quiet, variant="paper", seed=3)
+    learn_growth(small, twin, [], steps=0, lr=0.01, where="t", echo=quiet, variant="paper", seed=3)
+    start, old = load_tensors(grown), load_tensors(small)
+    assert all(torch.equal(start[k], v) for k, v in load_tensors(twin).items())  # seeded
+    n = max(int(m.group(1)) for k in old if (m := re.search(r"\.(\d+)\.", k))) + 1
+
+    def parts(name, t, folder):  # a fused tensor's parts, each grown on its own
+        c = json.loads((folder / "config.json").read_text())
+        if "gate_up_proj" in name:
+            return t.chunk(2, 0)
+        if "qkv_proj" in name:
+            d = c["hidden_size"] // c["num_attention_heads"]
+            return t.split([c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["num_key_value_heads"] * d], 0)
+        if "c_attn" in name:
+            return t.chunk(3, -1)
+        return [t]  # NeoX's per-head q|k|v: the old heads come first
+
+    checked = 0
+    for k, v in start.items():
+        m = re.search(r"\.(\d+)\.", k)
+        if not m:
+            continue
+        src = old[k.replace(f".{m.group(1)}.", f".{int(m.group(1)) % n}.", 1)]
+        for new, was in zip(parts(k, v, grown), parts(k, src, small), strict=True):
+            corner = new[tuple(slice(0, s) for s in was.shape)]
+            assert torch.allclose(corner, was, rtol=0, atol=1e-6), k  # Gemma's 1 + w gains: (1 + w) - 1 rounds
+            if new.dim() == 2 and new.shape != was.shape:
+                assert new.abs().sum() > corner.abs().sum(), k  # the new units are random, not zero
+        checked += 1
+    assert checked > 10
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 16), generator=g)
+    batches = [{"input_ids": ids, "labels": ids}] * 4
+    rec = learn_growth(small, twin, batches, steps=4, lr=0.01, where="t", echo=quiet, variant="paper")
+    assert rec["operator"] == "learn" and rec["loss_after"] < rec["loss_before"]
+    assert rec["width"]["A:stream"]["shape"] == [64, 32] and rec["width"]["A:stream"]["tied"]
+    assert not any(k.startswith("B:") for k in rec["width"])
+
+
 def test_learned_width_operator_refusals(models, tmp_path):
-    """LiGO's width operator starts from the split: a zero/random widen is refused; Mixtral's fused
-    experts are not described to it (its depth operator works): both located."""
+    """Our LiGO width operator (`learn-split`) starts from the split: a zero/random widen is refused;
+    Mixtral's fused experts are not described to it (its depth operator works): both located."""
     from surgery.errors import PlanError
     from surgery.train.ligo import learn_growth
 
@@ -435,7 +501,7 @@ def test_learned_width_operator_refusals(models, tmp_path):
     plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{hidden: 64, init: zero}}}}]\n")
     grown = surgery.apply(plan, tmp_path / "zero", progress=False).path
     with pytest.raises(PlanError) as e:
-        learn_growth(small, grown, [], steps=1, lr=0.01, where="cfg.yaml:4", echo=None)
+        learn_growth(small, grown, [], steps=1, lr=0.01, where="cfg.yaml:4", echo=None, variant="split")
     assert "init: split" in str(e.value) and "cfg.yaml:4" in str(e.value)
     small = models("mixtral")
     plan = write_plan(tmp_path, f"models: {{s: {small}}}\nsteps: [{{take: {{model: s}}}}, {{widen: {{hidden: 64}}}}]\n", "m.yaml")
@@ -519,8 +585,9 @@ def test_random_shares_keep_the_function_and_break_the_symmetry(models, tmp_path
 
 
 def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, models):
-    """`operator: learn` with a grow plan LiGO cannot start from (new units that are not copies) is a
-    located error when the run starts, not after stage 1 has trained."""
+    """`operator: learn-split` with a grow plan it cannot start from (new units that are not copies)
+    is a located error when the run starts, not after stage 1 has trained (the paper's `learn` takes
+    only the widened shapes from the plan, so it starts from any widen)."""
     from surgery.errors import PlanError
     from surgery.train import train
 
@@ -530,12 +597,35 @@ def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, 
     corpus.mkdir()
     write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
     extra = (
-        "grow:\n  at_tokens: 2048\n  operator: learn\n  learn_steps: 2\n  plan:\n    models: {small: TRAINED}\n"
+        "grow:\n  at_tokens: 2048\n  operator: learn-split\n  learn_steps: 2\n  plan:\n    models: {small: TRAINED}\n"
         "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, init: zero}\n"
     )
     with pytest.raises(PlanError) as e:
         train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
     assert "init: split" in str(e.value) and "train.yaml:" in str(e.value)
+    assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
+
+
+def test_msg_stages_that_outlast_the_run_are_refused_before_training(tmp_path, models):
+    """MSG's staged masks take mask_steps per stage (MLP units, stream, heads: 3 here): a run with
+    fewer steps after growth than that is refused at its start, located, with both fixes; the same
+    budget with `masks: together` (one stage) is accepted."""
+    from surgery.errors import PlanError
+    from surgery.train import train
+
+    from .test_train import config, quiet, write_pydoc_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
+    extra = (
+        "grow:\n  at_tokens: 2048\n  mask_steps: 3\n  plan:\n    models: {small: TRAINED}\n"
+        "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random}\n"
+    )
+    with pytest.raises(PlanError) as e:
+        train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
+    assert "3 x 3 stages" in str(e.value) and "train.yaml:" in str(e.value) and "masks: together" in str(e.value)
+    assert "mask_steps <= 1" in str(e.value)
     assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
 
 

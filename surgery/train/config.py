@@ -130,10 +130,17 @@ class Grow(Strict):
     # residual stream is multiplied by min(1, step / mask_steps), so the grown model starts from the
     # small model's function and the new layers fade in; the mask follows the step, so it resumes exactly
     mask_steps: Optional[int] = Field(default=None, ge=1)
-    # G_learn (LiGO): `learn` trains the depth-growth operator (each grown layer a learned combination
-    # of the small model's layers, per parameter type) for learn_steps steps with the small model
-    # frozen, writes the grown weights, then continues; `plan` (default) takes the plan's weights as they are
-    operator: Literal["plan", "learn"] = "plan"
+    # width masks (surgery/train/masks.py): `msg` (MSG and the Gstack paper's code: new heads masked at
+    # their q, k, v; MLP units, then the stream, then heads, each over mask_steps) or `together`
+    # (ours: every mask over the same mask_steps, new heads masked before o_proj)
+    masks: Literal["msg", "together"] = "msg"
+    # G_learn (LiGO): `learn` trains the growth operator (each grown layer a learned combination of
+    # the small model's layers, per parameter type; in width, one expansion [I; R] per kind of unit,
+    # tied between a matrix's in- and out-side, as the Gstack paper's code has it) for learn_steps
+    # steps with the small model frozen, writes the grown weights, then continues; `learn-split`: the
+    # width operator untied and started at the plan's function-preserving split (ours); `plan`
+    # (default) takes the plan's weights as they are
+    operator: Literal["plan", "learn", "learn-split"] = "plan"
     learn_steps: Optional[int] = Field(default=None, ge=1)
     learn_lr: float = Field(default=1e-2, gt=0, allow_inf_nan=False)
 
@@ -141,11 +148,16 @@ class Grow(Strict):
 
     @model_validator(mode="after")
     def _learn(self):
-        if self.operator == "learn" and self.learn_steps is None:
-            raise ValueError("operator: learn needs learn_steps (how many steps the growth operator trains)")
-        if self.operator != "learn" and self.learn_steps is not None:
-            raise ValueError("learn_steps is for operator: learn")
+        if self.learns and self.learn_steps is None:
+            raise ValueError(f"operator: {self.operator} needs learn_steps (how many steps the growth operator trains; LiGO used 100)")
+        if not self.learns and self.learn_steps is not None:
+            raise ValueError("learn_steps is for operator: learn or learn-split")
         return self
+
+    @property
+    def learns(self) -> bool:
+        """The operator is learned (LiGO) before the grown model trains."""
+        return self.operator != "plan"
 
 
 class TrainConfig(Strict):

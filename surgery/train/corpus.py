@@ -23,10 +23,13 @@ def write_pydoc_corpus(path: str | Path, *, eval_path: str | Path | None = None,
     return path
 
 
-def write_stdlib_corpus(path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10, max_chars: int = 600_000) -> Path:
+def write_stdlib_corpus(
+    path: str | Path, *, eval_path: str | Path | None = None, eval_every: int = 10, max_chars: int = 600_000, every_file: bool = False
+) -> Path:
     """A second domain: the sources of the standard library's pure-Python modules (this Python's own
     files, in sorted order), one JSON Lines record per module, up to `max_chars` characters in all;
-    with `eval_path`, every `eval_every`-th module goes there instead."""
+    with `eval_path`, every `eval_every`-th module goes there instead. `every_file`: the packages'
+    modules too, not only the top level (~13M characters; tests and site-packages left out)."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -35,7 +38,9 @@ def write_stdlib_corpus(path: str | Path, *, eval_path: str | Path | None = None
     ev = open(eval_path, "w") if eval_path else None
     total = 0
     with open(path, "w") as f:
-        for i, src in enumerate(sorted(root.glob("*.py"))):
+        files = root.rglob("*.py") if every_file else root.glob("*.py")
+        files = [p for p in files if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts)]
+        for i, src in enumerate(sorted(files)):
             text = src.read_text(errors="replace")
             if total + len(text) > max_chars:
                 continue

@@ -13,19 +13,24 @@ Width. A matrix reading units of kind a and writing units of kind b grows as
 
     R(W) = A_b W B_a^T,      A_b in R^{n'_b x n_b} (out-expansion), B_a in R^{n'_a x n_a} (in-expansion)
 
-with one pair (A, B) per kind of unit, shared by every layer (the residual stream: embeddings,
-what writes and reads it, every norm's gain; the MLP's units; query heads; key heads; value heads),
-applied per part of a fused tensor (gate|up, q|k|v). Heads expand as whole heads, A = H (x) I_d with
-H in R^{heads' x heads}, so rotary position embeddings commute with the operator. A norm's gain
-grows as A g (Gemma's 1 + w: as a gain), a bias with its matrix's out-side.
+with one pair per kind of unit, shared by every layer (the residual stream: embeddings, what
+writes and reads it, every norm's gain; the MLP's units; query, key and value units), applied per
+part of a fused tensor (gate|up, q|k|v). A norm's gain grows as A g (Gemma's 1 + w: as a gain), a
+bias with its matrix's out-side. Two variants:
 
-Where this departs from the paper, and why: LiGO ties each matrix's in-expansion to the
-out-expansion of what produced its input (B_{l+1} = A_l); a tied operator cannot express the
-function-preserving split (Net2Net), whose in-side divides what the out-side copies. Keeping A and
-B separate lets every operator start exactly at the plan's own growth (A: the split's copy matrix,
-B: the same with each copy's share of what reads its unit, 1/copies or the plan's `shares: random`;
-D: the plan's layer map, an identity block's output projections zero), so step 0 is the plan's grown model and
-learning can only move from there.
+- `learn` (the paper's, as its code tongxuluo/prts `scaling/ligo.py` writes it): B_a = A_a, tied
+  (an in-expansion is the out-expansion of what produced the input; the attention output reads the
+  value units), each A = [I; R] started with the old units kept and new ones random,
+  R ~ N(0, 1/n'), on rows (query, key and value units one by one, as prts' BQ/BK/BV); the grown
+  model does not start at the small model's function, and learning finds one.
+- `learn-split` (ours): A and B separate, started exactly at the plan's split (A the copy matrix,
+  B the same with each copy's share of what reads its unit, 1/copies or the plan's `shares:
+  random`), heads as whole heads (A = H (x) I_d, so rotary position embeddings commute with it).
+  A tied operator cannot express the function-preserving split, whose in-side divides what the
+  out-side copies; untied, step 0 is the plan's grown model and learning can only move from there.
+
+Depth is the same in both: D started at the plan's layer map (stacking's [I; I; ...] for `stack`,
+as prts starts it; an identity block's output projections at zero).
 
 The small model's weights stay frozen; only D, A and B train, on the training loss of the grown
 model whose weights they produce, for `learn_steps` steps. Then R and D are materialised: the grown
@@ -43,16 +48,17 @@ from pathlib import Path
 from surgery.errors import PlanError
 
 
-def check_learnable(layer_map: list, widened: dict, where: str) -> None:
+def check_learnable(layer_map: list, widened: dict, where: str, operator: str = "learn-split") -> None:
     """A plan LiGO can start from: its layers copies (or identity blocks) of the small model's, and
-    a `widen` by splitting. Checked before any training (`surgery train` compiles the grow plan)."""
+    for `learn-split` a `widen` by splitting (`learn` takes only the widened shapes from the plan).
+    Checked before any training (`surgery train` compiles the grow plan)."""
     _operator_init(layer_map, 1 + max((int(s[1]) for r in layer_map for s in r.get("sources") or []), default=0), [], None, where)
-    if widened and widened.get("init") != "split":
+    if operator == "learn-split" and widened and widened.get("init") != "split":
         raise PlanError(
             f"grow.operator learn: the plan widens with init {widened.get('init')!r}; LiGO's width operator starts from the "
             "split (copied units, what reads them divided)",
             where=where,
-            fix="use widen with init: split (the default), or operator: plan",
+            fix="use widen with init: split (the default), or operator: learn (the paper's: only the plan's shapes are used)",
         )
 
 
@@ -82,12 +88,14 @@ def _operator_init(layer_map: list, n_small: int, types: list[str], out_re: re.P
 class _Width:
     """LiGO's width operator: (A, B) per kind of unit, started at the plan's split."""
 
-    def __init__(self, fam, small_cfg: dict, grown_cfg: dict, tied: bool, where: str, shares: str = "even", seed: int = 0):
+    def __init__(
+        self, fam, small_cfg: dict, grown_cfg: dict, tied: bool, where: str, shares: str = "even", seed: int = 0, paper: bool = False
+    ):
         import torch
 
         from surgery.merge import split_shares
 
-        self.fam, self.tied, self.where = fam, tied, where
+        self.fam, self.tied, self.where, self.paper = fam, tied, where, paper
         sc, gc = fam.lm_config(small_cfg), fam.lm_config(grown_cfg)
         h, h2 = sc.get(fam.hidden_key), gc.get(fam.hidden_key)
         a, a2 = sc.get(fam.heads_key), gc.get(fam.heads_key)
@@ -96,6 +104,8 @@ class _Width:
         d = fam.head_size(gc)
         inter, inter2 = fam.mlp_size(sc), fam.mlp_size(gc)
         self.d = d
+        self.blk = 1 if paper else d  # query/key/value expansions act on rows (the paper's) or whole heads (ours)
+        gen = torch.Generator().manual_seed(seed)
         self.scale = math.sqrt(h / h2) if fam.embed_scaled and h and h2 else 1.0  # Gemma's sqrt(hidden) embedding scale
         self.A: dict = {}
         self.B: dict = {}
@@ -103,6 +113,11 @@ class _Width:
 
         def split(kind: str, old, new, src=None, share_kind: str = ""):
             if not (isinstance(old, int) and isinstance(new, int)) or new == old:
+                return
+            if paper:  # [I; R], R ~ N(0, 1/new), one matrix for both sides (prts' init)
+                A = torch.cat([torch.eye(old), torch.randn(new - old, old, generator=gen) * math.sqrt(1.0 / new)])
+                self.A[kind] = torch.nn.Parameter(A)
+                self.B[kind] = self.A[kind]
                 return
             src = src or [j % old for j in range(new)]
             share = split_shares(src, old, shares, seed, share_kind)  # the plan's own shares: step 0 is its output
@@ -114,7 +129,11 @@ class _Width:
 
         split("stream", h, h2, share_kind="stream")
         split("mlp", inter, inter2, share_kind=f"mlp:{fam.intermediate_key}")
-        if isinstance(a, int) and isinstance(a2, int) and a2 != a and isinstance(k, int) and k and a % k == 0:
+        if paper and isinstance(a, int) and isinstance(a2, int) and a2 != a and isinstance(k, int) and isinstance(k2, int):
+            split("q", a * d, a2 * d)
+            split("k", k * d, k2 * d)
+            split("v", k * d, k2 * d)
+        elif isinstance(a, int) and isinstance(a2, int) and a2 != a and isinstance(k, int) and k and a % k == 0:
             g = a // k
             kv_src = [j % k for j in range(k2)]
             split("q", a, a2, [kv_src[x // g] * g + x % g for x in range(a2)], "heads")
@@ -122,10 +141,13 @@ class _Width:
             split("v", k, k2, kv_src)
 
     def parameters(self) -> list:
-        return list(self.A.values()) + list(self.B.values())
+        return list({id(m): m for m in [*self.A.values(), *self.B.values()]}.values())  # tied: each once
+
+    def _sides(self):
+        return (("A", self.A),) if self.paper else (("A", self.A), ("B", self.B))
 
     def initial(self) -> dict:
-        return {f"{side}:{kind}": m.detach().clone() for side, ms in (("A", self.A), ("B", self.B)) for kind, m in ms.items()}
+        return {f"{side}:{kind}": m.detach().clone() for side, ms in self._sides() for kind, m in ms.items()}
 
     def load(self, values: dict) -> None:
         for key, v in values.items():
@@ -164,7 +186,7 @@ class _Width:
             if entry is not None and "q" in A:
                 role_, hdim = entry
                 at = 0 if hdim is None else hdim
-                d = self.d
+                d = self.blk
                 if role_ == "q":
                     y = self._along(y, at, A["q"], d)
                 elif role_ == "k":
@@ -175,10 +197,11 @@ class _Width:
                     n_q, n_kv = A["q"].shape[1] * d, A["k"].shape[1] * d
                     q, k_, v = y.split([n_q, n_kv, n_kv], dim=at)
                     y = torch.cat([self._along(q, at, A["q"], d), self._along(k_, at, A["k"], d), self._along(v, at, A["v"], d)], dim=at)
-                elif role_ == "qkv_per_head":
-                    y = self._along(y, at, A["q"], 3 * d)
-                elif role_ == "o":
-                    y = self._along(y, 1 if hdim is None else hdim, B["q"], d)
+                elif role_ == "qkv_per_head":  # [head][q|k|v][head size] along `at`
+                    y = self._per_head(y, at)
+                elif role_ == "o":  # reads the value units (the paper's, where there are as many as query units) or the query heads
+                    M = B["v"] if self.paper and B["v"].shape == B["q"].shape else B["q"]
+                    y = self._along(y, 1 if hdim is None else hdim, M, d)
             if hrole is None and role is None and entry is None and fam.is_norm(suffix) and "stream" in A and x.dim() == 1:
                 if x.shape[0] == A["stream"].shape[1]:
                     gain = not suffix.endswith(".bias")
@@ -206,6 +229,21 @@ class _Width:
             )
         return y
 
+    def _per_head(self, y, at: int):
+        """A fused per-head q|k|v tensor (GPT-NeoX): each part expanded by its own matrix."""
+        import torch
+
+        d = self.d
+        if not self.paper:
+            return self._along(y, at, self.A["q"], 3 * d)
+        x = y.movedim(at, 0)
+        heads = x.shape[0] // (3 * d)
+        parts = x.reshape(heads, 3, d, *x.shape[1:])
+        grown = [self._along(parts[:, i].reshape(heads * d, *x.shape[1:]), 0, self.A[kind]) for i, kind in enumerate("qkv")]
+        heads2 = grown[0].shape[0] // d
+        out = torch.stack([g.reshape(heads2, d, *x.shape[1:]) for g in grown], dim=1)
+        return out.reshape(heads2 * 3 * d, *x.shape[1:]).movedim(0, at)
+
     def _split_parts(self, x, dim: int, M, parts: int):
         if parts == 1:
             return self._along(x, dim, M)
@@ -226,6 +264,8 @@ class _Width:
             side, kind = key.split(":")
             m = (self.A if side == "A" else self.B)[kind].detach()
             out[key] = {"shape": list(m.shape), "moved": float((m - m0).norm() / m0.norm())}
+            if self.paper:
+                out[key]["tied"] = True  # the in-expansion is this matrix too
         return out
 
 
@@ -238,11 +278,17 @@ def learn_growth(
     lr: float,
     where: str,
     echo=print,
+    variant: str = "split",
+    seed: int = 0,
 ) -> dict:
     """Learn LiGO's operator (depth D_t, and width (A, B) when the plan widens) for `steps` steps on
     `batches` (an iterator of {input_ids, labels} dicts), then write the grown weights into
-    `grown_dir`'s safetensors and record the operator in its surgery.json. Returns the record
-    (losses before and after, the depth matrices, the width matrices' distance from the split)."""
+    `grown_dir`'s safetensors and record the operator in its surgery.json. `variant`: "paper" (the
+    Gstack paper's code: tied [I; R] width expansions, R seeded by `seed`) or "split" (ours: untied,
+    started at the plan's split). Returns the record (losses before and after, the depth matrices,
+    the width matrices' distance from where they started)."""
+    if variant not in ("paper", "split"):
+        raise ValueError(f"variant {variant!r}: 'paper' or 'split'")
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -258,7 +304,7 @@ def learn_growth(
     prov = json.loads(prov_path.read_text())
     layer_map = checked.layer_map_dicts()
     widened = checked.widened_dict()
-    check_learnable(layer_map, widened, where)
+    check_learnable(layer_map, widened, where, "learn" if variant == "paper" else "learn-split")
     small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
@@ -270,7 +316,8 @@ def learn_growth(
         grown_ck.tied,
         where,
         widened.get("shares", "even"),
-        int(widened.get("seed", 0)),
+        seed if variant == "paper" else int(widened.get("seed", 0)),
+        paper=variant == "paper",
     )
     # where transformers names the embedding or head otherwise than the checkpoint does (NeoX's embed_out)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -362,8 +409,11 @@ def learn_growth(
                 raise PlanError(f"grow.operator learn: the grown checkpoint's {n} is not a parameter of the model", where=where)
         save_file(sd, f, metadata={"format": "pt"})
     record = {
-        "operator": "learn",
-        "paper": "LiGO (Wang et al. 2023), depth" + (" and width" if width.A else "") + " operator",
+        "operator": "learn" if variant == "paper" else "learn-split",
+        "paper": "LiGO (Wang et al. 2023), depth"
+        + (" and width" if width.A else "")
+        + " operator"
+        + (", as the Gstack paper's code (tongxuluo/prts) has it" if variant == "paper" else ", untied, from the plan's split"),
         "steps": steps,
         "lr": lr,
         "loss_before": before,  # mean over the learning batches, with the plan's operator

@@ -7,9 +7,13 @@ output, bit for bit.
 
 What is masked (new = what the growth appended; the plan's surgery.json and the two configs say
 which):
-- new layers (depth: `expand`): x + f(x) becomes x + m f(x);
-- new MLP units and new attention heads (width, `widen {intermediate|heads}` with init zero or
-  random): their activations times m before the projection that reads them (down_proj, o_proj);
+- new layers (depth: `expand`, `gstack: {operator: random}`): x + f(x) becomes x + m f(x);
+- new MLP units (width, `widen {intermediate}` with init zero or random): their activations times
+  m before the projection that reads them (down_proj);
+- new attention heads (`widen {heads}`): with `masks: msg` (the default, MSG's and the Gstack
+  paper's code's way, tongxuluo/prts `msg.py`) their queries, keys and values times m (at m = 0
+  their values are zero, so they write nothing; their attention pattern fades in with them); with
+  `masks: together` (ours) their outputs times m before o_proj;
 - new units of the residual stream (`widen {hidden}` with init zero or random): everything that
   writes the stream (the embeddings, o_proj, down_proj) has its new units times m, and every norm
   over the stream computes its statistics with the new units weighted by m (MSG's masked
@@ -18,6 +22,13 @@ which):
   small model's statistics: the small model's function (within float rounding). A mixture of
   experts whose weights transformers fuses is masked at the experts' combined output; its new MLP
   units (inside the fused weights) cannot be, and are refused.
+
+When the masks ramp: with `masks: msg` in MSG's stages, one after the other, each over `steps`
+steps: the MLP's new units (and new layers) first, then the stream's, then the heads' (prts
+`MsgMask`: 3 x grow_step); stages for what did not grow are skipped. With `masks: together` every
+mask ramps over the same `steps`. Departure kept in both: the norms' masked statistics weight the
+new units' squares by m (exact at every m, LayerNorm included), where prts normalises x * m and
+rescales by sqrt(sum m / width) (m^2 weights; the same at m = 0 and m = 1).
 """
 
 from __future__ import annotations
@@ -29,10 +40,29 @@ from pathlib import Path
 from surgery.errors import PlanError
 
 
+MASK_STYLES = ("msg", "together")
+STAGES = ("intermediate", "hidden", "heads")  # MSG's order (prts msg.py): MLP units, the stream, heads
+
+
+def mask_stages(sizes: dict, new_layers: bool, style: str) -> dict:
+    """{what: stage} for what a growth added: "layers", and the widen's named sizes ("intermediate",
+    "hidden", "heads"; key/value heads go with the heads). A stage starts when the one before it has
+    fully faded in; `together`: every mask in stage 0. The plan alone decides (provenance's widened
+    sizes), so a run checks its length before training."""
+    kinds = [k for k in STAGES if sizes.get(k) is not None or (k == "heads" and sizes.get("kv_heads") is not None)]
+    if style == "together":
+        out = {k: 0 for k in kinds}
+    else:
+        out = {k: i for i, k in enumerate(kinds)}
+    if new_layers:
+        out["layers"] = 0  # prts: new blocks ramp from the start (MsgBlock's full mask)
+    return out
+
+
 class LayerMask:
     """m(step) = min(1, step / steps); a new layer's output x + f(x) becomes x + m f(x)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int = 0):
         self.steps, self.value = steps, 0.0
 
     def hook(self, module, args, kwargs, output):
@@ -65,6 +95,42 @@ class UnitMask:
             return None  # fully faded in: the projection's own input, bit for bit
         x = args[0]
         return (x * _unit_scale(x, self.old, self.value),) + tuple(args[1:])
+
+
+class HeadMask:
+    """New heads' queries, keys and values times m (MSG): `scale` is over the projection's output
+    units (a fused q|k|v projection's too), 1 for old units, 0 where m applies."""
+
+    def __init__(self, new):
+        self.new, self.value = new, 0.0
+
+    def hook(self, module, args, output):
+        if self.value >= 1.0:
+            return None
+        y = output[0] if isinstance(output, tuple) else output
+        new = self.new.to(device=y.device)
+        y = y * (1.0 - new.to(y.dtype) * (1.0 - self.value))
+        return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+
+
+def _head_units(role: str, a: int, a2: int, k: int, k2: int, d: int):
+    """Which of a query/key/value projection's output units belong to new heads (a bool vector)."""
+    import torch
+
+    def tail(old, new):
+        v = torch.zeros(new * d, dtype=torch.bool)
+        v[old * d :] = True
+        return v
+
+    if role == "q":
+        return tail(a, a2)
+    if role in ("k", "v"):
+        return tail(k, k2)
+    if role == "qkv":
+        return torch.cat([tail(a, a2), tail(k, k2), tail(k, k2)])
+    v = torch.zeros(a2, 3, d, dtype=torch.bool)  # qkv_per_head: [head][q|k|v][head size]
+    v[a:] = True
+    return v.reshape(-1)
 
 
 class StreamMask:
@@ -141,9 +207,10 @@ def _modules(model, fam, patterns) -> list:
     return out
 
 
-def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None):
-    """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps, and return
-    the callback that sets them from the global step before every step (see the module's text)."""
+def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None, style: str = "msg"):
+    """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps each (in MSG's
+    stages, or together), and return the callback that sets them from the global step before every
+    step (see the module's text)."""
     import transformers
 
     from surgery.io.checkpoint import open_checkpoint
@@ -169,9 +236,10 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
             where=where,
             fix="grow with `expand` (init: random, zero or identity) or `widen` with init: random|zero, or drop mask_steps",
         )
-    masks: list = []
+    stages = mask_stages(widened.get("sizes") or {}, bool(new), style)
+    masks: list = []  # (mask, its stage)
 
-    def hook_all(modules, mask, what: str, pre: bool = False):
+    def hook_all(modules, mask, what: str, pre: bool = False, stage: str = "hidden"):
         if not modules:
             raise PlanError(
                 f"grow.mask_steps: no module of this {fam.name} model {what} (fused mixture-of-experts weights are not "
@@ -181,12 +249,12 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
             )
         for m in modules:
             (m.register_forward_pre_hook if pre else m.register_forward_hook)(mask.hook)
-        masks.append(mask)
+        masks.append((mask, stages.get(stage, 0)))
 
     if new:
         layers = model.get_submodule(fam.layer_prefix.rstrip("."))
         mask = LayerMask(steps)
-        masks.append(mask)
+        masks.append((mask, stages["layers"]))
         for i in new:
             layers[i].register_forward_hook(mask.hook, with_kwargs=True)
     suffixes = {s[1] for s in map(ck.family.split, ck.tensors) if s is not None}  # what the grown checkpoint holds
@@ -200,10 +268,30 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
                 continue
             key = entry[3] if len(entry) > 3 and entry[3] else fam.intermediate_key
             old = grew["intermediate"] if key == fam.intermediate_key else small_cfg.get(key)
-            hook_all(_modules(model, fam, [entry[0]]), UnitMask(old), f"takes the new MLP units of {entry[0]!r} as its input", True)
-    if "attention" in grew:
+            what = f"takes the new MLP units of {entry[0]!r} as its input"
+            hook_all(_modules(model, fam, [entry[0]]), UnitMask(old), what, True, "intermediate")
+    heads_stage = "heads" if "heads" in stages else "hidden"  # heads grown with the stream's head size (GPT-2) ramp with it
+    if "attention" in grew and style == "msg":
+        a, a2 = small_cfg.get(fam.heads_key), grown_cfg.get(fam.heads_key)
+        k = (small_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a
+        k2 = (grown_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a2
+        d = fam.head_size(grown_cfg)
+        if not a2 or not k2 or a2 // k2 != a // k:
+            raise PlanError(
+                f"grow.mask_steps: new heads are masked at their queries, keys and values, and this growth changes the "
+                f"query heads per key/value head ({a}/{k} -> {a2}/{k2}): new heads would read old values",
+                where=where,
+                fix="keep the heads / kv_heads ratio, or `masks: together` (new heads' outputs masked before o_proj)",
+            )
+        for role, p in fam.attention:
+            if role == "o":
+                continue
+            pats = [x if isinstance(x, str) else x[0] for x in ([p] if isinstance(p, str) else p)]
+            mask = HeadMask(_head_units(role, a, a2, k, k2, d))
+            hook_all(_modules(model, fam, pats), mask, f"computes the {role} of the new heads", False, heads_stage)
+    elif "attention" in grew:
         reads = [x if isinstance(x, str) else x[0] for role, p in fam.attention if role == "o" for x in ([p] if isinstance(p, str) else p)]
-        hook_all(_modules(model, fam, reads), UnitMask(grew["attention"]), "takes the new heads as its input", True)
+        hook_all(_modules(model, fam, reads), UnitMask(grew["attention"]), "takes the new heads as its input", True, heads_stage)
     if "hidden" in grew:
         h = grew["hidden"]
         writers: list = []
@@ -232,8 +320,8 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         hook_all(norms + ([final] if final is not None else []), NormMask(h), "normalises the residual stream")
 
     def set_all(step: int) -> None:
-        for m in masks:
-            m.value = min(1.0, step / steps)
+        for m, stage in masks:
+            m.value = min(1.0, max(0.0, (step - stage * steps) / steps))
 
     class Fade(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):

@@ -200,10 +200,12 @@ def plan_stages(cfg: Config, model_dir: Path) -> tuple[list[Stage], int]:
     ], tps
 
 
-def _check_grown(cfg: Config, program) -> None:
-    """Everything stage 2 will need from the grow plan, checked when the run starts (not after stage
-    1 has trained): masks need something new to fade in, `new-layers` needs new layers and
-    `new-params` a widen."""
+def _check_grown(cfg: Config, program, after: int) -> None:
+    """Everything stage 2 (`after` steps) will need from the grow plan, checked when the run starts
+    (not after stage 1 has trained): masks need something new to fade in and time to end within the
+    run, `new-layers` needs new layers and `new-params` a widen."""
+    from surgery.train.masks import mask_stages
+
     g, b = cfg.body.grow, cfg.body
     widened = program.widened()
     new_units = bool(widened) and widened.get("init") in ("zero", "random")
@@ -214,6 +216,16 @@ def _check_grown(cfg: Config, program) -> None:
             where=cfg.where("grow", "mask_steps"),
             fix="grow with `expand` or `gstack: {operator: random}`, or `widen` with init: random|zero; or drop mask_steps",
         )
+    if g.mask_steps is not None:
+        sizes = widened.get("sizes", {}) if new_units else {}
+        n = 1 + max(mask_stages(sizes, bool(program.new_layers), g.masks).values(), default=0)
+        if n * g.mask_steps > after:
+            raise PlanError(
+                f"grow.mask_steps {g.mask_steps} x {n} stages (MSG's: MLP units, then the stream, then heads) is longer than "
+                f"the {after} steps after growth: the saved model would still be partly masked",
+                where=cfg.where("grow", "mask_steps"),
+                fix=f"use mask_steps <= {after // n}, or `masks: together` (every mask over the same mask_steps)",
+            )
     trainable = g.trainable or b.trainable
     where = cfg.where("grow", "trainable") if g.trainable else cfg.where("trainable")
     if trainable == "new-layers" and not program.new_layers:
@@ -610,9 +622,11 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains, eval_every)
     if stage.index > 1 and b.grow is not None and b.grow.mask_steps:
         small = work / f"stage-{stage.index - 1}" / "final"
-        callbacks.append(fade_in_new_layers(model, stage.model_dir, b.grow.mask_steps, cfg.where("grow", "mask_steps"), small))
+        where = cfg.where("grow", "mask_steps")
+        callbacks.append(fade_in_new_layers(model, stage.model_dir, b.grow.mask_steps, where, small, b.grow.masks))
         if is_main():
-            echo(f"what the growth added fades in over {b.grow.mask_steps} steps (masked growth)")
+            how = "in MSG's stages" if b.grow.masks == "msg" else "together"
+            echo(f"what the growth added fades in over {b.grow.mask_steps} steps per stage, {how} (masked growth)")
     cls = _trainer_class()
     trainer = cls(
         model=model,
@@ -793,11 +807,11 @@ def _train(
             where, what, fix = dead[0]
             where = f"{cfg.where('grow', 'plan')} ({where})"
             raise PlanError(f"the grow plan's {what}", where=where, fix=f"{fix}; or set `allow_dead: true`")
-        if b.grow.operator == "learn":
+        if b.grow.learns:
             from surgery.train.ligo import check_learnable
 
-            check_learnable(program.layer_map(), program.widened(), cfg.where("grow", "operator"))
-        _check_grown(cfg, program)
+            check_learnable(program.layer_map(), program.widened(), cfg.where("grow", "operator"), b.grow.operator)
+        _check_grown(cfg, program, stages[1].steps)
     if resume:
         _check_resumable(work / "config.json", b, where=cfg.where())
     if is_main():
@@ -817,7 +831,7 @@ def _train(
         if stage.index > 1:
             prev = stages[stage.index - 2]
             stage.flops_offset = prev.flops_at(prev.step_offset + prev.steps, tps)
-            if b.grow is not None and b.grow.operator == "learn":  # the operator's own steps, at the grown size
+            if b.grow is not None and b.grow.learns:  # the operator's own steps, at the grown size
                 stage.flops_offset += b.grow.learn_steps * tps * stage.flops_per_token
                 stage.data_offset = b.grow.learn_steps  # the grown model trains on the data after them
         if resume and stage.index < len(stages) and (work / "grown" / "config.json").exists():
@@ -988,7 +1002,7 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
     g = cfg.body.grow
     grown = work / "grown"
     if is_main() and not (grown / "config.json").exists():
-        target = work / "grown-plan" if g.operator == "learn" else grown
+        target = work / "grown-plan" if g.learns else grown
         if (target / "config.json").exists() and (target / "surgery.json").exists():
             info = json.loads((target / "surgery.json").read_text()).get("output", {})
             layers, params = info.get("num_layers"), info.get("parameters")
@@ -1008,7 +1022,7 @@ def _grow(cfg: Config, prev: Stage, work: Path, tps: int, echo) -> Path:
             "layers": layers,
             "params": params,
         }
-        if g.operator == "learn":
+        if g.learns:
             learning = work / "grown.learning"
             shutil.rmtree(learning, ignore_errors=True)  # an interrupted attempt: start it over
             shutil.copytree(target, learning)
@@ -1064,6 +1078,8 @@ def _learn_operator(cfg: Config, prev: Stage, grown: Path, tps: int, echo) -> di
         lr=g.learn_lr,
         where=cfg.where("grow", "operator"),
         echo=echo,
+        variant="paper" if g.operator == "learn" else "split",
+        seed=b.seed,
     )
     return {
         "step": prev.step_offset + prev.steps,
