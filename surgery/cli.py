@@ -515,6 +515,11 @@ def _train_extra():
 @click.option("--seq-len", type=int, help="Packed sequence length.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--seed", type=int)
+@click.option(
+    "--report-to",
+    help="Experiment tracking through HF Trainer's integrations, comma-separated: tensorboard (events in OUT/logs), wandb, "
+    "mlflow, trackio, ... or none (overrides `report_to`).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output (when the new one is complete) or discard an interrupted run.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option(
@@ -536,6 +541,7 @@ def train(
     seq_len,
     precision,
     seed,
+    report_to,
     force,
     resume,
     stop_after,
@@ -572,6 +578,7 @@ def train(
         "seq_len": seq_len,
         "precision": precision,
         "seed": seed,
+        "report_to": report_to,
     }
     res = do_train(
         config,

@@ -778,3 +778,36 @@ def test_a_diverged_run_is_an_error_and_publishes_nothing(tmp_path, corpus, mode
     assert not (tmp_path / "out").exists()
     recs = [json.loads(x) for x in (tmp_path / ".out.surgery-train" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in recs if "loss" in r]) < 30  # stopped at the divergence, not trained to the end
+
+
+def test_report_to_tensorboard_writes_events_that_read_back(tmp_path, corpus, models, monkeypatch):
+    """`--report-to tensorboard`: HF Trainer's own TensorBoard integration writes its events into
+    OUT/logs (read back offline here, the same losses as metrics.jsonl); an unknown integration and
+    one whose package is missing are located errors before any training."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, corpus, models("llama"), steps=6, extra="log_every: 2\n")
+    r = CliRunner().invoke(main, ["train", str(cfg), "-q", "--report-to", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    assert list((out / "logs" / "stage-1").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(out / "logs" / "stage-1"))  # every event file of the folder
+    acc.Reload()
+    board = {e.step: e.value for e in acc.Scalars("train/loss")}
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert sorted(board) == sorted(logged) == [2, 4, 6]
+    assert all(abs(board[s] - logged[s]) < 1e-4 for s in board)
+    assert read_json(out / "train.json")["config"]["report_to"] == ["tensorboard"]
+    from surgery.errors import PlanError
+
+    with pytest.raises(PlanError) as e:
+        config_from_text("model: m\ndata: {files: [a.txt]}\nsteps: 9\nreport_to: tensorbored\n", tmp_path)
+    assert "tensorbored" in str(e.value) and "tensorboard" in str(e.value) and "<config>:4" in str(e.value)
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_mlflow_available", lambda: False)
+    with pytest.raises(PlanError) as e:
+        train(config(tmp_path, corpus, models("llama"), steps=6, extra="report_to: [mlflow]\n"), force=True, progress=False, echo=quiet)
+    assert "pip install mlflow" in str(e.value) and "train.yaml:8" in str(e.value)
+    assert not (tmp_path / ".out.surgery-train").exists()

@@ -160,6 +160,13 @@ class Grow(Strict):
         return self.operator != "plan"
 
 
+# HF Trainer's reporting integrations and the check that each one's package is installed
+REPORT_TO = (
+    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "neptune", "clearml", "dagshub", "dvclive", "codecarbon", "swanlab",
+    "azure_ml", "flyte",
+)
+
+
 class TrainConfig(Strict):
     model: str  # an HF causal LM folder (typically a `surgery apply` output) or a hub id in the local cache
     output: Optional[str] = None
@@ -193,7 +200,24 @@ class TrainConfig(Strict):
     log_every: Optional[int] = Field(default=None, ge=1)
     seed: int = 0
     workers: int = Field(default=0, ge=0)  # dataloader worker processes
+    # experiment tracking through HF Trainer's own integrations (tensorboard, wandb, mlflow, trackio,
+    # ...); metrics.jsonl and loss.png are written either way. TensorBoard's events go to OUT/logs.
+    report_to: tuple[str, ...] = ()
     grow: Optional[Grow] = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise ValueError("report_to is a name or a list of names, e.g. tensorboard or [tensorboard, wandb]")
+        if list(v) == ["none"]:
+            return ()
+        bad = [x for x in v if x not in REPORT_TO]
+        if bad:
+            raise ValueError(f"report_to {bad[0]!r} is not one of HF Trainer's integrations: {', '.join(REPORT_TO)} (or none)")
+        return tuple(dict.fromkeys(v))
 
     _tok = field_validator("tokens", mode="before")(lambda v: None if v is None else parse_count(v))
 

@@ -502,7 +502,7 @@ def _precision(p: str) -> str:
     return p  # bf16 on a CPU is CPU autocast: slow, but what was asked
 
 
-def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
+def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, run_name: str):
     import torch
     import transformers
 
@@ -529,7 +529,9 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
         bf16=prec == "bf16",
         seed=b.seed,
         data_seed=b.seed,
-        report_to=[],
+        # HF's own integrations; TensorBoard is added by _run_stage, writing where the output keeps it
+        report_to=[x for x in b.report_to if x != "tensorboard"],
+        run_name=f"{run_name}-stage-{stage.index}" if b.grow is not None else run_name,
         disable_tqdm=True,
         dataloader_num_workers=b.workers,
         remove_unused_columns=False,
@@ -558,6 +560,24 @@ def _training_args(cfg: Config, stage: Stage, ckpt_dir: Path, progress: bool):
     return transformers.TrainingArguments(**kw), warm, prec
 
 
+def check_reporting(cfg: Config) -> None:
+    """Every `report_to` integration's package is installed: checked at the run's start, located."""
+    if not cfg.body.report_to:
+        return
+    import transformers.integrations as hf
+
+    probe = {"comet_ml": "comet", "azure_ml": "azureml", "flyte": "flytekit"}
+    package = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit flytekitplugins-deck-standard"}
+    for name in cfg.body.report_to:
+        available = getattr(hf, f"is_{probe.get(name, name)}_available", None)
+        if available is not None and not available():
+            raise PlanError(
+                f"report_to {name}: its package is not installed",
+                where=cfg.where("report_to"),
+                fix=f"pip install {package.get(name, name)}, or drop {name} from report_to",
+            )
+
+
 def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool, stop_after: int | None, progress: bool, echo):
     import torch
     import transformers
@@ -567,7 +587,7 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     sdir = work / f"stage-{stage.index}"
     ckpt_dir = sdir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    args, warm, prec = _training_args(cfg, stage, ckpt_dir, progress)
+    args, warm, prec = _training_args(cfg, stage, ckpt_dir, work.name.removeprefix(".").removesuffix(".surgery-train"))
     last = last_complete_checkpoint(ckpt_dir, echo) if resume and is_main() else None
     if resume and not is_main():
         _barrier()
@@ -620,6 +640,12 @@ def _run_stage(cfg: Config, stage: Stage, work: Path, tps: int, *, resume: bool,
     domains = _eval_weights(corpus)
     eval_every = (b.eval_every or max(1, stage.run_steps // 10)) if corpus.eval is not None else None
     callbacks = _callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains, eval_every)
+    if "tensorboard" in b.report_to and is_main():
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = str(work / "logs" / f"stage-{stage.index}")  # published as OUT/logs
+        callbacks.append(board)
     if stage.index > 1 and b.grow is not None and b.grow.mask_steps:
         small = work / f"stage-{stage.index - 1}" / "final"
         where = cfg.where("grow", "mask_steps")
@@ -796,6 +822,7 @@ def _train(
         ctx = getattr(_source_config(model_dir), "max_position_embeddings", None)
         b = cfg.body = b.model_copy(update={"data": b.data.model_copy(update={"seq_len": default_seq_len(ctx)})})
     stages, tps = plan_stages(cfg, model_dir)
+    check_reporting(cfg)
     if b.grow is not None:
         from surgery.api import compile_plan
 
@@ -1116,6 +1143,8 @@ def _write_output(cfg: Config, trainer, model_dir: Path, work: Path, folder: Out
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in train.json
     shutil.copy(work / "metrics.jsonl", staging / "metrics.jsonl")
+    if (work / "logs").is_dir():  # report_to: tensorboard's event files
+        shutil.copytree(work / "logs", staging / "logs")
     from surgery.train.plot import loss_curve
 
     plotted = loss_curve(work / "metrics.jsonl", staging / "loss.png", title=out.name)
