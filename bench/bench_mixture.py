@@ -57,7 +57,8 @@ def main() -> int:
     from surgery.tiny import build_tiny
     from surgery.train import train
     from surgery.train.corpus import write_api_corpus, write_pydoc_corpus, write_stdlib_corpus
-    from surgery.train.mixture import Law, fit_runs
+    from surgery.train.mixture import Law
+    from surgery.train.mix import fit_runs
 
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)

@@ -108,8 +108,10 @@ def analyze(
     import transformers
 
     from surgery.io.checkpoint import open_checkpoint, resolve_ref
-    from surgery.train.data import default_cache_dir, expand_sources, token_stream
-    from surgery.train.loadable import check_loadable
+    from surgery.data.tokens import default_cache_dir
+    from surgery.data.sources import expand_sources
+    from surgery.data.packing import token_stream
+    from surgery.io.loadable import check_loadable
 
     transformers.utils.logging.set_verbosity_error()
     mdir = resolve_ref(str(model), Path.cwd())
@@ -543,7 +545,8 @@ def report_reads(models: list[str | Path], files: list[str], cache_dir: str | Pa
     """What `analyze` reads, for the output-folder protocol: each model's folder, every data file
     (globs expanded, and the folder each starts from), the token cache."""
     from surgery.io.checkpoint import resolve_ref
-    from surgery.train.data import data_paths, default_cache_dir
+    from surgery.data.sources import data_paths
+    from surgery.data.tokens import default_cache_dir
 
     reads: dict[str, list[Path]] = {"a model being analysed": [], "a data file": []}
     for m in models:
@@ -718,18 +721,6 @@ def _stream_embedding(base, attr_path: str, reader: _Reader, name: str, dtype) -
     setattr(owner, leaf, RowsFromDisk())
 
 
-# transformers 5 fuses MoE experts in memory; checkpoints keep one tensor per expert:
-# in-memory name -> (per-expert names on disk, in the order they are concatenated)
-_FUSED_EXPERTS = {
-    "mlp.experts.gate_up_proj": (
-        ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
-        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
-    ),
-    "mlp.experts.down_proj": (("block_sparse_moe.experts.{e}.w2.weight",), ("mlp.experts.{e}.down_proj.weight",)),
-}
-_RENAMED = {"mlp.gate.weight": ("block_sparse_moe.gate.weight",)}
-
-
 def _materialize(layer, reader: _Reader, prefix: str, device: str, dtype) -> None:
     for pname, p in list(layer.named_parameters()):
         _set_param(layer, pname, _layer_tensor(reader, prefix, pname, tuple(p.shape)).to(device, dtype))
@@ -738,11 +729,11 @@ def _materialize(layer, reader: _Reader, prefix: str, device: str, dtype) -> Non
 def _layer_tensor(reader: _Reader, prefix: str, pname: str, shape: tuple):
     if prefix + pname in reader.ck.tensors:
         return reader.tensor(prefix + pname)
-    for alt in _RENAMED.get(pname, ()):
-        if prefix + alt in reader.ck.tensors:
-            return reader.tensor(prefix + alt)
-    for layout in _FUSED_EXPERTS.get(pname, ()):
-        if prefix + layout[0].format(e=0) in reader.ck.tensors:
+    for layout in reader.ck.family.stored_layouts(pname):  # the family's data: renamed or fused in memory
+        if "{e}" not in layout[0]:
+            if prefix + layout[0] in reader.ck.tensors:
+                return reader.tensor(prefix + layout[0])
+        elif prefix + layout[0].format(e=0) in reader.ck.tensors:
             return torch.stack([torch.cat([reader.tensor(prefix + part.format(e=e)) for part in layout], dim=0) for e in range(shape[0])])
     raise CheckpointError(
         f"no tensor for {prefix}{pname} (shape {list(shape)}) in the checkpoint",

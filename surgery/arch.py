@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import NamedTuple
 
 from surgery import registry
 from surgery.errors import SurgeryError
@@ -27,6 +28,36 @@ _GUESS_OUTPUT_PROJECTIONS = (
     r"mlp\.experts\.down_proj",
 )
 _GUESS_NORMS = (r"(.*\.)?[^.]*(norm|ln)[^.]*\..*",)
+
+
+class MlpEntry(NamedTuple):
+    """One kind of MLP tensor indexed by the intermediate units (family data `mlp_in` / `mlp_out`,
+    written in JSON as [pattern, dim, parts] or [pattern, dim, parts, size_key])."""
+
+    pattern: str  # a regex over the tensor's name inside its layer
+    dim: int  # the dimension that indexes the units
+    parts: int  # 2 for a fused gate|up tensor (each half on its own)
+    size_key: str = ""  # the config key sizing these units, when a model has several (Qwen-MoE); "" = intermediate_key
+
+
+def _mlp_entries(v, origin: str) -> tuple:
+    out = []
+    for e in v:
+        if isinstance(e, dict):
+            e = [e.get("pattern"), e.get("dim"), e.get("parts", 1), e.get("size_key", "")]
+        if not isinstance(e, (list, tuple)) or not 3 <= len(e) <= 4 or not isinstance(e[0], str):
+            raise SurgeryError(f"an mlp_in/mlp_out entry is [pattern, dim, parts(, size_key)], not {e!r}", where=origin)
+        out.append(MlpEntry(e[0], int(e[1]), int(e[2]), (e[3] if len(e) > 3 else "") or ""))
+    return tuple(out)
+
+
+def _frozen(v):
+    """JSON lists and objects as tuples (a family is hashable data)."""
+    if isinstance(v, list):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _frozen(x)) for k, x in v.items())
+    return v
 
 
 @dataclass(frozen=True)
@@ -81,6 +112,12 @@ class Family:
     hidden_other: tuple = ()
     position_embeddings: tuple = ()  # absolute position embeddings [positions, hidden] (GPT-2's wpe): written to the stream
     intermediate_factor: int = 0  # MLP units per hidden unit when intermediate_key is null in the config (GPT-2: 4)
+    # how transformers holds a layer's tensors in memory when that differs from the checkpoint (read by
+    # `analyze`, which streams layers into modules): fused_experts maps an in-memory parameter (one
+    # [experts, ...] tensor) to the per-expert layouts it may be stored in, each the list of parts
+    # concatenated per expert ({e} the expert); renamed maps an in-memory name to the stored ones
+    fused_experts: tuple = ()  # ((in-memory suffix, ((part, ...), ...)), ...), from a JSON object
+    renamed: tuple = ()  # ((in-memory suffix, (stored suffix, ...)), ...), from a JSON object
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -103,6 +140,14 @@ class Family:
                 raise SurgeryError("each name_variants entry is {layer_prefix, embeddings?, lm_head?, final_norm?}", where=origin)
         tuples = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) for k, v in d.items() if isinstance(v, list)}
         tuples.update({k: tuple(v.items()) for k, v in d.items() if isinstance(v, dict)})
+        for key in ("mlp_in", "mlp_out"):
+            if key in d:
+                tuples[key] = _mlp_entries(d[key], origin)
+        for key in ("fused_experts", "renamed"):
+            if key in d:
+                if not isinstance(d[key], dict):
+                    raise SurgeryError(f"{key} is a JSON object (in-memory name -> stored layouts)", where=origin)
+                tuples[key] = _frozen(d[key])
         return cls(**{**d, **tuples})
 
     # -- tensor names ------------------------------------------------------------------------
@@ -122,6 +167,17 @@ class Family:
     def is_output_projection(self, suffix: str) -> bool:
         return self._out_re.fullmatch(suffix) is not None
 
+    def stored_layouts(self, suffix: str) -> tuple:
+        """How an in-memory layer parameter is stored: ((part, ...), ...) for fused experts (one
+        tuple of parts per layout), ((name,), ...) for a renamed one, () when stored as named."""
+        for name, layouts in self.fused_experts:
+            if name == suffix:
+                return layouts
+        for name, stored in self.renamed:
+            if name == suffix:
+                return tuple((x,) for x in stored)
+        return ()
+
     def mlp_role(self, suffix: str) -> tuple[str, int, int] | None:
         """("in" | "out", dim, parts) when `suffix` is a dense-MLP tensor indexed by the intermediate units."""
         entry = self._mlp_entry(suffix)
@@ -131,21 +187,21 @@ class Family:
         """The config key sizing the units `suffix` holds: an entry's own (Qwen-MoE's experts, shared
         expert and dense layers have three sizes) or intermediate_key."""
         entry = self._mlp_entry(suffix)
-        return entry[3] if entry is not None and entry[3] else self.intermediate_key
+        return entry[3] or self.intermediate_key if entry is not None else self.intermediate_key
 
     def mlp_size_keys(self) -> list[str]:
         """Every config key sizing MLP units, intermediate_key first."""
         keys = [self.intermediate_key]
         for e in tuple(self.mlp_in) + tuple(self.mlp_out):
-            if len(e) > 3 and e[3] and e[3] not in keys:
-                keys.append(e[3])
+            if e.size_key and e.size_key not in keys:
+                keys.append(e.size_key)
         return keys
 
     def _mlp_entry(self, suffix: str):
         for role, entries in (("in", self.mlp_in), ("out", self.mlp_out)):
             for e in entries:
-                if re.fullmatch(e[0], suffix):
-                    return role, int(e[1]), int(e[2]), (e[3] if len(e) > 3 else "")
+                if re.fullmatch(e.pattern, suffix):
+                    return role, e.dim, e.parts, e.size_key
         return None
 
     def hidden_role(self, suffix: str) -> tuple[str, int] | None:

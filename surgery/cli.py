@@ -590,7 +590,7 @@ def train(
         echo=click.echo,
         overrides=overrides,
     )
-    from surgery.train.run import is_main
+    from surgery.train.dist import is_main
 
     if res.path is not None and is_main():
         ppl = f"; held-out loss {res.eval_loss:.4f}, perplexity {res.perplexity:.3f}" if res.perplexity is not None else ""
@@ -661,7 +661,7 @@ def mix_show(config, fmt):
     """Print a config's domains, their token statistics (entropies from the token cache) and the
     proportions every weights rule gives them, without training."""
     _train_extra()
-    from surgery.train.mixture import describe, describe_text
+    from surgery.train.mix import describe, describe_text
 
     doc = describe(config, progress=sys.stderr.isatty() and fmt == "text")
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else describe_text(doc))
@@ -693,7 +693,7 @@ def mix_fit(runs, steps, holdout, min_share, fmt):
     the mean relative error on held-out points, and print the proportions that minimise the
     predicted average loss at --steps as a ready `data.sources` block."""
     from surgery.errors import PlanError
-    from surgery.train.mixture import fit_runs, fit_text
+    from surgery.train.mix import fit_runs, fit_text
 
     if holdout != "final":
         try:

@@ -307,7 +307,7 @@ def test_verify_checks_config_json(models, tmp_path):
 
 
 def test_long_records_are_cut_into_bounded_pieces():
-    from surgery.train.data import PIECE_CHARS, split_document
+    from surgery.data.sources import PIECE_CHARS, split_document
 
     text = ("word " * 30 + "\n") * 20000 + "x" * (3 * PIECE_CHARS)  # lines, then one line longer than a piece
     pieces = list(split_document(text))
@@ -349,3 +349,28 @@ def test_ctrl_c_says_what_is_left_for_that_command(monkeypatch, command, target,
     r = CliRunner().invoke(main, command)
     assert r.exit_code == 130 and said in r.output, r.output
     assert command[0] == "apply" or "apply --resume" not in r.output
+
+
+def test_surgery_json_is_read_as_one_versioned_type(tmp_path, models):
+    """read_provenance is the one reader of surgery.json: its format is checked (a newer one is a
+    located error saying so), the record round-trips what was written, and verify, recompute and
+    training report a damaged record through it, located."""
+    import surgery
+    from surgery.errors import SurgeryError
+    from surgery.io.provenance import read_provenance
+    from surgery.io.verify import verify_output as verify
+
+    plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}, {{stack: {{times: 2}}}}]\n")
+    out = surgery.apply(plan, tmp_path / "out", progress=False).path
+    raw = json.loads((out / "surgery.json").read_text())
+    prov = read_provenance(out)
+    assert prov.format == "surgery/1" and prov.record() == raw and prov.shards == raw["output"]["shards"]
+    assert verify(out) == []
+    bad = tmp_path / "newer"
+    shutil.copytree(out, bad)
+    (bad / "surgery.json").write_text(json.dumps({**raw, "format": "surgery/9"}))
+    with pytest.raises(SurgeryError) as e:
+        read_provenance(bad)
+    assert "surgery/9" in str(e.value) and "newer" in str(e.value) and str(bad / "surgery.json") in str(e.value)
+    problems = verify(bad)
+    assert problems and "surgery/9" in str(problems[0]) and str(bad / "surgery.json") in problems[0].where

@@ -347,7 +347,7 @@ def test_verify_of_deep_json_and_a_missing_folder(tmp_path):
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_torn(tmp_path):
-    from surgery.train.run import CHECKPOINT_DONE, last_complete_checkpoint, prune_checkpoints
+    from surgery.train.checkpoints import CHECKPOINT_DONE, last_complete_checkpoint, prune_checkpoints
 
     ck = tmp_path / "checkpoints"
     for step, done in ((10, True), (20, True), (30, False)):
@@ -410,7 +410,7 @@ def test_train_and_eval_refuse_models_that_would_run_code(models, tmp_path, haza
 
 
 def test_corrupt_parquet_and_non_text_records_are_reported(models, tmp_path, capfd):
-    from surgery.train.data import Source, read_pieces
+    from surgery.data.sources import Source, read_pieces
 
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet PAR1")

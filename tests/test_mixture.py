@@ -16,17 +16,9 @@ from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.train import train
 from surgery.train.config import config_from_text
-from surgery.train.mixture import (
-    BLOCK,
-    ArrayStream,
-    Law,
-    Mixture,
-    fit_law,
-    fit_runs,
-    optimal_proportions,
-    proportions,
-    token_statistics,
-)
+from surgery.data.mixing import BLOCK, ArrayStream, Mixture, proportions, token_statistics
+from surgery.train.mixture import Law, fit_law, optimal_proportions
+from surgery.train.mix import fit_runs
 
 from .conftest import load_tensors
 
@@ -339,7 +331,7 @@ def test_mixture_command_errors_are_located(tmp_path):
 
 
 def test_the_entropy_base_is_a_setting_and_bits_sharpen_the_softmax():
-    from surgery.train.mixture import TokenStats, proportions
+    from surgery.data.mixing import TokenStats, proportions
 
     def stats(h):
         return TokenStats(**{**{f: 0 for f in TokenStats.__dataclass_fields__}, "conditional_entropy": h})

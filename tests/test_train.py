@@ -271,7 +271,7 @@ def test_growth_continues_the_data_and_matches_a_scratch_run(tmp_path, corpus, m
     (it does not replay stage 1), and a run from scratch with the same seed reads the same sequences
     at the same steps. Held-out loss is measured right after growth, and evaluations follow the run's
     global step, so both runs evaluate at the same steps."""
-    from surgery.train.data import Ordered
+    from surgery.data.packing import Ordered
 
     read: list = []
     real = Ordered.__getitem__
@@ -368,7 +368,9 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
     import pyarrow.parquet as pq
     import transformers
 
-    from surgery.train.data import Packed, Stream, expand_sources, tokenize, tokenizer_fingerprint
+    from surgery.data.packing import Packed, Stream
+    from surgery.data.sources import expand_sources
+    from surgery.data.tokens import tokenize, tokenizer_fingerprint
 
     (tmp_path / "a.txt").write_text("abc\n\nde\n\nfgh")
     (tmp_path / "b.jsonl").write_text('{"text": "xy"}\n\n{"text": "z"}\n')
@@ -397,7 +399,7 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
     tokenize(srcs[0], tok, fp, cache, "\n\n")
     assert [m.stat().st_mtime_ns for m in metas] == stamp and len(metas) == 3
     # a long .txt document is read in pieces yet stays one document
-    from surgery.train import data
+    from surgery.data import sources as data
 
     (tmp_path / "long.txt").write_text("line\n" * 50)
     old = data.PIECE_CHARS
@@ -631,7 +633,9 @@ def test_packing_invariants_for_any_documents():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from surgery.train.data import Packed, Source, Stream, Tokens
+    from surgery.data.packing import Packed, Stream
+    from surgery.data.sources import Source
+    from surgery.data.tokens import Tokens
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=6), min_size=1, max_size=4), st.integers(2, 16))
@@ -687,7 +691,9 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     frozen, and is written as a plain checkpoint that loads and keeps training."""
     import transformers
 
-    from surgery.train.data import Ordered, Packed, default_cache_dir, expand_sources, token_stream
+    from surgery.data.packing import Ordered, Packed, token_stream
+    from surgery.data.tokens import default_cache_dir
+    from surgery.data.sources import expand_sources
     from surgery.train.ligo import learn_growth
 
     small = models("llama")

@@ -13,8 +13,8 @@ from surgery.engine.evaluate import Evaluator
 from surgery.engine.read import Sources, torch_dtype
 from surgery.errors import Problem, SurgeryError
 from surgery.io.safetensors import read_safetensors_header
-from surgery.jsonio import read_json
 from surgery.plan import plan_from_doc
+from surgery.io.provenance import read_provenance
 from surgery.plan.yamlio import Located
 
 
@@ -23,7 +23,7 @@ def recompute(out: str | Path, *, allow_pickle: bool = False) -> list[Problem]:
 
     out = Path(out)
     prov_path = out / "surgery.json"
-    prov = read_json(prov_path)
+    prov = read_provenance(out, required=True).record()
     try:
         content = prov["plan"]["content"]
         sources = {n: s["path"] for n, s in prov["sources"].items()}

@@ -585,10 +585,14 @@ def _run_shards(
 
 
 def _published_build(out: Path) -> str | None:
+    from surgery.errors import SurgeryError
+    from surgery.io.provenance import read_provenance
+
     try:
-        return json.loads((out / "surgery.json").read_text()).get("build")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        prov = read_provenance(out)
+    except (SurgeryError, OSError, RecursionError):
         return None
+    return prov.build if prov is not None else None
 
 
 def _write_metadata(program: Program, folder: Path, shard_info: list[dict], build: str):

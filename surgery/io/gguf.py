@@ -332,11 +332,14 @@ def cached_conversion(path: str | Path, where: str | None = None) -> Path:
 
 def is_conversion(out: str | Path) -> bool:
     """Whether `out` is a `surgery convert` output (its surgery.json records a GGUF source, no plan)."""
+    from surgery.errors import SurgeryError
+    from surgery.io.provenance import read_provenance
+
     try:
-        prov = json.loads((Path(out) / "surgery.json").read_text())
-    except (OSError, ValueError):
+        prov = read_provenance(out)
+    except (SurgeryError, OSError):
         return False
-    return isinstance(prov, dict) and "converted" in prov and "plan" not in prov
+    return prov is not None and prov.converted is not None and prov.plan is None
 
 
 def recompute_converted(out: str | Path) -> list[Problem]:
@@ -345,9 +348,11 @@ def recompute_converted(out: str | Path) -> list[Problem]:
     import torch
     from safetensors import safe_open
 
+    from surgery.io.provenance import read_provenance
+
     out = Path(out)
-    prov = json.loads((out / "surgery.json").read_text())
-    conv = prov.get("converted") if isinstance(prov, dict) else None
+    prov = read_provenance(out, required=True)
+    conv = prov.converted
     if not isinstance(conv, dict) or not isinstance(conv.get("from"), str) or conv.get("dtype") not in OUT_DTYPES:
         return [Problem(str(out / "surgery.json"), "records no GGUF source to recompute from")]
     src = Path(conv["from"])

@@ -19,6 +19,8 @@ from surgery.errors import CheckpointError, Problem
 from surgery.jsonio import read_json
 
 MAX_LAYERS = 100_000
+# the formats of surgery.json this version reads: apply's "surgery/1", convert's 1, and none (before formats)
+FORMATS = (None, "surgery/1", 1)
 
 
 class _Record(BaseModel):
@@ -50,15 +52,24 @@ class Widened(_Record):
 
 
 class Provenance(_Record):
-    format: Optional[Any] = None
+    format: Optional[Any] = None  # "surgery-provenance/N"; older outputs have none
     new_layers: list[StrictInt] = []
     layer_map: list[LayerRecord] = []
     widened: Optional[Widened] = None
-    output: Optional[dict] = None
-    growth_operator: Optional[dict] = None
+    output: Optional[dict] = None  # num_layers, parameters, shards (names, sizes, header hashes, checksums)
+    growth_operator: Optional[dict] = None  # G_learn's record
+    plan: Optional[dict] = None  # the plan's text and seed (recompute)
+    sources: Optional[dict] = None  # name -> {path, ...} (recompute)
+    converted: Optional[dict] = None  # a GGUF conversion: {from, sha256, dtype}
+    build: Optional[StrictStr] = None  # the build that wrote it (resume)
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.format not in FORMATS:
+            raise ValueError(
+                f"format {self.format!r} is not one this surgery reads ({', '.join(map(repr, FORMATS[1:]))}): "
+                "written by a newer version? upgrade surgery"
+            )
         n = len(self.layer_map)
         if any(r.layer != i for i, r in enumerate(self.layer_map)):
             raise ValueError("layer_map's entries are not layers 0, 1, 2, ... in order")
@@ -72,6 +83,16 @@ class Provenance(_Record):
     def zero_layers(self) -> list[int]:
         """New layers made all zero (`init: zero`): no gradient reaches them."""
         return [r.layer for r in self.layer_map if r.new and r.made == "zero"]
+
+    def record(self) -> dict:
+        """The record as it was read (unknown fields kept, no defaults added): what a writer that
+        updates surgery.json (a learned operator's weights) starts from."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def shards(self) -> list | None:
+        """output.shards as recorded (verify checks each entry), or None."""
+        return self.output.get("shards") if isinstance(self.output, dict) else None
 
     def layer_map_dicts(self) -> list[dict]:
         return [r.model_dump() for r in self.layer_map]

@@ -7,6 +7,7 @@ from pathlib import Path
 from surgery.io.safetensors import header_sha256, read_safetensors_header
 from surgery.io.safetensors import file_crc32
 from surgery.errors import Problem, SurgeryError
+from surgery.io.provenance import read_provenance
 from surgery.jsonio import read_json
 
 
@@ -24,7 +25,8 @@ def verify_output(out: str | Path) -> list[Problem]:
     if problems:
         return problems
     try:
-        index, prov = read_json(index_path), read_json(prov_path)
+        index = read_json(index_path)
+        prov = read_provenance(out, required=True).record()
     except SurgeryError as e:
         return e.problems
     problems += _check_config(out / "config.json", prov)

@@ -162,8 +162,19 @@ class Grow(Strict):
 
 # HF Trainer's reporting integrations and the check that each one's package is installed
 REPORT_TO = (
-    "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "neptune", "clearml", "dagshub", "dvclive", "codecarbon", "swanlab",
-    "azure_ml", "flyte",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "trackio",
+    "comet_ml",
+    "neptune",
+    "clearml",
+    "dagshub",
+    "dvclive",
+    "codecarbon",
+    "swanlab",
+    "azure_ml",
+    "flyte",
 )
 
 
@@ -275,6 +286,20 @@ def config_from_doc(doc: Located, base_dir: Path, overrides: dict | None = None)
     except ValidationError as e:
         raise PlanError(_problems(e, doc, (), TrainConfig, data)) from None
     return Config(body, doc, base_dir)
+
+
+def with_seq_len(cfg: Config, model_dir) -> Config:
+    """The config with data.seq_len set (its default from the model's context when not given): a new
+    Config, the loaded one is never changed."""
+    import dataclasses
+
+    if cfg.body.data.seq_len is not None:
+        return cfg
+    import transformers
+
+    ctx = getattr(transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False), "max_position_embeddings", None)
+    data = cfg.body.data.model_copy(update={"seq_len": default_seq_len(ctx)})
+    return dataclasses.replace(cfg, body=cfg.body.model_copy(update={"data": data}))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:

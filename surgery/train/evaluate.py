@@ -44,7 +44,7 @@ def evaluate(
             cache_dir=cache_dir,
             progress=progress,
         )
-    from surgery.train.data import expand_sources
+    from surgery.data.sources import expand_sources
 
     ctx = _Models(model, against, device, progress)
     srcs = expand_sources(files, Path.cwd(), text_field, lambda i: f"--data {files[i]}")
@@ -66,7 +66,7 @@ def evaluate_sources(
     """Each domain of a `sources:` list scored on its held-out text (its eval_files, else its files),
     then their average weighted by the given weights (uniform when the sources have none)."""
     from surgery.train.config import load_sources
-    from surgery.train.data import expand_sources
+    from surgery.data.sources import expand_sources
     from surgery.train.mixture import weighted_loss
 
     data, where = load_sources(sources_file)
@@ -102,7 +102,7 @@ class _Models:
         import transformers
 
         from surgery.io.checkpoint import resolve_ref
-        from surgery.train.loadable import check_loadable
+        from surgery.io.loadable import check_loadable
 
         transformers.utils.logging.set_verbosity_error()
         if not progress:
@@ -127,7 +127,8 @@ class _Models:
     def score(self, srcs, seq_len, stride, max_tokens, separator, cache_dir, progress) -> dict:
         import torch
 
-        from surgery.train.data import default_cache_dir, token_stream
+        from surgery.data.tokens import default_cache_dir
+        from surgery.data.packing import token_stream
 
         m, base, dev = self.m, self.base, self.dev
         stream = token_stream(srcs, self.tok, self.mdir, Path(cache_dir) if cache_dir else default_cache_dir(), separator)

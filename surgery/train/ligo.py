@@ -299,9 +299,9 @@ def learn_growth(
     fam = grown_ck.family
     from surgery.io.provenance import read_provenance
 
-    checked = read_provenance(grown_dir, required=True, where=where)  # validated; the raw record is rewritten below
+    checked = read_provenance(grown_dir, required=True, where=where)
     prov_path = grown_dir / "surgery.json"
-    prov = json.loads(prov_path.read_text())
+    prov = checked.record()  # rewritten below with the learned operator
     layer_map = checked.layer_map_dicts()
     widened = checked.widened_dict()
     check_learnable(layer_map, widened, where, "learn" if variant == "paper" else "learn-split")

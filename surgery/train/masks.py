@@ -264,12 +264,12 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
 
     if "intermediate" in grew:
         for entry in fam.mlp_out:  # each MLP of the model (experts, a shared expert, dense layers) from its own size
-            if not present(entry[0]):
+            if not present(entry.pattern):
                 continue
-            key = entry[3] if len(entry) > 3 and entry[3] else fam.intermediate_key
+            key = entry.size_key or fam.intermediate_key
             old = grew["intermediate"] if key == fam.intermediate_key else small_cfg.get(key)
-            what = f"takes the new MLP units of {entry[0]!r} as its input"
-            hook_all(_modules(model, fam, [entry[0]]), UnitMask(old), what, True, "intermediate")
+            what = f"takes the new MLP units of {entry.pattern!r} as its input"
+            hook_all(_modules(model, fam, [entry.pattern]), UnitMask(old), what, True, "intermediate")
     heads_stage = "heads" if "heads" in stages else "hidden"  # heads grown with the stream's head size (GPT-2) ramp with it
     if "attention" in grew and style == "msg":
         a, a2 = small_cfg.get(fam.heads_key), grown_cfg.get(fam.heads_key)
