@@ -31,6 +31,7 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path_factory.getbasetemp() / "surgery-cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "mixtral", "qwen3"])
 def test_streamed_states_equal_a_full_forward(models, held_out, family):
     import transformers
@@ -54,6 +55,7 @@ def test_streamed_states_equal_a_full_forward(models, held_out, family):
             assert a.drop_loss[n][start] == pytest.approx(_loss(model, ids, drop=(start, n)), abs=2e-6), (family, n, start)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "phi3", "gpt_neox"])
 def test_the_held_out_loss_is_the_models_own_for_the_other_families(models, held_out, family):
     """The loss pass (final norm, streamed head, Gemma 2's logit soft-capping) on the families the
@@ -90,6 +92,7 @@ def _loss(model, ids, drop=(0, 0)):
             model.config.layer_types = types
 
 
+@pytest.mark.slow
 def test_the_suggested_block_is_the_cheapest_to_drop_on_the_demo_model(demo_run, tmp_path):
     """The issue's criterion, on the demo's grown-then-trained 16-layer model: dropping the
     suggested block raises the held-out perplexity less than dropping any other block of its size,
@@ -150,6 +153,7 @@ def test_identity_blocks_measure_zero_and_are_dropped_first(models, held_out, tm
         assert surgery.validate(write_plan(tmp_path, text, what.replace(":", "-") + ".yaml")).valid
 
 
+@pytest.mark.slow
 def test_cli_report_folder_json_and_against(models, held_out, tmp_path):
     runner = CliRunner()
     m, other = models("llama"), models("llama", noise=0.02)

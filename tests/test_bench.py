@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -24,6 +26,7 @@ def run(script, *args, tmp):
     return json.loads(js.read_text()), md.read_text()
 
 
+@pytest.mark.slow
 def test_apply_benchmark_harness(tmp_path):
     doc, md = run("bench_apply.py", "--size", "tiny", "--no-mergekit", tmp=tmp_path)
     cases = {r["case"] for r in doc["results"] if r["tool"] == "surgery"}
@@ -32,6 +35,7 @@ def test_apply_benchmark_harness(tmp_path):
     assert {"cat", "cp -r"} <= {r["tool"] for r in doc["results"]} and "nan" not in md
 
 
+@pytest.mark.slow
 def test_train_benchmark_harness(tmp_path):
     doc, md = run("bench_train.py", "--size", "tiny", tmp=tmp_path)
     assert [r["variant"] for r in doc["rows"]] == ["HF Trainer (plain)", "surgery train"]
@@ -40,6 +44,7 @@ def test_train_benchmark_harness(tmp_path):
     assert "| surgery train |" in md
 
 
+@pytest.mark.slow
 def test_mixture_benchmark_harness(tmp_path):
     doc, md = run("bench_mixture.py", "--size", "tiny", tmp=tmp_path)
     assert [r["mixture"] for r in doc["rows"]] == ["tokens", "entropy", "fitted"]
@@ -48,6 +53,7 @@ def test_mixture_benchmark_harness(tmp_path):
     assert "| fitted |" in md and "law's error" in md
 
 
+@pytest.mark.slow
 def test_growth_benchmark_harness(tmp_path):
     doc, md = run("bench_growth.py", "--size", "tiny", tmp=tmp_path)
     runs = [r["run"] for r in doc["rows"]]

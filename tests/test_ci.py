@@ -69,6 +69,7 @@ def comparable(report: dict) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded, tmp_path):
     local = surgery.validate(write_plan(tmp_path / "l", PLAN.format(ref=sharded)))
     remote = surgery.validate(write_plan(tmp_path / "r", PLAN.format(ref="test-org/llama")))
@@ -97,6 +98,7 @@ def test_validate_fetches_headers_only_and_matches_the_local_report(hub, sharded
     assert r.exit_code == 1 and "not in the local caches" in r.output and "plan.yaml:1" in r.output
 
 
+@pytest.mark.slow
 def test_revisions_are_cache_keys_never_paths(hub, tmp_path):
     plan = write_plan(tmp_path, "models: {m: {path: test-org/llama, revision: ../../../escape}}\nsteps: [{take: {model: m}}]\n")
     rep = surgery.validate(plan)
@@ -106,6 +108,7 @@ def test_revisions_are_cache_keys_never_paths(hub, tmp_path):
     assert (cache / "hub-headers" / "test-org--llama" / "refs" / "..%2F..%2F..%2Fescape").is_file()
 
 
+@pytest.mark.slow
 def test_hub_errors_name_the_model_and_the_fix(hub, tmp_path):
     import struct
 
@@ -137,6 +140,7 @@ def test_validate_names_missing_plans(tmp_path):
     assert r.exit_code == 1 and "nope.yaml: plan file not found" in r.output and "folder: is a folder" in r.output
 
 
+@pytest.mark.slow
 def test_private_repos_use_the_standard_token(hub, tmp_path, monkeypatch):
     plan = write_plan(tmp_path, PLAN.format(ref="private-org/llama"))
     r = cli("validate", plan)
@@ -147,6 +151,7 @@ def test_private_repos_use_the_standard_token(hub, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 def test_corrupt_remote_header_is_reported_with_the_file(hub, tmp_path):
     shard = sorted((hub.root / "test-org" / "llama").glob("*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
@@ -239,6 +244,7 @@ def test_strict_globs_and_one_exit_status(plans):
 # ---- schema, pre-commit, CI workflow ----
 
 
+@pytest.mark.slow
 def test_schema_validates_every_example(tmp_path):
     import jsonschema
     import yaml
@@ -268,6 +274,7 @@ def test_schema_validates_every_example(tmp_path):
     assert "yaml-language-server: $schema=" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_pre_commit_hook_on_a_good_and_a_bad_plan(tmp_path, models):
     hooks = __import__("yaml").safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
     assert {h["id"] for h in hooks} == {"surgery-validate", "surgery-validate-system"}

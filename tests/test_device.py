@@ -65,6 +65,7 @@ def test_gpu_matches_cpu(mixed_plan, tmp_path):
             assert within_ulps(cpu[k], gpu[k]), k
 
 
+@pytest.mark.slow
 def test_staged_pipeline_on_the_host_gives_the_same_bytes(mixed_plan, tmp_path, monkeypatch):
     """The device pipeline (pool buffers, deferred writes one chunk behind) run with host buffers:
     the same bytes as the direct path, for every chunk size."""
@@ -99,6 +100,7 @@ def test_staging_pool_reuses_buffers_and_bounds_what_it_keeps():
     assert ev is None and torch.equal(buf[:16].view(torch.int32), torch.arange(4, dtype=torch.int32))
 
 
+@pytest.mark.slow
 def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monkeypatch):
     """Small slerp inputs are kept from the statistics pass; larger ones are read again: same bytes."""
     import surgery.engine as engine
@@ -117,6 +119,7 @@ def test_slerp_reads_once_or_twice_to_the_same_bytes(mixed_plan, tmp_path, monke
     assert reads.count(q) - n_once == 2  # the slerp's second pass read both models' tensor again
 
 
+@pytest.mark.slow
 def test_selftest_passes_here_and_catches_a_faulty_device_path(monkeypatch):
     r = CliRunner().invoke(main, ["selftest", "--device", "cpu"])
     assert r.exit_code == 0 and "selftest passed" in r.output and "ok" in r.output, r.output

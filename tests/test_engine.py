@@ -22,6 +22,8 @@ from surgery.tiny import logits
 
 from .conftest import load_tensors, read_json, write_plan
 
+import pytest
+
 
 def test_chunking_does_not_change_bytes(models, tmp_path, monkeypatch):
     a, b = models("llama"), models("llama", noise=0.02)
@@ -190,6 +192,7 @@ def test_hub_id_from_offline_cache(models, tmp_path, monkeypatch):
     assert not rep.valid and "not in the local cache" in rep.problems[0].what and "HF_HUB_OFFLINE" in rep.problems[0].what
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_same_bytes(tmp_path):
     """20 SIGKILLs at random moments, each run after the first with --resume: after every kill no
     folder with an index exists unless complete, and the final output equals a clean run's bytes."""
@@ -274,6 +277,7 @@ def test_verify_finds_damage(models, tmp_path):
     assert f"{shards[1].name}: missing" in r.output and f"{shards[2].name}: header differs" in r.output
 
 
+@pytest.mark.slow
 def test_disk_full_names_the_file_and_leaves_nothing(models, tmp_path):
     import resource
 

@@ -272,6 +272,7 @@ def test_all_errors_are_value_errors(tmp_path):
     assert issubclass(CheckpointError, ValueError)
 
 
+@pytest.mark.slow
 def test_cli_real_process_prints_no_traceback(tmp_path):
     plan = write_plan(tmp_path, "models:\n  base: ./nowhere\nsteps:\n  - take: {model: base}\n")
     p = subprocess.run([sys.executable, "-m", "surgery.cli", "apply", str(plan), "-o", str(tmp_path / "o")], capture_output=True, text=True)

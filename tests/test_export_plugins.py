@@ -26,6 +26,7 @@ def export(plan_path):
     return r
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_export_round_trip_passthrough_identity(models, tmp_path):
     src = models("mistral")
@@ -55,6 +56,7 @@ output: {{dtype: bfloat16}}
     assert not ours["model.layers.3.self_attn.o_proj.weight"].any()
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_export_round_trip_slerp(models, tmp_path):
     a, b = models("mistral"), models("mistral", noise=0.02)
@@ -97,6 +99,7 @@ def test_export_refuses_what_mergekit_cannot_express(models, tmp_path, steps, me
     assert r.exit_code == 1 and message in r.output and "plan.yaml:" in r.output
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_surgery_mergekit_command_with_identity_method(models, tmp_path):
     """LLaMA Pro as one mergekit config, run by mergekit with surgery's method: equal to `expand`."""
@@ -170,6 +173,7 @@ def test_a_plugin_that_clashes_half_way_leaves_nothing_behind(clean_registries):
     assert "test_midpoint2" not in clean_registries.method_names()
 
 
+@pytest.mark.slow
 def test_plugin_methods_resolve_on_the_first_call_in_a_fresh_process(tmp_path, models):
     """`plan_from_text` with a plugin's method works on the first call, without any CLI or API
     entry point having loaded the plugins first (the grow path of `surgery train` goes there)."""
@@ -191,6 +195,7 @@ def test_plugin_that_fails_to_load(clean_registries):
         plugins.load_plugins(entry_points=[_ep("bad", "no_such_module_xyz:register")])
 
 
+@pytest.mark.slow
 def test_core_never_imports_mergekit(models, tmp_path):
     """With the plugin installed, mergekit is imported only when a plan uses one of its methods."""
     import sys as _sys

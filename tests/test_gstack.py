@@ -21,6 +21,7 @@ def _plan(tmp_path, src, step: str, name: str = "plan.yaml"):
     return write_plan(tmp_path, f"models: {{base: {src}}}\nsteps:\n  - take: {{model: base}}\n  - {step}\n", name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_paper_g_zero_keeps_logits_in_prts_layout(family, models, tmp_path):
     """G↑zero (prts G_zero_depthwise.py): layer j followed by factor - 1 copies of itself whose
@@ -104,6 +105,7 @@ def test_dead_parameters_are_warned_at_validate(models, tmp_path):
     assert clean.exit_code == 0 and "dead-parameters" not in clean.output
 
 
+@pytest.mark.slow
 def test_train_refuses_dead_parameters_before_any_step_unless_allowed(models, tmp_path):
     from surgery.train import train
     from surgery.train.corpus import write_pydoc_corpus

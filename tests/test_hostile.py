@@ -123,6 +123,7 @@ def step(draw):
     return {op: body}
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step(), min_size=1, max_size=4), dtype=st.sampled_from([None, "bfloat16", "float16", "fp8"]))
 def test_generated_plans(models, tmp_path_factory, steps, dtype):

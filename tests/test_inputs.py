@@ -204,6 +204,7 @@ def nan_model(models, tmp_path) -> Path:
     return m
 
 
+@pytest.mark.slow
 def test_non_finite_measurements_are_errors_not_results(nan_model, tmp_path):
     data = _text(tmp_path)
     out = _run("analyze", nan_model, "--data", data, "--samples", "2", "--seq-len", "16", "--suggest", "drop:1")
@@ -319,6 +320,7 @@ def test_long_records_are_cut_into_bounded_pieces():
     assert list(split_document("short")) == [("short", True, True)]
 
 
+@pytest.mark.slow
 def test_suggested_plans_parse_whatever_the_model_folder_is_called(models, tmp_path):
     odd = tmp_path / "run #3: best"
     shutil.copytree(models("llama"), odd)

@@ -85,6 +85,7 @@ def test_resume_without_a_change_keeps_the_finished_shards(models, tmp_path, mon
     assert _bytes(out) == _bytes(surgery.apply(plan, tmp_path / "fresh", progress=False).path)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(models, tmp_path):
     plan = write_plan(tmp_path, f"models: {{a: {models('llama')}}}\nsteps: [{{take: {{model: a}}}}]\n")
     out = tmp_path / "out"
@@ -526,6 +527,7 @@ def test_an_unreachable_hub_is_a_located_error_in_every_format(tmp_path, monkeyp
         assert doc["plans"][0]["passed"] is False
 
 
+@pytest.mark.slow
 def test_train_killed_during_publish_is_finished_by_resume(models, tmp_path, monkeypatch):
     from surgery.train import train
 
@@ -579,6 +581,7 @@ SHAPED = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=JSON, prov=JSON | SHAPED, config=JSON)
 def test_verify_answers_any_json_with_problems(tmp_path_factory, index, prov, config):
@@ -592,6 +595,7 @@ def test_verify_answers_any_json_with_problems(tmp_path_factory, index, prov, co
     assert problems and all(p.what for p in problems)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=JSON, noise=st.text(alphabet='[]{}",:0123456789e-\\ntrue', max_size=200))
 def test_parse_json_is_total(doc, noise):
@@ -604,6 +608,7 @@ def test_parse_json_is_total(doc, noise):
             assert e.problems[0].where == "x.json"
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     config=st.dictionaries(

@@ -48,6 +48,7 @@ def compare(ours, theirs, *, bitwise: bool):
             assert within_ulps(ours[k], theirs[k]), f"{k}: max diff {(ours[k].float() - theirs[k].float()).abs().max()}"
 
 
+@pytest.mark.slow
 def test_linear_example(trio, tmp_path):
     a, b, c = trio
     ours, theirs, out = run_both(
@@ -69,6 +70,7 @@ dtype: float16
     assert "mergekit_config" in read_json(out / "surgery.json")["plan"]
 
 
+@pytest.mark.slow
 def test_gradient_slerp_example(trio, tmp_path):
     a, b, _ = trio
     ours, theirs, _ = run_both(
@@ -95,6 +97,7 @@ dtype: float16
     compare(ours, theirs, bitwise=False)
 
 
+@pytest.mark.slow
 def test_passthrough_frankenmerge_example(trio, tmp_path):
     a, b, _ = trio
     ours, theirs, out = run_both(
@@ -115,6 +118,7 @@ dtype: float16
     assert read_json(out / "config.json")["num_hidden_layers"] == 6
 
 
+@pytest.mark.slow
 def test_passthrough_scale_filters_and_precedence(trio, tmp_path):
     a, b, _ = trio
     ours, theirs, _ = run_both(
@@ -143,6 +147,7 @@ merge_method: passthrough
     assert torch.equal(ours["model.layers.4.mlp.up_proj.weight"], theirs["model.layers.4.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow
 def test_linear_slices_with_gradients_and_out_dtype(trio, tmp_path):
     a, b, _ = trio
     ours, theirs, _ = run_both(
@@ -169,6 +174,7 @@ out_dtype: bfloat16
     compare(ours, theirs, bitwise=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_base", [False, True])
 def test_nuslerp(trio, tmp_path, with_base):
     a, b, c = trio
@@ -244,6 +250,7 @@ def _retokenize(folder, drop: set[str], extra: list[str]):
     (folder / "tokenizer.json").write_text(json.dumps(tok))
 
 
+@pytest.mark.slow
 def test_tokenizer_union(models, tmp_path):
     a_src, b_src = models("mistral"), models("mistral", noise=0.02)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -287,6 +294,7 @@ dtype: bfloat16
     assert ours["model.embed_tokens.weight"][va["<tool>"]].abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["chatml", "auto", "'{% for m in messages %}{{ m.content }}{% endfor %}'"])
 def test_chat_template(trio, tmp_path, template):
     a_src, b_src, _ = trio

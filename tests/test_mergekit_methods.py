@@ -130,6 +130,7 @@ def test_plugin_covers_every_mergekit_method():
     assert any(p.name == "mergekit" for p in load_plugins())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(CASES) + list(EXAMPLES))
 def test_method_matches_mergekit(method, mergekit_outputs):
     folder = mergekit_outputs / method

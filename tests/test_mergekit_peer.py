@@ -96,6 +96,7 @@ def peer_outputs(models, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PEER) + list(HAND))
 def test_peer_config_matches_mergekit(name, peer_outputs):
     folder = peer_outputs / name
@@ -110,6 +111,7 @@ def test_peer_config_matches_mergekit(name, peer_outputs):
         assert ours[k].dtype == torch.bfloat16 and within_ulps(ours[k], t), f"{name} {k}"
 
 
+@pytest.mark.slow
 def test_unused_parameters_are_located_warnings_that_strict_refuses(peer_outputs):
     cfg = peer_outputs / "slerp" / "config.yml"
     rep = surgery.validate(cfg)
@@ -237,6 +239,7 @@ def vocab_outputs(models, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, source", VOCAB_CASES)
 def test_differing_vocabularies_are_realigned_as_mergekit_does(vocab_outputs, method, source):
     import transformers
@@ -340,6 +343,7 @@ def tok_outputs(tok_models, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TOKENIZER_CASES))
 def test_mergekit_tokenizer_configs_agree_token_by_token(name, tok_outputs, tok_models):
     import json as _json

@@ -125,6 +125,7 @@ def test_entropies_match_a_hand_computation():
 # ---- the law ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_fit_recovers_known_parameters_and_the_optimum_is_the_minimum():
     true = Law(alpha=0.08, B=4.0, beta=0.45, C=2.1)
     r = np.repeat([0.2, 0.4, 0.6, 0.8], 15)
@@ -157,6 +158,7 @@ def _fake_run(folder: Path, proportions: dict, laws: dict, steps=range(10, 201, 
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
+@pytest.mark.slow
 def test_mix_fit_recovers_the_law_from_runs_and_prints_a_sources_block(tmp_path):
     laws = {"docs": Law(0.1, 5.0, 0.5, 2.0), "code": Law(0.3, 4.0, 0.6, 1.5)}
     runs = []
@@ -200,6 +202,7 @@ def test_mix_fit_recovers_the_law_from_runs_and_prints_a_sources_block(tmp_path)
 # ---- training on a mixture --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_mixture_trains_with_per_domain_held_out_losses(tmp_path, domains, models):
     res = train(mix_config(tmp_path, domains, models("llama")), progress=False, echo=quiet)
     recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines()]
@@ -214,6 +217,7 @@ def test_a_mixture_trains_with_per_domain_held_out_losses(tmp_path, domains, mod
     assert res.eval_loss == pytest.approx(evals[-1]["eval_loss"]) and (res.path / "loss.png").exists()
 
 
+@pytest.mark.slow
 def test_a_mixture_resumes_bitwise(tmp_path, domains, models):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -229,6 +233,7 @@ def test_a_mixture_resumes_bitwise(tmp_path, domains, models):
     assert strip(full.path / "metrics.jsonl") == strip(again.path / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_an_exhausted_domain_is_reported_or_refused(tmp_path, domains, models):
     small = tmp_path / "small.jsonl"
     small.write_text(json.dumps({"text": "def f(x):\n    return x * 2\n" * 12}) + "\n")  # a few sequences of 64
@@ -270,6 +275,7 @@ def test_mixture_config_errors_are_located(tmp_path, data, message, line):
     assert message in str(e.value) and f"t.yaml:{line}" in str(e.value)
 
 
+@pytest.mark.slow
 def test_mix_show_and_eval_per_domain(tmp_path, domains, models):
     cfg = mix_config(tmp_path, domains, models("llama"), weights="weight: 1", weights2="weight: 1", extra="  weights: joint-entropy\n")
     r = CliRunner().invoke(main, ["mix", str(cfg)])

@@ -17,6 +17,7 @@ from .conftest import load_tensors, read_json, write_plan
 from .test_mergekit_compat import MERGEKIT, run_both
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is in the test extra")
 def test_nearly_parallel_tensors_are_lerped_below_mergekits_threshold(models, tmp_path):
     """cos(a, b) ~ 0.9998: above mergekit's DOT_THRESHOLD 0.9995 both tools lerp; a threshold of
@@ -94,6 +95,7 @@ save_every: 1
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [2, 5])  # 2: stopped before the growth step; 5: after it
 def test_grow_interrupted_and_resumed_equals_one_run(tmp_path, models, stop_after):
     pytest.importorskip("transformers")
@@ -142,6 +144,7 @@ save_every: 1
 """
 
 
+@pytest.mark.slow
 def test_masked_growth_starts_from_the_small_model_and_resumes_exactly(tmp_path, models):
     """G_random with masks: at mask 0 the grown model is the small one; killed and resumed inside the
     ramp, the run equals an uninterrupted one bitwise."""

@@ -74,6 +74,7 @@ def test_analyze_refuses_a_report_folder_holding_its_data_before_any_work(models
     assert r.exit_code == 1 and "output path is empty" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_analyze_writes_the_suggested_plan_into_its_report(models, tmp_path):
     data = _text(tmp_path / "data")
     r = _run("analyze", models("llama"), "--data", data, "--samples", 4, "--seq-len", 16, "--suggest", "drop:1", "-o", tmp_path / "rep")

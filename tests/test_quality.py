@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,6 +26,7 @@ def test_ruff_format_is_clean():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_layers_follow_the_data_flow():
     r = _run(sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.argv=['lint-imports']; c()")
     assert r.returncode == 0 and "3 kept, 0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

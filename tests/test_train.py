@@ -94,6 +94,7 @@ def test_advise_warns_outside_the_fitted_range_and_gives_no_snippet_past_the_bud
     assert j["snippet"] is True and "outside the 410.00M-3.00B parameters" in j["warnings"][0]
 
 
+@pytest.mark.slow
 def test_a_missing_matplotlib_is_said_once(tmp_path, corpus, models, monkeypatch):
     import importlib.util
 
@@ -122,6 +123,7 @@ def test_advise_reproduces_the_published_table():
     assert bad.exit_code == 1 and "not a count" in bad.output and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tmp_path, corpus, models):
     res = train(config(tmp_path, corpus, models("llama"), steps=30, extra="warmup: 2\n"), progress=False, echo=quiet)
     recs = [json.loads(ln) for ln in (res.path / "metrics.jsonl").read_text().splitlines()]
@@ -144,6 +146,7 @@ def test_training_lowers_the_loss(tmp_path, corpus, models):
     assert r.exit_code == 0 and "layers: 4" in r.output
 
 
+@pytest.mark.slow
 def test_new_layers_train_and_everything_else_is_bitwise_unchanged(tmp_path, corpus, llama_pro):
     res = train(config(tmp_path, corpus, llama_pro, "trainable: new-layers\n"), progress=False, echo=quiet)
     before, after = load_tensors(llama_pro), load_tensors(res.path)
@@ -154,6 +157,7 @@ def test_new_layers_train_and_everything_else_is_bitwise_unchanged(tmp_path, cor
     assert res.trainable_params == sum(before[k].numel() for k in new)
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoints_stay_bfloat16_and_frozen_tensors_bitwise(tmp_path, corpus, models):
     src = tmp_path / "pro16"
     apply(
@@ -172,6 +176,7 @@ def test_bfloat16_checkpoints_stay_bfloat16_and_frozen_tensors_bitwise(tmp_path,
     assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_get_no_optimizer_state(tmp_path, corpus, llama_pro):
     cfg = config(tmp_path, corpus, llama_pro, "trainable: new-layers\nsave_every: 3\n", steps=6)
     res = train(cfg, progress=False, echo=quiet, stop_after=3)
@@ -183,6 +188,7 @@ def test_frozen_parameters_get_no_optimizer_state(tmp_path, corpus, llama_pro):
     assert sum(len(g["params"]) for g in state["param_groups"]) == n_tensors
 
 
+@pytest.mark.slow
 def test_freeze_embeddings_with_tied_weights(tmp_path, corpus, models):
     src = models("gpt2")
     assert read_json(src / "config.json").get("tie_word_embeddings", True)
@@ -192,6 +198,7 @@ def test_freeze_embeddings_with_tied_weights(tmp_path, corpus, models):
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tmp_path, corpus, models):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -223,6 +230,7 @@ grow:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["reset", "continue"])
 def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     cfg = config(tmp_path, corpus, models("llama"), GROW.format(schedule=schedule) + "warmup: 2\nlog_every: 1\n", steps=14)
@@ -266,6 +274,7 @@ def test_grow_then_train_in_one_command(tmp_path, corpus, models, schedule):
     assert transformers.AutoModelForCausalLM.from_pretrained(res.path).config.num_hidden_layers == 16
 
 
+@pytest.mark.slow
 def test_growth_continues_the_data_and_matches_a_scratch_run(tmp_path, corpus, models, monkeypatch):
     """Gstack trains the grown model on fresh data: stage 2 continues the run's one training order
     (it does not replay stage 1), and a run from scratch with the same seed reads the same sequences
@@ -295,6 +304,7 @@ def test_growth_continues_the_data_and_matches_a_scratch_run(tmp_path, corpus, m
     assert evals(grown) == [4, 8, 8, 12, 14, 14] and evals(scratch) == [4, 8, 12, 14, 14]
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_through_torchrun_ddp_and_fsdp2(tmp_path, corpus, models):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     outs = {}
@@ -336,6 +346,7 @@ def test_two_processes_with_gloo_through_torchrun_ddp_and_fsdp2(tmp_path, corpus
         torch.testing.assert_close(outs["fsdp"][k], outs["ddp"][k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_perplexity_and_logit_difference(tmp_path, corpus, models, llama_pro):
     from surgery.train.evaluate import evaluate
 
@@ -413,6 +424,7 @@ def test_packing_masks_document_starts_and_reads_every_format(tmp_path, models):
     assert [last for _, _, last in pieces] == [False] * (len(pieces) - 1) + [True]
 
 
+@pytest.mark.slow
 def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
     import datasets
 
@@ -526,6 +538,7 @@ def test_eval_errors(tmp_path, corpus, models):
         assert r.exit_code == 1 and expect in r.output and "Traceback" not in r.output, r.output
 
 
+@pytest.mark.slow
 def test_outputs_and_runs_are_never_clobbered(tmp_path, corpus, models):
     cfg = config(tmp_path, corpus, models("llama"), steps=2)
     (tmp_path / "out").mkdir()
@@ -553,6 +566,7 @@ def test_config_overrides_and_counts(tmp_path):
     assert "x.yaml:4" in str(e.value)
 
 
+@pytest.mark.slow
 def test_demo_grows_then_trains(demo_run):
     r, folder = demo_run
     assert r.exit_code == 0, r.output
@@ -596,6 +610,7 @@ def test_held_out_text_is_capped(tmp_path, corpus, models, capsys, monkeypatch):
         assert eval_token_cap(d, "m") == 50_000
 
 
+@pytest.mark.slow
 def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):
     src = models("llama")
     res = train(
@@ -616,6 +631,7 @@ def test_patterns_accumulation_and_linear_schedule(tmp_path, corpus, models):
     assert max(steps) == pytest.approx(min(steps)) == pytest.approx(3e-3 / 6)
 
 
+@pytest.mark.slow
 def test_hf_dataset_built_from_a_local_folder(tmp_path, models):
     (tmp_path / "jsondir").mkdir()
     (tmp_path / "jsondir" / "part.jsonl").write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
@@ -663,6 +679,7 @@ def test_packing_invariants_for_any_documents():
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "mixtral"])
 def test_new_layers_training_in_every_family(tmp_path, corpus, models, family):
     """LLaMA Pro on each architecture: identity blocks inserted, then only they train."""
@@ -685,6 +702,7 @@ def test_new_layers_training_in_every_family(tmp_path, corpus, models, family):
     assert res.trainable_params == sum(before[k].numel() for k in new)
 
 
+@pytest.mark.slow
 def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path, corpus, models):
     """G_learn (LiGO, depth): each grown layer's weights are learned combinations of the small
     model's layers, per parameter type; it starts at the plan's copies, trains with the small model
@@ -731,6 +749,7 @@ def test_a_learned_growth_operator_lowers_its_own_loss_and_materialises(tmp_path
     assert all(torch.equal(v, load_tensors(grown)[k]) for k, v in written.items())
 
 
+@pytest.mark.slow
 def test_grow_with_a_learned_operator_in_one_command(tmp_path, corpus, models):
     extra = GROW.format(schedule="reset").replace("  schedule: reset\n", "  schedule: reset\n  operator: learn\n  learn_steps: 3\n")
     res = train(config(tmp_path, corpus, models("llama"), extra, steps=12), progress=False, echo=quiet)
@@ -748,6 +767,7 @@ def test_grow_with_a_learned_operator_in_one_command(tmp_path, corpus, models):
     assert "learn_steps" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_kill_while_learning_the_operator_resumes_to_the_same_result(tmp_path, corpus, models, monkeypatch):
     import surgery.train.ligo as ligo
 
@@ -774,6 +794,7 @@ def test_a_kill_while_learning_the_operator_resumes_to_the_same_result(tmp_path,
     assert events.count("grow") == 1 and events.count("learn-operator") == 1
 
 
+@pytest.mark.slow
 def test_a_diverged_run_is_an_error_and_publishes_nothing(tmp_path, corpus, models):
     cfg = config(tmp_path, corpus, models("llama"), "log_every: 1\ngrad_clip: 0\n", steps=30)
     cfg.write_text(cfg.read_text().replace("lr: 3e-3", "lr: 1e6"))
@@ -786,6 +807,7 @@ def test_a_diverged_run_is_an_error_and_publishes_nothing(tmp_path, corpus, mode
     assert len([r for r in recs if "loss" in r]) < 30  # stopped at the divergence, not trained to the end
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_events_that_read_back(tmp_path, corpus, models, monkeypatch):
     """`--report-to tensorboard`: HF Trainer's own TensorBoard integration writes its events into
     OUT/logs (read back offline here, the same losses as metrics.jsonl); an unknown integration and

@@ -30,6 +30,7 @@ def test_vlm_layers_are_the_language_models(llavas, tmp_path):
     assert any(n.startswith("vision_tower.") for n in names) and any(n.startswith("multi_modal_projector.") for n in names)
 
 
+@pytest.mark.slow
 def test_identity_expansion_and_copies_keep_the_function(llavas, tmp_path):
     a, _, _ = llavas
     base = llava_logits(a)
@@ -116,6 +117,7 @@ def _new_layout(src, dst):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["saved-before-4.52", "today"])
 def test_width_growth_of_the_language_model(llavas, tmp_path, layout):
     """`widen` on a VLM: the language model grows as Llama does (stream, heads, MLP; split keeps the

@@ -23,6 +23,7 @@ def _inter(path) -> int:
     return c.get("moe_intermediate_size") or c.get("intermediate_size") or c.get("n_inner") or 4 * c["n_embd"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", DENSE)
 def test_split_and_zero_keep_the_function_for_every_dense_family(models, tmp_path, family):
     m = models(family)
@@ -95,6 +96,7 @@ def test_widen_with_depth_steps_and_its_errors(models, tmp_path):
     assert r.exit_code == 1 and "widen has no mergekit equivalent" in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "llama-tied"]
 )
@@ -113,6 +115,7 @@ def test_hidden_growth_keeps_the_function(models, tmp_path, family):
         assert (logits(out) - base).abs().max().item() <= 5e-6, (family, w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_gpt2_and_neox_grow_their_stream_and_heads_together(models, tmp_path, family):
     """GPT-2 and NeoX have no head size of their own (hidden / heads): hidden growth copies the heads
@@ -152,6 +155,7 @@ def test_hidden_growth_errors(models, tmp_path):
         assert not rep.valid and expect in str(rep.problems[0]) and name in rep.problems[0].where, (name, rep.problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"])
 def test_head_growth_keeps_the_function(models, tmp_path, family):
     """Copied heads (with their key/value groups, GQA ratio kept) and o_proj columns shared among
@@ -170,6 +174,7 @@ def test_head_growth_keeps_the_function(models, tmp_path, family):
     assert not rep.valid and "keep that ratio" in str(rep.problems[0]) and "bad.yaml" in rep.problems[0].where
 
 
+@pytest.mark.slow
 def test_surgery_json_records_what_grew_and_new_params_trains_it(models, tmp_path, monkeypatch):
     pytest.importorskip("accelerate")
     from surgery.train import train
@@ -296,6 +301,7 @@ def test_zero_and_random_heads(models, tmp_path, family):
             assert (logits(out) - base).abs().max().item() > 1e-3, family
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family",
     ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "llama-tied", "gemma3-tied"]
@@ -384,6 +390,7 @@ def _masked_width() -> str:
     return MASKED.replace("- expand: {groups: 2, init: random, std: 0.05}", step).replace("mask_steps: 6", "mask_steps: 2")
 
 
+@pytest.mark.slow
 def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
     """`grow.mask_steps` on width growth in a real run: killed inside the ramp and resumed, the run
     equals an uninterrupted one bitwise (the masks follow the global step)."""
@@ -394,6 +401,7 @@ def test_masked_width_growth_trains_and_resumes_exactly(tmp_path, models):
     assert ta["model.embed_tokens.weight"].shape[1] == 64 and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "llama-tied", "gemma3-tied"]
 )
@@ -433,6 +441,7 @@ def test_learned_width_operator_starts_at_the_split_and_learns(models, tmp_path,
     assert abs(loaded - rec["loss_after"]) < 1e-4, (loaded, rec["loss_after"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3", "gpt2", "gpt_neox"])
 def test_the_papers_learned_width_operator_keeps_old_units_and_ties_its_sides(models, tmp_path, family):
     """G_learn as the Gstack paper's code has it (`operator: learn`): one expansion [I; R] per kind of
@@ -540,6 +549,7 @@ def test_qwen_moe_grows_experts_shared_expert_and_dense_mlp_by_one_ratio(models,
     assert "b.yaml:2" in w.where and "32" in w.fix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gpt_neox", "phi3", "qwen2_moe", "llama-tied", "gemma3-tied"])
 def test_random_shares_keep_the_function_and_break_the_symmetry(models, tmp_path, family):
     """Split with even shares: a unit's copies get identical gradients and stay copies under training
@@ -606,6 +616,7 @@ def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, 
     assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
 
 
+@pytest.mark.slow
 def test_msg_stages_that_outlast_the_run_are_refused_before_training(tmp_path, models):
     """MSG's staged masks take mask_steps per stage (MLP units, stream, heads: 3 here): a run with
     fewer steps after growth than that is refused at its start, located, with both fixes; the same

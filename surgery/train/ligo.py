@@ -289,125 +289,22 @@ def learn_growth(
     the width matrices' distance from where they started)."""
     if variant not in ("paper", "split"):
         raise ValueError(f"variant {variant!r}: 'paper' or 'split'")
-    import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
-
-    from surgery.io.checkpoint import open_checkpoint
-
-    grown_ck = open_checkpoint("grown", str(grown_dir), grown_dir)
-    fam = grown_ck.family
     from surgery.io.provenance import read_provenance
 
     checked = read_provenance(grown_dir, required=True, where=where)
-    prov_path = grown_dir / "surgery.json"
-    prov = checked.record()  # rewritten below with the learned operator
-    layer_map = checked.layer_map_dicts()
-    widened = checked.widened_dict()
-    check_learnable(layer_map, widened, where, "learn" if variant == "paper" else "learn-split")
-    small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)
-    model.config.use_cache = False
-    model.eval()  # no dropout: the operator learns the function, not a noise pattern
-    width = _Width(
-        fam,
-        json.loads((Path(small_dir) / "config.json").read_text()),
-        json.loads((grown_dir / "config.json").read_text()),
-        grown_ck.tied,
-        where,
-        widened.get("shares", "even"),
-        seed if variant == "paper" else int(widened.get("seed", 0)),
-        paper=variant == "paper",
-    )
-    # where transformers names the embedding or head otherwise than the checkpoint does (NeoX's embed_out)
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    emb_in = getattr(model.get_input_embeddings(), "weight", None)
-    emb_out = getattr(model.get_output_embeddings(), "weight", None)
-    for weight, ckpt_names in ((emb_in, list(fam.embeddings)), (emb_out, [fam.lm_head])):
-        n = name_of.get(id(weight))
-        tied_head = weight is emb_out and emb_out is emb_in  # a tied head is the embedding itself
-        if n is not None and ckpt_names and n not in ckpt_names and not tied_head:
-            width.aliases[n] = ckpt_names[0]
-    prefix = fam.layer_prefix
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
-    small_sd = {n: p.detach() for n, p in small.named_parameters()}
-    grown_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    n_small = small.config.num_hidden_layers
-    stacks: dict = {}  # type -> [n_small] of the small model's frozen weights
-    others: dict = {}  # embeddings, final norm, head
-    for name, p in small_sd.items():
-        m = pat.fullmatch(name)
-        if m:
-            stacks.setdefault(m.group(2), [None] * n_small)[int(m.group(1))] = p
-        else:
-            others[name] = p
-    types = sorted(stacks)
-    out_re = re.compile("|".join(f"(?:{p})" for p in fam.output_projections) or "(?!)")
-    D0 = _operator_init(layer_map, n_small, types, out_re, where)
-    D = {t: torch.nn.Parameter(D0[t].float().clone()) for t in types}
-    missing = set(grown_shapes) - {f"{prefix}{r['layer']}.{t}" for r in layer_map for t in types} - set(others)
-    if missing:
-        raise PlanError(f"grow.operator learn: no operator for {sorted(missing)[0]}", where=where)
-    layer_shape = {t: grown_shapes[f"{prefix}0.{t}"] for t in types}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    W0 = width.initial()
-
-    def params():
-        out = {n: width.expand(n, v, grown_shapes[n], None) for n, v in others.items() if n in grown_shapes}
-        for t in types:
-            wide = torch.stack([width.expand(f"{prefix}{j}.{t}", w, layer_shape[t], t) for j, w in enumerate(stacks[t])])
-            w = torch.einsum("lj,j...->l...", D[t], wide)
-            for layer in range(w.shape[0]):
-                out[f"{prefix}{layer}.{t}"] = w[layer]
-        return out
-
-    def loss(batch):
-        return torch.func.functional_call(model, params(), (), {"input_ids": batch["input_ids"], "labels": batch["labels"]}).loss
-
-    with torch.no_grad():
-        params()  # every parameter described (or a located refusal) before any learning
-    opt = torch.optim.AdamW(list(D.values()) + width.parameters(), lr=lr, weight_decay=0.0)
-    losses, seen = [], []
-    it = iter(batches)
-    for _ in range(steps):
-        batch = next(it)
-        seen.append(batch)
-        value = loss(batch)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
-    with torch.no_grad():
-        # the operator's own training loss, on the batches it learned from: with the learned operator,
-        # and with the one it started from (the plan's grown model)
-        after = sum(loss(b_).item() for b_ in seen) / max(1, len(seen))
-        learned = {t: D[t].detach().clone() for t in types}
-        learned_w = {k: (width.A if k[0] == "A" else width.B)[k[2:]].detach().clone() for k in W0}
-        for t in types:
-            D[t].copy_(D0[t].float())
-        width.load(W0)
-        before = sum(loss(b_).item() for b_ in seen) / max(1, len(seen))
-        for t in types:
-            D[t].copy_(learned[t])
-        width.load(learned_w)
-        final = {width.aliases.get(n, n): v.detach().contiguous() for n, v in params().items()}  # by checkpoint name
-    if not math.isfinite(after) or not all(bool(torch.isfinite(v).all()) for v in final.values()):
+    check_learnable(checked.layer_map_dicts(), checked.widened_dict(), where, "learn" if variant == "paper" else "learn-split")
+    op = _Operator(Path(small_dir), Path(grown_dir), checked, where, variant, seed)
+    losses, seen = op.learn(batches, steps, lr)
+    before, after, final = op.evaluate(seen)
+    if not math.isfinite(after) or not all(bool(v.isfinite().all()) for v in final.values()):
         # the same rule as training: a diverged operator is an error, never written
         raise PlanError(
             f"learning the growth operator diverged (its loss went from {before:.4f} to {after}); nothing was written",
             where=where,
             fix=f"lower grow.learn_lr (now {lr:g}) or learn_steps",
         )
-    # write the learned weights over the plan's output, in its own dtype, shard by shard
-    for f in sorted(grown_dir.glob("*.safetensors")):
-        sd = load_file(f)
-        for n, v in sd.items():
-            if n in final and (pat.fullmatch(n) or width.A):
-                sd[n] = final[n].to(v.dtype)
-            elif width.A and n not in final:
-                raise PlanError(f"grow.operator learn: the grown checkpoint's {n} is not a parameter of the model", where=where)
-        save_file(sd, f, metadata={"format": "pt"})
+    op.write(final)
+    width = op.width
     record = {
         "operator": "learn" if variant == "paper" else "learn-split",
         "paper": "LiGO (Wang et al. 2023), depth"
@@ -419,18 +316,157 @@ def learn_growth(
         "loss_before": before,  # mean over the learning batches, with the plan's operator
         "loss_after": after,  # the same batches, with the learned operator
         "losses": [round(x, 6) for x in losses],  # each step's batch, as it trained
-        "matrices": {t: D[t].detach().tolist() for t in types},  # float32 values, exactly
+        "matrices": {t: op.D[t].detach().tolist() for t in op.types},  # float32 values, exactly
     }
     if width.A:
-        record["width"] = width.record(W0)
+        record["width"] = width.record(op.W0)
+    prov = checked.record()
     prov["growth_operator"] = record
     _refresh_checksums(grown_dir, prov)
-    prov_path.write_text(json.dumps(prov, indent=2) + "\n")
+    (grown_dir / "surgery.json").write_text(json.dumps(prov, indent=2) + "\n")
     echo(
         f"learned the growth operator (LiGO, {'depth and width' if width.A else 'depth'}) for {steps} steps: training loss on its "
         f"batches {before:.4f} with the plan's operator -> {after:.4f} learned"
     )
     return record
+
+
+class _Operator:
+    """LiGO's operator between a small model and the plan's grown one: the depth matrices D (one per
+    parameter type) and the width expansions, the grown parameters they produce, their loss."""
+
+    def __init__(self, small_dir: Path, grown_dir: Path, checked, where: str, variant: str, seed: int):
+        import torch
+        import transformers
+
+        from surgery.io.checkpoint import open_checkpoint
+
+        grown_ck = open_checkpoint("grown", str(grown_dir), grown_dir)
+        fam = grown_ck.family
+        self.grown_dir, self.where = grown_dir, where
+        layer_map, widened = checked.layer_map_dicts(), checked.widened_dict()
+        small = transformers.AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32, trust_remote_code=False)
+        model = transformers.AutoModelForCausalLM.from_pretrained(grown_dir, dtype=torch.float32, trust_remote_code=False)
+        model.config.use_cache = False
+        model.eval()  # no dropout: the operator learns the function, not a noise pattern
+        self.model = model
+        self.width = _Width(
+            fam,
+            json.loads((small_dir / "config.json").read_text()),
+            json.loads((grown_dir / "config.json").read_text()),
+            grown_ck.tied,
+            where,
+            widened.get("shares", "even"),
+            seed if variant == "paper" else int(widened.get("seed", 0)),
+            paper=variant == "paper",
+        )
+        self._alias_embeddings(fam)
+        self.prefix = prefix = fam.layer_prefix
+        self.pat = pat = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
+        self.grown_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        n_small = small.config.num_hidden_layers
+        self.stacks: dict = {}  # type -> [n_small] of the small model's frozen weights
+        self.others: dict = {}  # embeddings, final norm, head
+        for name, p in small.named_parameters():
+            m = pat.fullmatch(name)
+            if m:
+                self.stacks.setdefault(m.group(2), [None] * n_small)[int(m.group(1))] = p.detach()
+            else:
+                self.others[name] = p.detach()
+        self.types = types = sorted(self.stacks)
+        out_re = re.compile("|".join(f"(?:{p})" for p in fam.output_projections) or "(?!)")
+        self.D0 = _operator_init(layer_map, n_small, types, out_re, where)
+        self.D = {t: torch.nn.Parameter(self.D0[t].float().clone()) for t in types}
+        missing = set(self.grown_shapes) - {f"{prefix}{r['layer']}.{t}" for r in layer_map for t in types} - set(self.others)
+        if missing:
+            raise PlanError(f"grow.operator learn: no operator for {sorted(missing)[0]}", where=where)
+        self.layer_shape = {t: self.grown_shapes[f"{prefix}0.{t}"] for t in types}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.W0 = self.width.initial()
+        with torch.no_grad():
+            self.params()  # every parameter described (or a located refusal) before any learning
+
+    def _alias_embeddings(self, fam) -> None:
+        """Where transformers names the embedding or head otherwise than the checkpoint does (NeoX's embed_out)."""
+        model = self.model
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        emb_in = getattr(model.get_input_embeddings(), "weight", None)
+        emb_out = getattr(model.get_output_embeddings(), "weight", None)
+        for weight, ckpt_names in ((emb_in, list(fam.embeddings)), (emb_out, [fam.lm_head])):
+            n = name_of.get(id(weight))
+            tied_head = weight is emb_out and emb_out is emb_in  # a tied head is the embedding itself
+            if n is not None and ckpt_names and n not in ckpt_names and not tied_head:
+                self.width.aliases[n] = ckpt_names[0]
+
+    def params(self) -> dict:
+        """The grown model's parameters (by the model's names) as the operator makes them."""
+        import torch
+
+        width, prefix = self.width, self.prefix
+        out = {n: width.expand(n, v, self.grown_shapes[n], None) for n, v in self.others.items() if n in self.grown_shapes}
+        for t in self.types:
+            wide = torch.stack([width.expand(f"{prefix}{j}.{t}", w, self.layer_shape[t], t) for j, w in enumerate(self.stacks[t])])
+            w = torch.einsum("lj,j...->l...", self.D[t], wide)
+            for layer in range(w.shape[0]):
+                out[f"{prefix}{layer}.{t}"] = w[layer]
+        return out
+
+    def loss(self, batch):
+        import torch
+
+        args = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+        return torch.func.functional_call(self.model, self.params(), (), args).loss
+
+    def learn(self, batches, steps: int, lr: float) -> tuple[list, list]:
+        """`steps` AdamW steps on D and the width expansions: (each step's loss, the batches seen)."""
+        import torch
+
+        opt = torch.optim.AdamW(list(self.D.values()) + self.width.parameters(), lr=lr, weight_decay=0.0)
+        losses, seen = [], []
+        it = iter(batches)
+        for _ in range(steps):
+            batch = next(it)
+            seen.append(batch)
+            value = self.loss(batch)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            losses.append(value.item())
+        return losses, seen
+
+    def evaluate(self, seen: list) -> tuple[float, float, dict]:
+        """The operator's own training loss on the batches it learned from, with the operator it started
+        from (the plan's grown model) and with the learned one; the learned weights by checkpoint name."""
+        import torch
+
+        D, width = self.D, self.width
+        with torch.no_grad():
+            after = sum(self.loss(b_).item() for b_ in seen) / max(1, len(seen))
+            learned = {t: D[t].detach().clone() for t in self.types}
+            learned_w = {k: (width.A if k[0] == "A" else width.B)[k[2:]].detach().clone() for k in self.W0}
+            for t in self.types:
+                D[t].copy_(self.D0[t].float())
+            width.load(self.W0)
+            before = sum(self.loss(b_).item() for b_ in seen) / max(1, len(seen))
+            for t in self.types:
+                D[t].copy_(learned[t])
+            width.load(learned_w)
+            final = {width.aliases.get(n, n): v.detach().contiguous() for n, v in self.params().items()}
+        return before, after, final
+
+    def write(self, final: dict) -> None:
+        """The learned weights over the plan's output, in its own dtype, shard by shard."""
+        from safetensors.torch import load_file, save_file
+
+        for f in sorted(self.grown_dir.glob("*.safetensors")):
+            sd = load_file(f)
+            for n, v in sd.items():
+                if n in final and (self.pat.fullmatch(n) or self.width.A):
+                    sd[n] = final[n].to(v.dtype)
+                elif self.width.A and n not in final:
+                    raise PlanError(f"grow.operator learn: the grown checkpoint's {n} is not a parameter of the model", where=self.where)
+            save_file(sd, f, metadata={"format": "pt"})
 
 
 def _refresh_checksums(folder: Path, prov: dict) -> None:

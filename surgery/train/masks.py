@@ -207,6 +207,101 @@ def _modules(model, fam, patterns) -> list:
     return out
 
 
+class _Hooks:
+    """The masks of one grown model, each hooked on its modules with the stage it ramps in."""
+
+    def __init__(self, model, fam, ck, stages: dict, where: str):
+        self.model, self.fam, self.stages, self.where = model, fam, stages, where
+        self.masks: list = []  # (mask, its stage)
+        self.suffixes = {s[1] for s in map(ck.family.split, ck.tensors) if s is not None}  # what the checkpoint holds
+
+    def present(self, pattern: str) -> bool:
+        return any(re.fullmatch(pattern, x) for x in self.suffixes)
+
+    def hook_all(self, modules, mask, what: str, pre: bool = False, stage: str = "hidden"):
+        if not modules:
+            raise PlanError(
+                f"grow.mask_steps: no module of this {self.fam.name} model {what} (fused mixture-of-experts weights are not "
+                "hookable); masks for width growth cover dense models",
+                where=self.where,
+                fix="drop mask_steps for this model",
+            )
+        for m in modules:
+            (m.register_forward_pre_hook if pre else m.register_forward_hook)(mask.hook)
+        self.masks.append((mask, self.stages.get(stage, 0)))
+
+    def layers(self, new: list, steps: int) -> None:
+        """x + f(x) -> x + m f(x) on each new layer."""
+        layers = self.model.get_submodule(self.fam.layer_prefix.rstrip("."))
+        mask = LayerMask(steps)
+        self.masks.append((mask, self.stages["layers"]))
+        for i in new:
+            layers[i].register_forward_hook(mask.hook, with_kwargs=True)
+
+    def mlp(self, old_units: int, small_cfg: dict) -> None:
+        """New MLP units times m before each MLP's down projection (experts, shared expert, dense: each its own size)."""
+        fam = self.fam
+        for entry in fam.mlp_out:
+            if not self.present(entry.pattern):
+                continue
+            key = entry.size_key or fam.intermediate_key
+            old = old_units if key == fam.intermediate_key else small_cfg.get(key)
+            what = f"takes the new MLP units of {entry.pattern!r} as its input"
+            self.hook_all(_modules(self.model, fam, [entry.pattern]), UnitMask(old), what, True, "intermediate")
+
+    def heads(self, style: str, old_width: int, small_cfg: dict, grown_cfg: dict) -> None:
+        """New heads: their q, k, v times m (msg), or their outputs before o_proj (together)."""
+        fam = self.fam
+        stage = "heads" if "heads" in self.stages else "hidden"  # heads grown with the stream's head size (GPT-2) ramp with it
+        if style != "msg":
+            outs = [p for role, p in fam.attention if role == "o"]
+            reads = [x if isinstance(x, str) else x[0] for p in outs for x in ([p] if isinstance(p, str) else p)]
+            self.hook_all(_modules(self.model, fam, reads), UnitMask(old_width), "takes the new heads as its input", True, stage)
+            return
+        a, a2 = small_cfg.get(fam.heads_key), grown_cfg.get(fam.heads_key)
+        k = (small_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a
+        k2 = (grown_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a2
+        if not a2 or not k2 or a2 // k2 != a // k:
+            raise PlanError(
+                f"grow.mask_steps: new heads are masked at their queries, keys and values, and this growth changes the "
+                f"query heads per key/value head ({a}/{k} -> {a2}/{k2}): new heads would read old values",
+                where=self.where,
+                fix="keep the heads / kv_heads ratio, or `masks: together` (new heads' outputs masked before o_proj)",
+            )
+        for role, p in fam.attention:
+            if role != "o":
+                pats = [x if isinstance(x, str) else x[0] for x in ([p] if isinstance(p, str) else p)]
+                mask = HeadMask(_head_units(role, a, a2, k, k2, fam.head_size(grown_cfg)))
+                self.hook_all(_modules(self.model, fam, pats), mask, f"computes the {role} of the new heads", False, stage)
+
+    def stream(self, h: int, width: int) -> None:
+        """The stream's new units times m in everything that writes it; MSG's masked norm statistics."""
+        model, fam = self.model, self.fam
+        writers: list = []
+        for pattern, _dim in fam.hidden_out:  # every kind of writer the checkpoint has must be a hookable module
+            found = _modules(model, fam, [pattern])
+            if not found and self.present(pattern):
+                found = _fused_experts(model, fam)  # the experts' down projections: their combined output
+                if not found:
+                    self.hook_all([], None, f"holds the stream's writer {pattern!r}")
+            writers += [m for m in found if all(m is not w for w in writers)]
+        writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
+        # a VLM's projector: its inner layer and its output are as wide as the stream (new units times m)
+        others = [re.compile(p) for p, _d, role in fam.hidden_other if role == "out"]
+        writers += [m for n, m in model.named_modules() if any(r.fullmatch(n + ".weight") for r in others)]
+        self.hook_all(writers, StreamMask(h), "writes the residual stream")
+        norms = [
+            m
+            for n, m in model.named_modules()
+            if n.startswith(fam.layer_prefix)
+            and fam.is_norm(n[len(fam.layer_prefix) :].split(".", 1)[-1] + ".weight")
+            and getattr(m, "weight", None) is not None
+            and tuple(m.weight.shape) == (width,)
+        ]
+        final = _owner(model, fam.final_norm) if fam.final_norm else None
+        self.hook_all(norms + ([final] if final is not None else []), NormMask(h), "normalises the residual stream")
+
+
 def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None, style: str = "msg"):
     """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps each (in MSG's
     stages, or together), and return the callback that sets them from the global step before every
@@ -214,7 +309,6 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
     import transformers
 
     from surgery.io.checkpoint import open_checkpoint
-
     from surgery.io.provenance import read_provenance
 
     prov = read_provenance(model_dir)
@@ -236,91 +330,18 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
             where=where,
             fix="grow with `expand` (init: random, zero or identity) or `widen` with init: random|zero, or drop mask_steps",
         )
-    stages = mask_stages(widened.get("sizes") or {}, bool(new), style)
-    masks: list = []  # (mask, its stage)
-
-    def hook_all(modules, mask, what: str, pre: bool = False, stage: str = "hidden"):
-        if not modules:
-            raise PlanError(
-                f"grow.mask_steps: no module of this {fam.name} model {what} (fused mixture-of-experts weights are not "
-                "hookable); masks for width growth cover dense models",
-                where=where,
-                fix="drop mask_steps for this model",
-            )
-        for m in modules:
-            (m.register_forward_pre_hook if pre else m.register_forward_hook)(mask.hook)
-        masks.append((mask, stages.get(stage, 0)))
-
+    hooks = _Hooks(model, fam, ck, mask_stages(widened.get("sizes") or {}, bool(new), style), where)
     if new:
-        layers = model.get_submodule(fam.layer_prefix.rstrip("."))
-        mask = LayerMask(steps)
-        masks.append((mask, stages["layers"]))
-        for i in new:
-            layers[i].register_forward_hook(mask.hook, with_kwargs=True)
-    suffixes = {s[1] for s in map(ck.family.split, ck.tensors) if s is not None}  # what the grown checkpoint holds
-
-    def present(pattern: str) -> bool:
-        return any(re.fullmatch(pattern, x) for x in suffixes)
-
+        hooks.layers(new, steps)
     if "intermediate" in grew:
-        for entry in fam.mlp_out:  # each MLP of the model (experts, a shared expert, dense layers) from its own size
-            if not present(entry.pattern):
-                continue
-            key = entry.size_key or fam.intermediate_key
-            old = grew["intermediate"] if key == fam.intermediate_key else small_cfg.get(key)
-            what = f"takes the new MLP units of {entry.pattern!r} as its input"
-            hook_all(_modules(model, fam, [entry.pattern]), UnitMask(old), what, True, "intermediate")
-    heads_stage = "heads" if "heads" in stages else "hidden"  # heads grown with the stream's head size (GPT-2) ramp with it
-    if "attention" in grew and style == "msg":
-        a, a2 = small_cfg.get(fam.heads_key), grown_cfg.get(fam.heads_key)
-        k = (small_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a
-        k2 = (grown_cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or a2
-        d = fam.head_size(grown_cfg)
-        if not a2 or not k2 or a2 // k2 != a // k:
-            raise PlanError(
-                f"grow.mask_steps: new heads are masked at their queries, keys and values, and this growth changes the "
-                f"query heads per key/value head ({a}/{k} -> {a2}/{k2}): new heads would read old values",
-                where=where,
-                fix="keep the heads / kv_heads ratio, or `masks: together` (new heads' outputs masked before o_proj)",
-            )
-        for role, p in fam.attention:
-            if role == "o":
-                continue
-            pats = [x if isinstance(x, str) else x[0] for x in ([p] if isinstance(p, str) else p)]
-            mask = HeadMask(_head_units(role, a, a2, k, k2, d))
-            hook_all(_modules(model, fam, pats), mask, f"computes the {role} of the new heads", False, heads_stage)
-    elif "attention" in grew:
-        reads = [x if isinstance(x, str) else x[0] for role, p in fam.attention if role == "o" for x in ([p] if isinstance(p, str) else p)]
-        hook_all(_modules(model, fam, reads), UnitMask(grew["attention"]), "takes the new heads as its input", True, heads_stage)
+        hooks.mlp(grew["intermediate"], small_cfg)
+    if "attention" in grew:
+        hooks.heads(style, grew["attention"], small_cfg, grown_cfg)
     if "hidden" in grew:
-        h = grew["hidden"]
-        writers: list = []
-        for pattern, _dim in fam.hidden_out:  # every kind of writer the checkpoint has must be a hookable module
-            found = _modules(model, fam, [pattern])
-            if not found and present(pattern):
-                found = _fused_experts(model, fam)  # the experts' down projections: their combined output
-                if not found:
-                    hook_all([], None, f"holds the stream's writer {pattern!r}")
-            writers += [m for m in found if all(m is not w for w in writers)]
-        writers += [m for m in (_owner(model, n) for n in list(fam.embeddings) + list(fam.position_embeddings)) if m is not None]
-        # a VLM's projector: its inner layer and its output are as wide as the stream (new units times m)
-        others = [re.compile(p) for p, _d, role in fam.hidden_other if role == "out"]
-        writers += [m for n, m in model.named_modules() if any(r.fullmatch(n + ".weight") for r in others)]
-        hook_all(writers, StreamMask(h), "writes the residual stream")
-        width = grown_cfg.get(fam.hidden_key)
-        norms = [
-            m
-            for n, m in model.named_modules()
-            if n.startswith(fam.layer_prefix)
-            and fam.is_norm(n[len(fam.layer_prefix) :].split(".", 1)[-1] + ".weight")
-            and getattr(m, "weight", None) is not None
-            and tuple(m.weight.shape) == (width,)
-        ]
-        final = _owner(model, fam.final_norm) if fam.final_norm else None
-        hook_all(norms + ([final] if final is not None else []), NormMask(h), "normalises the residual stream")
+        hooks.stream(grew["hidden"], grown_cfg.get(fam.hidden_key))
 
     def set_all(step: int) -> None:
-        for m, stage in masks:
+        for m, stage in hooks.masks:
             m.value = min(1.0, max(0.0, (step - stage * steps) / steps))
 
     class Fade(transformers.TrainerCallback):
