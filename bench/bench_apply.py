@@ -6,7 +6,7 @@
     python bench/bench_apply.py --size full --device cuda    # on a GPU machine; mergekit gets --cuda
     python bench/bench_apply.py --size 8b --only solar       # one case
 
-Cases: SOLAR DUS 32 -> 48 and LLaMA Pro 32 -> 40 of the 8B shape; Gstack 4x of the 1.7B shape's
+Cases: SOLAR DUS 32 -> 48, LLaMA Pro 32 -> 40 and an upcycle into 8 experts (top-2) of the 8B shape; Gstack 4x of the 1.7B shape's
 first 6 layers; gradient slerp and linear of two 1.7B-shaped models. mergekit runs the
 equivalent config (for LLaMA Pro and Gstack, the one `surgery export --mergekit` writes).
 
@@ -106,6 +106,14 @@ def cases(big: Path | None, mid: Path | None, mid_b: Path | None, big_layers: in
                 "export",
             )
         )
+        out.append(
+            (
+                f"upcycle {n} MLPs -> 8 experts",
+                "upcycle",
+                f"models: {{base: {big}}}\nsteps:\n  - take: {{model: base}}\n  - upcycle: {{experts: 8, top_k: 2}}\n",
+                None,  # mergekit-moe takes a config of its own (not compared here)
+            )
+        )
     if mid is not None:
         out.append(
             (
@@ -166,7 +174,7 @@ def main():
     only = set(args.only.split(",")) if args.only else None
     want = lambda *keys: only is None or any(k in only for k in keys)  # noqa: E731
     work = args.work
-    big = build(work / big_size / "src", SIZES_BENCH[big_size], 0) if big_size and want("solar", "llamapro") else None
+    big = build(work / big_size / "src", SIZES_BENCH[big_size], 0) if big_size and want("solar", "llamapro", "upcycle") else None
     mid = build(work / mid_size / "src", SIZES_BENCH[mid_size], 0) if mid_size and want("gstack", "slerp", "linear") else None
     mid_b = build(work / mid_size / "src-b", SIZES_BENCH[mid_size], 1) if mid_size and want("slerp", "linear") else None
     mergekit = shutil.which("mergekit-yaml") if not args.no_mergekit else None

@@ -118,6 +118,12 @@ class Family:
     # concatenated per expert ({e} the expert); renamed maps an in-memory name to the stored ones
     fused_experts: tuple = ()  # ((in-memory suffix, ((part, ...), ...)), ...), from a JSON object
     renamed: tuple = ()  # ((in-memory suffix, (stored suffix, ...)), ...), from a JSON object
+    # sparse upcycling (`upcycle`): the MoE this family grows into, as a JSON object: model_type,
+    # architectures, the dense MLP's tensors {gate, up, down}, the experts' ({e}: the expert), the
+    # router, an optional shared expert {gate, up, down, router}, every_layer (Mixtral has no dense
+    # layers) or dense_layers_key (Qwen-MoE's mlp_only_layers), config keys to set (values "experts",
+    # "top_k", "intermediate", "router_aux_loss_coef" are the step's), config values refused
+    upcycle: dict = field(default_factory=dict, compare=False, hash=False)
     guessed: bool = False  # True for the fallback built from tensor names
     _out_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _norm_re: re.Pattern = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
@@ -143,6 +149,10 @@ class Family:
         for key in ("mlp_in", "mlp_out"):
             if key in d:
                 tuples[key] = _mlp_entries(d[key], origin)
+        if "upcycle" in d:
+            if not isinstance(d["upcycle"], dict) or not {"model_type", "dense", "experts", "router"} <= set(d["upcycle"]):
+                raise SurgeryError("upcycle is a JSON object with model_type, dense, experts and router", where=origin)
+            tuples["upcycle"] = d["upcycle"]
         for key in ("fused_experts", "renamed"):
             if key in d:
                 if not isinstance(d[key], dict):

@@ -65,6 +65,15 @@ def to_mergekit(program: Program) -> dict:
             problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))
         if s.widen is not None and not any(p.where == s.widen_where for p in problems):
             problems.append(Problem(s.widen_where, "widen has no mergekit equivalent (mergekit keeps every tensor's shape)"))
+        if s.upcycle is not None and not any(p.where == s.upcycle_where for p in problems):
+            problems.append(
+                Problem(
+                    s.upcycle_where,
+                    "upcycle has no mergekit-yaml equivalent (mergekit-moe, which has one, takes a config of its own that "
+                    "`export` does not write yet)",
+                    "keep the surgery plan; run it with `surgery apply`",
+                )
+            )
         if s.take_scale and (s.init != "copy" or s.scales):
             problems.append(
                 Problem(

@@ -269,6 +269,12 @@ def compile_plan(
                 )
             )
         shards = _schedule(tensors, plan.body.output.shard_size)
+    if any(x.upcycle is not None for x in stack):
+        from surgery.compile.upcycle import upcycle_config, upcycle_tensors
+
+        tensors = upcycle_tensors(tensors, stack, family, out_code)
+        upcycle_config(config, stack, family, changes)
+        shards = _schedule(tensors, plan.body.output.shard_size)
     w = stack[0].widen if stack else None
     if w is not None and w.init == "split" and w.shares == "even":
         warnings.append(

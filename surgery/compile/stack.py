@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.errors import PlanError, Problem, SurgeryError
-from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Gstack, Merge, Plan, ScaleStep, Stack, Step, Take, Widen
+from surgery.plan import MAX_LAYERS, Drop, Dus, Expand, Gstack, Merge, Plan, ScaleStep, Stack, Step, Take, Upcycle, Widen
 from surgery.plan.settings import Cond, conditions_of
 
 
@@ -33,6 +33,8 @@ class LayerSpec:
     take_scale: tuple = ()  # conditions of a take's `scale` setting (mergekit passthrough), at position t
     widen: Optional[Widen] = None  # a `widen` step applied to this layer's MLP
     widen_where: Optional[str] = None  # that step's plan line
+    upcycle: Optional[Upcycle] = None  # an `upcycle` step: this layer's MLP becomes experts behind a router
+    upcycle_where: Optional[str] = None
 
     @property
     def new(self) -> bool:
@@ -62,6 +64,9 @@ class LayerSpec:
                 if v is not None
             ]
             text += f", widened: {', '.join(parts)} ({w.init})"
+        if self.upcycle is not None:
+            u = self.upcycle
+            text += f", upcycled: {u.experts} experts, top-{u.top_k}, {u.router} router"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
         return text
@@ -243,6 +248,50 @@ def _widen(s: Widen, stack, ctx: Ctx):
     if any(x.widen is not None for x in stack):
         raise ctx.fail("the layers are widened already; give one `widen` step with the final size", key=("intermediate",))
     return [replace(x, widen=s, widen_where=ctx.where) for x in stack]
+
+
+@op("upcycle")
+def _upcycle(s: Upcycle, stack, ctx: Ctx):
+    _need_stack(stack, ctx)
+    ck = ctx.ckpts[stack[0].sources[0][0]]
+    family = ck.family
+    spec = family.upcycle
+    if not spec:
+        have = sorted(n for n, f in __import__("surgery.registry", fromlist=["current"]).current().families.items() if f.upcycle)
+        raise ctx.fail(
+            f"sparse upcycling is not available for family {family.name}: its architecture entry names no MoE to grow into",
+            f"upcycle a model of a family with one ({', '.join(have)}), or add `upcycle` to its architecture entry",
+            ("experts",),
+        )
+    cfg = family.lm_config(ck.config)
+    for key, bad in (spec.get("refuse") or {}).items():
+        if cfg.get(key) == bad:
+            raise ctx.fail(
+                f"this {family.name} model has {key}: {bad!r}, which {spec['model_type']} has no place for",
+                f"upcycle a model without {key}",
+                ("experts",),
+            )
+    kinds = set(cfg.get("layer_types") or ())
+    if spec.get("one_window") and cfg.get("use_sliding_window", True) and len(kinds) > 1:
+        raise ctx.fail(
+            f"{spec['model_type']} applies one attention window to every layer, and this model mixes {sorted(kinds)} layers",
+            "upcycle a model whose layers all attend the same way (use_sliding_window: false, or every layer sliding)",
+            ("experts",),
+        )
+    if any(x.upcycle is not None for x in stack):
+        raise ctx.fail("the layers are upcycled already; give one `upcycle` step", key=("experts",))
+    if any(x.widen is not None for x in stack):
+        raise ctx.fail(
+            "upcycle after widen in one plan is not supported", "widen in one plan, upcycle its output in a second", ("experts",)
+        )
+    a, b = (0, len(stack)) if s.layers is None else ctx.stack_range(s.layers, len(stack))
+    if spec.get("every_layer") and (a, b) != (0, len(stack)):
+        raise ctx.fail(
+            f"{spec['model_type']} has no dense layers: every layer's MLP becomes experts (this plan's stack has {len(stack)})",
+            "drop `layers`, or upcycle into a family with dense layers (Qwen-MoE)",
+            ("layers",),
+        )
+    return [replace(x, upcycle=s, upcycle_where=ctx.where) if a <= i < b else x for i, x in enumerate(stack)]
 
 
 @op("drop")

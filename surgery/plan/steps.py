@@ -185,6 +185,36 @@ class Gstack(Step):
         return self
 
 
+class Upcycle(Step):
+    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): each layer's dense MLP becomes `experts`
+    copies with a new router choosing `top_k` of them per token, in the MoE layout of the model's
+    family (Llama, Mistral -> Mixtral; Qwen2 -> Qwen2-MoE, with its shared expert; Qwen3 ->
+    Qwen3-MoE). `router: zero` (uniform: every expert equally likely) keeps the dense model's
+    function exactly (identical experts, renormalised top-k weights); `random` draws the router
+    N(0, std) from `seed`. `layers` (Qwen-MoE only; Mixtral has no dense layers) upcycles a range
+    and keeps the others dense."""
+
+    op: ClassVar[str] = "upcycle"
+    summary: ClassVar[str] = "sparse upcycling: every MLP becomes `experts` copies behind a new top-k router (dense -> MoE)"
+    experts: StrictInt = Field(ge=1, le=1024)
+    top_k: StrictInt = Field(default=2, ge=1, le=1024)
+    router: Literal["zero", "uniform", "random"] = "zero"
+    std: Optional[StrictFloat] = Field(default=None, gt=0)
+    seed: StrictInt = 0
+    layers: Optional[Range] = None
+    router_aux_loss_coef: StrictFloat = Field(default=0.001, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} is more than the {self.experts} experts: a token can be routed to at most all of them")
+        if self.std is not None and self.router != "random":
+            raise ValueError("`std` is for router: random")
+        return self
+
+    _r = field_validator("layers")(lambda v: v if v is None else check_range(v))
+
+
 class Drop(Step):
     op: ClassVar[str] = "drop"
     summary: ClassVar[str] = "remove layers [start, end) of the current stack"
@@ -353,7 +383,7 @@ class ScaleStep(Step):
     _r = field_validator("layers")(check_range)
 
 
-BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Gstack, Drop, Merge, ScaleStep, Widen)
+BUILTIN_STEPS: tuple[type[Step], ...] = (Take, Stack, Dus, Expand, Gstack, Drop, Merge, ScaleStep, Widen, Upcycle)
 
 
 def step_types() -> dict[str, type[Step]]:

@@ -211,6 +211,9 @@ class TrainConfig(Strict):
     log_every: Optional[int] = Field(default=None, ge=1)
     seed: int = 0
     workers: int = Field(default=0, ge=0)  # dataloader worker processes
+    # a mixture of experts: the router's load-balancing loss is added to the training loss (not to
+    # held-out losses) with the model config's router_aux_loss_coef, or this one; 0 turns it off
+    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0, le=1)
     # experiment tracking through HF Trainer's own integrations (tensorboard, wandb, mlflow, trackio,
     # ...); metrics.jsonl and loss.png are written either way. TensorBoard's events go to OUT/logs.
     report_to: tuple[str, ...] = ()

@@ -34,6 +34,7 @@ from surgery.train.checkpoints import check_resumable, last_complete_checkpoint,
 from surgery.train.dist import barrier, is_main, world_size
 from surgery.train.growth import grow_model
 from surgery.train.masks import fade_in_new_layers
+from surgery.train.moe import enable_router_aux_loss
 from surgery.train.metrics import check_finite, eval_weights, final_eval, metric_callbacks, ppl, truncate_metrics, write_record
 from surgery.train.schedule import Schedule
 from surgery.train.publish import TrainResult, source_config, stage_model, write_output
@@ -174,6 +175,7 @@ def _stage_model_loaded(cfg: Config, stage: Stage):
     b = cfg.body
     model = transformers.AutoModelForCausalLM.from_pretrained(stage.model_dir, dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False
+    stage.router_aux_loss_coef = enable_router_aux_loss(model, b.router_aux_loss_coef)
     where = cfg.where("grow", "trainable") if stage.index > 1 and b.grow and b.grow.trainable else cfg.where("trainable")
     names, notes = select_trainable(model, stage.trainable, stage.model_dir, where, allow_dead=b.allow_dead)
     n_train, n_all = apply_freezing(model, names, b.freeze_embeddings, cfg.where("freeze_embeddings") if b.freeze_embeddings else where)
@@ -444,6 +446,7 @@ def _train(
                 "flops_per_token": stage.flops_per_token,
                 "trainable_params": n_train,
                 "params": n_all,
+                **({"router_aux_loss_coef": stage.router_aux_loss_coef} if stage.router_aux_loss_coef is not None else {}),
             }
         )
         if not done:

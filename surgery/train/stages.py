@@ -25,6 +25,7 @@ class Stage:
     flops_per_token: int = 0  # training FLOPs per token at this stage's size (surgery.train.flops)
     flops_offset: float = 0.0  # training FLOPs of the stages before this one
     data_offset: int = 0  # steps of data read before this stage beyond step_offset (a learned growth operator's)
+    router_aux_loss_coef: float | None = None  # a mixture of experts' load-balancing loss in training (None: dense)
 
     def flops_at(self, step: int, tps: int) -> float:
         """Cumulative training FLOPs of the run at global step `step` (inside this stage)."""

@@ -1,0 +1,201 @@
+"""Sparse upcycling (`upcycle`): dense MLPs into experts behind a router, in the family's MoE layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+from surgery.tiny import build_tiny, logits
+
+from .conftest import load_tensors, write_plan
+
+# a Llama without biases (Mixtral has no place for them); Qwen3 whose layers all attend the same way
+DENSE = {
+    "llama": dict(attention_bias=False, mlp_bias=False),
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": dict(use_sliding_window=False),
+}
+MOE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    return {f: build_tiny(f, root / f, **kw) for f, kw in DENSE.items()}
+
+
+def _plan(tmp_path, model, step: str, name: str = "plan.yaml"):
+    return write_plan(tmp_path, f"models: {{a: {model}}}\nsteps: [{{take: {{model: a}}}}, {{upcycle: {step}}}]\n", name)
+
+
+@pytest.mark.parametrize("family", list(DENSE))
+@pytest.mark.parametrize("router", ["zero", "uniform"])
+def test_identical_experts_behind_a_uniform_router_keep_the_dense_function(dense, tmp_path, family, router):
+    """Every expert is the dense MLP (bitwise; Qwen2-MoE's routed down projections halved, its shared
+    expert the MLP and its gate zero), the router zero: the MoE's logits are the dense model's, and
+    transformers loads it as the family's MoE."""
+    import transformers
+
+    m = dense[family]
+    out = surgery.apply(_plan(tmp_path, m, f"{{experts: 4, top_k: 2, router: {router}}}"), tmp_path / "moe", progress=False).path
+    cfg = transformers.AutoConfig.from_pretrained(out)
+    assert cfg.model_type == MOE[family] and cfg.num_experts_per_tok == 2
+    assert (logits(out) - logits(m)).abs().max().item() <= 1e-5, family
+    old, new = load_tensors(m), load_tensors(out)
+    spec = surgery.registry.current().families[family].upcycle
+    prefix = "model.layers.1."
+    for e in range(4):
+        for k in ("gate", "up", "down"):
+            want = old[prefix + spec["dense"][k]]
+            if k == "down" and spec.get("shared"):
+                want = want * 0.5
+            assert torch.equal(new[prefix + spec["experts"][k].format(e=e)], want)
+    assert not new[prefix + spec["router"]].any() and new[prefix + spec["router"]].shape == (4, want.shape[0])
+    assert not any(prefix + spec["dense"][k] in new for k in ("gate", "up", "down"))
+    if spec.get("shared"):
+        assert torch.equal(new[prefix + spec["shared"]["down"]], old[prefix + spec["dense"]["down"]])
+        assert not new[prefix + spec["shared"]["router"]].any()
+
+
+def test_a_random_router_is_seeded_and_changes_the_routing(dense, tmp_path):
+    m = dense["qwen3"]
+    a = surgery.apply(
+        _plan(tmp_path, m, "{experts: 4, top_k: 1, router: random, std: 0.5, seed: 3}", "a.yaml"), tmp_path / "a", progress=False
+    )
+    b = surgery.apply(
+        _plan(tmp_path, m, "{experts: 4, top_k: 1, router: random, std: 0.5, seed: 3}", "b.yaml"), tmp_path / "b", progress=False
+    )
+    c = surgery.apply(
+        _plan(tmp_path, m, "{experts: 4, top_k: 1, router: random, std: 0.5, seed: 4}", "c.yaml"), tmp_path / "c", progress=False
+    )
+    ta, tb, tc = load_tensors(a.path), load_tensors(b.path), load_tensors(c.path)
+    r = "model.layers.0.mlp.gate.weight"
+    assert torch.equal(ta[r], tb[r]) and not torch.equal(ta[r], tc[r]) and 0.3 < float(ta[r].std()) < 0.7
+    # identical experts: whichever expert a token goes to, the function is the dense one (top-1, weight 1)
+    assert (logits(a.path) - logits(m)).abs().max().item() <= 1e-5
+
+
+def test_some_layers_stay_dense_where_the_moe_allows_it(dense, tmp_path):
+    """Qwen-MoE keeps dense layers (mlp_only_layers); Mixtral has none, so `layers` there is refused, located."""
+    import transformers
+
+    m = dense["qwen3"]
+    out = surgery.apply(_plan(tmp_path, m, "{experts: 2, top_k: 1, layers: [1, 3]}"), tmp_path / "some", progress=False).path
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [0, 3]
+    t = load_tensors(out)
+    assert "model.layers.0.mlp.gate_proj.weight" in t and "model.layers.1.mlp.experts.1.down_proj.weight" in t
+    assert (logits(out) - logits(m)).abs().max().item() <= 1e-5
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    rep = surgery.validate(_plan(tmp_path, dense["llama"], "{experts: 2, layers: [1, 3]}", "mix.yaml"))
+    assert not rep.valid and "no dense layers" in str(rep.problems[0]) and "mix.yaml:2" in rep.problems[0].where
+
+
+@pytest.mark.parametrize(
+    "step, expect",
+    [
+        ("{experts: 0}", "greater than or equal to 1"),
+        ("{experts: 2, top_k: 3}", "more than the 2 experts"),
+        ("{experts: 2, std: 0.1}", "`std` is for router: random"),
+        ("{experts: 2, router: learned}", "'zero', 'uniform' or 'random'"),
+    ],
+)
+def test_bad_upcycle_steps_are_located_errors(dense, tmp_path, step, expect):
+    rep = surgery.validate(_plan(tmp_path, dense["llama"], step))
+    assert not rep.valid and expect in str(rep.problems[0]) and "plan.yaml:2" in rep.problems[0].where
+
+
+def test_models_the_moe_cannot_hold_are_refused(dense, models, tmp_path):
+    """A family with no MoE to grow into, a Llama with attention biases (Mixtral has none), a Qwen3
+    mixing sliding and full layers, two upcycles: each a located error naming the fix; nothing written."""
+    cases = [
+        (models("gemma2"), "{experts: 2}", "not available for family gemma"),
+        (models("llama"), "{experts: 2}", "attention_bias"),
+        (build_tiny("qwen3", tmp_path / "q3"), "{experts: 2}", "one attention window"),
+    ]
+    for i, (m, step, expect) in enumerate(cases):
+        rep = surgery.validate(_plan(tmp_path, m, step, f"p{i}.yaml"))
+        assert not rep.valid and expect in str(rep.problems[0]) and f"p{i}.yaml:2" in rep.problems[0].where, rep.problems
+        assert rep.problems[0].fix
+    twice = write_plan(
+        tmp_path,
+        f"models: {{a: {dense['llama']}}}\nsteps: [{{take: {{model: a}}}}, {{upcycle: {{experts: 2}}}}, {{upcycle: {{experts: 4}}}}]\n",
+        "twice.yaml",
+    )
+    rep = surgery.validate(twice)
+    assert not rep.valid and "upcycled already" in str(rep.problems[0])
+    r = CliRunner().invoke(main, ["apply", str(tmp_path / "p1.yaml"), "-o", str(tmp_path / "never")])
+    assert r.exit_code == 1 and "attention_bias" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_validate_shows_the_experts_and_the_new_config(dense, tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2}"))])
+    assert r.exit_code == 0, r.output
+    assert "upcycled: 8 experts, top-2, zero router" in r.output and "mistral -> mixtral" in r.output
+
+
+def test_the_router_loss_joins_the_training_loss_only(dense, tmp_path):
+    """enable_router_aux_loss: in training the loss is the language-model loss + coef x the router's
+    load-balancing loss (transformers' own); in evaluation it is the language-model loss alone; 0 turns
+    it off; a dense model has no router (None)."""
+    import transformers
+
+    from surgery.train.moe import enable_router_aux_loss
+
+    out = surgery.apply(
+        _plan(tmp_path, dense["mistral"], "{experts: 4, top_k: 2, router: random, std: 0.5}"), tmp_path / "moe", progress=False
+    ).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert enable_router_aux_loss(model, 0.25) == 0.25
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    lm = model(input_ids=ids, labels=ids)
+    assert lm.aux_loss is None
+    model.train()
+    torch.manual_seed(0)
+    both = model(input_ids=ids, labels=ids)
+    assert both.aux_loss is not None and float(both.aux_loss) > 0
+    assert torch.allclose(both.loss, lm.loss + 0.25 * both.aux_loss, atol=1e-5)
+    off = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert enable_router_aux_loss(off, 0.0) == 0.0 and off.train()(input_ids=ids, labels=ids).aux_loss is None
+    assert enable_router_aux_loss(transformers.AutoModelForCausalLM.from_pretrained(dense["mistral"]), None) is None
+
+
+@pytest.mark.slow
+def test_an_upcycled_model_trains_and_its_experts_part(dense, tmp_path):
+    """`surgery train` on an upcycled Mixtral: the router loss is on (train.json says with which
+    coefficient), FLOPs count k/E of the experts, and the router leaves zero."""
+    from surgery.train import train
+    from surgery.train.corpus import write_pydoc_corpus
+
+    out = surgery.apply(_plan(tmp_path, dense["llama"], "{experts: 4, top_k: 2}"), tmp_path / "moe", progress=False).path
+    corpus = write_pydoc_corpus(tmp_path / "c" / "train.jsonl", eval_path=tmp_path / "c" / "eval.jsonl")
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"model: {out}\noutput: {tmp_path / 'trained'}\ndata: {{files: [{corpus}], eval_files: [{tmp_path / 'c' / 'eval.jsonl'}], "
+        "seq_len: 64}\nlr: 3e-3\nmicro_batch: 4\nsteps: 4\nwarmup: 0\n"
+    )
+    res = train(cfg, progress=False, echo=lambda *a: None)
+    summary = json.loads((res.path / "train.json").read_text())
+    assert summary["stages"][0]["router_aux_loss_coef"] == 0.001 and res.eval_loss is not None
+    dense_flops = summary["stages"][0]["flops_per_token"]
+    from surgery.train.flops import flops_per_token
+
+    assert dense_flops == flops_per_token(out, 64)["flops_per_token"] < flops_per_token(out, 64)["matmul_params"] * 6 * 2
+    trained = load_tensors(res.path)
+    assert trained["model.layers.0.block_sparse_moe.gate.weight"].abs().max() > 0
+
+
+def test_export_refuses_an_upcycle_rather_than_dropping_it(dense, tmp_path):
+    r = CliRunner().invoke(
+        main, ["export", str(_plan(tmp_path, dense["llama"], "{experts: 4}")), "--mergekit", "-o", str(tmp_path / "m.yml")]
+    )
+    assert r.exit_code == 1 and "upcycle has no mergekit-yaml equivalent" in r.output and "plan.yaml:2" in r.output
+    assert not (tmp_path / "m.yml").exists()
