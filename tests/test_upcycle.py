@@ -199,3 +199,38 @@ def test_export_refuses_an_upcycle_rather_than_dropping_it(dense, tmp_path):
     )
     assert r.exit_code == 1 and "upcycle has no mergekit-yaml equivalent" in r.output and "plan.yaml:2" in r.output
     assert not (tmp_path / "m.yml").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_upcycle_resumes_to_the_same_bytes(tmp_path):
+    """SIGKILL once the first shard is written, then --resume: the output equals a clean run's bytes
+    (the experts are copies, the random router is drawn from its seed whichever run writes it)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from surgery.synthetic import write_synthetic_llama
+
+    src = write_synthetic_llama(tmp_path / "src", (128, 4, 512, 8000, 4, 2, False), dtype="float32")
+    plan = write_plan(
+        tmp_path,
+        f"models: {{a: {src}}}\nsteps: [{{take: {{model: a}}}}, {{upcycle: {{experts: 4, router: random, seed: 1}}}}]\n"
+        "output: {shard_size: 1MB}\n",
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "surgery.cli", "apply", str(plan), "-q", "--workers", "1"]
+    subprocess.run(base + ["-o", str(tmp_path / "clean")], check=True, env=env)
+    reference = {f.name: f.read_bytes() for f in (tmp_path / "clean").glob("*.safetensors")}
+    assert len(reference) > 3
+    staging, out = tmp_path / ".out.surgery-partial", tmp_path / "out"
+    p = subprocess.Popen(base + ["-o", str(out)], env=env)
+    deadline = time.perf_counter() + 60
+    while not list(staging.glob("model-*.safetensors")) and p.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() or (out / "model.safetensors.index.json").exists()
+    subprocess.run(base + ["-o", str(out)] + (["--resume"] if staging.exists() else []), check=True, env=env)
+    assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
