@@ -136,9 +136,16 @@ def test_models_the_moe_cannot_hold_are_refused(dense, models, tmp_path):
 
 
 def test_validate_shows_the_experts_and_the_new_config(dense, tmp_path):
+    """The layer map and config changes show the experts; a zero router is warned about (top-k of
+    equal logits always picks the first experts), a random one is not."""
     r = CliRunner().invoke(main, ["validate", str(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2}"))])
     assert r.exit_code == 0, r.output
     assert "upcycled: 8 experts, top-2, zero router" in r.output and "mistral -> mixtral" in r.output
+    rep = surgery.validate(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2}", "zero.yaml"))
+    [w] = [w for w in rep.warnings if w.code == "symmetric-experts"]
+    assert "experts 0..1" in w.what and "router: random" in w.fix and "zero.yaml:2" in w.where
+    rep = surgery.validate(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2, router: random}", "random.yaml"))
+    assert not [w for w in rep.warnings if w.code == "symmetric-experts"]
 
 
 def test_the_router_loss_joins_the_training_loss_only(dense, tmp_path):
