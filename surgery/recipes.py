@@ -263,6 +263,30 @@ class RandomNormal(Recipe):
         return f"normal(0, {self.std:g}), seed {self.seed}"
 
 
+@dataclass(frozen=True)
+class PromptRouter(Unary):
+    """A router initialised from prompts (mergekit-moe's `cheap_embed`): row e is the normalised sum
+    of the embeddings (`inner`) of expert e's prompt tokens, less the normalised sum of its negative
+    prompts', normalised again. `counts`: per expert, its positive and its negative prompts as
+    mergekit-moe batches them (token ids padded on the left, and the attention mask), so the sums
+    run in its order and the router is bitwise its router."""
+
+    counts: tuple  # ((positive (ids, mask), negative (ids, mask) or ()), ...) one per expert
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        return (len(self.counts), self.inner.shape[1])
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def describe(self) -> str:
+        return f"router from {len(self.counts)} experts' prompts over {self.inner.describe()}"
+
+
 def leaves(r: Recipe) -> list[Recipe]:
     """Every recipe inside `r`, `r` included."""
     return [r] + [x for c in r.children() for x in leaves(c)]

@@ -100,10 +100,14 @@ def test_some_layers_stay_dense_where_the_moe_allows_it(dense, tmp_path):
 @pytest.mark.parametrize(
     "step, expect",
     [
-        ("{experts: 0}", "greater than or equal to 1"),
+        ("{experts: 0}", "experts: 0 is not a number of experts from 1 to 1024"),
+        ("{experts: [], top_k: 1}", "experts: 0 is not a number"),
+        ("{experts: [{model: a}], top_k: 1, router: cheap_embed}", "expert 0 has none"),
+        ("{experts: 2, router: cheap_embed}", "cheap_embed needs positive_prompts"),
+        ("{experts: [{model: zz, positive_prompts: [x]}], top_k: 1}", "'zz' is not one of the plan's models"),
         ("{experts: 2, top_k: 3}", "more than the 2 experts"),
         ("{experts: 2, std: 0.1}", "`std` is for router: random"),
-        ("{experts: 2, router: learned}", "'zero', 'uniform' or 'random'"),
+        ("{experts: 2, router: learned}", "'zero', 'uniform', 'random' or 'cheap_embed'"),
     ],
 )
 def test_bad_upcycle_steps_are_located_errors(dense, tmp_path, step, expect):
@@ -241,3 +245,77 @@ def test_a_killed_upcycle_resumes_to_the_same_bytes(tmp_path):
     assert not out.exists() or (out / "model.safetensors.index.json").exists()
     subprocess.run(base + ["-o", str(out)] + (["--resume"] if staging.exists() else []), check=True, env=env)
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
+
+
+MOE_CONFIG = """base_model: {base}
+{arch}gate_mode: {gate}
+dtype: float32
+experts_per_token: {k}
+experts:
+  - source_model: {e1}
+    positive_prompts: ["def f(x): return x", "import os"]
+  - source_model: {e2}
+    positive_prompts: ["the cat sat on the mat"]
+    negative_prompts: ["import os"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, arch, k", [("llama", "", 2), ("qwen3", "architecture: qwen3\n", 1)])
+def test_mergekit_moe_configs_run_unchanged_and_match_mergekit_moe(tmp_path, family, arch, k):
+    """A mergekit-moe config (FrankenMoE: experts from two other models, cheap_embed gates from their
+    prompts) run by `surgery apply`: every tensor equals mergekit-moe's own output, bitwise, once both
+    are loaded by transformers (mergekit-moe writes the fused expert layout, surgery the per-expert
+    one), for Mixtral and Qwen3-MoE outputs."""
+    import shutil
+    import subprocess
+
+    import transformers
+
+    if shutil.which("mergekit-moe") is None:
+        pytest.skip("mergekit-moe is not installed")
+    kw = DENSE[family]
+    models = [build_tiny(family, tmp_path / f"m{i}", seed=i, **kw) for i in range(3)]
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(MOE_CONFIG.format(base=models[0], arch=arch, gate="cheap_embed", k=k, e1=models[1], e2=models[2]))
+    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
+    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "ours"), "-q"])
+    assert r.exit_code == 0, r.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).state_dict()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).state_dict()
+    assert set(theirs) == set(ours)
+    assert [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
+    router = ours["model.layers.0.mlp.gate.weight"]
+    assert router.shape[0] == 2 and torch.allclose(router.norm(dim=-1), torch.ones(2))  # one unit row per expert
+
+
+def test_what_mergekit_moe_does_and_surgery_does_not_is_a_located_error(dense, tmp_path):
+    """Hidden-state gates, shared experts, other outputs and noise: located errors naming the key and
+    the fix; uniform_random is run as a seeded normal of its variance, with a located note."""
+    m = dense["llama"]
+    base = MOE_CONFIG.format(base=m, arch="", gate="hidden", k=2, e1=m, e2=m)
+    cases = [
+        (base, "gate_mode 'hidden' is not computed", 2),
+        (base.replace("hidden", "cheap_embed") + "shared_experts: [{source_model: x}]\n", "shared experts", 11),
+        (base.replace("gate_mode: hidden", "architecture: deepseek\ngate_mode: random"), "architecture 'deepseek'", 2),
+        (
+            base.replace("gate_mode: hidden", "gate_mode: random").replace(
+                "  - source_model: " + str(m) + '\n    positive_prompts: ["the',
+                "  - source_model: " + str(m) + '\n    noise_scale: 0.1\n    positive_prompts: ["the',
+            ),
+            "noise_scale",
+            9,
+        ),
+    ]
+    for i, (text, expect, line) in enumerate(cases):
+        cfg = tmp_path / f"c{i}.yml"
+        cfg.write_text(text)
+        r = CliRunner().invoke(main, ["validate", str(cfg)])
+        assert r.exit_code == 1 and expect in r.output and f"c{i}.yml:{line}" in r.output, (i, r.output)
+    cfg = tmp_path / "u.yml"
+    cfg.write_text(base.replace("gate_mode: hidden", "gate_mode: uniform_random"))
+    rep = surgery.validate(cfg)
+    assert rep.valid and any(w.code == "approximate-gate" and "u.yml:2" in w.where for w in rep.warnings)
+    out = surgery.apply(cfg, tmp_path / "u", progress=False).path
+    r0 = load_tensors(out)["model.layers.0.block_sparse_moe.gate.weight"]
+    assert abs(float(r0.std()) - (1 / (3 * r0.shape[1])) ** 0.5) < 0.5 * (1 / (3 * r0.shape[1])) ** 0.5

@@ -41,13 +41,13 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
 
     out: list[Problem] = []
     up = next((x for x in stack if x.upcycle is not None), None)
-    if up is not None and up.upcycle.router in ("zero", "uniform") and up.upcycle.top_k < up.upcycle.experts:
+    if up is not None and up.upcycle.router in ("zero", "uniform") and up.upcycle.top_k < up.upcycle.count:
         u = up.upcycle
         out.append(
             Problem(
                 up.upcycle_where,
                 f"a {u.router} router gives every expert the same logit, and top-{u.top_k} of equal logits is always experts "
-                f"0..{u.top_k - 1}: the other {u.experts - u.top_k} get no tokens and no gradient until the load-balancing "
+                f"0..{u.top_k - 1}: the other {u.count - u.top_k} get no tokens and no gradient until the load-balancing "
                 "loss has moved the router, and the experts start identical",
                 "use `router: random` (with identical experts any routing computes the dense function too, and tokens "
                 "spread from the first step), or train with the router loss on (the default)",

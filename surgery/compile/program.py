@@ -272,7 +272,8 @@ def compile_plan(
     if any(x.upcycle is not None for x in stack):
         from surgery.compile.upcycle import upcycle_config, upcycle_tensors
 
-        tensors = upcycle_tensors(tensors, stack, family, out_code)
+        in_dt = DTYPE_NAMES[plan.body.input_dtype] if plan.body.input_dtype else None
+        tensors = upcycle_tensors(tensors, stack, family, out_code, ckpts, base, in_dt)
         upcycle_config(config, stack, family, changes)
         shards = _schedule(tensors, plan.body.output.shard_size)
     w = stack[0].widen if stack else None

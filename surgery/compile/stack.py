@@ -66,7 +66,7 @@ class LayerSpec:
             text += f", widened: {', '.join(parts)} ({w.init})"
         if self.upcycle is not None:
             u = self.upcycle
-            text += f", upcycled: {u.experts} experts, top-{u.top_k}, {u.router} router"
+            text += f", upcycled: {u.count} experts, top-{u.top_k}, {u.router} router"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
         return text
@@ -280,6 +280,20 @@ def _upcycle(s: Upcycle, stack, ctx: Ctx):
         )
     if any(x.upcycle is not None for x in stack):
         raise ctx.fail("the layers are upcycled already; give one `upcycle` step", key=("experts",))
+    for i, e in enumerate(s.sources):
+        other = ctx.ckpts.get(e.model)
+        if other is None:
+            raise ctx.fail(
+                f"expert {i}'s model {e.model!r} is not one of the plan's models",
+                f"add it under `models:` ({', '.join(ctx.ckpts)})",
+                ("experts", i, "model"),
+            )
+        if other.family.name != family.name:
+            raise ctx.fail(
+                f"expert {i}'s model {e.model!r} is a {other.family.name} model; its MLPs cannot be experts of a {family.name}",
+                "take every expert from models of the base model's family and shape",
+                ("experts", i, "model"),
+            )
     if any(x.widen is not None for x in stack):
         raise ctx.fail(
             "upcycle after widen in one plan is not supported", "widen in one plan, upcycle its output in a second", ("experts",)

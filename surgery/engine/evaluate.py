@@ -13,6 +13,7 @@ from surgery.recipes import (
     Gather,
     Linear,
     Nuslerp,
+    PromptRouter,
     RandomNormal,
     Read,
     Recipe,
@@ -105,6 +106,8 @@ class Evaluator:
                 ) from None
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
+        elif isinstance(r, PromptRouter):
+            out = prompt_router(self.full(r.inner), r.counts).to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):
             out = widen(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, VocabPermute):
@@ -155,3 +158,27 @@ class Evaluator:
             parts.append(block[max(e0, lo) - lo : min(e1, hi) - lo])
         # drawn on the host: the same values whatever the device
         return torch.cat(parts).to(torch_dtype(r.dtype)).to(self.src.device)
+
+
+def prompt_router(embed, counts) -> "torch.Tensor":
+    """mergekit-moe's cheap_embed gate (`get_cheap_embedding`), from the prompts' padded token ids and
+    masks: per expert, n(n(sum of its positive prompts' token embeddings) - n(sum of its negative
+    prompts')), n(v) = v / max(|v|, 1e-8), summed over positions and then prompts as mergekit-moe
+    sums them (an embedding row is what its one-hot product gives, exactly)."""
+    import torch
+
+    e = embed.float()
+
+    def summed(batch):
+        ids, mask = (torch.tensor(x, dtype=torch.long, device=e.device) for x in batch)
+        h = e[ids]  # (prompts, positions, hidden)
+        v = (h * mask.unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+        return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+    rows = []
+    for pos, neg in counts:
+        h = summed(pos)
+        if neg:
+            h = h - summed(neg)
+        rows.append(h / h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
+    return torch.cat(rows, dim=0)

@@ -324,3 +324,118 @@ def translate(doc: Located) -> Located:
     for n in names:
         lines[("models", n)] = lines[("models",)]
     return Located(plan, doc.source, lines, notes=list(doc.notes))
+
+
+MOE_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
+MOE_EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
+MOE_GATES = {"cheap_embed": "cheap_embed", "random": "random", "uniform_random": "random"}
+
+
+def is_mergekit_moe(data: Any) -> bool:
+    """A mergekit-moe config: `base_model` and a list of `experts` (and no merge_method)."""
+    return isinstance(data, dict) and "merge_method" not in data and "base_model" in data and isinstance(data.get("experts"), list)
+
+
+def translate_moe(doc: Located) -> Located:
+    """A mergekit-moe config -> the surgery plan that builds the same MoE: the base model's layers,
+    then `upcycle` with one expert per entry (its model's MLP, prompts, residual_scale), top-k from
+    experts_per_token and the router from gate_mode. What mergekit-moe does that surgery does not is
+    a located error (hidden-state gates, shared experts from other models, DeepSeek outputs, noise)."""
+    data, at = doc.data, doc.where
+    unknown = sorted(set(data) - MOE_KEYS)
+    if unknown:
+        raise PlanError(
+            f"unknown mergekit-moe key {unknown[0]!r}",
+            where=at((unknown[0],)),
+            fix=f"mergekit-moe 0.1.5 keys: {', '.join(sorted(MOE_KEYS))}",
+        )
+    problems: list[Problem] = []
+    gate = data.get("gate_mode", "hidden")
+    if gate not in MOE_GATES:
+        problems.append(
+            Problem(
+                at(("gate_mode",)),
+                f"gate_mode {gate!r} is not computed by surgery yet (it runs the base model over the prompts)",
+                "use gate_mode: cheap_embed (the prompts' token embeddings), random or uniform_random; or run mergekit-moe",
+            )
+        )
+    if data.get("shared_experts"):
+        problems.append(
+            Problem(
+                at(("shared_experts",)),
+                "shared experts taken from other models are not supported yet (surgery's Qwen2-MoE shared expert is the base model's MLP)",
+                "drop shared_experts, or run mergekit-moe",
+            )
+        )
+    arch = data.get("architecture")
+    if arch is not None and arch not in ("mixtral", "qwen", "qwen3"):
+        problems.append(
+            Problem(
+                at(("architecture",)),
+                f"architecture {arch!r} is not an output surgery writes",
+                "mixtral, qwen or qwen3 (chosen by the base model's family)",
+            )
+        )
+    names: dict[str, str] = {}
+    base_path, _ = _ref(data["base_model"], at(("base_model",)))
+    names["base"] = base_path
+    experts = []
+    for i, e in enumerate(data["experts"]):
+        p = ("experts", i)
+        if not isinstance(e, dict) or "source_model" not in e:
+            raise PlanError("each expert is {source_model, positive_prompts, negative_prompts, ...}", where=at(p))
+        bad = sorted(set(e) - MOE_EXPERT_KEYS)
+        if bad:
+            raise PlanError(
+                f"unknown expert key {bad[0]!r}", where=at(p + (bad[0],)), fix=f"expert keys: {', '.join(sorted(MOE_EXPERT_KEYS))}"
+            )
+        if e.get("noise_scale"):
+            problems.append(
+                Problem(
+                    at(p + ("noise_scale",)),
+                    "noise_scale draws unseeded noise in mergekit-moe; surgery does not add it",
+                    "drop noise_scale",
+                )
+            )
+        path, _ = _ref(e["source_model"], at(p + ("source_model",)))
+        n = next((k for k, v in names.items() if v == path), None) or _name_for(path, names)
+        names[n] = path
+        entry: dict[str, Any] = {"model": n}
+        for key in ("positive_prompts", "negative_prompts", "residual_scale"):
+            if e.get(key) is not None:
+                entry[key] = e[key]
+        experts.append(entry)
+    if problems:
+        raise PlanError(problems)
+    step: dict[str, Any] = {"experts": experts, "top_k": data.get("experts_per_token", 2), "router": MOE_GATES[gate]}
+    if gate == "random":
+        step["std"] = 1.0  # mergekit-moe: torch.randn
+    elif gate == "uniform_random":
+        h_note = "uniform_random is drawn as a seeded normal with the variance of mergekit-moe's U(-a, a), a = sqrt(1/hidden)"
+        doc.notes.append(
+            Problem(at(("gate_mode",)), h_note, "use gate_mode: random or cheap_embed for an exact equivalent", code="approximate-gate")
+        )
+        step["std"] = None  # set from the hidden size when compiled: 1 / sqrt(3 hidden)
+        step["router"] = "uniform_random"
+    plan: dict[str, Any] = {"models": dict(names), "steps": [{"take": {"model": "base"}}, {"upcycle": step}]}
+    if data.get("dtype"):
+        plan["output"] = {"dtype": data["dtype"]}
+    lines: dict[tuple, int] = {}
+
+    def line(path: tuple) -> int:
+        return doc.lines.get(path) or doc.lines.get(path[:-1]) or doc.lines.get(()) or 1
+
+    lines[("models",)] = line(("base_model",))
+    for n in names:
+        lines[("models", n)] = line(("base_model",))
+    lines[("steps",)] = lines[("steps", 0)] = lines[("steps", 0, "take")] = line(("base_model",))
+    lines[("steps", 1)] = lines[("steps", 1, "upcycle")] = line(("experts",))
+    for key, src in (("top_k", "experts_per_token"), ("router", "gate_mode"), ("std", "gate_mode")):
+        lines[("steps", 1, "upcycle", key)] = line((src,))
+    for i in range(len(experts)):
+        lines[("steps", 1, "upcycle", "experts", i)] = line(("experts", i))
+        for key in ("model", "positive_prompts", "negative_prompts", "residual_scale"):
+            src = "source_model" if key == "model" else key
+            lines[("steps", 1, "upcycle", "experts", i, key)] = line(("experts", i, src))
+    lines[("output",)] = line(("dtype",))
+    return Located(plan, doc.source, lines, notes=list(doc.notes))

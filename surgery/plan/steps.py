@@ -185,31 +185,64 @@ class Gstack(Step):
         return self
 
 
+class ExpertSource(Strict):
+    """One expert of an upcycled layer taken from a model of the same shape (FrankenMoE, as
+    mergekit-moe builds them), with the prompts that initialise its router row (`cheap_embed`)."""
+
+    model: StrictStr
+    positive_prompts: tuple[StrictStr, ...] = ()
+    negative_prompts: tuple[StrictStr, ...] = ()
+    residual_scale: Optional[StrictFloat] = None  # the expert's down projection times this (mergekit-moe's)
+
+
 class Upcycle(Step):
-    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): each layer's dense MLP becomes `experts`
-    copies with a new router choosing `top_k` of them per token, in the MoE layout of the model's
-    family (Llama, Mistral -> Mixtral; Qwen2 -> Qwen2-MoE, with its shared expert; Qwen3 ->
-    Qwen3-MoE). `router: zero` (uniform: every expert equally likely) keeps the dense model's
-    function exactly (identical experts, renormalised top-k weights); `random` draws the router
-    N(0, std) from `seed`. `layers` (Qwen-MoE only; Mixtral has no dense layers) upcycles a range
-    and keeps the others dense."""
+    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): each layer's dense MLP becomes experts
+    behind a new router choosing `top_k` of them per token, in the MoE layout of the model's family
+    (Llama, Mistral -> Mixtral; Qwen2 -> Qwen2-MoE, with its shared expert; Qwen3 -> Qwen3-MoE).
+    `experts`: how many copies of the layer's own MLP, or a list of models (of the same shape) each
+    giving one expert (FrankenMoE). `router: zero` (uniform: every expert equally likely) keeps a
+    copy-upcycled model's function exactly (identical experts, renormalised top-k weights); `random`
+    draws it N(0, std) from `seed`; `cheap_embed` (mergekit-moe's) sets each expert's row to the
+    normalised sum of its prompts' token embeddings (minus its negative prompts'), the same in every
+    layer. `layers` (Qwen-MoE only; Mixtral has no dense layers) upcycles a range and keeps the
+    others dense."""
 
     op: ClassVar[str] = "upcycle"
-    summary: ClassVar[str] = "sparse upcycling: every MLP becomes `experts` copies behind a new top-k router (dense -> MoE)"
-    experts: StrictInt = Field(ge=1, le=1024)
+    summary: ClassVar[str] = (
+        "sparse upcycling: every MLP becomes experts (copies or other models') behind a new top-k router (dense -> MoE)"
+    )
+    experts: Union[StrictInt, tuple[ExpertSource, ...]]
     top_k: StrictInt = Field(default=2, ge=1, le=1024)
-    router: Literal["zero", "uniform", "random"] = "zero"
+    router: Literal["zero", "uniform", "random", "uniform_random", "cheap_embed"] = "zero"
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
     layers: Optional[Range] = None
     router_aux_loss_coef: StrictFloat = Field(default=0.001, ge=0, le=1)
 
+    @property
+    def count(self) -> int:
+        return self.experts if isinstance(self.experts, int) else len(self.experts)
+
+    @property
+    def sources(self) -> tuple:
+        """The expert models, or () for copies of the layer's own MLP."""
+        return () if isinstance(self.experts, int) else self.experts
+
     @model_validator(mode="after")
     def _k(self):
-        if self.top_k > self.experts:
-            raise ValueError(f"top_k {self.top_k} is more than the {self.experts} experts: a token can be routed to at most all of them")
-        if self.std is not None and self.router != "random":
+        if not 1 <= self.count <= 1024:
+            raise ValueError(f"experts: {self.count} is not a number of experts from 1 to 1024")
+        if self.top_k > self.count:
+            raise ValueError(f"top_k {self.top_k} is more than the {self.count} experts: a token can be routed to at most all of them")
+        if self.std is not None and self.router not in ("random", "uniform_random"):
             raise ValueError("`std` is for router: random")
+        if self.router == "cheap_embed":
+            bare = [i for i, e in enumerate(self.sources) if not e.positive_prompts]
+            if not self.sources or bare:
+                raise ValueError(
+                    "router: cheap_embed needs positive_prompts for every expert"
+                    + (f" (expert {bare[0]} has none)" if bare else " (give experts as a list of {model, positive_prompts})")
+                )
         return self
 
     _r = field_validator("layers")(lambda v: v if v is None else check_range(v))
@@ -517,13 +550,15 @@ class Plan(FromDocument):
 def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file (or a mergekit config, translated). Raises `PlanError` listing
     every problem with its file:line."""
-    from surgery.plan.mergekit import is_mergekit, translate
+    from surgery.plan.mergekit import is_mergekit, is_mergekit_moe, translate, translate_moe
 
     path = Path(path)
     doc = load_yaml_file(path)
     if is_mergekit(doc.data):
         # mergekit resolves local model paths against the working directory
         return plan_from_doc(translate(doc), Path.cwd().resolve(), mergekit=doc.data)
+    if is_mergekit_moe(doc.data):
+        return plan_from_doc(translate_moe(doc), Path.cwd().resolve(), mergekit=doc.data)
     return plan_from_doc(doc, path.resolve().parent)
 
 
