@@ -147,7 +147,7 @@ def test_validate_shows_the_experts_and_the_new_config(dense, tmp_path):
     assert "upcycled: 8 experts, top-2, zero router" in r.output and "mistral -> mixtral" in r.output
     rep = surgery.validate(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2}", "zero.yaml"))
     [w] = [w for w in rep.warnings if w.code == "symmetric-experts"]
-    assert "experts 0..1" in w.what and "router: random" in w.fix and "zero.yaml:2" in w.where
+    assert "the same 2 experts for every token" in w.what and "router: random" in w.fix and "zero.yaml:2" in w.where
     rep = surgery.validate(_plan(tmp_path, dense["mistral"], "{experts: 8, top_k: 2, router: random}", "random.yaml"))
     assert not [w for w in rep.warnings if w.code == "symmetric-experts"]
 
@@ -182,7 +182,8 @@ def test_the_router_loss_joins_the_training_loss_only(dense, tmp_path):
 @pytest.mark.slow
 def test_an_upcycled_model_trains_and_its_experts_part(dense, tmp_path):
     """`surgery train` on an upcycled Mixtral: the router loss is on (train.json says with which
-    coefficient), FLOPs count k/E of the experts, and the router leaves zero."""
+    coefficient), FLOPs count k/E of the experts, the router leaves zero, and metrics.jsonl has the
+    experts' load and the balance term."""
     from surgery.train import train
     from surgery.train.corpus import write_pydoc_corpus
 
@@ -202,6 +203,12 @@ def test_an_upcycled_model_trains_and_its_experts_part(dense, tmp_path):
     assert dense_flops == flops_per_token(out, 64)["flops_per_token"] < flops_per_token(out, 64)["matmul_params"] * 6 * 2
     trained = load_tensors(res.path)
     assert trained["model.layers.0.block_sparse_moe.gate.weight"].abs().max() > 0
+    # each training record has the experts' load (shares summing to 1) and the router's balance term
+    recs = [json.loads(x) for x in (res.path / "metrics.jsonl").read_text().splitlines()]
+    loads = [r for r in recs if "loss" in r]
+    assert loads and all(len(r["expert_load"]) == 4 and abs(sum(r["expert_load"]) - 1) < 1e-3 for r in loads)
+    assert all(0.0 < r["router_balance"] <= 4.0 + 1e-6 for r in loads)
+    assert sorted(loads[0]["expert_load"]) == [0.0, 0.0, 0.5, 0.5]  # a zero router: top-2 of equal logits, the same 2 for all
 
 
 def test_export_refuses_an_upcycle_rather_than_dropping_it(dense, tmp_path):

@@ -46,9 +46,9 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
         out.append(
             Problem(
                 up.upcycle_where,
-                f"a {u.router} router gives every expert the same logit, and top-{u.top_k} of equal logits is always experts "
-                f"0..{u.top_k - 1}: the other {u.count - u.top_k} get no tokens and no gradient until the load-balancing "
-                "loss has moved the router, and the experts start identical",
+                f"a {u.router} router gives every expert the same logit, and top-{u.top_k} of equal logits picks the same "
+                f"{u.top_k} experts for every token: the other {u.count - u.top_k} get no tokens and no gradient until the "
+                "load-balancing loss has moved the router, and the experts start identical",
                 "use `router: random` (with identical experts any routing computes the dense function too, and tokens "
                 "spread from the first step), or train with the router loss on (the default)",
                 code="symmetric-experts",

@@ -23,8 +23,10 @@ def metric_callbacks(
     echo,
     domains: dict | None = None,
     eval_every: int | None = None,
+    experts=None,
 ):
-    """`domains`: a mixture's {name: proportion} of the domains with held-out text; their losses
+    """`experts`: a mixture of experts' ExpertLoad (surgery.train.moe), read into each training
+    record. `domains`: a mixture's {name: proportion} of the domains with held-out text; their losses
     arrive one evaluation each, and are written as one record with their weighted average.
     `eval_every`: evaluate when the run's global step (not the stage's) is a multiple of it, so the
     evaluations of runs with and without growth line up."""
@@ -73,6 +75,9 @@ def metric_callbacks(
                     grad_norm=logs.get("grad_norm"),
                     tokens_per_s=round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None,
                 )
+                load = experts.take() if experts is not None else None
+                if load:
+                    rec.update(load)
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
             elif "eval_loss" in logs:

@@ -34,7 +34,7 @@ from surgery.train.checkpoints import check_resumable, last_complete_checkpoint,
 from surgery.train.dist import barrier, is_main, world_size
 from surgery.train.growth import grow_model
 from surgery.train.masks import fade_in_new_layers
-from surgery.train.moe import enable_router_aux_loss
+from surgery.train.moe import enable_router_aux_loss, watch_experts
 from surgery.train.metrics import check_finite, eval_weights, final_eval, metric_callbacks, ppl, truncate_metrics, write_record
 from surgery.train.schedule import Schedule
 from surgery.train.publish import TrainResult, source_config, stage_model, write_output
@@ -206,7 +206,8 @@ def _stage_callbacks(cfg: Config, stage: Stage, work: Path, tps: int, model, cor
     """metrics.jsonl's writer (and the run's evaluations), TensorBoard when asked, growth's masks."""
     b = cfg.body
     eval_every = (b.eval_every or max(1, stage.run_steps // 10)) if corpus.eval is not None else None
-    callbacks = metric_callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains, eval_every)
+    experts = watch_experts(model) if stage.router_aux_loss_coef is not None else None
+    callbacks = metric_callbacks(work / "metrics.jsonl", tps, stage, stop_after, progress, echo, domains, eval_every, experts)
     if "tensorboard" in b.report_to and is_main():
         from transformers.integrations import TensorBoardCallback
 
