@@ -152,3 +152,28 @@ def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_sta
 
 
 _EXHAUSTED_FIX = "add text to it, lower its weight or the budget, or set data.exhausted: repeat to reuse its sequences"
+
+
+# the names this module had before the data readers moved to surgery.data (issue 24), for callers
+from surgery.data.mixing import Mixture  # noqa: E402, F401
+from surgery.data.packing import Ordered, Packed, Stream, token_stream  # noqa: E402, F401
+from surgery.data.sources import (  # noqa: E402, F401
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    PIECE_CHARS,
+    TEXT_SUFFIXES,
+    Source,
+    data_paths,
+    expand_sources,
+    read_pieces,
+    split_document,
+)
+from surgery.data.tokens import (  # noqa: E402, F401
+    FORMAT,
+    TOKENIZER_FILES,
+    Tokens,
+    default_cache_dir,
+    special_ids,
+    tokenize,
+    tokenizer_fingerprint,
+)

@@ -129,3 +129,27 @@ def optimal_proportions(laws: list[Law], steps: float, importance: list[float] |
     r = shares((lo + hi) / 2)
     total = sum(r)
     return [x / total for x in r]
+
+
+# the names this module had before the mix commands and the mixture sampler moved out (issue 24)
+from surgery.data.mixing import (  # noqa: E402, F401
+    BLOCK,
+    ENTROPY_RULES,
+    ArrayStream,
+    Mixture,
+    TokenStats,
+    block_counts,
+    proportions,
+    token_statistics,
+)
+
+_MOVED_TO_MIX = {"describe", "describe_text", "read_run", "fit_runs", "fit_text"}
+
+
+def __getattr__(name: str):
+    """`surgery mix`'s functions, now in surgery.train.mix (which imports this module), found lazily."""
+    if name in _MOVED_TO_MIX:
+        import importlib
+
+        return getattr(importlib.import_module("surgery.train.mix"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,6 +42,9 @@ from surgery.train.stages import Stage, check_grown, load_grow_plan, plan_stages
 from surgery.train.trainable import apply_freezing, select_trainable
 from surgery.train.trainer import trainer_class
 
+# the names this module had before the training side was split into parts (issue 24), for callers
+from surgery.train.checkpoints import CHECKPOINT_DONE, RESUME_KEYS, mark_checkpoint_complete, prune_checkpoints  # noqa: E402, F401
+
 
 def _precision(p: str) -> str:
     import torch
