@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 from surgery.errors import PlanError
+from surgery.data.mixing import Mixture
 from surgery.data.packing import Ordered, Packed, Stream, token_stream
 from surgery.data.sources import expand_sources
 from surgery.data.tokens import default_cache_dir
@@ -103,7 +104,7 @@ def _split(d, train: Stream, ev: Stream | None, where_files: str, where_eval: st
 
 
 def _mixture_corpus(cfg, streams, sequences: int | None, start: int = 0, all_stats: bool = False, limit: int = 0) -> Corpus:
-    from surgery.data.mixing import ENTROPY_RULES, Mixture, proportions, token_statistics
+    from surgery.data.mixing import ENTROPY_RULES, proportions, token_statistics
 
     d = cfg.body.data
     L = d.seq_len
@@ -155,8 +156,6 @@ _EXHAUSTED_FIX = "add text to it, lower its weight or the budget, or set data.ex
 
 
 # the names this module had before the data readers moved to surgery.data (issue 24), for callers
-from surgery.data.mixing import Mixture  # noqa: E402, F401
-from surgery.data.packing import Ordered, Packed, Stream, token_stream  # noqa: E402, F401
 from surgery.data.sources import (  # noqa: E402, F401
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -164,16 +163,7 @@ from surgery.data.sources import (  # noqa: E402, F401
     TEXT_SUFFIXES,
     Source,
     data_paths,
-    expand_sources,
     read_pieces,
     split_document,
 )
-from surgery.data.tokens import (  # noqa: E402, F401
-    FORMAT,
-    TOKENIZER_FILES,
-    Tokens,
-    default_cache_dir,
-    special_ids,
-    tokenize,
-    tokenizer_fingerprint,
-)
+from surgery.data.tokens import FORMAT, TOKENIZER_FILES, Tokens, special_ids, tokenize, tokenizer_fingerprint  # noqa: E402, F401
