@@ -107,7 +107,7 @@ def test_some_layers_stay_dense_where_the_moe_allows_it(dense, tmp_path):
         ("{experts: [{model: zz, positive_prompts: [x]}], top_k: 1}", "'zz' is not one of the plan's models"),
         ("{experts: 2, top_k: 3}", "more than the 2 experts"),
         ("{experts: 2, std: 0.1}", "`std` is for router: random"),
-        ("{experts: 2, router: learned}", "'zero', 'uniform', 'random' or 'cheap_embed'"),
+        ("{experts: 2, router: learned}", "'zero', 'uniform', 'random', 'uniform_random' or 'cheap_embed'"),
     ],
 )
 def test_bad_upcycle_steps_are_located_errors(dense, tmp_path, step, expect):
