@@ -287,6 +287,34 @@ class PromptRouter(Unary):
         return f"router from {len(self.counts)} experts' prompts over {self.inner.describe()}"
 
 
+@dataclass(frozen=True)
+class HiddenRouter(Recipe):
+    """A router initialised from the base model's hidden states over each expert's prompts
+    (mergekit-moe's `hidden` / `hidden_avg` gates): row e of layer `layer`'s router is the mean
+    (over prompts) of the hidden state entering that layer, at the last position or averaged over
+    positions, less the negative prompts', normalised. Computed once for every layer by running the
+    base model (bfloat16, as mergekit-moe runs it)."""
+
+    model: str  # the base model's folder
+    layer: int
+    counts: tuple  # the prompts, as PromptRouter holds them
+    average: bool
+    hidden: int
+    dtype: str
+
+    whole_tensor = True
+
+    @property
+    def shape(self):
+        return (len(self.counts), self.hidden)
+
+    def children(self):
+        return ()
+
+    def describe(self) -> str:
+        return f"router from the base model's hidden states over {len(self.counts)} experts' prompts"
+
+
 def leaves(r: Recipe) -> list[Recipe]:
     """Every recipe inside `r`, `r` included."""
     return [r] + [x for c in r.children() for x in leaves(c)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from surgery.arch import Family
 from surgery.errors import PlanError, Problem
-from surgery.recipes import PromptRouter, RandomNormal, Scale, Zeros
+from surgery.recipes import HiddenRouter, PromptRouter, RandomNormal, Scale, Zeros
 
 
 def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, ckpts: dict, base, in_dt: str | None = None) -> list:
@@ -56,6 +56,10 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
             if u not in routers:
                 routers[u] = _cast(_prompt_router(u, family, ckpts, base, in_dt, layer.upcycle_where, _read), out_code)
             r = routers[u]
+        elif u.router in ("hidden", "hidden_avg"):
+            if u not in routers:
+                routers[u] = _prompt_router(u, family, ckpts, base, in_dt, layer.upcycle_where, _read).counts
+            r = HiddenRouter(str(base.path), layer.sources[0][1], routers[u], u.router == "hidden_avg", hidden, out_code)
         else:
             r = Zeros((u.count, hidden), out_code)
         out.append(OutTensor(router, r))

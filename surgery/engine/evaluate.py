@@ -13,6 +13,7 @@ from surgery.recipes import (
     Gather,
     Linear,
     Nuslerp,
+    HiddenRouter,
     PromptRouter,
     RandomNormal,
     Read,
@@ -106,6 +107,8 @@ class Evaluator:
                 ) from None
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
+        elif isinstance(r, HiddenRouter):
+            out = hidden_router(r).to(torch_dtype(r.dtype))
         elif isinstance(r, PromptRouter):
             out = prompt_router(self.full(r.inner), r.counts).to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):
@@ -182,3 +185,53 @@ def prompt_router(embed, counts) -> "torch.Tensor":
             h = h - summed(neg)
         rows.append(h / h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.cat(rows, dim=0)
+
+
+_HIDDEN_GATES: dict = {}  # (model, prompts, average) -> (layers, experts, hidden): one forward pass set per output
+_HIDDEN_LOCK = __import__("threading").Lock()  # the engine's threads ask for every layer at once: one computes, the rest wait
+
+
+def hidden_router(r) -> "torch.Tensor":
+    """mergekit-moe's hidden-state gate for one layer, every layer's computed once (its
+    `get_hidden_states`, in bfloat16): the hidden states entering each layer over an expert's
+    prompts, at the last position (or averaged over positions), averaged over prompts, less the
+    negative prompts', normalised."""
+
+    key = (r.model, r.counts, r.average)
+    with _HIDDEN_LOCK:  # transformers' loading sets process-wide defaults: never two at once
+        if key not in _HIDDEN_GATES:
+            _HIDDEN_GATES.clear()  # one model's gates at a time
+            _HIDDEN_GATES[key] = _hidden_gates(r)
+        return _HIDDEN_GATES[key][r.layer]
+
+
+def _hidden_gates(r) -> "torch.Tensor":
+    """Every layer's gate vectors (layers, experts, hidden), as mergekit-moe's get_gate_params makes them."""
+    import torch
+    import transformers
+
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # inside apply's own progress
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(r.model, dtype=torch.bfloat16, trust_remote_code=False)
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
+    model.eval()
+
+    def states(batch):
+        ids, mask = (torch.tensor(x, dtype=torch.long) for x in batch)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
+        h = torch.stack(out.hidden_states[:-1])  # (layers, prompts, positions, hidden)
+        h = h.sum(dim=2) / h.shape[2] if r.average else h[:, :, -1, :]
+        return h.sum(dim=1) / h.shape[1]
+
+    vecs = []
+    for pos, neg in r.counts:
+        h = states(pos)
+        if neg:
+            h -= states(neg)
+        h /= h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        vecs.append(h)
+    return torch.stack(vecs, dim=0).permute(1, 0, 2)  # (layers, experts, hidden)

@@ -328,7 +328,14 @@ def translate(doc: Located) -> Located:
 
 MOE_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
 MOE_EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
-MOE_GATES = {"cheap_embed": "cheap_embed", "random": "random", "uniform_random": "random"}
+MOE_GATES = {
+    "cheap_embed": "cheap_embed",
+    "random": "random",
+    "uniform_random": "random",
+    "hidden": "hidden",
+    "hidden_last": "hidden",
+    "hidden_avg": "hidden_avg",
+}
 
 
 def is_mergekit_moe(data: Any) -> bool:
@@ -355,8 +362,8 @@ def translate_moe(doc: Located) -> Located:
         problems.append(
             Problem(
                 at(("gate_mode",)),
-                f"gate_mode {gate!r} is not computed by surgery yet (it runs the base model over the prompts)",
-                "use gate_mode: cheap_embed (the prompts' token embeddings), random or uniform_random; or run mergekit-moe",
+                f"gate_mode {gate!r} is not one of mergekit-moe's",
+                f"one of: {', '.join(MOE_GATES)}",
             )
         )
     if data.get("shared_experts"):

@@ -213,7 +213,7 @@ class Upcycle(Step):
     )
     experts: Union[StrictInt, tuple[ExpertSource, ...]]
     top_k: StrictInt = Field(default=2, ge=1, le=1024)
-    router: Literal["zero", "uniform", "random", "uniform_random", "cheap_embed"] = "zero"
+    router: Literal["zero", "uniform", "random", "uniform_random", "cheap_embed", "hidden", "hidden_avg"] = "zero"
     std: Optional[StrictFloat] = Field(default=None, gt=0)
     seed: StrictInt = 0
     layers: Optional[Range] = None
@@ -236,11 +236,11 @@ class Upcycle(Step):
             raise ValueError(f"top_k {self.top_k} is more than the {self.count} experts: a token can be routed to at most all of them")
         if self.std is not None and self.router not in ("random", "uniform_random"):
             raise ValueError("`std` is for router: random")
-        if self.router == "cheap_embed":
+        if self.router in ("cheap_embed", "hidden", "hidden_avg"):
             bare = [i for i, e in enumerate(self.sources) if not e.positive_prompts]
             if not self.sources or bare:
                 raise ValueError(
-                    "router: cheap_embed needs positive_prompts for every expert"
+                    f"router: {self.router} needs positive_prompts for every expert"
                     + (f" (expert {bare[0]} has none)" if bare else " (give experts as a list of {model, positive_prompts})")
                 )
         return self
