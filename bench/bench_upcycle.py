@@ -57,8 +57,9 @@ def main() -> int:
             "llama", init, seed=0, vocab_size=128, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter,
             num_attention_heads=heads, num_key_value_heads=heads, attention_bias=False, mlp_bias=False,
         )  # fmt: skip
+    cap = 65536 if args.size != "tiny" else 2048
     common = (
-        f"data: {{files: [{corpus / 'train.jsonl'}], eval_files: [{corpus / 'eval.jsonl'}], seq_len: {seq}, eval_max_tokens: 65536}}\n"
+        f"data: {{files: [{corpus / 'train.jsonl'}], eval_files: [{corpus / 'eval.jsonl'}], seq_len: {seq}, eval_max_tokens: {cap}}}\n"
         f"lr: 1e-3\nmicro_batch: {mb}\nwarmup: 10\nseed: 0\n"
     )
 

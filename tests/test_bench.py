@@ -84,3 +84,11 @@ def test_growth_benchmark_harness(tmp_path):
         sp, saved = r["train_speedup_paper"], r["train_flops_saved"]
         if sp is not None and saved is not None:
             assert abs(sp - (1 / (1 - saved) - 1)) < 0.01
+
+
+@pytest.mark.slow
+def test_upcycle_benchmark_harness(tmp_path):
+    doc, md = run("bench_upcycle.py", "--size", "tiny", tmp=tmp_path)
+    runs = {r["run"]: r for r in doc["runs"]}
+    assert set(runs) == {"dense", "upcycled", "upcycled-zero"} and all(r["eval_loss"] > 0 for r in runs.values())
+    assert len(runs["upcycled"]["final_expert_load"]) == 4 and "| upcycled |" in md
