@@ -5,6 +5,8 @@ with held-out loss against training FLOPs.
 
     python bench/bench_growth.py --size small    # minutes on this 2-core CPU (the figures in RESULTS.md)
     python bench/bench_growth.py --size medium   # width 128, 3x the steps: about half an hour here
+    python bench/bench_growth.py --size long     # small's shapes, 16x the tokens on the stdlib's sources: where
+                                                 # depth pays (scratch beats the no-growth control); ~2 h here
     python bench/bench_growth.py --size gpu      # 24 layers, width 512, 33M tokens: for a GPU
     python bench/bench_growth.py --size tiny     # seconds (the tests run it)
 
