@@ -30,7 +30,14 @@ def run(script, *args, tmp):
 def test_apply_benchmark_harness(tmp_path):
     doc, md = run("bench_apply.py", "--size", "tiny", "--no-mergekit", tmp=tmp_path)
     cases = {r["case"] for r in doc["results"] if r["tool"] == "surgery"}
-    assert cases == {"solar-dus 32->48", "llama-pro 32->40", "gstack 4x first 6 layers", "gradient-slerp (cpu)", "linear (cpu)"}
+    assert cases == {
+        "solar-dus 32->48",
+        "llama-pro 32->40",
+        "upcycle 32 MLPs -> 8 experts",
+        "gstack 4x first 6 layers",
+        "gradient-slerp (cpu)",
+        "linear (cpu)",
+    }
     assert all(r["rc"] == 0 and r["peak_rss_mb"] > 0 for r in doc["results"])
     assert {"cat", "cp -r"} <= {r["tool"] for r in doc["results"]} and "nan" not in md
 
