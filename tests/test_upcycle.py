@@ -173,7 +173,7 @@ def test_the_router_loss_joins_the_training_loss_only(dense, tmp_path):
     model.train()
     torch.manual_seed(0)
     both = model(input_ids=ids, labels=ids)
-    assert both.aux_loss is not None and float(both.aux_loss) > 0
+    assert both.aux_loss is not None and both.aux_loss.item() > 0
     assert torch.allclose(both.loss, lm.loss + 0.25 * both.aux_loss, atol=1e-5)
     off = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert enable_router_aux_loss(off, 0.0) == 0.0 and off.train()(input_ids=ids, labels=ids).aux_loss is None
