@@ -376,3 +376,24 @@ def test_surgery_json_is_read_as_one_versioned_type(tmp_path, models):
     assert "surgery/9" in str(e.value) and "newer" in str(e.value) and str(bad / "surgery.json") in str(e.value)
     problems = verify(bad)
     assert problems and "surgery/9" in str(problems[0]) and str(bad / "surgery.json") in problems[0].where
+
+
+def test_training_refuses_a_damaged_surgery_json_before_it_trains(tmp_path, models):
+    """The model's surgery.json is read (as the type it is) when the run starts: a damaged one is a
+    located error before any step, not a failure when the trained model is published."""
+    import shutil
+
+    from surgery.errors import SurgeryError
+    from surgery.train import train
+    from surgery.train.corpus import write_pydoc_corpus
+
+    m = tmp_path / "m"
+    shutil.copytree(models("llama"), m)
+    (m / "surgery.json").write_text(json.dumps({"format": "surgery/9", "layer_map": []}))
+    corpus = write_pydoc_corpus(tmp_path / "c.jsonl")
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model: {m}\noutput: {tmp_path / 'out'}\ndata: {{files: [{corpus}], seq_len: 32}}\nsteps: 2\nmicro_batch: 2\n")
+    with pytest.raises(SurgeryError) as e:
+        train(cfg, progress=False, echo=lambda *a: None)
+    assert "surgery/9" in str(e.value) and str(m / "surgery.json") in str(e.value)
+    assert not (tmp_path / ".out.surgery-train").exists() and not (tmp_path / "out").exists()

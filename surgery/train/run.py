@@ -219,6 +219,9 @@ def train(
     from surgery.io.loadable import check_loadable
 
     check_loadable(model_dir, cfg.where("model"))
+    from surgery.io.provenance import read_provenance
+
+    read_provenance(model_dir)  # a damaged surgery.json is refused now, not when the output is published
     if model_dir == out.resolve() or model_dir in out.resolve().parents:
         raise OutputError(f"the output {out} is inside the model being trained ({model_dir})", fix="choose another output folder")
     work = out.parent / f".{out.name}.surgery-train"
