@@ -10,14 +10,13 @@ halved, so the sum is the dense MLP again."""
 from __future__ import annotations
 
 from surgery.arch import Family
+from surgery.compile.tensors import OutTensor, _cast, _read
 from surgery.errors import PlanError, Problem
 from surgery.recipes import HiddenRouter, PromptRouter, RandomNormal, Scale, Zeros
 
 
 def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, ckpts: dict, base, in_dt: str | None = None) -> list:
     """The output tensors with each upcycled layer's dense MLP replaced by experts, router (and shared expert)."""
-    from surgery.compile.tensors import OutTensor, _cast, _read
-
     spec = family.upcycle
     by_name = {t.name: t for t in tensors}
     replaced: dict[str, list] = {}  # the dense down projection's name -> the tensors that take the MLP's place
@@ -41,7 +40,7 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
         shared = spec.get("shared")
         out = []
         for e in range(u.count):
-            parts = _expert(u, e, recipe, spec, layer, ckpts, out_code, in_dt, _read, _cast)
+            parts = _expert(u, e, recipe, spec, layer, ckpts, out_code, in_dt)
             for k in ("gate", "up", "down"):
                 r = parts[k]
                 if k == "down" and shared:
@@ -54,11 +53,12 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
             r = RandomNormal((u.count, hidden), out_code, std, u.seed, router)
         elif u.router == "cheap_embed":
             if u not in routers:
-                routers[u] = _cast(_prompt_router(u, family, ckpts, base, in_dt, layer.upcycle_where, _read), out_code)
+                embedding = _read(ckpts, base.name, family.embeddings[0], in_dt)
+                routers[u] = _cast(PromptRouter(embedding, _prompt_batches(u, base, layer.upcycle_where)), out_code)
             r = routers[u]
         elif u.router in ("hidden", "hidden_avg"):
             if u not in routers:
-                routers[u] = _prompt_router(u, family, ckpts, base, in_dt, layer.upcycle_where, _read).counts
+                routers[u] = _prompt_batches(u, base, layer.upcycle_where)
             r = HiddenRouter(str(base.path), layer.sources[0][1], routers[u], u.router == "hidden_avg", hidden, out_code)
         else:
             r = Zeros((u.count, hidden), out_code)
@@ -78,7 +78,7 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
     return result
 
 
-def _expert(u, e: int, recipe: dict, spec: dict, layer, ckpts, out_code, in_dt, _read, _cast) -> dict:
+def _expert(u, e: int, recipe: dict, spec: dict, layer, ckpts, out_code, in_dt) -> dict:
     """Expert e's gate, up and down projections: the layer's own (copies), or those of the same layer
     of expert e's model, of the same shapes (FrankenMoE), its down projection times residual_scale."""
     if not u.sources:
@@ -107,13 +107,13 @@ def _expert(u, e: int, recipe: dict, spec: dict, layer, ckpts, out_code, in_dt, 
     return out
 
 
-def _prompt_router(u, family: Family, ckpts, base, in_dt, where: str, _read):
-    """mergekit-moe's cheap_embed router as a recipe over the base model's embedding: each expert's
-    prompts tokenized as mergekit-moe does (the BOS text prepended, no other special tokens)."""
+def _prompt_batches(u, base, where: str) -> tuple:
+    """Each expert's positive and negative prompts as mergekit-moe batches them for its prompt gates
+    (the BOS text prepended, no other special tokens, padded on the left): ((ids, mask), (ids, mask) or ())."""
     try:
         import transformers
     except ImportError:  # pragma: no cover - the models extra
-        raise PlanError(Problem(where, "router: cheap_embed tokenizes prompts, which needs transformers", "pip install 'surgery[models]'"))
+        raise PlanError(Problem(where, f"router: {u.router} tokenizes prompts, which needs transformers", "pip install 'surgery[models]'"))
     tok = transformers.AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
     tok.padding_side = "left"  # as mergekit-moe batches them
     tok.pad_token_id = tok.bos_token_id
@@ -127,8 +127,7 @@ def _prompt_router(u, family: Family, ckpts, base, in_dt, where: str, _read):
         enc = tok([bos + p for p in prompts], padding=True, add_special_tokens=False)
         return (tuple(map(tuple, enc["input_ids"])), tuple(map(tuple, enc["attention_mask"])))
 
-    rows = tuple((batch(e.positive_prompts), batch(e.negative_prompts)) for e in u.sources)
-    return PromptRouter(_read(ckpts, base.name, family.embeddings[0], in_dt), rows)
+    return tuple((batch(e.positive_prompts), batch(e.negative_prompts)) for e in u.sources)
 
 
 def upcycle_config(config: dict, stack: list, family: Family, changes: list) -> None:
