@@ -598,22 +598,12 @@ def test_learn_from_a_plan_it_cannot_start_from_fails_before_training(tmp_path, 
     """`operator: learn-split` with a grow plan it cannot start from (new units that are not copies)
     is a located error when the run starts, not after stage 1 has trained (the paper's `learn` takes
     only the widened shapes from the plan, so it starts from any widen)."""
-    from surgery.errors import PlanError
-    from surgery.train import train
-
-    from .test_train import config, quiet, write_pydoc_corpus
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
     extra = (
         "grow:\n  at_tokens: 2048\n  operator: learn-split\n  learn_steps: 2\n  plan:\n    models: {small: TRAINED}\n"
         "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, init: zero}\n"
     )
-    with pytest.raises(PlanError) as e:
-        train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
-    assert "init: split" in str(e.value) and "train.yaml:" in str(e.value)
-    assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
+    e = _refused_before_training(tmp_path, models, extra)
+    assert "init: split" in str(e) and "train.yaml:" in str(e)
 
 
 @pytest.mark.slow
@@ -621,23 +611,40 @@ def test_msg_stages_that_outlast_the_run_are_refused_before_training(tmp_path, m
     """MSG's staged masks take mask_steps per stage (MLP units, stream, heads: 3 here): a run with
     fewer steps after growth than that is refused at its start, located, with both fixes; the same
     budget with `masks: together` (one stage) is accepted."""
+    extra = (
+        "grow:\n  at_tokens: 2048\n  mask_steps: 3\n  plan:\n    models: {small: TRAINED}\n"
+        "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random}\n"
+    )
+    e = _refused_before_training(tmp_path, models, extra)
+    assert "3 x 3 stages" in str(e) and "train.yaml:" in str(e) and "masks: together" in str(e)
+    assert "mask_steps <= 1" in str(e)
+    # one stage of 3 steps fits the 4 steps after growth: the run starts (stopped after its first step)
+    from surgery.train import train
+
+    from .test_train import config, quiet
+
+    corpus = tmp_path / "corpus"
+    res = train(
+        config(tmp_path, corpus, models("llama"), extra.replace("mask_steps: 3", "mask_steps: 3\n  masks: together"), steps=8),
+        force=True, progress=False, echo=quiet, stop_after=1,
+    )  # fmt: skip
+    assert res.path is None and res.steps == 1
+
+
+def _refused_before_training(tmp_path, models, extra: str):
+    """A grow config `surgery train` must refuse at its start: the PlanError, with nothing trained."""
     from surgery.errors import PlanError
     from surgery.train import train
 
     from .test_train import config, quiet, write_pydoc_corpus
 
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     write_pydoc_corpus(corpus / "train.jsonl", eval_path=corpus / "eval.jsonl")
-    extra = (
-        "grow:\n  at_tokens: 2048\n  mask_steps: 3\n  plan:\n    models: {small: TRAINED}\n"
-        "    steps:\n      - take: {model: small}\n      - widen: {hidden: 64, heads: 8, kv_heads: 4, intermediate: 96, init: random}\n"
-    )
     with pytest.raises(PlanError) as e:
         train(config(tmp_path, corpus, models("llama"), extra, steps=8), progress=False, echo=quiet)
-    assert "3 x 3 stages" in str(e.value) and "train.yaml:" in str(e.value) and "masks: together" in str(e.value)
-    assert "mask_steps <= 1" in str(e.value)
     assert not (tmp_path / ".out.surgery-train" / "stage-1").exists()
+    return e.value
 
 
 def test_a_widened_config_transformers_refuses_is_an_error(models, tmp_path):
