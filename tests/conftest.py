@@ -62,3 +62,18 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def kill_once_a_shard_is_written(cmd: list, staging: Path, env: dict) -> None:
+    """Start `cmd` (a `surgery apply`) and SIGKILL it as soon as its staging folder holds a finished
+    shard (or after 60 s, or when it ends first)."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, env=env)
+    deadline = time.perf_counter() + 60
+    while not list(staging.glob("model-*.safetensors")) and p.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()

@@ -20,7 +20,7 @@ from surgery.cli import main
 from surgery.synthetic import write_synthetic_llama
 from surgery.tiny import logits
 
-from .conftest import load_tensors, read_json, write_plan
+from .conftest import kill_once_a_shard_is_written, load_tensors, read_json, write_plan
 
 import pytest
 
@@ -213,12 +213,7 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path):
     rng = random.Random(0)
     # one kill right after the first shard is finished, so --resume surely has shards to keep
     staging = tmp_path / ".out.surgery-partial"
-    p = subprocess.Popen(base + ["-o", str(out)], env=env)
-    deadline = time.perf_counter() + 60
-    while not list(staging.glob("model-*.safetensors")) and p.poll() is None and time.perf_counter() < deadline:
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_once_a_shard_is_written(base + ["-o", str(out)], staging, env)
     kills, resumed_shards = 1, len(list(staging.glob("model-*.safetensors")))
     while kills < 20:
         staging = tmp_path / ".out.surgery-partial"

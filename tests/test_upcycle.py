@@ -12,7 +12,7 @@ import surgery
 from surgery.cli import main
 from surgery.tiny import build_tiny, logits
 
-from .conftest import load_tensors, write_plan
+from .conftest import kill_once_a_shard_is_written, load_tensors, write_plan
 
 # a Llama without biases (Mixtral has no place for them); Qwen3 whose layers all attend the same way
 DENSE = {
@@ -225,10 +225,8 @@ def test_a_killed_upcycle_resumes_to_the_same_bytes(tmp_path):
     """SIGKILL once the first shard is written, then --resume: the output equals a clean run's bytes
     (the experts are copies, the random router is drawn from its seed whichever run writes it)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from surgery.synthetic import write_synthetic_llama
 
@@ -244,12 +242,7 @@ def test_a_killed_upcycle_resumes_to_the_same_bytes(tmp_path):
     reference = {f.name: f.read_bytes() for f in (tmp_path / "clean").glob("*.safetensors")}
     assert len(reference) > 3
     staging, out = tmp_path / ".out.surgery-partial", tmp_path / "out"
-    p = subprocess.Popen(base + ["-o", str(out)], env=env)
-    deadline = time.perf_counter() + 60
-    while not list(staging.glob("model-*.safetensors")) and p.poll() is None and time.perf_counter() < deadline:
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_once_a_shard_is_written(base + ["-o", str(out)], staging, env)
     assert not out.exists() or (out / "model.safetensors.index.json").exists()
     subprocess.run(base + ["-o", str(out)] + (["--resume"] if staging.exists() else []), check=True, env=env)
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
