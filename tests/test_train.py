@@ -839,3 +839,16 @@ def test_report_to_tensorboard_writes_events_that_read_back(tmp_path, corpus, mo
         train(config(tmp_path, corpus, models("llama"), steps=6, extra="report_to: [mlflow]\n"), force=True, progress=False, echo=quiet)
     assert "pip install mlflow" in str(e.value) and "train.yaml:8" in str(e.value)
     assert not (tmp_path / ".out.surgery-train").exists()
+
+
+def test_report_to_errors_through_the_cli_are_located_without_a_traceback(tmp_path):
+    """An unknown tracking integration, in the config or as --report-to: exit 1, the config's file:line
+    and the valid names, no traceback; nothing is written."""
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: m\ndata: {files: [a.txt]}\nsteps: 2\nreport_to: tensorbored\n")
+    r = CliRunner().invoke(main, ["train", str(cfg), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and f"{cfg}:4" in r.output and "tensorboard, wandb" in r.output and "Traceback" not in r.output
+    cfg.write_text("model: m\ndata: {files: [a.txt]}\nsteps: 2\n")
+    r = CliRunner().invoke(main, ["train", str(cfg), "-o", str(tmp_path / "out"), "--report-to", "tensorbored"])
+    assert r.exit_code == 1 and "report_to 'tensorbored'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()

@@ -316,6 +316,7 @@ def test_what_mergekit_moe_does_and_surgery_does_not_is_a_located_error(dense, t
         cfg.write_text(text)
         r = CliRunner().invoke(main, ["validate", str(cfg)])
         assert r.exit_code == 1 and expect in r.output and f"c{i}.yml:{line}" in r.output, (i, r.output)
+        assert "Traceback" not in r.output
     cfg = tmp_path / "u.yml"
     cfg.write_text(base.replace("gate_mode: hidden", "gate_mode: uniform_random"))
     rep = surgery.validate(cfg)
