@@ -7,7 +7,7 @@ from pathlib import Path
 from surgery.io.safetensors import header_sha256, read_safetensors_header
 from surgery.io.safetensors import file_crc32
 from surgery.errors import Problem, SurgeryError
-from surgery.io.provenance import read_provenance
+from surgery.io.provenance import Provenance, read_provenance
 from surgery.jsonio import read_json
 
 
@@ -26,14 +26,14 @@ def verify_output(out: str | Path) -> list[Problem]:
         return problems
     try:
         index = read_json(index_path)
-        prov = read_provenance(out, required=True).record()
+        prov = read_provenance(out, required=True)
     except SurgeryError as e:
         return e.problems
     problems += _check_config(out / "config.json", prov)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return [Problem(str(index_path), "not a valid index (needs a 'weight_map' object of tensor -> file name)")]
-    recorded = prov.get("output", {}).get("shards") if isinstance(prov, dict) and isinstance(prov.get("output"), dict) else None
+    recorded = prov.shards
     if not isinstance(recorded, list) or not all(_valid_entry(e) for e in recorded):
         return [
             Problem(
@@ -94,7 +94,7 @@ def verify_output(out: str | Path) -> list[Problem]:
     return problems
 
 
-def _check_config(path: Path, prov) -> list[Problem]:
+def _check_config(path: Path, prov: Provenance) -> list[Problem]:
     """config.json is one of the small files verify answers for: it must parse as an object with a
     model_type and, for an apply output, state the layer count surgery.json records."""
     try:
@@ -103,7 +103,7 @@ def _check_config(path: Path, prov) -> list[Problem]:
         return e.problems
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         return [Problem(str(path), "is not a model config (a JSON object with a model_type)", "apply the plan again")]
-    want = prov.get("output", {}).get("num_layers") if isinstance(prov, dict) and isinstance(prov.get("output"), dict) else None
+    want = (prov.output or {}).get("num_layers")
     if isinstance(want, int):
         lm = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
         have = next((lm[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(lm.get(k), int)), None)
