@@ -193,6 +193,7 @@ class ExpertSource(Strict):
     positive_prompts: tuple[StrictStr, ...] = ()
     negative_prompts: tuple[StrictStr, ...] = ()
     residual_scale: Optional[StrictFloat] = None  # the expert's down projection times this (mergekit-moe's)
+    noise_scale: Optional[StrictFloat] = Field(default=None, ge=0)  # N(0, noise_scale) added, seeded (mergekit-moe's, unseeded)
 
 
 class Upcycle(Step):
@@ -205,7 +206,11 @@ class Upcycle(Step):
     draws it N(0, std) from `seed`; `cheap_embed` (mergekit-moe's) sets each expert's row to the
     normalised sum of its prompts' token embeddings (minus its negative prompts'), the same in every
     layer. `layers` (Qwen-MoE only; Mixtral has no dense layers) upcycles a range and keeps the
-    others dense."""
+    others dense. `shared` (Qwen2-MoE): the shared expert from a model of the same shape, its gate
+    from its prompts like the routers (zero without prompts); without it the shared expert is the
+    dense MLP and the routed experts' down projections are halved, so the function is kept. `noise`:
+    N(0, noise) added to every expert (seeded), to break the copies' symmetry (an expert's own
+    noise_scale wins)."""
 
     op: ClassVar[str] = "upcycle"
     summary: ClassVar[str] = (
@@ -218,6 +223,8 @@ class Upcycle(Step):
     seed: StrictInt = 0
     layers: Optional[Range] = None
     router_aux_loss_coef: StrictFloat = Field(default=0.001, ge=0, le=1)
+    shared: Optional[ExpertSource] = None
+    noise: StrictFloat = Field(default=0.0, ge=0)
 
     @property
     def count(self) -> int:
@@ -694,8 +701,11 @@ def _problems(err: ValidationError, doc: Located, prefix: tuple, model: type[Bas
     """Turn pydantic's errors into located problems with fixes; union alternatives are merged."""
     grouped: dict[tuple, list[str]] = {}
     fixes: dict[tuple, str | None] = {}
-    for e in err.errors(include_url=False):
-        path = _real_path(data, e["loc"])
+    errors = [(e, _real_path(data, e["loc"])) for e in err.errors(include_url=False)]
+    deepest = [p for _, p in errors]
+    for e, path in errors:
+        if e["type"].endswith("_type") and any(len(q) > len(path) and q[: len(path)] == path for q in deepest):
+            continue  # a union branch that refused the value's kind, where another branch got further into it
         full = prefix + path
         if prefix == () and path[:1] == ("steps",) and len(path) > 2:
             continue  # step bodies are checked one by one with their own schema
