@@ -301,12 +301,14 @@ class HiddenRouter(Recipe):
     average: bool
     hidden: int
     dtype: str
+    rows: tuple[int, int] | None = None  # these experts' rows only (a shared expert's gate beside the router)
 
     whole_tensor = True
 
     @property
     def shape(self):
-        return (len(self.counts), self.hidden)
+        a, b = self.rows or (0, len(self.counts))
+        return (b - a, self.hidden)
 
     def children(self):
         return ()

@@ -109,6 +109,9 @@ def test_some_layers_stay_dense_where_the_moe_allows_it(dense, tmp_path):
         ("{experts: 2, std: 0.1}", "`std` is for router: random"),
         ("{experts: 2, router: learned}", "'random', 'uniform_random', 'cheap_embed', 'hidden' or 'hidden_avg'"),
         ("{experts: [{model: a}, {model: a, positive_prompts: [x]}], top_k: 1, router: hidden}", "expert 0 has none"),
+        ("{experts: 2, shared: {model: a}}", "mixtral has no shared expert"),
+        ("{experts: 2, noise: -0.1}", "noise"),
+        ("{experts: [{model: a, noise_scale: -1}], top_k: 1}", "noise_scale"),
     ],
 )
 def test_bad_upcycle_steps_are_located_errors(dense, tmp_path, step, expect):
@@ -294,22 +297,25 @@ def test_mergekit_moe_configs_run_unchanged_and_match_mergekit_moe(tmp_path, fam
 
 
 def test_what_mergekit_moe_does_and_surgery_does_not_is_a_located_error(dense, tmp_path):
-    """An unknown gate, shared experts, other outputs and noise: located errors naming the key and
-    the fix; uniform_random is run as a seeded normal of its variance, with a located note."""
-    m = dense["llama"]
+    """An unknown gate, DeepSeek outputs (remote code), Qwen2-MoE from Llama models, an architecture
+    the base model cannot make, two shared experts: located errors naming the key and the fix;
+    uniform_random is run as a seeded normal of its variance, with a located note."""
+    m, q2, q3 = dense["llama"], dense["qwen2"], dense["qwen3"]
     base = MOE_CONFIG.format(base=m, arch="", gate="hidden", k=2, e1=m, e2=m)
+    ungated = base.replace("hidden", "cheap_embed") + f"shared_experts: [{{source_model: {m}}}]\n"
+    gated = base.replace("hidden", "cheap_embed") + f"shared_experts: [{{source_model: {m}, positive_prompts: [x]}}]\n"
+    on = lambda model, text: text.replace(f"base_model: {m}", f"base_model: {model}")  # noqa: E731
+    two = on(q2, base) + f"shared_experts: [{{source_model: {q2}, positive_prompts: [x]}}, {{source_model: {q2}}}]\n"
     cases = [
         (base.replace("gate_mode: hidden", "gate_mode: hidden_first"), "gate_mode 'hidden_first' is not one of", 2),
-        (base.replace("hidden", "cheap_embed") + "shared_experts: [{source_model: x}]\n", "shared experts", 11),
-        (base.replace("gate_mode: hidden", "architecture: deepseek\ngate_mode: random"), "architecture 'deepseek'", 2),
-        (
-            base.replace("gate_mode: hidden", "gate_mode: random").replace(
-                "  - source_model: " + str(m) + '\n    positive_prompts: ["the',
-                "  - source_model: " + str(m) + '\n    noise_scale: 0.1\n    positive_prompts: ["the',
-            ),
-            "noise_scale",
-            9,
-        ),
+        (ungated, "DeepSeek MoE", 11),
+        (base.replace("gate_mode: hidden", "architecture: deepseek\ngate_mode: random"), "DeepSeek MoE", 2),
+        (gated, "Qwen2-MoE with zero attention biases", 11),
+        (base.replace("gate_mode: hidden", "architecture: qwen3\ngate_mode: random"), "into mixtral only", 2),
+        (on(q3, base).replace("gate_mode: hidden", "architecture: mixtral\ngate_mode: hidden"), "into qwen3 only", 2),
+        (base.replace("gate_mode: hidden", "architecture: phi\ngate_mode: hidden"), "'phi' is not one of mergekit-moe's", 2),
+        (two, "2 shared experts", 11),
+        (on(q3, base) + f"shared_experts: [{{source_model: {q3}, positive_prompts: [x]}}]\n", "qwen3 MoE has no shared", 11),
     ]
     for i, (text, expect, line) in enumerate(cases):
         cfg = tmp_path / f"c{i}.yml"
@@ -324,3 +330,115 @@ def test_what_mergekit_moe_does_and_surgery_does_not_is_a_located_error(dense, t
     out = surgery.apply(cfg, tmp_path / "u", progress=False).path
     r0 = load_tensors(out)["model.layers.0.block_sparse_moe.gate.weight"]
     assert abs(float(r0.std()) - (1 / (3 * r0.shape[1])) ** 0.5) < 0.5 * (1 / (3 * r0.shape[1])) ** 0.5
+
+
+SHARED_CONFIG = """base_model: {base}
+architecture: qwen
+gate_mode: {gate}
+dtype: float32
+experts:
+  - source_model: {e1}
+    positive_prompts: ["def f(x): return x", "import os"]
+  - source_model: {e2}
+    positive_prompts: ["the cat sat on the mat"]
+    residual_scale: 0.5
+shared_experts:
+  - source_model: {shared}
+    positive_prompts: ["hello world"]
+    negative_prompts: ["import os"]
+    residual_scale: 0.25
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", ["cheap_embed", "hidden"])
+def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
+    """mergekit-moe's Qwen MoE output (Qwen2 experts from two models, a shared expert from a third
+    with its gate from its own prompts, residual scales): surgery's output equals mergekit-moe's,
+    bitwise, every tensor (the routed experts are not halved: the shared expert is the config's)."""
+    import shutil
+    import subprocess
+
+    import transformers
+
+    if shutil.which("mergekit-moe") is None:
+        pytest.skip("mergekit-moe is not installed")
+    models = [build_tiny("qwen2", tmp_path / f"m{i}", seed=i) for i in range(3)]
+    cfg = tmp_path / "moe.yml"
+    # mergekit-moe 0.1.5 opens only the base and routed experts' models: the shared one must be among them
+    cfg.write_text(SHARED_CONFIG.format(base=models[0], gate=gate, e1=models[1], e2=models[2], shared=models[0]))
+    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
+    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "ours"), "-q"])
+    assert r.exit_code == 0, r.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).state_dict()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).state_dict()
+    assert set(theirs) == set(ours)
+    assert [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
+    g = ours["model.layers.1.mlp.shared_expert_gate.weight"]
+    assert g.shape[0] == 1 and abs(float(g.norm()) - 1) < 1e-2  # its own unit row, from its prompts
+    dense = load_tensors(models[0])
+    assert torch.equal(ours["model.layers.1.mlp.shared_expert.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"] * 0.25)
+
+
+def test_a_shared_expert_from_its_own_model_and_seeded_noise(dense, tmp_path):
+    """`shared:` takes the shared expert from any model of the base's shape (mergekit-moe 0.1.5 cannot:
+    it never opens a model that gives no routed expert), its gate zero without prompts; `noise` adds
+    N(0, noise) to every expert from the step's seed: the same plan gives the same bytes, each expert
+    its own draw, the dense MLP plus noise of that scale; an expert's own noise_scale wins."""
+    q = dense["qwen2"]
+    other = build_tiny("qwen2", tmp_path / "other", seed=7)
+    step = "{experts: 3, top_k: 1, noise: 0.01, seed: 5, shared: {model: b, residual_scale: 0.5}}"
+    text = f"models: {{a: {q}, b: {other}}}\nsteps: [{{take: {{model: a}}}}, {{upcycle: {step}}}]\n"
+    outs = [surgery.apply(write_plan(tmp_path, text, f"p{i}.yaml"), tmp_path / f"o{i}", progress=False).path for i in range(2)]
+    t0, t1 = load_tensors(outs[0]), load_tensors(outs[1])
+    assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+    old, mine = load_tensors(q), load_tensors(other)
+    up = "model.layers.1.mlp.up_proj.weight"
+    diffs = [t0[f"model.layers.1.mlp.experts.{e}.up_proj.weight"] - old[up] for e in range(3)]
+    assert all(0.007 < float(d.std()) < 0.013 for d in diffs) and not torch.equal(diffs[0], diffs[1])
+    # the routed experts are not halved when the shared expert is given
+    assert (t0["model.layers.1.mlp.experts.0.down_proj.weight"] - old["model.layers.1.mlp.down_proj.weight"]).std() < 0.013
+    shared = t0["model.layers.1.mlp.shared_expert.down_proj.weight"] - mine["model.layers.1.mlp.down_proj.weight"] * 0.5
+    assert 0.003 < float(shared.std()) < 0.007  # noise, then the residual scale (mergekit-moe's order)
+    assert not t0["model.layers.1.mlp.shared_expert_gate.weight"].any()
+    own = "{experts: [{model: a, noise_scale: 0.1}, {model: a}], top_k: 1, noise: 0.01}"
+    t = load_tensors(surgery.apply(_plan(tmp_path, q, own, "own.yaml"), tmp_path / "own", progress=False).path)
+    d0, d1 = (t[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] - old["model.layers.0.mlp.up_proj.weight"] for e in range(2))
+    assert 0.07 < float(d0.std()) < 0.13 and 0.007 < float(d1.std()) < 0.013
+
+
+def test_a_mergekit_moe_config_with_noise_runs_seeded_with_a_note(dense, tmp_path):
+    m = dense["llama"]
+    text = MOE_CONFIG.format(base=m, arch="", gate="random", k=2, e1=m, e2=m).replace(
+        '    positive_prompts: ["the', '    noise_scale: 0.1\n    positive_prompts: ["the'
+    )
+    cfg = tmp_path / "n.yml"
+    cfg.write_text(text)
+    rep = surgery.validate(cfg)
+    assert rep.valid and any(w.code == "seeded-noise" and "n.yml:9" in w.where for w in rep.warnings)
+    a, b = (load_tensors(surgery.apply(cfg, tmp_path / x, progress=False).path) for x in "ab")
+    w = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    assert torch.equal(a[w], b[w]) and 0.07 < float((a[w] - load_tensors(m)["model.layers.0.mlp.up_proj.weight"]).std()) < 0.13
+
+
+def test_trainable_can_name_the_routers_or_the_experts(dense, tmp_path):
+    """`trainable: routers` / `experts` (alone or in a list with patterns) pick a MoE's router (and
+    shared-expert gate) or expert tensors, in transformers' in-memory layout; a dense model has none."""
+    import transformers
+
+    from surgery.errors import PlanError
+    from surgery.train.config import TrainConfig
+    from surgery.train.trainable import select_trainable
+
+    out = surgery.apply(_plan(tmp_path, dense["qwen2"], "{experts: 2, top_k: 1}"), tmp_path / "moe", progress=False).path
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    routers, _ = select_trainable(model, "routers", out, "t.yaml:1")
+    n = model.config.num_hidden_layers
+    assert len(routers) == 2 * n and all(x.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) for x in routers)
+    experts, _ = select_trainable(model, ("experts", "model.norm.weight"), out, "t.yaml:1")
+    assert "model.norm.weight" in experts and not experts & routers
+    assert all(".experts." in x or "shared_expert." in x for x in experts - {"model.norm.weight"})
+    with pytest.raises(PlanError, match="has none"):
+        select_trainable(transformers.AutoModelForCausalLM.from_pretrained(dense["qwen2"]), "routers", dense["qwen2"], "t.yaml:1")
+    with pytest.raises(ValueError, match="stand alone"):
+        TrainConfig.model_validate({"model": "x", "data": {"files": ["x"]}, "trainable": ["all", "routers"]})

@@ -280,19 +280,26 @@ def _upcycle(s: Upcycle, stack, ctx: Ctx):
         )
     if any(x.upcycle is not None for x in stack):
         raise ctx.fail("the layers are upcycled already; give one `upcycle` step", key=("experts",))
-    for i, e in enumerate(s.sources):
+    if s.shared is not None and not spec.get("shared"):
+        raise ctx.fail(
+            f"{spec['model_type']} has no shared expert beside its routed ones",
+            "drop `shared` (Qwen2-MoE outputs have one: upcycle a Qwen2 model)",
+            ("shared",),
+        )
+    named = [(f"expert {i}", e, ("experts", i, "model")) for i, e in enumerate(s.sources)]
+    if s.shared is not None:
+        named.append(("the shared expert", s.shared, ("shared", "model")))
+    for what, e, key in named:
         other = ctx.ckpts.get(e.model)
         if other is None:
             raise ctx.fail(
-                f"expert {i}'s model {e.model!r} is not one of the plan's models",
-                f"add it under `models:` ({', '.join(ctx.ckpts)})",
-                ("experts", i, "model"),
+                f"{what}'s model {e.model!r} is not one of the plan's models", f"add it under `models:` ({', '.join(ctx.ckpts)})", key
             )
         if other.family.name != family.name:
             raise ctx.fail(
-                f"expert {i}'s model {e.model!r} is a {other.family.name} model; its MLPs cannot be experts of a {family.name}",
+                f"{what}'s model {e.model!r} is a {other.family.name} model; its MLPs cannot be experts of a {family.name}",
                 "take every expert from models of the base model's family and shape",
-                ("experts", i, "model"),
+                key,
             )
     if any(x.widen is not None for x in stack):
         raise ctx.fail(

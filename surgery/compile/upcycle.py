@@ -12,7 +12,7 @@ from __future__ import annotations
 from surgery.arch import Family
 from surgery.compile.tensors import OutTensor, _cast, _read
 from surgery.errors import PlanError, Problem
-from surgery.recipes import HiddenRouter, PromptRouter, RandomNormal, Scale, Zeros
+from surgery.recipes import HiddenRouter, Linear, PromptRouter, RandomNormal, Scale, Zeros
 
 
 def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, ckpts: dict, base, in_dt: str | None = None) -> list:
@@ -21,7 +21,7 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
     by_name = {t.name: t for t in tensors}
     replaced: dict[str, list] = {}  # the dense down projection's name -> the tensors that take the MLP's place
     drop: set[str] = set()
-    routers: dict = {}  # one prompt router for every layer (cheap_embed is the same in each)
+    prompts: dict = {}  # the prompt batches, tokenized once for every layer
     for j, layer in enumerate(stack):
         u = layer.upcycle
         if u is None:
@@ -38,35 +38,26 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
         recipe = {k: by_name[n].recipe for k, n in dense.items()}
         hidden = recipe["down"].shape[0]
         shared = spec.get("shared")
+        # the dense MLP as the shared expert, its gate at sigmoid(0) = 1/2: the routed halves and it sum to the MLP
+        halve = bool(shared) and u.shared is None
+        if u.router in ("cheap_embed", "hidden", "hidden_avg") and u not in prompts:
+            gated = list(u.sources) + ([u.shared] if u.shared is not None and u.shared.positive_prompts else [])
+            prompts[u] = _prompt_batches(u, gated, base, layer.upcycle_where)
         out = []
         for e in range(u.count):
-            parts = _expert(u, e, recipe, spec, layer, ckpts, out_code, in_dt)
-            for k in ("gate", "up", "down"):
-                r = parts[k]
-                if k == "down" and shared:
-                    r = Scale(r, 0.5)  # the shared expert's gate starts at sigmoid(0) = 1/2: the two halves sum to the MLP
-                out.append(OutTensor(family.layer_name(j, spec["experts"][k].format(e=e)), r))
-        router = family.layer_name(j, spec["router"])
-        if u.router in ("random", "uniform_random"):
-            # uniform_random (mergekit-moe's): nn.Linear's U(-a, a), a = sqrt(1/hidden), here a normal of its variance a^2 / 3
-            std = u.std if u.std is not None else (0.02 if u.router == "random" else (1.0 / (3.0 * hidden)) ** 0.5)
-            r = RandomNormal((u.count, hidden), out_code, std, u.seed, router)
-        elif u.router == "cheap_embed":
-            if u not in routers:
-                embedding = _read(ckpts, base.name, family.embeddings[0], in_dt)
-                routers[u] = _cast(PromptRouter(embedding, _prompt_batches(u, base, layer.upcycle_where)), out_code)
-            r = routers[u]
-        elif u.router in ("hidden", "hidden_avg"):
-            if u not in routers:
-                routers[u] = _prompt_batches(u, base, layer.upcycle_where)
-            r = HiddenRouter(str(base.path), layer.sources[0][1], routers[u], u.router == "hidden_avg", hidden, out_code)
-        else:
-            r = Zeros((u.count, hidden), out_code)
-        out.append(OutTensor(router, r))
+            names = {k: family.layer_name(j, spec["experts"][k].format(e=e)) for k in ("gate", "up", "down")}
+            parts = _mlp(u, u.sources[e] if u.sources else None, f"expert {e}", names, recipe, spec, layer, ckpts, out_code, in_dt)
+            out += [OutTensor(names[k], Scale(parts[k], 0.5) if k == "down" and halve else parts[k]) for k in names]
+        gate = _Gate(u, family, j, layer, ckpts, base, hidden, out_code, in_dt, prompts.get(u))
+        out.append(OutTensor(family.layer_name(j, spec["router"]), gate.routers()))
         if shared:
-            for k in ("gate", "up", "down"):
-                out.append(OutTensor(family.layer_name(j, shared[k]), recipe[k]))
-            out.append(OutTensor(family.layer_name(j, shared["router"]), Zeros((1, hidden), out_code)))
+            names = {k: family.layer_name(j, shared[k]) for k in ("gate", "up", "down")}
+            parts = recipe
+            if u.shared is not None:
+                parts = _mlp(u, u.shared, "the shared expert", names, recipe, spec, layer, ckpts, out_code, in_dt)
+            out += [OutTensor(names[k], parts[k]) for k in names]
+            name = family.layer_name(j, shared["router"])
+            out.append(OutTensor(name, gate.shared(name)))
         replaced[dense["down"]] = out
         drop.update(dense.values())
     result = []
@@ -78,36 +69,84 @@ def upcycle_tensors(tensors: list, stack: list, family: Family, out_code: str, c
     return result
 
 
-def _expert(u, e: int, recipe: dict, spec: dict, layer, ckpts, out_code, in_dt) -> dict:
-    """Expert e's gate, up and down projections: the layer's own (copies), or those of the same layer
-    of expert e's model, of the same shapes (FrankenMoE), its down projection times residual_scale."""
-    if not u.sources:
-        return recipe
-    src = u.sources[e]
-    li = layer.sources[0][1]
-    ck = ckpts[src.model]
-    out = {}
-    for k, suffix in spec["dense"].items():
-        name = ck.layers[li].get(suffix) if li < len(ck.layers) else None
-        if name is None:
-            raise PlanError(Problem(layer.upcycle_where, f"expert {e}'s model {src.model!r} has no layer {li} tensor {suffix!r}"))
-        r = _cast(_read(ckpts, src.model, name, in_dt), out_code)
-        if tuple(r.shape) != tuple(recipe[k].shape):
-            raise PlanError(
-                Problem(
-                    layer.upcycle_where,
-                    f"expert {e}'s model {src.model!r} has {suffix} of shape {list(r.shape)}, the base model's is "
-                    f"{list(recipe[k].shape)}: experts must have the shape of the MLP they replace",
-                    "take experts from models of the base model's size",
+class _Gate:
+    """One layer's router (and shared-expert gate) as the step's `router` makes them."""
+
+    def __init__(self, u, family, j, layer, ckpts, base, hidden, out_code, in_dt, batches):
+        self.u, self.layer, self.ckpts, self.base = u, layer, ckpts, base
+        self.hidden, self.out_code, self.in_dt, self.batches = hidden, out_code, in_dt, batches
+        self.name = family.layer_name(j, family.upcycle["router"])
+        self.embeddings = family.embeddings[0]
+
+    def _std(self) -> float:
+        u = self.u
+        # uniform_random (mergekit-moe's): nn.Linear's U(-a, a), a = sqrt(1/hidden), here a normal of its variance a^2 / 3
+        return u.std if u.std is not None else (0.02 if u.router == "random" else (1.0 / (3.0 * self.hidden)) ** 0.5)
+
+    def _from_prompts(self, rows: tuple[int, int]):
+        u = self.u
+        if u.router == "cheap_embed":
+            embedding = _read(self.ckpts, self.base.name, self.embeddings, self.in_dt)
+            return _cast(PromptRouter(embedding, self.batches[rows[0] : rows[1]]), self.out_code)
+        # every row from one pass of the base model (the engine computes a prompt set once)
+        layer = self.layer.sources[0][1]
+        return HiddenRouter(str(self.base.path), layer, self.batches, u.router == "hidden_avg", self.hidden, self.out_code, rows)
+
+    def routers(self):
+        u = self.u
+        if u.router in ("random", "uniform_random"):
+            return RandomNormal((u.count, self.hidden), self.out_code, self._std(), u.seed, self.name)
+        if u.router in ("cheap_embed", "hidden", "hidden_avg"):
+            return self._from_prompts((0, u.count))
+        return Zeros((u.count, self.hidden), self.out_code)
+
+    def shared(self, name: str):
+        """The shared expert's gate: zero (sigmoid(0) = 1/2) unless a `shared` expert's prompts or a random router set it."""
+        u = self.u
+        if u.shared is None:
+            return Zeros((1, self.hidden), self.out_code)
+        if u.router in ("random", "uniform_random"):
+            return RandomNormal((1, self.hidden), self.out_code, self._std(), u.seed, name)
+        if u.router in ("cheap_embed", "hidden", "hidden_avg") and u.shared.positive_prompts:
+            return self._from_prompts((u.count, u.count + 1))
+        return Zeros((1, self.hidden), self.out_code)
+
+
+def _mlp(u, src, what: str, names: dict, recipe: dict, spec: dict, layer, ckpts, out_code, in_dt) -> dict:
+    """An expert's gate, up and down projections: the layer's own (copies, src None), or those of
+    the same layer of `src`'s model, of the same shapes (FrankenMoE); noise added (seeded by the
+    step's seed and the tensor's name), then its down projection times residual_scale (mergekit-moe's order)."""
+    noise = src.noise_scale if src is not None and src.noise_scale is not None else u.noise
+    if src is None:
+        out = dict(recipe)
+    else:
+        li = layer.sources[0][1]
+        ck = ckpts[src.model]
+        out = {}
+        for k, suffix in spec["dense"].items():
+            name = ck.layers[li].get(suffix) if li < len(ck.layers) else None
+            if name is None:
+                raise PlanError(Problem(layer.upcycle_where, f"{what}'s model {src.model!r} has no layer {li} tensor {suffix!r}"))
+            r = _cast(_read(ckpts, src.model, name, in_dt), out_code)
+            if tuple(r.shape) != tuple(recipe[k].shape):
+                raise PlanError(
+                    Problem(
+                        layer.upcycle_where,
+                        f"{what}'s model {src.model!r} has {suffix} of shape {list(r.shape)}, the base model's is "
+                        f"{list(recipe[k].shape)}: experts must have the shape of the MLP they replace",
+                        "take experts from models of the base model's size",
+                    )
                 )
-            )
-        if k == "down" and src.residual_scale is not None:
-            r = Scale(r, src.residual_scale)
-        out[k] = r
+            out[k] = r
+    for k, r in out.items():
+        if noise:
+            out[k] = r = Linear((r, RandomNormal(tuple(r.shape), r.dtype, noise, u.seed, names[k])), (1.0, 1.0), False)
+        if k == "down" and src is not None and src.residual_scale is not None:
+            out[k] = Scale(r, src.residual_scale)
     return out
 
 
-def _prompt_batches(u, base, where: str) -> tuple:
+def _prompt_batches(u, experts: list, base, where: str) -> tuple:
     """Each expert's positive and negative prompts as mergekit-moe batches them for its prompt gates
     (the BOS text prepended, no other special tokens, padded on the left): ((ids, mask), (ids, mask) or ())."""
     try:
@@ -127,7 +166,7 @@ def _prompt_batches(u, base, where: str) -> tuple:
         enc = tok([bos + p for p in prompts], padding=True, add_special_tokens=False)
         return (tuple(map(tuple, enc["input_ids"])), tuple(map(tuple, enc["attention_mask"])))
 
-    return tuple((batch(e.positive_prompts), batch(e.negative_prompts)) for e in u.sources)
+    return tuple((batch(e.positive_prompts), batch(e.negative_prompts)) for e in experts)
 
 
 def upcycle_config(config: dict, stack: list, family: Family, changes: list) -> None:

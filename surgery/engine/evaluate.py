@@ -202,7 +202,8 @@ def hidden_router(r) -> "torch.Tensor":
         if key not in _HIDDEN_GATES:
             _HIDDEN_GATES.clear()  # one model's gates at a time
             _HIDDEN_GATES[key] = _hidden_gates(r)
-        return _HIDDEN_GATES[key][r.layer]
+        a, b = r.rows or (0, len(r.counts))
+        return _HIDDEN_GATES[key][r.layer][a:b]
 
 
 def _hidden_gates(r) -> "torch.Tensor":

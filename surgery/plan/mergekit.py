@@ -21,6 +21,7 @@ directory, as in mergekit. Every error points at the config's own lines.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -338,6 +339,59 @@ MOE_GATES = {
 }
 
 
+# mergekit-moe's output for a base model's type (its first architecture that takes the config)
+MOE_OUTPUTS = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen", "qwen3": "qwen3"}
+
+
+def _local_model_type(path: str) -> str | None:
+    """The model_type of a local model folder's config.json (None for a hub id or an unreadable one:
+    the plan's compile checks the family then)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
+
+
+def _moe_output_problems(data: dict, at, model_type: str | None) -> list[Problem]:
+    """What mergekit-moe would write that surgery does not: DeepSeek outputs (remote code), more than
+    one shared expert, Qwen2-MoE from Llama/Mistral models, an `architecture` the base model cannot make."""
+    arch = data.get("architecture")
+    shared = data.get("shared_experts") or []
+    out = arch
+    if out is None and model_type in ("llama", "mistral") and shared:  # Mixtral takes no shared expert
+        gated = isinstance(shared[0], dict) and shared[0].get("positive_prompts")
+        out = "qwen" if gated else "deepseek"  # mergekit-moe's DeepSeek output takes no gated one
+    out = out or MOE_OUTPUTS.get(model_type or "")
+    key = ("architecture",) if arch else ("shared_experts",) if shared else ("base_model",)
+    if out == "deepseek":
+        return [
+            Problem(
+                at(key),
+                "mergekit-moe writes this as a DeepSeek MoE (model_type 'deepseek'), which transformers loads only with "
+                "remote code (deepseek-ai's modeling file); surgery writes no model that needs remote code",
+                "drop shared_experts for a Mixtral output, or upcycle Qwen2 models (Qwen2-MoE has a shared expert)",
+            )
+        ]
+    if out is not None and out not in ("mixtral", "qwen", "qwen3"):
+        return [Problem(at(key), f"architecture {out!r} is not one of mergekit-moe's outputs", "mixtral, qwen or qwen3")]
+    if model_type in MOE_OUTPUTS and out != MOE_OUTPUTS[model_type]:
+        what = "a Qwen2-MoE with zero attention biases" if out == "qwen" else f"a {out} MoE"
+        return [
+            Problem(
+                at(key),
+                f"mergekit-moe would write {what} from this {model_type} base model; surgery upcycles {model_type} models "
+                f"into {MOE_OUTPUTS[model_type]} only",
+                f"architecture: {MOE_OUTPUTS[model_type]} (drop shared_experts), or take Qwen2 models for a Qwen2-MoE",
+            )
+        ]
+    if len(shared) > 1:
+        return [Problem(at(("shared_experts",)), f"{len(shared)} shared experts: mergekit-moe's outputs hold at most one", "keep one")]
+    if shared and out in ("mixtral", "qwen3"):
+        return [Problem(at(("shared_experts",)), f"a {out} MoE has no shared expert", "drop shared_experts, or upcycle Qwen2 models")]
+    return []
+
+
 def is_mergekit_moe(data: Any) -> bool:
     """A mergekit-moe config: `base_model` and a list of `experts` (and no merge_method)."""
     return isinstance(data, dict) and "merge_method" not in data and "base_model" in data and isinstance(data.get("experts"), list)
@@ -347,7 +401,7 @@ def translate_moe(doc: Located) -> Located:
     """A mergekit-moe config -> the surgery plan that builds the same MoE: the base model's layers,
     then `upcycle` with one expert per entry (its model's MLP, prompts, residual_scale), top-k from
     experts_per_token and the router from gate_mode. What mergekit-moe does that surgery does not is
-    a located error (hidden-state gates, shared experts from other models, DeepSeek outputs, noise)."""
+    a located error (DeepSeek outputs, which need remote code; Qwen2-MoE from Llama models)."""
     data, at = doc.data, doc.where
     unknown = sorted(set(data) - MOE_KEYS)
     if unknown:
@@ -366,29 +420,11 @@ def translate_moe(doc: Located) -> Located:
                 f"one of: {', '.join(MOE_GATES)}",
             )
         )
-    if data.get("shared_experts"):
-        problems.append(
-            Problem(
-                at(("shared_experts",)),
-                "shared experts taken from other models are not supported yet (surgery's Qwen2-MoE shared expert is the base model's MLP)",
-                "drop shared_experts, or run mergekit-moe",
-            )
-        )
-    arch = data.get("architecture")
-    if arch is not None and arch not in ("mixtral", "qwen", "qwen3"):
-        problems.append(
-            Problem(
-                at(("architecture",)),
-                f"architecture {arch!r} is not an output surgery writes",
-                "mixtral, qwen or qwen3 (chosen by the base model's family)",
-            )
-        )
-    names: dict[str, str] = {}
     base_path, _ = _ref(data["base_model"], at(("base_model",)))
-    names["base"] = base_path
-    experts = []
-    for i, e in enumerate(data["experts"]):
-        p = ("experts", i)
+    problems += _moe_output_problems(data, at, _local_model_type(base_path))
+    names: dict[str, str] = {"base": base_path}
+
+    def expert(e: Any, p: tuple) -> dict:
         if not isinstance(e, dict) or "source_model" not in e:
             raise PlanError("each expert is {source_model, positive_prompts, negative_prompts, ...}", where=at(p))
         bad = sorted(set(e) - MOE_EXPERT_KEYS)
@@ -397,24 +433,40 @@ def translate_moe(doc: Located) -> Located:
                 f"unknown expert key {bad[0]!r}", where=at(p + (bad[0],)), fix=f"expert keys: {', '.join(sorted(MOE_EXPERT_KEYS))}"
             )
         if e.get("noise_scale"):
-            problems.append(
+            doc.notes.append(
                 Problem(
                     at(p + ("noise_scale",)),
-                    "noise_scale draws unseeded noise in mergekit-moe; surgery does not add it",
-                    "drop noise_scale",
+                    "mergekit-moe draws this noise unseeded (every run differs); surgery draws it from the step's seed (0)",
+                    "no change needed: the noise has the same scale, and surgery's is reproducible",
+                    code="seeded-noise",
                 )
             )
         path, _ = _ref(e["source_model"], at(p + ("source_model",)))
         n = next((k for k, v in names.items() if v == path), None) or _name_for(path, names)
         names[n] = path
         entry: dict[str, Any] = {"model": n}
-        for key in ("positive_prompts", "negative_prompts", "residual_scale"):
+        for key in ("positive_prompts", "negative_prompts", "residual_scale", "noise_scale"):
             if e.get(key) is not None:
                 entry[key] = e[key]
-        experts.append(entry)
+        return entry
+
+    experts = [expert(e, ("experts", i)) for i, e in enumerate(data["experts"])]
+    shared = [expert(e, ("shared_experts", i)) for i, e in enumerate(data.get("shared_experts") or [])]
     if problems:
         raise PlanError(problems)
     step: dict[str, Any] = {"experts": experts, "top_k": data.get("experts_per_token", 2), "router": MOE_GATES[gate]}
+    if shared:
+        step["shared"] = shared[0]
+        if gate not in ("random", "uniform_random") and not shared[0].get("positive_prompts"):
+            doc.notes.append(
+                Problem(
+                    at(("shared_experts", 0)),
+                    "mergekit-moe refuses a Qwen MoE whose shared expert has no prompts; surgery starts its gate at zero "
+                    "(sigmoid(0) = 1/2: the shared expert always half on)",
+                    "give the shared expert positive_prompts to set its gate from them",
+                    code="ungated-shared-expert",
+                )
+            )
     if gate == "random":
         step["std"] = 1.0  # mergekit-moe: torch.randn
     elif gate == "uniform_random":
@@ -441,8 +493,13 @@ def translate_moe(doc: Located) -> Located:
         lines[("steps", 1, "upcycle", key)] = line((src,))
     for i in range(len(experts)):
         lines[("steps", 1, "upcycle", "experts", i)] = line(("experts", i))
-        for key in ("model", "positive_prompts", "negative_prompts", "residual_scale"):
+        for key in ("model", "positive_prompts", "negative_prompts", "residual_scale", "noise_scale"):
             src = "source_model" if key == "model" else key
             lines[("steps", 1, "upcycle", "experts", i, key)] = line(("experts", i, src))
+    if shared:
+        lines[("steps", 1, "upcycle", "shared")] = line(("shared_experts", 0))
+        for key in ("model", "positive_prompts", "negative_prompts", "residual_scale", "noise_scale"):
+            src = "source_model" if key == "model" else key
+            lines[("steps", 1, "upcycle", "shared", key)] = line(("shared_experts", 0, src))
     lines[("output",)] = line(("dtype",))
     return Located(plan, doc.source, lines, notes=list(doc.notes))

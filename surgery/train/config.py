@@ -178,11 +178,15 @@ REPORT_TO = (
 )
 
 
+# `routers`, `experts`: a mixture of experts' routers (and shared-expert gates) / its experts (routed and shared)
+TRAINABLE_KEYWORDS = ("all", "new-layers", "new-params", "routers", "experts")
+
+
 class TrainConfig(Strict):
     model: str  # an HF causal LM folder (typically a `surgery apply` output) or a hub id in the local cache
     output: Optional[str] = None
     data: Data
-    trainable: Union[str, tuple[str, ...]] = "all"  # all | new-layers | glob patterns over parameter names
+    trainable: Union[str, tuple[str, ...]] = "all"  # all | new-layers | new-params | routers | experts | name patterns
     freeze_embeddings: bool = False  # keep the input embeddings and lm_head (tied or not) fixed
     # new parameters no gradient can reach (all-zero blocks, zero width units) are refused for
     # `trainable: new-layers|new-params` and `grow:` unless this says they are meant
@@ -238,10 +242,14 @@ class TrainConfig(Strict):
     @field_validator("trainable")
     @classmethod
     def _trainable(cls, v):
-        if isinstance(v, str) and v not in ("all", "new-layers", "new-params") and not any(c in v for c in "*?[."):
-            raise ValueError(
-                f"trainable {v!r} is not all, new-layers, new-params or a parameter-name pattern (e.g. 'model.layers.1[0-9].*')"
-            )
+        for x in [v] if isinstance(v, str) else v:
+            if x not in TRAINABLE_KEYWORDS and not any(c in x for c in "*?[."):
+                raise ValueError(
+                    f"trainable {x!r} is not one of {', '.join(TRAINABLE_KEYWORDS)} or a parameter-name pattern "
+                    "(e.g. 'model.layers.1[0-9].*')"
+                )
+        if not isinstance(v, str) and any(x in ("all", "new-layers", "new-params") for x in v):
+            raise ValueError("all, new-layers and new-params stand alone; a list holds patterns, routers and experts")
         return v
 
     @field_validator("warmup")

@@ -63,6 +63,18 @@ def select_trainable(model, spec, model_dir: Path, where: str, allow_dead: bool 
         notes.append(f"{len(patterns)} widened tensors train (whole tensors: their old units too)")
     else:
         patterns = [spec] if isinstance(spec, str) else list(spec)
+        parts = moe_parts(model) if any(x in ("routers", "experts") for x in patterns) else {}
+        for kw in ("routers", "experts"):
+            if kw in patterns:
+                if not parts.get(kw):
+                    raise PlanError(
+                        f"trainable: {kw} names a mixture of experts' {kw}, and this model has none (no MoE layer)",
+                        where=where,
+                        fix="upcycle it first (`upcycle` step), or name parameters with patterns",
+                    )
+                patterns.remove(kw)
+                patterns += sorted(parts[kw])
+                notes.append(f"{len(parts[kw])} {kw} tensors train")
     chosen = set()
     wanted = set(patterns) if exact else None  # tensor names from surgery.json are names, never patterns
     for names in aliases.values():
@@ -72,6 +84,25 @@ def select_trainable(model, spec, model_dir: Path, where: str, allow_dead: bool 
         some = ", ".join(list(n for names in aliases.values() for n in names)[:6])
         raise PlanError(f"trainable patterns {patterns} match no parameter", where=where, fix=f"parameter names look like: {some}, ...")
     return chosen, notes
+
+
+def moe_parts(model) -> dict[str, set[str]]:
+    """The parameter names of every MoE block's routers (its `gate` and a shared expert's gate) and of
+    its experts (routed and shared), found by the block's shape in transformers' MoE models (a
+    module with `experts`), so every layout (per-expert or fused tensors) is covered."""
+    import torch
+
+    out: dict[str, set[str]] = {"routers": set(), "experts": set()}
+    for name, mod in model.named_modules():
+        if not isinstance(getattr(mod, "experts", None), torch.nn.Module):
+            continue
+        for pn, _ in mod.named_parameters(remove_duplicate=False):
+            full = f"{name}.{pn}" if name else pn
+            if pn.startswith(("gate.", "shared_expert_gate.")):
+                out["routers"].add(full)
+            elif pn.startswith(("experts.", "shared_expert.", "shared_experts.")):
+                out["experts"].add(full)
+    return out
 
 
 def apply_freezing(model, trainable: set[str], freeze_embeddings: bool, where: str) -> tuple[int, int]:
