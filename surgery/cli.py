@@ -385,8 +385,10 @@ def export(plan, fmt, out, force):
     """Write the mergekit config equivalent to PLAN.
 
     Identity blocks become passthrough slices with `scale: 0` on that family's output
-    projections. A plan mergekit cannot express (random init, two merge methods, copies mixed
-    with merges, `non_layer`) is refused with the step and the reason."""
+    projections; a plan that upcycles one model (`take`, then `upcycle`) becomes a mergekit-moe
+    config (run it with `mergekit-moe`). A plan mergekit cannot express (random init, two merge
+    methods, copies mixed with merges, `non_layer`, a zero router) is refused with the step and
+    the reason."""
     from surgery.api import compile_plan, load_plan
     from surgery.compile.export import to_mergekit_yaml
 

@@ -215,11 +215,33 @@ def test_an_upcycled_model_trains_and_its_experts_part(dense, tmp_path):
     assert sorted(loads[0]["expert_load"]) == [0.0, 0.0, 0.5, 0.5]  # a zero router: top-2 of equal logits, the same 2 for all
 
 
-def test_export_refuses_an_upcycle_rather_than_dropping_it(dense, tmp_path):
-    r = CliRunner().invoke(
-        main, ["export", str(_plan(tmp_path, dense["llama"], "{experts: 4}")), "--mergekit", "-o", str(tmp_path / "m.yml")]
+def test_export_writes_mergekit_moe_where_it_can_and_refuses_the_rest_located(dense, models, tmp_path):
+    """`export --mergekit` of an upcycle writes mergekit-moe's config (copies behind a random N(0, 1)
+    gate here); what mergekit-moe cannot express is refused at the step's line, nothing written."""
+    import yaml
+
+    r = CliRunner().invoke(main, ["export", str(_plan(tmp_path, dense["llama"], "{experts: 4, router: random, std: 1.0}")), "--mergekit"])
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load(r.output)
+    assert cfg["gate_mode"] == "random" and cfg["architecture"] == "mixtral" and cfg["experts_per_token"] == 2
+    assert cfg["experts"] == [{"source_model": str(dense["llama"])}] * 4 and "mergekit-moe" in r.output.splitlines()[0]
+    q = dense["qwen3"]
+    cases = [
+        (dense["llama"], "{experts: 4}", "mergekit-moe has no zero router"),
+        (dense["llama"], "{experts: 4, router: random}", "this router's std is 0.02"),
+        (q, "{experts: 2, router: random, std: 1.0, layers: [1, 3]}", "keeps some layers dense"),
+        (dense["qwen2"], "{experts: 2, router: random, std: 1.0}", "give `shared: {model, positive_prompts}`"),
+    ]
+    for i, (m, step, expect) in enumerate(cases):
+        r = CliRunner().invoke(main, ["export", str(_plan(tmp_path, m, step, f"p{i}.yaml")), "--mergekit", "-o", str(tmp_path / "m.yml")])
+        assert r.exit_code == 1 and expect in r.output and f"p{i}.yaml:2" in r.output, (i, r.output)
+    cut = write_plan(
+        tmp_path,
+        f"models: {{a: {q}}}\nsteps: [{{take: {{model: a, layers: [0, 2]}}}}, {{upcycle: {{experts: 2, router: random, std: 1.0}}}}]\n",
+        "cut.yaml",
     )
-    assert r.exit_code == 1 and "upcycle has no mergekit-yaml equivalent" in r.output and "plan.yaml:2" in r.output
+    r = CliRunner().invoke(main, ["export", str(cut), "--mergekit", "-o", str(tmp_path / "m.yml")])
+    assert r.exit_code == 1 and "changes or reorders them first" in r.output and "cut.yaml:2" in r.output
     assert not (tmp_path / "m.yml").exists()
 
 
@@ -378,6 +400,12 @@ def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
     assert g.shape[0] == 1 and abs(float(g.norm()) - 1) < 1e-2  # its own unit row, from its prompts
     dense = load_tensors(models[0])
     assert torch.equal(ours["model.layers.1.mlp.shared_expert.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"] * 0.25)
+    if gate == "cheap_embed":  # and back: `export --mergekit` writes a config mergekit-moe makes the same model from
+        r = CliRunner().invoke(main, ["export", str(cfg), "--mergekit", "-o", str(tmp_path / "back.yml")])
+        assert r.exit_code == 0, r.output
+        subprocess.run(["mergekit-moe", str(tmp_path / "back.yml"), str(tmp_path / "mk2")], check=True, capture_output=True)
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk2", dtype=torch.float32).state_dict()
+        assert set(again) == set(ours) and [n for n in ours if not torch.equal(again[n], ours[n])] == []
 
 
 def test_a_shared_expert_from_its_own_model_and_seeded_noise(dense, tmp_path):

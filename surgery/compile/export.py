@@ -65,15 +65,6 @@ def to_mergekit(program: Program) -> dict:
             problems.append(Problem(s.where, "init: random has no mergekit equivalent (mergekit cannot draw new weights)"))
         if s.widen is not None and not any(p.where == s.widen_where for p in problems):
             problems.append(Problem(s.widen_where, "widen has no mergekit equivalent (mergekit keeps every tensor's shape)"))
-        if s.upcycle is not None and not any(p.where == s.upcycle_where for p in problems):
-            problems.append(
-                Problem(
-                    s.upcycle_where,
-                    "upcycle has no mergekit-yaml equivalent (mergekit-moe, which has one, takes a config of its own that "
-                    "`export` does not write yet)",
-                    "keep the surgery plan; run it with `surgery apply`",
-                )
-            )
         if s.take_scale and (s.init != "copy" or s.scales):
             problems.append(
                 Problem(
@@ -173,6 +164,101 @@ def to_mergekit(program: Program) -> dict:
     return cfg
 
 
+# mergekit-moe's gate for each surgery router (random: N(0, 1) there)
+MOE_GATES = {
+    "cheap_embed": "cheap_embed",
+    "hidden": "hidden",
+    "hidden_avg": "hidden_avg",
+    "random": "random",
+    "uniform_random": "uniform_random",
+}
+MOE_ARCH = {"mixtral": "mixtral", "qwen2_moe": "qwen", "qwen3_moe": "qwen3"}
+
+
+def to_mergekit_moe(program: Program) -> dict:
+    """The mergekit-moe config of a plan that upcycles one base model as it is (`take` of the whole
+    model, then `upcycle`): its experts, gate mode, shared expert and top-k. What mergekit-moe cannot
+    express (other changes to the layers, some layers left dense, a zero router, a random router of
+    another scale, Qwen2-MoE's halved copies) is a located problem."""
+    stack, plan = program.stack, program.plan
+    first = next(x for x in stack if x.upcycle is not None)
+    u, where = first.upcycle, first.upcycle_where
+    base = stack[0].sources[0][0]
+    spec = program.ckpts[base].family.upcycle
+    problems: list[Problem] = []
+    if any(x.upcycle is not u for x in stack):
+        problems.append(
+            Problem(where, "mergekit-moe turns every layer's MLP into experts; this plan keeps some layers dense", "drop `layers`")
+        )
+    whole = len(stack) == len(program.ckpts[base].layers) and all(
+        x.sources == ((base, i),) and x.init == "copy" and not x.scales and not x.take_scale and x.merge is None and x.widen is None
+        for i, x in enumerate(stack)
+    )
+    if not whole or plan.body.non_layer is not None:
+        problems.append(
+            Problem(
+                stack[0].where,
+                "mergekit-moe upcycles one base model's layers as they are; this plan changes or reorders them first",
+                "apply those steps in a first plan and upcycle its output in a second",
+            )
+        )
+    if u.router not in MOE_GATES or (u.router == "random" and u.std != 1.0):
+        std = u.std if u.std is not None else 0.02
+        what = (
+            f"mergekit-moe's random gate is N(0, 1), this router's std is {std:g}"
+            if u.router == "random"
+            else (f"mergekit-moe has no {u.router} router: its gates are hidden, hidden_avg, cheap_embed, random and uniform_random")
+        )
+        problems.append(Problem(where, what, "router: cheap_embed, hidden, or random with std: 1.0"))
+    if u.router == "uniform_random" and not u.sources:
+        problems.append(
+            Problem(
+                where,
+                "mergekit-moe's uniform_random gate needs positive_prompts for every expert",
+                "give experts as a list of {model, positive_prompts}",
+            )
+        )
+    if spec.get("shared") and u.shared is None:
+        problems.append(
+            Problem(
+                where,
+                "without `shared`, the Qwen2-MoE's shared expert is the dense MLP with its routed copies halved; "
+                "mergekit-moe takes the shared expert from its config",
+                "give `shared: {model, positive_prompts}`",
+            )
+        )
+    if problems:
+        raise PlanError(problems)
+
+    def expert(src) -> dict:
+        e: dict[str, Any] = {"source_model": _ref(program, src.model if src is not None else base)}
+        if src is not None:
+            for key in ("positive_prompts", "negative_prompts"):
+                if getattr(src, key):
+                    e[key] = list(getattr(src, key))
+            if src.residual_scale is not None:
+                e["residual_scale"] = src.residual_scale
+        noise = src.noise_scale if src is not None and src.noise_scale is not None else u.noise
+        if noise:
+            e["noise_scale"] = noise  # mergekit-moe draws it unseeded
+        return e
+
+    cfg: dict[str, Any] = {
+        "base_model": _ref(program, base),
+        "architecture": MOE_ARCH[spec["model_type"]],
+        "gate_mode": MOE_GATES[u.router],
+        "dtype": dtype_name(program.dtype),
+        "experts_per_token": u.top_k,
+        "experts": [expert(e) for e in u.sources] or [expert(None) for _ in range(u.count)],
+    }
+    if u.shared is not None:
+        cfg["shared_experts"] = [expert(u.shared)]
+    return cfg
+
+
 def to_mergekit_yaml(program: Program) -> str:
-    head = f"# mergekit 0.1.5 config written by `surgery export --mergekit` from {program.plan.source}\n"
-    return head + yaml.safe_dump(to_mergekit(program), sort_keys=False, default_flow_style=None)
+    """mergekit-yaml's config of the plan, or mergekit-moe's where the plan upcycles."""
+    moe = any(x.upcycle is not None for x in program.stack)
+    tool = "mergekit-moe" if moe else "mergekit"
+    head = f"# {tool} 0.1.5 config written by `surgery export --mergekit` from {program.plan.source}\n"
+    return head + yaml.safe_dump(to_mergekit_moe(program) if moe else to_mergekit(program), sort_keys=False, default_flow_style=None)
