@@ -67,16 +67,64 @@ def folder_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def timed(cmd: list[str], env=None) -> dict:
+class Reaper:
+    """With --reap: while surgery writes OUT, free the disk blocks of each output shard once the
+    engine has recorded it as done (written, fsynced, hashed: `.surgery-shards.json` in the side
+    folder), keeping its size as a hole. Every byte still goes to the disk and is made durable
+    before it is freed, so the rate is the real one; only the space is given back, which lets an
+    output larger than the free disk (the 8B shape into 8 experts: 95 GB) be timed."""
+
+    def __init__(self, out: Path | None):
+        import threading
+
+        self.side = out.parent / f".{out.name}.surgery-partial" if out is not None else None
+        self.stop = threading.Event()
+        self.freed = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        if self.side is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.side is not None:
+            self.thread.join()
+
+    def _loop(self):
+        seen: set[str] = set()
+        while not self.stop.wait(0.2):
+            try:
+                done = json.loads((self.side / ".surgery-shards.json").read_text()).get("done", {})
+            except (OSError, ValueError):
+                continue
+            for name in set(done) - seen:
+                f = self.side / name
+                try:
+                    size = f.stat().st_size
+                    os.truncate(f, 0)
+                    os.truncate(f, size)
+                except OSError:
+                    continue
+                seen.add(name)
+                self.freed += size
+
+
+REAP_ENTRY = "import sys, surgery.engine.write as w; w._check_space = lambda *a: None; from surgery.cli import main; main()"
+
+
+def timed(cmd: list[str], env=None, reap: Path | None = None) -> dict:
     stats = Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp")) / f".stats-{os.getpid()}.json"
     stats.unlink(missing_ok=True)
     env = {**os.environ, **(env or {})}
     if "apply" in cmd:  # surgery writes what a process cannot see from outside (peak GPU memory)
         cmd = cmd + ["--stats-json", str(stats)]
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
+    with Reaper(reap):
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     rc = os.waitstatus_to_exitcode(status)
     gpu = json.loads(stats.read_text()).get("peak_gpu_mb") if stats.exists() else None
@@ -168,6 +216,11 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated case keys: solar, llamapro, gstack, slerp, linear")
     ap.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON and Markdown tables go")
     ap.add_argument("--device", default="cpu", help="device for surgery's computed recipes (cpu, cuda); mergekit gets --cuda")
+    ap.add_argument(
+        "--reap",
+        action="store_true",
+        help="free each surgery output shard's blocks once it is written, fsynced and hashed (outputs larger than the free disk)",
+    )
     args = ap.parse_args()
 
     big_size, mid_size = SUITES[args.size]
@@ -185,7 +238,7 @@ def main():
         for k in range(args.repeat + (0 if args.cold else 1)):
             if out is not None and out.exists():
                 shutil.rmtree(out)
-            r = timed(cmd)
+            r = timed(cmd, reap=out if args.reap and kind == "surgery" else None)
             if r["rc"]:
                 print(f"  {label}: FAILED rc={r['rc']}\n{r['stderr_tail']}", flush=True)
                 best = r
@@ -224,13 +277,14 @@ def main():
         plan = scratch / f"{key}.yaml"  # surgery reads plans and mergekit configs alike
         plan.write_text(text)
         out = scratch / f"{key}-surgery"
+        # with --reap the output may be larger than the free disk: the up-front free-space check is skipped
+        entry = ["-c", REAP_ENTRY] if args.reap else ["-m", "surgery.cli"]
         s = run(
             name,
             "surgery",
             [
                 sys.executable,
-                "-m",
-                "surgery.cli",
+                *entry,
                 "apply",
                 str(plan),
                 "-o",
@@ -268,6 +322,7 @@ def main():
         "when": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "page_cache": "cold (first run)" if args.cold else "warm (one untimed run first)",
+        "reap": args.reap,
         "results": results,
     }
     out_dir = args.results

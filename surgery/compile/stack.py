@@ -67,6 +67,10 @@ class LayerSpec:
         if self.upcycle is not None:
             u = self.upcycle
             text += f", upcycled: {u.count} experts, top-{u.top_k}, {u.router} router"
+            if u.shared is not None:
+                text += f", shared expert from {u.shared.model}"
+            if u.noise or any(e.noise_scale for e in u.sources):
+                text += ", noise"
         if self.scales:
             text += " scaled " + ", ".join(f"{f or '*'} x{k:g}" for f, k in self.scales)
         return text

@@ -1,11 +1,14 @@
 """Sparse upcycling (`upcycle`; Komatsuzaki et al., ICLR 2023): each chosen layer's dense MLP becomes
 E experts behind a router, in the MoE layout the family's data names (`upcycle` in its architecture
-entry). The experts are the dense MLP's tensors read again (raw copies, streamed like any copy);
-the router is zero (every expert equally likely: with identical experts and renormalised top-k
-weights the layer computes the dense MLP exactly) or seeded N(0, std). Where the MoE has a shared
-expert beside the routed ones (Qwen2-MoE: out = sum_k w_k E_k(x) + sigmoid(g x) S(x)), the shared
-expert is the dense MLP, its gate g zero (sigmoid(0) = 1/2) and the routed experts' down projections
-halved, so the sum is the dense MLP again."""
+entry). The experts are the dense MLP's tensors read again (raw copies, streamed like any copy) or
+other models' MLPs (FrankenMoE), optionally with seeded noise N(0, noise) added and a residual
+scale on the down projection (noise first, mergekit-moe's order); the router is zero (every expert
+equally likely: with identical experts and renormalised top-k weights the layer computes the dense
+MLP exactly), seeded N(0, std), or set from prompts (token embeddings, or the base model's hidden
+states). Where the MoE has a shared expert beside the routed ones (Qwen2-MoE: out = sum_k w_k E_k(x)
++ sigmoid(g x) S(x)), it is by default the dense MLP, its gate g zero (sigmoid(0) = 1/2) and the
+routed experts' down projections halved, so the sum is the dense MLP again; a `shared:` expert is
+taken as given instead (mergekit-moe's Qwen MoE), its gate from its prompts."""
 
 from __future__ import annotations
 
