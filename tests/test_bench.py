@@ -40,6 +40,9 @@ def test_apply_benchmark_harness(tmp_path):
     }
     assert all(r["rc"] == 0 and r["peak_rss_mb"] > 0 for r in doc["results"])
     assert {"cat", "cp -r"} <= {r["tool"] for r in doc["results"]} and "nan" not in md
+    doc, _ = run("bench_apply.py", "--size", "tiny", "--no-mergekit", "--only", "upcycle", "--reap", tmp=tmp_path / "reap")
+    [up] = [r for r in doc["results"] if r["tool"] == "surgery"]
+    assert doc["reap"] and up["rc"] == 0 and up["bytes"] > 0
 
 
 @pytest.mark.slow
@@ -99,3 +102,26 @@ def test_upcycle_benchmark_harness(tmp_path):
     runs = {r["run"]: r for r in doc["runs"]}
     assert set(runs) == {"dense", "upcycled", "upcycled-zero"} and all(r["eval_loss"] > 0 for r in runs.values())
     assert len(runs["upcycled"]["final_expert_load"]) == 4 and "| upcycled |" in md
+
+
+def test_reap_frees_only_shards_the_engine_recorded_done(tmp_path):
+    """bench_apply --reap: a shard recorded done (written, fsynced, hashed) keeps its size as a hole;
+    a shard still being written is left alone."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_apply", BENCH / "bench_apply.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    side = tmp_path / ".out.surgery-partial"
+    side.mkdir()
+    for name in ("a.safetensors", "b.safetensors.tmp"):
+        (side / name).write_bytes(b"x" * (1 << 20))
+    (side / ".surgery-shards.json").write_text(json.dumps({"done": {"a.safetensors": "00"}}))
+    with mod.Reaper(tmp_path / "out") as r:
+        deadline = time.time() + 10
+        while not r.freed and time.time() < deadline:
+            time.sleep(0.05)
+    a, b = (side / "a.safetensors").stat(), (side / "b.safetensors.tmp").stat()
+    assert r.freed == a.st_size == 1 << 20 and a.st_blocks == 0
+    assert (side / "b.safetensors.tmp").read_bytes() == b"x" * (1 << 20) and b.st_blocks > 0
