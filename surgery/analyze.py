@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from surgery.engine.layerwise import LayerwiseModel, run_layer
 from surgery.errors import CheckpointError, PlanError, SurgeryError
 
 
@@ -151,40 +151,11 @@ def analyze(
 
     config = transformers.AutoConfig.from_pretrained(mdir, trust_remote_code=False)
     config.use_cache = False
-    with _empty_weights():
-        base = transformers.AutoModel.from_config(config, trust_remote_code=False)
-    base.eval()
-    layers, layer_path = _layer_list(base, ck.family.layer_prefix)
-    base_prefix = ck.family.layer_prefix[: -len(layer_path) - 1]  # "model." for "model.layers."
-    reader = _Reader(ck)
-    # everything but the decoder layers and the token embedding: read (small), in float32
-    emb_name = next((n for n in ck.family.embeddings if n in ck.tensors), None)
-    for pname, _ in list(base.named_parameters()):
-        if pname.startswith(layer_path + ".") or base_prefix + pname == emb_name:
-            continue
-        _set_param(base, pname, reader.tensor(base_prefix + pname).to(dev, cdt))
-    for bname, buf in list(base.named_buffers()):
-        if buf.device.type != "meta":
-            _set_buffer(base, bname, buf.to(dev))
-    if emb_name is not None:
-        _stream_embedding(base, emb_name[len(base_prefix) :].removesuffix(".weight"), reader, emb_name, cdt)
+    lw = LayerwiseModel(ck, config, dev, cdt)
+    base, reader, emb_name, layer_path = lw.base, lw.reader, lw.emb_name, lw.layer_path
+    h0, calls = lw.capture([{"input_ids": b} for b in batches])
 
-    recorders = [_Recorder(layer) for layer in layers]
-    originals = list(layers)
-    for i, r in enumerate(recorders):
-        layers[i] = r
-    h0, calls = [], []
-    with torch.no_grad():
-        for b in batches:
-            for r in recorders:
-                r.calls.clear()
-            base(input_ids=b.to(dev), use_cache=False)
-            h0.append(recorders[0].calls[0][0])
-            calls.append([r.calls[0] for r in recorders])
-    for i, layer in enumerate(originals):
-        layers[i] = layer
-
-    L = len(originals)
+    L = len(lw)
     sizes = sorted(set(drop_sizes))
     for n in sizes:
         if not 1 <= n < L:
@@ -200,14 +171,13 @@ def analyze(
     h = h0
     bar = _bar(progress, L)
     with torch.no_grad():
-        for i, layer in enumerate(originals):
-            _materialize(layer, reader, f"{ck.family.layer_prefix}{i}.", dev, cdt)
-            _branch(window, branches, sizes, i, h[:lb])
-            out = [_run(layer, x, calls[k][i]) for k, x in enumerate(h)]
-            for key, xs in branches.items():  # each model with a block removed below layer i runs it too
-                if key[0] + key[1] <= i:
-                    branches[key] = [_run(layer, x, calls[k][i]) for k, x in enumerate(xs)]
-            _release(layer)
+        for i in range(L):
+            with lw.layer(i) as layer:
+                _branch(window, branches, sizes, i, h[:lb])
+                out = [run_layer(layer, x, calls[k][i]) for k, x in enumerate(h)]
+                for key, xs in branches.items():  # each model with a block removed below layer i runs it too
+                    if key[0] + key[1] <= i:
+                        branches[key] = [run_layer(layer, x, calls[k][i]) for k, x in enumerate(xs)]
             for k, (x, y) in enumerate(zip(h, out, strict=True)):
                 last[k][i] = _unit(x[:, -1].double())
                 norms[i] += float(x.double().pow(2).mean(-1).sqrt().sum())
@@ -230,7 +200,7 @@ def analyze(
             losses = _head_losses(base, config, ck, reader, layer_path, emb_name, streams, batches[:lb], dev, cdt)
             loss = losses[(0, 0)]
             drop_loss = {n: [losses[(l0, n)] for l0 in range(L - n + 1)] for n in sizes}
-    reader.close()
+    lw.close()
     if bar:
         bar.close()
     tokens = n_seq * seq_len
@@ -332,12 +302,6 @@ def compare(a: Analysis, b: Analysis) -> dict:
         norm = ((xc.T @ xc).pow(2).sum() * (yc.T @ yc).pow(2).sum()).sqrt()
         cka.append(float(hsic / norm) if norm > 0 else 1.0)
     return {"boundaries": n, "cosine_last_token": cos, "linear_cka_last_token": cka}
-
-
-def _run(layer, x, call):
-    _, args, kwargs = call
-    y = layer(x, *args, **kwargs)
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _branch(window: dict, branches: dict, sizes: list[int], i: int, states: list) -> None:
@@ -588,176 +552,6 @@ def write_report(a: Analysis, folder: Path, *, reads: dict, force: bool = False,
         plot(a, staging / "layers.png")
         f.publish()
     return sorted(out.iterdir())
-
-
-# ---- streaming machinery -------------------------------------------------------------------------
-
-
-class _Recorder(torch.nn.Module):
-    """Stands in for a decoder layer during the capture pass: records the arguments it is called
-    with and returns its input, so the model's loop runs through without any layer's weights."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.calls: list = []
-        self.attention_type = getattr(layer, "attention_type", None)  # some models pick masks by it
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states, args, kwargs))
-        return hidden_states
-
-
-class _Reader:
-    """Tensors of a checkpoint by name, read through the engine's `Sources` (pread into each
-    tensor's own storage) and surgery's header catalog."""
-
-    def __init__(self, ck):
-        from surgery.engine.read import Sources
-
-        self.ck = ck
-        self.src = Sources()
-        weakref.finalize(self, self.src.close)  # the descriptors close on an error path too
-
-    def _info(self, name: str):
-        info = self.ck.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"tensor {name!r} is missing", where=str(self.ck.path))
-        return info
-
-    def tensor(self, name: str):
-        """The whole tensor, read straight into its own storage (no intermediate bytes)."""
-        from surgery.engine.read import torch_dtype
-
-        info = self._info(name)
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        self.src.read_into(info, 0, raw.numpy())
-        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
-
-    def _rows_of(self, name: str):
-        """A 2-D tensor's info, elements per row and bytes per row."""
-        info = self._info(name)
-        return info, info.shape[1], info.shape[1] * (info.nbytes // max(1, math.prod(info.shape)))
-
-    def rows(self, name: str, ids):
-        """Rows `ids` of a 2-D tensor, each read on its own into one buffer."""
-        from surgery.engine.read import torch_dtype
-
-        info, per_row, width = self._rows_of(name)
-        raw = torch.empty(len(ids) * width, dtype=torch.uint8)
-        view = raw.numpy()
-        for k, i in enumerate(ids):
-            self.src.read_into(info, int(i) * per_row, view[k * width : (k + 1) * width])
-        return raw.view(torch_dtype(info.dtype)).reshape(len(ids), per_row)
-
-    def row_block(self, name: str, a: int, b: int):
-        """Rows [a, b) of a 2-D tensor, in one read."""
-        from surgery.engine.read import torch_dtype
-
-        info, per_row, width = self._rows_of(name)
-        raw = torch.empty((b - a) * width, dtype=torch.uint8)
-        self.src.read_into(info, a * per_row, raw.numpy())
-        return raw.view(torch_dtype(info.dtype)).reshape(b - a, per_row)
-
-    def close(self) -> None:
-        self.src.close()
-
-
-def _empty_weights():
-    from accelerate import init_empty_weights
-
-    return init_empty_weights(include_buffers=False)  # parameters on meta; buffers (rotary inv_freq) real
-
-
-def _layer_list(base, layer_prefix: str):
-    import torch
-
-    for name, mod in base.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and layer_prefix.endswith(name + "."):
-            return mod, name
-    raise SurgeryError(f"cannot find the decoder layers ({layer_prefix}) in the transformers model")
-
-
-def _set_param(module, dotted: str, value) -> None:
-    import torch
-
-    *path, leaf = dotted.split(".")
-    for p in path:
-        module = getattr(module, p)
-    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-
-
-def _set_buffer(module, dotted: str, value) -> None:
-    *path, leaf = dotted.split(".")
-    for p in path:
-        module = getattr(module, p)
-    module._buffers[leaf] = value
-
-
-def _stream_embedding(base, attr_path: str, reader: _Reader, name: str, dtype) -> None:
-    """Replace the token embedding by one that reads only the rows a batch uses."""
-    import torch
-
-    *path, leaf = attr_path.split(".")
-    owner = base
-    for p in path:
-        owner = getattr(owner, p)
-    old = getattr(owner, leaf)
-
-    class RowsFromDisk(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding_dim = old.embedding_dim
-            self.padding_idx = getattr(old, "padding_idx", None)
-            self.scale = getattr(old, "embed_scale", None)  # Gemma's scaled embedding module
-
-        def forward(self, ids):
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            rows = reader.rows(name, uniq.tolist()).to(ids.device, dtype)
-            out = rows[inv]
-            if self.scale is not None:
-                out = out * self.scale.to(out.dtype)
-            return out
-
-    setattr(owner, leaf, RowsFromDisk())
-
-
-def _materialize(layer, reader: _Reader, prefix: str, device: str, dtype) -> None:
-    for pname, p in list(layer.named_parameters()):
-        _set_param(layer, pname, _layer_tensor(reader, prefix, pname, tuple(p.shape)).to(device, dtype))
-
-
-def _layer_tensor(reader: _Reader, prefix: str, pname: str, shape: tuple):
-    if prefix + pname in reader.ck.tensors:
-        return reader.tensor(prefix + pname)
-    for layout in reader.ck.family.stored_layouts(pname):  # the family's data: renamed or fused in memory
-        if "{e}" not in layout[0]:
-            if prefix + layout[0] in reader.ck.tensors:
-                return reader.tensor(prefix + layout[0])
-        elif prefix + layout[0].format(e=0) in reader.ck.tensors:
-            return torch.stack([torch.cat([reader.tensor(prefix + part.format(e=e)) for part in layout], dim=0) for e in range(shape[0])])
-    raise CheckpointError(
-        f"no tensor for {prefix}{pname} (shape {list(shape)}) in the checkpoint",
-        where=str(reader.ck.path),
-        fix="this layout is not one surgery analyze can stream yet",
-    )
-
-
-def _release(layer) -> None:
-    for pname, p in list(layer.named_parameters()):
-        _set_param(layer, pname, torch.empty(p.shape, device="meta"))
-    _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS. Tensors under glibc's mmap threshold (32 MB once it
-    has grown) come from the heap, and chunks freed between layers would otherwise stay in the
-    process (measured on an 8B shape: RSS crept up 10-30 MB per layer without this)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _unit(x):
