@@ -108,7 +108,7 @@ class Evaluator:
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, HiddenRouter):
-            out = hidden_router(r).to(torch_dtype(r.dtype))
+            out = hidden_router(r, str(self.src.device)).to(torch_dtype(r.dtype))
         elif isinstance(r, PromptRouter):
             out = prompt_router(self.full(r.inner), r.counts).to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):
@@ -191,48 +191,66 @@ _HIDDEN_GATES: dict = {}  # (model, prompts, average) -> (layers, experts, hidde
 _HIDDEN_LOCK = __import__("threading").Lock()  # the engine's threads ask for every layer at once: one computes, the rest wait
 
 
-def hidden_router(r) -> "torch.Tensor":
+def hidden_router(r, device: str = "cpu") -> "torch.Tensor":
     """mergekit-moe's hidden-state gate for one layer, every layer's computed once (its
     `get_hidden_states`, in bfloat16): the hidden states entering each layer over an expert's
     prompts, at the last position (or averaged over positions), averaged over prompts, less the
-    negative prompts', normalised."""
+    negative prompts', normalised. The base model runs on `device`, streamed one layer at a time."""
 
     key = (r.model, r.counts, r.average)
     with _HIDDEN_LOCK:  # transformers' loading sets process-wide defaults: never two at once
         if key not in _HIDDEN_GATES:
             _HIDDEN_GATES.clear()  # one model's gates at a time
-            _HIDDEN_GATES[key] = _hidden_gates(r)
+            _HIDDEN_GATES[key] = _hidden_gates(r, device)
         a, b = r.rows or (0, len(r.counts))
         return _HIDDEN_GATES[key][r.layer][a:b]
 
 
-def _hidden_gates(r) -> "torch.Tensor":
-    """Every layer's gate vectors (layers, experts, hidden), as mergekit-moe's get_gate_params makes them."""
+def _hidden_gates(r, device: str = "cpu") -> "torch.Tensor":
+    """Every layer's gate vectors (layers, experts, hidden), as mergekit-moe's get_gate_params makes
+    them (bfloat16 forward), with the base model streamed one decoder layer at a time (engine/
+    layerwise.py): memory is one layer and the prompts' states, not the model. Per prompt set the
+    state entering each layer is reduced at once (last position, or the mean over positions, then
+    the mean over prompts), in the order mergekit-moe's reductions run."""
+    from pathlib import Path
+
     import torch
     import transformers
 
-    shown = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # inside apply's own progress
+    from surgery.engine.layerwise import LayerwiseModel, run_layer
+    from surgery.io.checkpoint import open_checkpoint
+
+    path = Path(r.model)
+    ck = open_checkpoint("base", str(path), path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config.use_cache = False
+    model = LayerwiseModel(ck, config, device, torch.bfloat16)
+    sets = [(k, j, batch) for k, pair in enumerate(r.counts) for j, batch in enumerate(pair) if batch]
+    inputs = [
+        {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        for _, _, (ids, mask) in sets
+    ]
+
+    def reduce(h):  # (prompts, positions, hidden) -> (hidden)
+        h = h.sum(dim=1) / h.shape[1] if r.average else h[:, -1, :]
+        return h.sum(dim=0) / h.shape[0]
+
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(r.model, dtype=torch.bfloat16, trust_remote_code=False)
-    finally:
-        if shown:
-            transformers.utils.logging.enable_progress_bar()
-    model.eval()
-
-    def states(batch):
-        ids, mask = (torch.tensor(x, dtype=torch.long) for x in batch)
+        states, calls = model.capture(inputs)
+        per_layer = []  # layer -> {(expert, positive/negative): vector}
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
-        h = torch.stack(out.hidden_states[:-1])  # (layers, prompts, positions, hidden)
-        h = h.sum(dim=2) / h.shape[2] if r.average else h[:, :, -1, :]
-        return h.sum(dim=1) / h.shape[1]
-
+            for i in range(len(model)):
+                per_layer.append({(k, j): reduce(h) for (k, j, _), h in zip(sets, states, strict=True)})
+                if i + 1 < len(model):
+                    with model.layer(i) as layer:
+                        states = [run_layer(layer, h, calls[n][i]) for n, h in enumerate(states)]
+    finally:
+        model.close()
     vecs = []
-    for pos, neg in r.counts:
-        h = states(pos)
-        if neg:
-            h -= states(neg)
+    for k in range(len(r.counts)):
+        h = torch.stack([layer[(k, 0)] for layer in per_layer])  # (layers, hidden)
+        if (k, 1) in per_layer[0]:
+            h -= torch.stack([layer[(k, 1)] for layer in per_layer])
         h /= h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
-        vecs.append(h)
+        vecs.append(h.cpu())
     return torch.stack(vecs, dim=0).permute(1, 0, 2)  # (layers, experts, hidden)
