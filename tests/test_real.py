@@ -199,3 +199,34 @@ def test_analyze_on_the_real_model(smol, tmp_path, text):
     plan = tmp_path / "rep" / "suggest-drop-4.yaml"
     assert plan.is_file() and (tmp_path / "rep" / "layers.png").is_file()
     assert CliRunner().invoke(main, ["validate", str(plan)]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_upcycle_keeps_the_real_models_logits_and_matches_mergekit_moe(smol, tmp_path):
+    """SmolLM2 (tied embeddings, 9/3 heads) into a Mixtral of 4 copied experts behind the zero router:
+    the same logits; a FrankenMoE of it and a changed copy with hidden-state gates (the base model
+    streamed one layer at a time) equals mergekit-moe's output, bitwise, every tensor."""
+    import transformers
+
+    plan = write_plan(tmp_path, f"models: {{m: {smol}}}\nsteps:\n  - take: {{model: m}}\n  - upcycle: {{experts: 4, top_k: 2}}\n")
+    res = surgery.apply(plan, tmp_path / "moe", progress=False)
+    ids = _ids(smol)
+    assert (_logits(res.path, ids) - _logits(smol, ids)).abs().max().item() <= 1e-5
+    if shutil.which("mergekit-moe") is None:
+        pytest.skip("mergekit-moe is not installed")
+    changed = write_plan(
+        tmp_path, f"models: {{m: {smol}}}\nsteps:\n  - take: {{model: m}}\n  - scale: {{factor: 0.5, filter: mlp}}\n", "c.yaml"
+    )
+    other = surgery.apply(changed, tmp_path / "changed", progress=False).path
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(
+        f"base_model: {smol}\ngate_mode: hidden\ndtype: bfloat16\nexperts_per_token: 1\nexperts:\n"
+        f"  - source_model: {smol}\n    positive_prompts: ['def f(x):', 'import numpy as np']\n"
+        f"  - source_model: {other}\n    positive_prompts: ['Once upon a time']\n    negative_prompts: ['import os']\n"
+    )
+    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / "mk")], check=True, capture_output=True, timeout=600)
+    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "ours"), "-q"])
+    assert r.exit_code == 0, r.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.bfloat16).state_dict()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16).state_dict()
+    assert set(theirs) == set(ours) and [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
