@@ -2,6 +2,7 @@
 
     python bench/bench_upcycle.py            # minutes on this 2-core CPU (the figures in RESULTS.md)
     python bench/bench_upcycle.py --size tiny  # seconds (a smoke run)
+    python bench/bench_upcycle.py --size long --routers random   # 8x the continued training: ~1.5 h here
 
 A dense Llama (8 layers, width 128, byte vocabulary) is trained from scratch on the stdlib corpus
 for `base` steps; from that checkpoint, with the same data order after it:
@@ -26,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SIZES = {  # layers, hidden, intermediate, heads, base steps, more dense steps, micro batch, seq
     "small": (8, 128, 512, 4, 600, 600, 8, 128),
+    # small's model and base, 8x the continued training (4.9M tokens dense): does upcycling pay later?
+    "long": (8, 128, 512, 4, 600, 4800, 8, 128),
     "tiny": (2, 32, 64, 4, 8, 8, 4, 32),
 }
 
@@ -35,7 +38,11 @@ def main() -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("SURGERY_BENCH_DIR", "/tmp/surgery-bench")) / "upcycle")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--routers", default="random,zero", help="which upcycled runs: random, zero or both (comma-separated)")
     args = ap.parse_args()
+    routers = [r for r in args.routers.split(",") if r]
+    if not routers or set(routers) - {"random", "zero"}:
+        ap.error("--routers: random, zero or random,zero")
     layers, hidden, inter, heads, base_steps, more, mb, seq = SIZES[args.size]
 
     import surgery
@@ -77,7 +84,7 @@ def main() -> int:
     rows = []
     dense = run("dense", base.path, more)
     rows.append(("dense", dense, None))
-    for router in ("random", "zero"):
+    for router in routers:
         up_plan.write_text(
             f"models: {{d: {base.path}}}\nsteps: [{{take: {{model: d}}}}, {{upcycle: {{experts: 4, top_k: 2, router: {router}}}}}]\n"
         )
