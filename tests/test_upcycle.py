@@ -470,3 +470,14 @@ def test_trainable_can_name_the_routers_or_the_experts(dense, tmp_path):
         select_trainable(transformers.AutoModelForCausalLM.from_pretrained(dense["qwen2"]), "routers", dense["qwen2"], "t.yaml:1")
     with pytest.raises(ValueError, match="stand alone"):
         TrainConfig.model_validate({"model": "x", "data": {"files": ["x"]}, "trainable": ["all", "routers"]})
+
+
+def test_a_shared_expert_of_another_shape_or_family_is_refused_located(dense, tmp_path):
+    q = dense["qwen2"]
+    wide = build_tiny("qwen2", tmp_path / "wide", intermediate_size=256)
+    for i, (other, expect) in enumerate([(wide, "the shared expert's model 'b' has"), (dense["qwen3"], "a qwen3 model")]):
+        text = f"models: {{a: {q}, b: {other}}}\nsteps:\n  - take: {{model: a}}\n  - upcycle: {{experts: 2, shared: {{model: b}}}}\n"
+        plan = write_plan(tmp_path, text, f"s{i}.yaml")
+        r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / f"never{i}")])
+        assert r.exit_code == 1 and expect in r.output and f"s{i}.yaml:4" in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / f"never{i}").exists()

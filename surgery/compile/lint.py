@@ -48,7 +48,7 @@ def lint(plan, ckpts, stack, out_code: str) -> list[Problem]:
                 up.upcycle_where,
                 f"a {u.router} router gives every expert the same logit, and top-{u.top_k} of equal logits picks the same "
                 f"{u.top_k} experts for every token: the other {u.count - u.top_k} get no tokens and no gradient until the "
-                "load-balancing loss has moved the router, and the experts start identical",
+                "load-balancing loss has moved the router" + (", and the experts start identical" if not u.sources and not u.noise else ""),
                 "use `router: random` (with identical experts any routing computes the dense function too, and tokens "
                 "spread from the first step), or train with the router loss on (the default)",
                 code="symmetric-experts",
