@@ -273,6 +273,23 @@ def test_a_killed_upcycle_resumes_to_the_same_bytes(tmp_path):
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == reference
 
 
+def _same_as_mergekit_moe(cfg, tmp_path, out: str = "ours") -> dict:
+    """Run `cfg` with mergekit-moe and with `surgery apply`; every tensor equal once transformers has
+    loaded both (mergekit-moe writes the fused expert layout, surgery the per-expert one). Ours."""
+    import subprocess
+
+    import transformers
+
+    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / f"mk-{out}")], check=True, capture_output=True)
+    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / out), "-q"])
+    assert r.exit_code == 0, r.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"mk-{out}", dtype=torch.float32).state_dict()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32).state_dict()
+    assert set(theirs) == set(ours)
+    assert [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
+    return ours
+
+
 MOE_CONFIG = """base_model: {base}
 {arch}gate_mode: {gate}
 dtype: float32
@@ -296,9 +313,6 @@ def test_mergekit_moe_configs_run_unchanged_and_match_mergekit_moe(tmp_path, fam
     transformers (mergekit-moe writes the fused expert layout, surgery the per-expert one), for
     Mixtral and Qwen3-MoE outputs."""
     import shutil
-    import subprocess
-
-    import transformers
 
     if shutil.which("mergekit-moe") is None:
         pytest.skip("mergekit-moe is not installed")
@@ -306,13 +320,7 @@ def test_mergekit_moe_configs_run_unchanged_and_match_mergekit_moe(tmp_path, fam
     models = [build_tiny(family, tmp_path / f"m{i}", seed=i, **kw) for i in range(3)]
     cfg = tmp_path / "moe.yml"
     cfg.write_text(MOE_CONFIG.format(base=models[0], arch=arch, gate=gate, k=k, e1=models[1], e2=models[2]))
-    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
-    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "ours"), "-q"])
-    assert r.exit_code == 0, r.output
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).state_dict()
-    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).state_dict()
-    assert set(theirs) == set(ours)
-    assert [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
+    ours = _same_as_mergekit_moe(cfg, tmp_path)
     router = ours["model.layers.0.mlp.gate.weight"]
     # one unit row per expert (hidden gates are computed in bfloat16, as mergekit-moe computes them)
     assert router.shape[0] == 2 and torch.allclose(router.norm(dim=-1), torch.ones(2), atol=1e-2)
@@ -379,9 +387,6 @@ def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
     with its gate from its own prompts, residual scales): surgery's output equals mergekit-moe's,
     bitwise, every tensor (the routed experts are not halved: the shared expert is the config's)."""
     import shutil
-    import subprocess
-
-    import transformers
 
     if shutil.which("mergekit-moe") is None:
         pytest.skip("mergekit-moe is not installed")
@@ -389,13 +394,7 @@ def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
     cfg = tmp_path / "moe.yml"
     # mergekit-moe 0.1.5 opens only the base and routed experts' models: the shared one must be among them
     cfg.write_text(SHARED_CONFIG.format(base=models[0], gate=gate, e1=models[1], e2=models[2], shared=models[0]))
-    subprocess.run(["mergekit-moe", str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
-    r = CliRunner().invoke(main, ["apply", str(cfg), "-o", str(tmp_path / "ours"), "-q"])
-    assert r.exit_code == 0, r.output
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).state_dict()
-    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).state_dict()
-    assert set(theirs) == set(ours)
-    assert [n for n in theirs if not torch.equal(theirs[n], ours[n])] == []
+    ours = _same_as_mergekit_moe(cfg, tmp_path)
     g = ours["model.layers.1.mlp.shared_expert_gate.weight"]
     assert g.shape[0] == 1 and abs(float(g.norm()) - 1) < 1e-2  # its own unit row, from its prompts
     dense = load_tensors(models[0])
@@ -403,8 +402,7 @@ def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
     if gate == "cheap_embed":  # and back: `export --mergekit` writes a config mergekit-moe makes the same model from
         r = CliRunner().invoke(main, ["export", str(cfg), "--mergekit", "-o", str(tmp_path / "back.yml")])
         assert r.exit_code == 0, r.output
-        subprocess.run(["mergekit-moe", str(tmp_path / "back.yml"), str(tmp_path / "mk2")], check=True, capture_output=True)
-        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk2", dtype=torch.float32).state_dict()
+        again = _same_as_mergekit_moe(tmp_path / "back.yml", tmp_path, "again")
         assert set(again) == set(ours) and [n for n in ours if not torch.equal(again[n], ours[n])] == []
 
 
