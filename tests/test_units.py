@@ -188,3 +188,37 @@ def test_the_bimix_law_is_exact_on_its_own_curves():
     loss = [law(ri, si) for ri, si in zip(r, s, strict=True)]
     fit = fit_law(r, s, loss)
     assert all(math.isclose(fit(ri, si), li, rel_tol=1e-3) for ri, si, li in zip(r, s, loss, strict=True))
+
+
+def test_expert_load_series_and_the_loss_figure_with_its_panel(tmp_path):
+    """metrics.jsonl records of a MoE run -> one (tokens, share) series per expert and the balance
+    term; loss.png gets the experts' panel (a taller figure); a dense run's has none."""
+    import json
+
+    from surgery.train.plot import expert_series, loss_curve
+
+    shares = {1: [0.25, 0.75], 2: [0.5, 0.5], 3: [0.75, 0.25]}
+    recs = [
+        {"stage": 0, "step": s, "tokens": 64 * s, "loss": 2.0 - 0.1 * s, "expert_load": shares[s], "router_balance": 1.1}
+        for s in range(1, 4)
+    ]
+    load, balance = expert_series(recs)
+    assert load == [[(64, 0.25), (128, 0.5), (192, 0.75)], [(64, 0.75), (128, 0.5), (192, 0.25)]] and balance[0] == (64, 1.1)
+    assert expert_series([{"tokens": 1, "loss": 1.0}]) == ([], [])
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    heights = []
+    for name, rows in (("moe", recs), ("dense", [{k: v for k, v in r.items() if k in ("stage", "step", "tokens", "loss")} for r in recs])):
+        m = tmp_path / f"{name}.jsonl"
+        m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert loss_curve(m, tmp_path / f"{name}.png")
+        heights.append(Image.open(tmp_path / f"{name}.png").size[1])
+    assert heights[0] > heights[1] * 1.4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"stage": 0, "tokens": 1, "expert_load": ["x", 2]}) + "\n")
+    from surgery.errors import PlanError
+    from surgery.train.plot import read_metrics
+
+    with pytest.raises(PlanError, match="bad.jsonl:1"):
+        read_metrics(bad)

@@ -43,6 +43,11 @@ def read_metrics(path: Path) -> list[dict]:
             and all(isinstance(k, str) and bounded_number(v, lo=-MAX_LOSS, hi=MAX_LOSS, nan=True) for k, v in by.items())
         ):
             raise PlanError("'eval_loss_by_domain' is not a mapping of domain names to losses", where=where)
+        load = rec.get("expert_load")
+        if load is not None and not (isinstance(load, list) and len(load) <= 4096 and all(bounded_number(v, lo=0, hi=1) for v in load)):
+            raise PlanError("'expert_load' is not a list of shares (numbers in [0, 1]), one per expert", where=where)
+        if "router_balance" in rec and not bounded_number(rec["router_balance"], lo=0, hi=MAX_COUNT):
+            raise PlanError(f"'router_balance' is {str(rec['router_balance'])[:40]!r}, not a finite number", where=where)
         recs.append(rec)
     return recs
 
@@ -65,7 +70,12 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
     evals = [(r["tokens"], r["eval_loss"]) for r in recs if "eval_loss" in r]
     if not train and not evals:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    load, balance = expert_series(recs)
+    if load:  # a mixture of experts: each expert's share of the routed slots, and the balance term, below
+        fig, (ax, lax) = plt.subplots(2, 1, figsize=(7, 6.2), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        _expert_panel(lax, load, balance)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train, strict=True), lw=1.2, label="training loss")
     if evals:
@@ -84,7 +94,7 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
     for st, tok in sorted(stages.items())[1:]:
         ax.axvline(tok, color="grey", ls="--", lw=1)
         ax.text(tok, ax.get_ylim()[1], f" grown (stage {st})", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("tokens")
+    (lax if load else ax).set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_title(title or "surgery train")
     ax.grid(alpha=0.3)
@@ -93,6 +103,33 @@ def loss_curve(metrics: Path, png: Path, *, title: str = "") -> bool:
     fig.savefig(png)
     plt.close(fig)
     return True
+
+
+def expert_series(recs: list[dict]) -> tuple[list[list[tuple]], list[tuple]]:
+    """From metrics records: per expert, its (tokens, share of the routed slots); and the router's
+    (tokens, balance term). Empty for a dense model."""
+    rows = [r for r in recs if isinstance(r.get("expert_load"), list) and r["expert_load"]]
+    n = max((len(r["expert_load"]) for r in rows), default=0)
+    load = [[(r["tokens"], r["expert_load"][e]) for r in rows if len(r["expert_load"]) == n] for e in range(n)]
+    balance = [(r["tokens"], r["router_balance"]) for r in rows if _number(r.get("router_balance"))]
+    return load, balance
+
+
+def _expert_panel(ax, load: list, balance: list) -> None:
+    for e, pts in enumerate(load):
+        ax.plot(*zip(*pts, strict=True), lw=1, label=f"expert {e}" if len(load) <= 8 else None)
+    ax.axhline(1 / len(load), color="grey", ls=":", lw=1)  # a balanced router: 1/E each
+    ax.set_ylabel("share of routed slots")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if balance:
+        tw = ax.twinx()
+        tw.plot(*zip(*balance, strict=True), "k--", lw=1, label="balance term E sum f P (1 = balanced)")
+        tw.set_ylabel("balance term")
+        more = tw.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:  # under the panel, where it hides no line
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=5, fontsize=7, frameon=False)
 
 
 def compare_runs(runs: list, png: Path, *, x: str = "tokens", title: str = "", train_loss: bool = True) -> Path:
