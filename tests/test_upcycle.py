@@ -381,7 +381,7 @@ shared_experts:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gate", ["cheap_embed", "hidden"])
+@pytest.mark.parametrize("gate", ["cheap_embed", "hidden", "hidden_avg"])
 def test_a_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(tmp_path, gate):
     """mergekit-moe's Qwen MoE output (Qwen2 experts from two models, a shared expert from a third
     with its gate from its own prompts, residual scales): surgery's output equals mergekit-moe's,
