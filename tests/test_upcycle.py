@@ -347,12 +347,21 @@ def test_what_mergekit_moe_does_and_surgery_does_not_is_a_located_error(dense, t
         (two, "2 shared experts", 11),
         (on(q3, base) + f"shared_experts: [{{source_model: {q3}, positive_prompts: [x]}}]\n", "qwen3 MoE has no shared", 11),
     ]
+    # values of the wrong kind: located, never an internal error
+    cases += [
+        (base + "shared_experts: 5\n", "shared_experts is a list of (at most one) experts, got int", 11),
+        (base + f"shared_experts: {{source_model: {m}}}\n", "got dict", 11),
+        (base + "shared_experts: [5]\n", "each of shared_experts is a mapping", 11),
+        (base.replace("gate_mode: hidden", "gate_mode: [hidden]"), "gate_mode is a name, got list", 2),
+        (base.replace("experts_per_token: 2", "experts_per_token: two"), "experts_per_token is a whole number", 4),
+        (base.replace("experts_per_token: 2", "experts_per_token: true"), "experts_per_token is a whole number", 4),
+    ]
     for i, (text, expect, line) in enumerate(cases):
         cfg = tmp_path / f"c{i}.yml"
         cfg.write_text(text)
         r = CliRunner().invoke(main, ["validate", str(cfg)])
         assert r.exit_code == 1 and expect in r.output and f"c{i}.yml:{line}" in r.output, (i, r.output)
-        assert "Traceback" not in r.output
+        assert "Traceback" not in r.output and "internal error" not in r.output
     cfg = tmp_path / "u.yml"
     cfg.write_text(base.replace("gate_mode: hidden", "gate_mode: uniform_random"))
     rep = surgery.validate(cfg)

@@ -411,6 +411,17 @@ def translate_moe(doc: Located) -> Located:
             fix=f"mergekit-moe 0.1.5 keys: {', '.join(sorted(MOE_KEYS))}",
         )
     problems: list[Problem] = []
+    kinds = {"experts": (list, "a list of experts"), "shared_experts": (list, "a list of (at most one) experts")}
+    kinds.update({k: (str, "a name") for k in ("gate_mode", "dtype", "architecture")})
+    kinds["experts_per_token"] = (int, "a whole number of experts")
+    for key, (kind, what) in kinds.items():
+        v = data.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            problems.append(Problem(at((key,)), f"{key} is {what}, got {type(v).__name__} {str(v)[:40]!r}"))
+        elif kind is list and v is not None and not all(isinstance(e, dict) for e in v):
+            problems.append(Problem(at((key,)), f"each of {key} is a mapping: {{source_model, positive_prompts, ...}}"))
+    if problems:
+        raise PlanError(problems)
     gate = data.get("gate_mode", "hidden")
     if gate not in MOE_GATES:
         problems.append(
