@@ -302,6 +302,18 @@ class _Hooks:
         self.hook_all(norms + ([final] if final is not None else []), NormMask(h), "normalises the residual stream")
 
 
+def require_new(layers: bool, units: bool, where: str) -> None:
+    """Masks fade in new layers or new units: refused when growth made neither (the run checks this
+    at its start; fade_in_new_layers again when called on its own)."""
+    if not layers and not units:
+        raise PlanError(
+            "grow.mask_steps fades in new layers or new units, and the grow plan adds neither (stacked copies and split "
+            "units are not new: they already compute the small model's function)",
+            where=where,
+            fix="grow with `expand` or `gstack: {operator: random}`, or `widen` with init: random|zero; or drop mask_steps",
+        )
+
+
 def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir: Path | None = None, style: str = "msg"):
     """Hook what the growth added with masks that ramp from 0 to 1 over `steps` steps each (in MSG's
     stages, or together), and return the callback that sets them from the global step before every
@@ -323,13 +335,7 @@ def fade_in_new_layers(model, model_dir: Path, steps: int, where: str, small_dir
         small_cfg, grown_cfg = _lm_config(small_dir, fam), _lm_config(model_dir, fam)
         before, after = _sizes(small_cfg, fam), _sizes(grown_cfg, fam)
         grew = {k: before[k] for k in before if isinstance(before[k], int) and isinstance(after[k], int) and after[k] > before[k]}
-    if not new and not grew:
-        raise PlanError(
-            "grow.mask_steps fades in new layers or new units, and the grow plan adds neither (stacked copies and split "
-            "units are not new: they already compute the small model's function)",
-            where=where,
-            fix="grow with `expand` (init: random, zero or identity) or `widen` with init: random|zero, or drop mask_steps",
-        )
+    require_new(bool(new), bool(grew), where)
     hooks = _Hooks(model, fam, ck, mask_stages(widened.get("sizes") or {}, bool(new), style), where)
     if new:
         hooks.layers(new, steps)

@@ -63,19 +63,13 @@ def check_grown(cfg: Config, program, after: int) -> None:
     """Everything stage 2 (`after` steps) will need from the grow plan, checked when the run starts
     (not after stage 1 has trained): masks need something new to fade in and time to end within the
     run, `new-layers` needs new layers and `new-params` a widen."""
-    from surgery.train.masks import mask_stages
+    from surgery.train.masks import mask_stages, require_new
 
     g, b = cfg.body.grow, cfg.body
     widened = program.widened()
     new_units = bool(widened) and widened.get("init") in ("zero", "random")
-    if g.mask_steps is not None and not program.new_layers and not new_units:
-        raise PlanError(
-            "grow.mask_steps fades in new layers or new units, and the grow plan adds neither (stacked copies and split "
-            "units are not new: they already compute the small model's function)",
-            where=cfg.where("grow", "mask_steps"),
-            fix="grow with `expand` or `gstack: {operator: random}`, or `widen` with init: random|zero; or drop mask_steps",
-        )
     if g.mask_steps is not None:
+        require_new(bool(program.new_layers), new_units, cfg.where("grow", "mask_steps"))
         sizes = widened.get("sizes", {}) if new_units else {}
         n = 1 + max(mask_stages(sizes, bool(program.new_layers), g.masks).values(), default=0)
         if n * g.mask_steps > after:
