@@ -443,7 +443,7 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
         (
             "model: {m}\ndata: {{files: [{c}]}}\nsteps: 2\ntrainable: everything\n",
             "",
-            "not all, new-layers, new-params or a parameter-name",
+            "is not one of all, new-layers, new-params, routers, experts or a parameter-name",
         ),
         ("model: {m}\ndata: {{files: [{c}]}}\ntokens: lots\n", "", "not a count"),
         ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
