@@ -511,7 +511,9 @@ def _train_extra():
 @click.option("--tokens", help="Token budget, e.g. 50M (replaces `tokens`/`steps`).")
 @click.option("--steps", type=int, help="Optimizer-step budget (replaces `tokens`/`steps`).")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--trainable", help="all, new-layers (from the model's surgery.json) or a parameter-name glob.")
+@click.option(
+    "--trainable", help="all, new-layers / new-params (from the model's surgery.json), routers / experts (a MoE) or a parameter-name glob."
+)
 @click.option("--micro-batch", type=int, help="Sequences per device per step.")
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
 @click.option("--seq-len", type=int, help="Packed sequence length.")
