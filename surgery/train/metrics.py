@@ -64,39 +64,47 @@ def metric_callbacks(
             if not state.is_world_process_zero or not logs:
                 return
             step = stage.step_offset + state.global_step
-            rec = {"step": step, "stage": stage.index, "tokens": step * tps, "flops": stage.flops_at(step, tps)}
             if "loss" in logs:
-                now = time.perf_counter()
-                dt, ds = now - self.t, state.global_step - self.step
-                self.t, self.step = now, state.global_step
-                rec.update(
-                    loss=logs["loss"],
-                    lr=logs.get("learning_rate"),
-                    grad_norm=logs.get("grad_norm"),
-                    tokens_per_s=round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None,
-                )
-                load = experts.take() if experts is not None else None
-                if load:
-                    rec.update(load)
-                if self.bar is not None:
-                    self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
+                what = self._training(state, logs)
             elif "eval_loss" in logs:
-                rec.update(eval_loss=logs["eval_loss"], eval_ppl=ppl(logs["eval_loss"]))
-                msg = f"step {step}: held-out loss {logs['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}"
-                (self.bar.write if self.bar is not None else echo)(msg)
+                what = self._held_out(step, logs["eval_loss"])
             elif domains and any(f"eval_{name}_loss" in logs for name in domains):
                 self.pending.update({name: logs[f"eval_{name}_loss"] for name in domains if f"eval_{name}_loss" in logs})
                 if set(self.pending) != set(domains):
                     return  # the other domains' evaluations follow
                 by, self.pending = dict(self.pending), {}
-                avg = weighted_loss(by, domains)
-                rec.update(eval_loss=avg, eval_ppl=ppl(avg), eval_loss_by_domain=by)
-                each = ", ".join(f"{k} {v:.4f}" for k, v in by.items())
-                msg = f"step {step}: held-out loss {avg:.4f} (weighted; {each}), perplexity {rec['eval_ppl']:.2f}"
-                (self.bar.write if self.bar is not None else echo)(msg)
+                what = self._held_out(step, weighted_loss(by, domains), by)
             else:
                 return
-            write_record(metrics_path, rec)
+            write_record(
+                metrics_path, {"step": step, "stage": stage.index, "tokens": step * tps, "flops": stage.flops_at(step, tps), **what}
+            )
+
+        def _training(self, state, logs) -> dict:
+            now = time.perf_counter()
+            dt, ds = now - self.t, state.global_step - self.step
+            self.t, self.step = now, state.global_step
+            rec = {
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": round(ds * tps / dt, 1) if dt > 0 and ds > 0 else None,
+            }
+            rec.update((experts.take() if experts is not None else None) or {})
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
+            return rec
+
+        def _held_out(self, step: int, loss: float, by: dict | None = None) -> dict:
+            """A held-out record (with a mixture's losses per domain, `loss` their weighted average), said too."""
+            rec = {"eval_loss": loss, "eval_ppl": ppl(loss)}
+            each = ""
+            if by is not None:
+                rec["eval_loss_by_domain"] = by
+                each = " (weighted; " + ", ".join(f"{k} {v:.4f}" for k, v in by.items()) + ")"
+            msg = f"step {step}: held-out loss {loss:.4f}{each}, perplexity {rec['eval_ppl']:.2f}"
+            (self.bar.write if self.bar is not None else echo)(msg)
+            return rec
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
