@@ -226,11 +226,17 @@ def test_export_writes_mergekit_moe_where_it_can_and_refuses_the_rest_located(de
     assert cfg["gate_mode"] == "random" and cfg["architecture"] == "mixtral" and cfg["experts_per_token"] == 2
     assert cfg["experts"] == [{"source_model": str(dense["llama"])}] * 4 and "mergekit-moe" in r.output.splitlines()[0]
     q = dense["qwen3"]
+    two = "[{model: a, positive_prompts: [x]}, {model: a, positive_prompts: [y]}]"
+    r = CliRunner().invoke(
+        main, ["export", str(_plan(tmp_path, dense["llama"], f"{{experts: {two}, router: cheap_embed}}", "ce.yaml")), "--mergekit"]
+    )
+    assert r.exit_code == 0 and "--i-understand-this-is-not-useful-without-training" in r.output.splitlines()[1], r.output
     cases = [
         (dense["llama"], "{experts: 4}", "mergekit-moe has no zero router"),
         (dense["llama"], "{experts: 4, router: random}", "this router's std is 0.02"),
         (q, "{experts: 2, router: random, std: 1.0, layers: [1, 3]}", "keeps some layers dense"),
         (dense["qwen2"], "{experts: 2, router: random, std: 1.0}", "give `shared: {model, positive_prompts}`"),
+        (dense["qwen2"], f"{{experts: {two}, top_k: 1, router: cheap_embed, shared: {{model: a}}}}", "shared expert has no prompts"),
     ]
     for i, (m, step, expect) in enumerate(cases):
         r = CliRunner().invoke(main, ["export", str(_plan(tmp_path, m, step, f"p{i}.yaml")), "--mergekit", "-o", str(tmp_path / "m.yml")])

@@ -227,6 +227,18 @@ def to_mergekit_moe(program: Program) -> dict:
                 "give `shared: {model, positive_prompts}`",
             )
         )
+    elif spec.get("shared") and not u.shared.positive_prompts and u.router not in ("random", "uniform_random"):
+        problems.append(
+            Problem(
+                where,
+                "mergekit-moe refuses a Qwen MoE whose shared expert has no prompts (surgery starts its gate at zero)",
+                "give the shared expert positive_prompts, or use router: random with std: 1.0",
+            )
+        )
+    if plan.body.tokenizer and plan.body.tokenizer != base:
+        problems.append(
+            Problem(plan.where("tokenizer"), "mergekit-moe copies the base model's tokenizer; this plan takes another", "drop `tokenizer`")
+        )
     if problems:
         raise PlanError(problems)
 
@@ -261,4 +273,8 @@ def to_mergekit_yaml(program: Program) -> str:
     moe = any(x.upcycle is not None for x in program.stack)
     tool = "mergekit-moe" if moe else "mergekit"
     head = f"# {tool} 0.1.5 config written by `surgery export --mergekit` from {program.plan.source}\n"
+    if moe:
+        u = next(x.upcycle for x in program.stack if x.upcycle is not None)
+        if u.router != "random" and len({e.model for e in u.sources}) <= 1:  # mergekit-moe refuses one model's experts without it
+            head += "# run: mergekit-moe THIS.yml OUT --i-understand-this-is-not-useful-without-training\n"
     return head + yaml.safe_dump(to_mergekit_moe(program) if moe else to_mergekit(program), sort_keys=False, default_flow_style=None)
