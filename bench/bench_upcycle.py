@@ -2,7 +2,7 @@
 
     python bench/bench_upcycle.py            # minutes on this 2-core CPU (the figures in RESULTS.md)
     python bench/bench_upcycle.py --size tiny  # seconds (a smoke run)
-    python bench/bench_upcycle.py --size long --routers random   # 8x the continued training: ~1.5 h here
+    python bench/bench_upcycle.py --size long --routers random   # 4x the continued training: ~1 h here
 
 A dense Llama (8 layers, width 128, byte vocabulary) is trained from scratch on the stdlib corpus
 for `base` steps; from that checkpoint, with the same data order after it:
@@ -27,8 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SIZES = {  # layers, hidden, intermediate, heads, base steps, more dense steps, micro batch, seq
     "small": (8, 128, 512, 4, 600, 600, 8, 128),
-    # small's model and base, 8x the continued training (4.9M tokens dense): does upcycling pay later?
-    "long": (8, 128, 512, 4, 600, 4800, 8, 128),
+    # small's model and base, 4x the continued training (2.5M tokens dense): does upcycling pay later?
+    "long": (8, 128, 512, 4, 600, 2400, 8, 128),
     "tiny": (2, 32, 64, 4, 8, 8, 4, 32),
 }
 
