@@ -494,3 +494,16 @@ def test_a_shared_expert_of_another_shape_or_family_is_refused_located(dense, tm
         r = CliRunner().invoke(main, ["apply", str(plan), "-o", str(tmp_path / f"never{i}")])
         assert r.exit_code == 1 and expect in r.output and f"s{i}.yaml:4" in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / f"never{i}").exists()
+
+
+def test_a_relative_base_model_is_read_from_the_configs_folder(tmp_path):
+    """The base model's type is read relative to the mergekit-moe config (as every model path is),
+    so a wrong `architecture` is caught there too; a base path no file system can hold is no crash."""
+    build_tiny("qwen3", tmp_path / "models" / "q", use_sliding_window=False)
+    cfg = tmp_path / "models" / "moe.yml"
+    cfg.write_text(MOE_CONFIG.format(base="q", arch="architecture: mixtral\n", gate="hidden", k=1, e1="q", e2="q"))
+    r = CliRunner().invoke(main, ["validate", str(cfg)])
+    assert r.exit_code == 1 and "into qwen3 only" in r.output and "moe.yml:2" in r.output, r.output
+    cfg.write_text(MOE_CONFIG.format(base='"a\\0b"', arch="", gate="hidden", k=1, e1="q", e2="q"))
+    r = CliRunner().invoke(main, ["validate", str(cfg)])
+    assert r.exit_code == 1 and "internal error" not in r.output and "Traceback" not in r.output, r.output

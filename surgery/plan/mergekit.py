@@ -21,7 +21,6 @@ directory, as in mergekit. Every error points at the config's own lines.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -343,14 +342,23 @@ MOE_GATES = {
 MOE_OUTPUTS = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen", "qwen3": "qwen3"}
 
 
-def _local_model_type(path: str) -> str | None:
+def _local_model_type(path: str, base_dir: Path) -> str | None:
     """The model_type of a local model folder's config.json (None for a hub id or an unreadable one:
     the plan's compile checks the family then)."""
+    from surgery.errors import SurgeryError
+    from surgery.jsonio import read_json
+
+    from surgery.io.paths import resolve_path
+
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg.get("model_type") if isinstance(cfg, dict) else None
+        f = resolve_path(path, base_dir) / "config.json"  # relative to the config file, as models are
+        if not f.is_file():
+            return None
+        cfg = read_json(f)
+    except (SurgeryError, OSError, ValueError, RecursionError):
+        return None  # a hostile or broken config: the plan's compile reports it, located
+    t = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return t if isinstance(t, str) else None
 
 
 def _moe_output_problems(data: dict, at, model_type: str | None) -> list[Problem]:
@@ -432,7 +440,7 @@ def translate_moe(doc: Located) -> Located:
             )
         )
     base_path, _ = _ref(data["base_model"], at(("base_model",)))
-    problems += _moe_output_problems(data, at, _local_model_type(base_path))
+    problems += _moe_output_problems(data, at, _local_model_type(base_path, Path(doc.source).parent))
     names: dict[str, str] = {"base": base_path}
 
     def expert(e: Any, p: tuple) -> dict:
