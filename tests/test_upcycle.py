@@ -507,3 +507,13 @@ def test_a_relative_base_model_is_read_from_the_configs_folder(tmp_path):
     cfg.write_text(MOE_CONFIG.format(base='"a\\0b"', arch="", gate="hidden", k=1, e1="q", e2="q"))
     r = CliRunner().invoke(main, ["validate", str(cfg)])
     assert r.exit_code == 1 and "internal error" not in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_qwen2_mergekit_moe_config_without_a_shared_expert_runs_with_a_note(dense, tmp_path):
+    """mergekit-moe refuses it (its Qwen MoE needs one shared expert); surgery makes the dense MLP the
+    shared expert, and says so where the base model is named."""
+    q = dense["qwen2"]
+    cfg = tmp_path / "q.yml"
+    cfg.write_text(MOE_CONFIG.format(base=q, arch="", gate="cheap_embed", k=1, e1=q, e2=q))
+    rep = surgery.validate(cfg)
+    assert rep.valid and any(w.code == "dense-shared-expert" and "q.yml:1" in w.where for w in rep.warnings), rep.warnings

@@ -346,9 +346,8 @@ def _local_model_type(path: str, base_dir: Path) -> str | None:
     """The model_type of a local model folder's config.json (None for a hub id or an unreadable one:
     the plan's compile checks the family then)."""
     from surgery.errors import SurgeryError
-    from surgery.jsonio import read_json
-
     from surgery.io.paths import resolve_path
+    from surgery.jsonio import read_json
 
     try:
         f = resolve_path(path, base_dir) / "config.json"  # relative to the config file, as models are
@@ -440,7 +439,18 @@ def translate_moe(doc: Located) -> Located:
             )
         )
     base_path, _ = _ref(data["base_model"], at(("base_model",)))
-    problems += _moe_output_problems(data, at, _local_model_type(base_path, Path(doc.source).parent))
+    model_type = _local_model_type(base_path, Path(doc.source).parent)
+    problems += _moe_output_problems(data, at, model_type)
+    if model_type == "qwen2" and not data.get("shared_experts"):
+        doc.notes.append(
+            Problem(
+                at(("base_model",)),
+                "mergekit-moe refuses a Qwen MoE without a shared expert; surgery makes the dense MLP the shared expert "
+                "(gate zero, routed experts' down projections halved)",
+                "give shared_experts: [{source_model, positive_prompts}] for mergekit-moe's Qwen MoE",
+                code="dense-shared-expert",
+            )
+        )
     names: dict[str, str] = {"base": base_path}
 
     def expert(e: Any, p: tuple) -> dict:
