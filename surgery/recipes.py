@@ -272,12 +272,14 @@ class PromptRouter(Unary):
     run in its order and the router is bitwise its router."""
 
     counts: tuple  # ((positive (ids, mask), negative (ids, mask) or ()), ...) one per expert
+    rows: tuple[int, int] | None = None  # these experts' rows only (a shared expert's gate beside the router)
 
     whole_tensor = True
 
     @property
     def shape(self):
-        return (len(self.counts), self.inner.shape[1])
+        a, b = self.rows or (0, len(self.counts))
+        return (b - a, self.inner.shape[1])
 
     @property
     def dtype(self):

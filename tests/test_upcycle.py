@@ -517,3 +517,26 @@ def test_a_qwen2_mergekit_moe_config_without_a_shared_expert_runs_with_a_note(de
     cfg.write_text(MOE_CONFIG.format(base=q, arch="", gate="cheap_embed", k=1, e1=q, e2=q))
     rep = surgery.validate(cfg)
     assert rep.valid and any(w.code == "dense-shared-expert" and "q.yml:1" in w.where for w in rep.warnings), rep.warnings
+
+
+@pytest.mark.parametrize("gate, fn", [("cheap_embed", "prompt_router"), ("hidden", "_hidden_gates")])
+def test_prompt_gates_are_computed_once_per_run_and_never_kept_across_runs(tmp_path, monkeypatch, gate, fn):
+    """Every layer's router (and the embedding read, or the base model's pass, behind it) comes from
+    one computation per run; a second run after the base model changed in place computes again (a
+    process-wide cache would hand back the old model's gates)."""
+    import surgery.engine.evaluate as ev
+
+    calls = []
+    real = getattr(ev, fn)
+    monkeypatch.setattr(ev, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = build_tiny("llama", tmp_path / "base", seed=0, **DENSE["llama"])
+    two = "[{model: a, positive_prompts: ['def f(x):']}, {model: a, positive_prompts: ['the cat'], negative_prompts: ['import os']}]"
+    plan = _plan(tmp_path, base, f"{{experts: {two}, top_k: 1, router: {gate}}}")
+    first = load_tensors(surgery.apply(plan, tmp_path / "a", progress=False).path)
+    n_layers = sum(1 for k in first if k.endswith("block_sparse_moe.gate.weight"))
+    assert n_layers > 1 and len(calls) == 1
+    build_tiny("llama", tmp_path / "base", seed=1, **DENSE["llama"])  # the same folder, other weights
+    second = load_tensors(surgery.apply(plan, tmp_path / "b", progress=False).path)
+    assert len(calls) == 2
+    r = "model.layers.1.block_sparse_moe.gate.weight"
+    assert not torch.equal(first[r], second[r])

@@ -88,10 +88,10 @@ class _Gate:
 
     def _from_prompts(self, rows: tuple[int, int]):
         u = self.u
+        # every layer's router and the shared gate are rows of one prompt set, which the engine computes once per run
         if u.router == "cheap_embed":
             embedding = _read(self.ckpts, self.base.name, self.embeddings, self.in_dt)
-            return _cast(PromptRouter(embedding, self.batches[rows[0] : rows[1]]), self.out_code)
-        # every row from one pass of the base model (the engine computes a prompt set once)
+            return _cast(PromptRouter(embedding, self.batches, rows), self.out_code)
         layer = self.layer.sources[0][1]
         return HiddenRouter(str(self.base.path), layer, self.batches, u.router == "hidden_avg", self.hidden, self.out_code, rows)
 

@@ -108,9 +108,15 @@ class Evaluator:
         elif isinstance(r, Gather):
             out = gather(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, HiddenRouter):
-            out = hidden_router(r, str(self.src.device)).to(torch_dtype(r.dtype))
+            # every layer's gates from one pass of the base model (transformers' loading sets
+            # process-wide defaults, so the run's lock also keeps it to one at a time)
+            gates = self.src.once(("hidden", r.model, r.counts, r.average), lambda: _hidden_gates(r, str(self.src.device)))
+            a, b = r.rows or (0, len(r.counts))
+            out = gates[r.layer][a:b].to(torch_dtype(r.dtype))
         elif isinstance(r, PromptRouter):
-            out = prompt_router(self.full(r.inner), r.counts).to(torch_dtype(r.dtype))
+            gates = self.src.once(("prompt", r.inner, r.counts), lambda: prompt_router(self.full(r.inner), r.counts))
+            a, b = r.rows or (0, len(r.counts))
+            out = gates[a:b].to(torch_dtype(r.dtype))
         elif isinstance(r, Widen):
             out = widen(self.full(r.inner), r).to(torch_dtype(r.dtype))
         elif isinstance(r, VocabPermute):
@@ -187,31 +193,13 @@ def prompt_router(embed, counts) -> "torch.Tensor":
     return torch.cat(rows, dim=0)
 
 
-_HIDDEN_GATES: dict = {}  # (model, prompts, average) -> (layers, experts, hidden): one forward pass set per output
-_HIDDEN_LOCK = __import__("threading").Lock()  # the engine's threads ask for every layer at once: one computes, the rest wait
-
-
-def hidden_router(r, device: str = "cpu") -> "torch.Tensor":
-    """mergekit-moe's hidden-state gate for one layer, every layer's computed once (its
-    `get_hidden_states`, in bfloat16): the hidden states entering each layer over an expert's
-    prompts, at the last position (or averaged over positions), averaged over prompts, less the
-    negative prompts', normalised. The base model runs on `device`, streamed one layer at a time."""
-
-    key = (r.model, r.counts, r.average)
-    with _HIDDEN_LOCK:  # transformers' loading sets process-wide defaults: never two at once
-        if key not in _HIDDEN_GATES:
-            _HIDDEN_GATES.clear()  # one model's gates at a time
-            _HIDDEN_GATES[key] = _hidden_gates(r, device)
-        a, b = r.rows or (0, len(r.counts))
-        return _HIDDEN_GATES[key][r.layer][a:b]
-
-
 def _hidden_gates(r, device: str = "cpu") -> "torch.Tensor":
-    """Every layer's gate vectors (layers, experts, hidden), as mergekit-moe's get_gate_params makes
-    them (bfloat16 forward), with the base model streamed one decoder layer at a time (engine/
-    layerwise.py): memory is one layer and the prompts' states, not the model. Per prompt set the
-    state entering each layer is reduced at once (last position, or the mean over positions, then
-    the mean over prompts), in the order mergekit-moe's reductions run."""
+    """mergekit-moe's hidden-state gates (its `get_hidden_states`, bfloat16), every layer's:
+    (layers, experts, hidden). Per expert, the hidden states entering each layer over its prompts, at
+    the last position (or averaged over positions), averaged over prompts, less the negative
+    prompts', normalised, in the order mergekit-moe's reductions run. The base model is streamed one
+    decoder layer at a time on `device` (engine/layerwise.py): memory is one layer and the prompts'
+    states, not the model."""
     from pathlib import Path
 
     import torch

@@ -42,6 +42,17 @@ class Sources:
         self.device = device  # where computed recipes run; reads and writes stay on the host
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
         self.io = staging  # pinned buffers and copy streams between host and device (None: plain host tensors)
+        self._once: dict = {}  # results every tensor of this run shares (router gates), see once()
+        self._once_lock = threading.Lock()
+
+    def once(self, key, compute):
+        """`compute()`, run once per key for this run whichever thread asks first (the others wait):
+        a result many output tensors read, such as every layer's router gates from one pass over the
+        prompts. Kept for this run only, so a source changed between two runs is read again."""
+        with self._once_lock:
+            if key not in self._once:
+                self._once[key] = compute()
+            return self._once[key]
 
     def open_all(self, program: Program) -> None:
         """Open every source file the program reads, once, before any work, and check each against
