@@ -164,14 +164,8 @@ def to_mergekit(program: Program) -> dict:
     return cfg
 
 
-# mergekit-moe's gate for each surgery router (random: N(0, 1) there)
-MOE_GATES = {
-    "cheap_embed": "cheap_embed",
-    "hidden": "hidden",
-    "hidden_avg": "hidden_avg",
-    "random": "random",
-    "uniform_random": "uniform_random",
-}
+# the surgery routers mergekit-moe has as gate modes, under the same names (its random: N(0, 1))
+MOE_GATE_MODES = frozenset({"cheap_embed", "hidden", "hidden_avg", "random", "uniform_random"})
 MOE_ARCH = {"mixtral": "mixtral", "qwen2_moe": "qwen", "qwen3_moe": "qwen3"}
 
 
@@ -202,7 +196,7 @@ def to_mergekit_moe(program: Program) -> dict:
                 "apply those steps in a first plan and upcycle its output in a second",
             )
         )
-    if u.router not in MOE_GATES or (u.router == "random" and u.std != 1.0):
+    if u.router not in MOE_GATE_MODES or (u.router == "random" and u.std != 1.0):
         std = u.std if u.std is not None else 0.02
         what = (
             f"mergekit-moe's random gate is N(0, 1), this router's std is {std:g}"
@@ -258,7 +252,7 @@ def to_mergekit_moe(program: Program) -> dict:
     cfg: dict[str, Any] = {
         "base_model": _ref(program, base),
         "architecture": MOE_ARCH[spec["model_type"]],
-        "gate_mode": MOE_GATES[u.router],
+        "gate_mode": u.router,
         "dtype": dtype_name(program.dtype),
         "experts_per_token": u.top_k,
         "experts": [expert(e) for e in u.sources] or [expert(None) for _ in range(u.count)],
