@@ -229,6 +229,15 @@ def to_mergekit_moe(program: Program) -> dict:
                 "give the shared expert positive_prompts, or use router: random with std: 1.0",
             )
         )
+    if u.shared is not None and u.shared.model != base and all(e.model != u.shared.model for e in u.sources):
+        problems.append(
+            Problem(
+                where,
+                f"mergekit-moe 0.1.5 opens only the base model and the routed experts' models; the shared expert's "
+                f"model {u.shared.model!r} is neither, so it would fail on it",
+                "take the shared expert from the base model or from a routed expert's model",
+            )
+        )
     if plan.body.tokenizer and plan.body.tokenizer != base:
         problems.append(
             Problem(plan.where("tokenizer"), "mergekit-moe copies the base model's tokenizer; this plan takes another", "drop `tokenizer`")
