@@ -449,6 +449,8 @@ def test_hf_dataset_saved_to_disk(tmp_path, models, corpus):
         ("model: {m}\ndata: {{files: [nothing/*.txt]}}\nsteps: 2\n", "", "no files match"),
         ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: new-layers\n", "", "has none"),
         ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: 'nope.*'\n", "", "match no parameter"),
+        ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: routers\n", "", "routers, and this model has none"),
+        ("model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 2\ntrainable: [all, routers]\n", "", "stand alone"),
         (
             "model: {m}\ndata: {{files: [{c}], seq_len: 64}}\nsteps: 4\n"
             "grow: {{at_tokens: 1M, plan: {{models: {{s: X}}, steps: [{{take: {{model: s}}}}]}}}}\n",

@@ -241,6 +241,7 @@ def test_export_writes_mergekit_moe_where_it_can_and_refuses_the_rest_located(de
     for i, (m, step, expect) in enumerate(cases):
         r = CliRunner().invoke(main, ["export", str(_plan(tmp_path, m, step, f"p{i}.yaml")), "--mergekit", "-o", str(tmp_path / "m.yml")])
         assert r.exit_code == 1 and expect in r.output and f"p{i}.yaml:2" in r.output, (i, r.output)
+        assert "Traceback" not in r.output
     other = f"models: {{a: {dense['qwen2']}, b: {build_tiny('qwen2', tmp_path / 'other', seed=3)}}}\nsteps:\n  - take: {{model: a}}\n"
     own = write_plan(tmp_path, other + "  - upcycle: {experts: 2, router: random, std: 1.0, shared: {model: b}}\n", "own.yaml")
     r = CliRunner().invoke(main, ["export", str(own), "--mergekit"])
